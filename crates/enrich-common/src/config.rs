@@ -1,0 +1,748 @@
+//! Typed configuration: one TOML file per deployment, every key overridable by an
+//! `ENRICH_<SECTION>__<KEY>` environment variable (double underscore between levels,
+//! e.g. `ENRICH_KAFKA__BOOTSTRAP_SERVERS`, `ENRICH_LLM__MODEL`). Validated at start;
+//! errors name the offending field.
+
+use serde::Deserialize;
+use std::collections::BTreeMap;
+use std::fmt;
+use std::path::Path;
+
+use crate::idempotency::KeyStrategy;
+
+/// A configuration error, naming the field.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("invalid configuration: `{field}`: {message}")]
+pub struct ConfigError {
+    pub field: String,
+    pub message: String,
+}
+
+impl ConfigError {
+    fn new(field: impl Into<String>, message: impl Into<String>) -> Self {
+        Self {
+            field: field.into(),
+            message: message.into(),
+        }
+    }
+}
+
+/// A value that must never reach a log line.
+#[derive(Clone, Deserialize, PartialEq, Eq)]
+#[serde(transparent)]
+pub struct Secret(String);
+
+impl Secret {
+    pub fn new(s: impl Into<String>) -> Self {
+        Self(s.into())
+    }
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Debug for Secret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("Secret(***)")
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Settings {
+    pub pipeline: PipelineSettings,
+    #[serde(default)]
+    pub kafka: KafkaSettings,
+    #[serde(default)]
+    pub topics: Topics,
+    pub database: DatabaseSettings,
+    pub llm: LlmSettings,
+    #[serde(default)]
+    pub ingest: IngestSettings,
+    #[serde(default)]
+    pub enricher: EnricherSettings,
+    #[serde(default)]
+    pub publisher: PublisherSettings,
+    #[serde(default)]
+    pub dlq_replayer: DlqReplayerSettings,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PipelineSettings {
+    /// Namespaces idempotency keys, consumer groups and database rows.
+    pub name: String,
+    /// The source topics and how each derives its idempotency key.
+    pub sources: Vec<SourceTopic>,
+    /// Larger source records are dead-lettered (`too_large`) without LLM spend.
+    #[serde(default = "default_max_record_bytes")]
+    pub max_record_bytes: usize,
+}
+
+fn default_max_record_bytes() -> usize {
+    1024 * 1024
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SourceTopic {
+    pub topic: String,
+    pub key: KeyStrategy,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct KafkaSettings {
+    pub bootstrap_servers: String,
+    /// librdkafka properties passed through unchanged to every client (SASL, TLS, ...).
+    pub client: BTreeMap<String, String>,
+    /// Whether stages create the topics they write to when missing.
+    pub create_topics: bool,
+    /// Partitions of the topics a stage creates.
+    pub partitions: i32,
+    pub replication_factor: i32,
+}
+
+impl Default for KafkaSettings {
+    fn default() -> Self {
+        Self {
+            bootstrap_servers: "127.0.0.1:9092".into(),
+            client: BTreeMap::new(),
+            create_topics: true,
+            partitions: 12,
+            replication_factor: 1,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Topics {
+    pub requests: String,
+    pub retry: String,
+    pub results: String,
+    pub output: String,
+    pub dlq: String,
+}
+
+impl Default for Topics {
+    fn default() -> Self {
+        Self {
+            requests: "enrich.requests".into(),
+            retry: "enrich.retry".into(),
+            results: "enrich.results".into(),
+            output: "events.enriched".into(),
+            dlq: "enrich.dlq".into(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DatabaseSettings {
+    /// `postgres://user:password@host:port/db`; never logged.
+    pub url: Secret,
+    #[serde(default = "default_max_connections")]
+    pub max_connections: u32,
+    /// Apply pending migrations at start (safe with many replicas: sqlx takes a lock).
+    #[serde(default = "default_true")]
+    pub migrate_on_start: bool,
+}
+
+fn default_max_connections() -> u32 {
+    10
+}
+fn default_true() -> bool {
+    true
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LlmSettings {
+    /// Base URL of an OpenAI-compatible API, up to and including `/v1`.
+    pub base_url: String,
+    /// Name of the environment variable holding the API key (the key itself is never in
+    /// the file). Unset: no Authorization header.
+    #[serde(default)]
+    pub api_key_env: Option<String>,
+    pub model: String,
+    #[serde(default = "default_connect_timeout_ms")]
+    pub connect_timeout_ms: u64,
+    #[serde(default = "default_request_timeout_ms")]
+    pub request_timeout_ms: u64,
+    #[serde(default)]
+    pub temperature: f32,
+    #[serde(default = "default_max_output_tokens")]
+    pub max_output_tokens: u32,
+    /// The system message, sent as is.
+    pub system_prompt: String,
+    /// A minijinja template rendered over the record's JSON fields: the user message.
+    pub user_template: String,
+    /// The JSON schema the answer must satisfy (JSON text).
+    pub output_schema: String,
+    /// Quick in-process retries of a transient failure before the record is given up on.
+    #[serde(default = "default_max_attempts")]
+    pub max_attempts: u32,
+}
+
+fn default_connect_timeout_ms() -> u64 {
+    2_000
+}
+fn default_request_timeout_ms() -> u64 {
+    30_000
+}
+fn default_max_output_tokens() -> u32 {
+    512
+}
+fn default_max_attempts() -> u32 {
+    3
+}
+
+/// Consumer settings every stage has.
+#[derive(Debug, Clone, Copy)]
+pub struct ConsumerTuning {
+    /// Most records handled as one batch (one database round trip per step).
+    pub batch_size: usize,
+    /// How long a batch waits for more records after its first.
+    pub batch_linger_ms: u64,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct IngestSettings {
+    pub http_port: u16,
+    /// Default `<pipeline>.ingest-dedup`.
+    pub group_id: Option<String>,
+    pub batch_size: usize,
+    pub batch_linger_ms: u64,
+}
+
+impl Default for IngestSettings {
+    fn default() -> Self {
+        Self {
+            http_port: 9101,
+            group_id: None,
+            batch_size: 500,
+            batch_linger_ms: 20,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct EnricherSettings {
+    pub http_port: u16,
+    /// Default `<pipeline>.enricher`.
+    pub group_id: Option<String>,
+    pub batch_size: usize,
+    pub batch_linger_ms: u64,
+    /// Most LLM calls in flight at once in one replica.
+    pub max_in_flight: usize,
+    /// How long a replica holds a key for one LLM call; must exceed the request timeout
+    /// so a live call is never duplicated. A replica that dies holding a key delays that
+    /// key by at most this long.
+    pub lease_ms: u64,
+    /// Replica identity recorded as the lease owner. Default: a random id per process.
+    pub instance_id: Option<String>,
+}
+
+impl Default for EnricherSettings {
+    fn default() -> Self {
+        Self {
+            http_port: 9102,
+            group_id: None,
+            batch_size: 256,
+            batch_linger_ms: 10,
+            max_in_flight: 64,
+            lease_ms: 60_000,
+            instance_id: None,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct PublisherSettings {
+    pub http_port: u16,
+    /// Default `<pipeline>.publisher`.
+    pub group_id: Option<String>,
+    pub batch_size: usize,
+    pub batch_linger_ms: u64,
+    /// Kafka transactional id; must be stable across restarts of one replica so a
+    /// restarted publisher fences its previous incarnation. Default
+    /// `<pipeline>.publisher.<hostname>`.
+    pub transactional_id: Option<String>,
+    pub transaction_timeout_ms: u64,
+}
+
+impl Default for PublisherSettings {
+    fn default() -> Self {
+        Self {
+            http_port: 9103,
+            group_id: None,
+            batch_size: 500,
+            batch_linger_ms: 20,
+            transactional_id: None,
+            transaction_timeout_ms: 30_000,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct DlqReplayerSettings {
+    pub http_port: u16,
+}
+
+impl Default for DlqReplayerSettings {
+    fn default() -> Self {
+        Self { http_port: 9104 }
+    }
+}
+
+/// The stages, for naming groups and ids.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Stage {
+    Ingest,
+    Enricher,
+    Publisher,
+    DlqReplayer,
+}
+
+impl Stage {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Stage::Ingest => "ingest-dedup",
+            Stage::Enricher => "enricher",
+            Stage::Publisher => "publisher",
+            Stage::DlqReplayer => "dlq-replayer",
+        }
+    }
+}
+
+impl Settings {
+    /// Reads the file, applies `ENRICH_*` overrides from the process environment, validates.
+    pub fn load(path: &Path) -> Result<Self, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|e| {
+            ConfigError::new("--config", format!("cannot read {}: {e}", path.display()))
+        })?;
+        Self::from_toml(&text, std::env::vars())
+    }
+
+    /// Parses TOML text with the given environment overrides and validates the result.
+    pub fn from_toml(
+        text: &str,
+        env: impl IntoIterator<Item = (String, String)>,
+    ) -> Result<Self, ConfigError> {
+        let mut doc: toml::Table = toml::from_str(text)
+            .map_err(|e| ConfigError::new("<file>", e.to_string().trim_end().to_string()))?;
+        apply_env_overrides(&mut doc, env)?;
+        let settings: Settings = serde_path_to_error::deserialize(toml::Value::Table(doc))
+            .map_err(|e| {
+                let path = e.path().to_string();
+                ConfigError::new(path, e.into_inner().to_string().trim_end().to_string())
+            })?;
+        settings.validate()?;
+        Ok(settings)
+    }
+
+    pub fn group_id(&self, stage: Stage) -> String {
+        let configured = match stage {
+            Stage::Ingest => self.ingest.group_id.clone(),
+            Stage::Enricher => self.enricher.group_id.clone(),
+            Stage::Publisher => self.publisher.group_id.clone(),
+            Stage::DlqReplayer => None,
+        };
+        configured.unwrap_or_else(|| format!("{}.{}", self.pipeline.name, stage.as_str()))
+    }
+
+    pub fn source_topics(&self) -> Vec<&str> {
+        self.pipeline
+            .sources
+            .iter()
+            .map(|s| s.topic.as_str())
+            .collect()
+    }
+
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let p = &self.pipeline;
+        let name_ok = !p.name.is_empty()
+            && p.name.len() <= 100
+            && p.name
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'));
+        if !name_ok {
+            return Err(ConfigError::new(
+                "pipeline.name",
+                "must be 1-100 characters of letters, digits, '-', '_' or '.'",
+            ));
+        }
+        if p.sources.is_empty() {
+            return Err(ConfigError::new(
+                "pipeline.sources",
+                "at least one source topic is required",
+            ));
+        }
+        for (i, source) in p.sources.iter().enumerate() {
+            if source.topic.trim().is_empty() {
+                return Err(ConfigError::new(
+                    format!("pipeline.sources[{i}].topic"),
+                    "must not be empty",
+                ));
+            }
+            match &source.key {
+                KeyStrategy::JsonPointer { pointers } => {
+                    if pointers.is_empty() {
+                        return Err(ConfigError::new(
+                            format!("pipeline.sources[{i}].key.pointers"),
+                            "at least one JSON pointer is required",
+                        ));
+                    }
+                    if let Some(bad) = pointers.iter().find(|ptr| !ptr.starts_with('/')) {
+                        return Err(ConfigError::new(
+                            format!("pipeline.sources[{i}].key.pointers"),
+                            format!("{bad:?} is not a JSON pointer (it must start with '/')"),
+                        ));
+                    }
+                }
+                KeyStrategy::Header { name } if name.is_empty() => {
+                    return Err(ConfigError::new(
+                        format!("pipeline.sources[{i}].key.name"),
+                        "must not be empty",
+                    ));
+                }
+                _ => {}
+            }
+        }
+        if p.max_record_bytes == 0 {
+            return Err(ConfigError::new(
+                "pipeline.max_record_bytes",
+                "must be greater than 0",
+            ));
+        }
+        if self.kafka.bootstrap_servers.trim().is_empty() {
+            return Err(ConfigError::new(
+                "kafka.bootstrap_servers",
+                "must not be empty",
+            ));
+        }
+        if self.kafka.partitions < 1 {
+            return Err(ConfigError::new("kafka.partitions", "must be at least 1"));
+        }
+        if self.kafka.replication_factor < 1 {
+            return Err(ConfigError::new(
+                "kafka.replication_factor",
+                "must be at least 1",
+            ));
+        }
+        let t = &self.topics;
+        let named = [
+            ("topics.requests", &t.requests),
+            ("topics.retry", &t.retry),
+            ("topics.results", &t.results),
+            ("topics.output", &t.output),
+            ("topics.dlq", &t.dlq),
+        ];
+        for (i, (field, topic)) in named.iter().enumerate() {
+            if topic.trim().is_empty() {
+                return Err(ConfigError::new(*field, "must not be empty"));
+            }
+            if let Some((other, _)) = named[..i].iter().find(|(_, o)| o == topic) {
+                return Err(ConfigError::new(
+                    *field,
+                    format!("is the same topic as `{other}` ({topic:?})"),
+                ));
+            }
+            if p.sources.iter().any(|s| &s.topic == *topic) {
+                return Err(ConfigError::new(
+                    *field,
+                    format!("{topic:?} is also a source topic"),
+                ));
+            }
+        }
+        let url = self.database.url.expose();
+        if !(url.starts_with("postgres://") || url.starts_with("postgresql://")) {
+            // The value itself may hold a password: name the field, not the value.
+            return Err(ConfigError::new(
+                "database.url",
+                "must be a postgres:// URL",
+            ));
+        }
+        if self.database.max_connections == 0 {
+            return Err(ConfigError::new(
+                "database.max_connections",
+                "must be at least 1",
+            ));
+        }
+        let llm = &self.llm;
+        if !(llm.base_url.starts_with("http://") || llm.base_url.starts_with("https://")) {
+            return Err(ConfigError::new(
+                "llm.base_url",
+                format!("{:?} is not an http(s) URL", llm.base_url),
+            ));
+        }
+        if llm.model.trim().is_empty() {
+            return Err(ConfigError::new("llm.model", "must not be empty"));
+        }
+        if llm.request_timeout_ms == 0 || llm.connect_timeout_ms == 0 {
+            return Err(ConfigError::new(
+                "llm.request_timeout_ms",
+                "timeouts must be greater than 0",
+            ));
+        }
+        if llm.max_attempts == 0 {
+            return Err(ConfigError::new("llm.max_attempts", "must be at least 1"));
+        }
+        match serde_json::from_str::<serde_json::Value>(&llm.output_schema) {
+            Ok(serde_json::Value::Object(_)) => {}
+            Ok(_) => {
+                return Err(ConfigError::new(
+                    "llm.output_schema",
+                    "must be a JSON object",
+                ));
+            }
+            Err(e) => {
+                return Err(ConfigError::new(
+                    "llm.output_schema",
+                    format!("is not valid JSON: {e}"),
+                ));
+            }
+        }
+        if let Some(var) = &llm.api_key_env
+            && var.trim().is_empty()
+        {
+            return Err(ConfigError::new(
+                "llm.api_key_env",
+                "must name an environment variable",
+            ));
+        }
+        for (field, size) in [
+            ("ingest.batch_size", self.ingest.batch_size),
+            ("enricher.batch_size", self.enricher.batch_size),
+            ("enricher.max_in_flight", self.enricher.max_in_flight),
+            ("publisher.batch_size", self.publisher.batch_size),
+        ] {
+            if size == 0 {
+                return Err(ConfigError::new(field, "must be at least 1"));
+            }
+        }
+        if self.enricher.lease_ms <= llm.request_timeout_ms {
+            return Err(ConfigError::new(
+                "enricher.lease_ms",
+                format!(
+                    "must exceed llm.request_timeout_ms ({} ms), or a slow call could be repeated by another replica",
+                    llm.request_timeout_ms
+                ),
+            ));
+        }
+        if self.publisher.transaction_timeout_ms < 1_000 {
+            return Err(ConfigError::new(
+                "publisher.transaction_timeout_ms",
+                "must be at least 1000",
+            ));
+        }
+        Ok(())
+    }
+}
+
+impl IngestSettings {
+    pub fn tuning(&self) -> ConsumerTuning {
+        ConsumerTuning {
+            batch_size: self.batch_size,
+            batch_linger_ms: self.batch_linger_ms,
+        }
+    }
+}
+impl EnricherSettings {
+    pub fn tuning(&self) -> ConsumerTuning {
+        ConsumerTuning {
+            batch_size: self.batch_size,
+            batch_linger_ms: self.batch_linger_ms,
+        }
+    }
+}
+impl PublisherSettings {
+    pub fn tuning(&self) -> ConsumerTuning {
+        ConsumerTuning {
+            batch_size: self.batch_size,
+            batch_linger_ms: self.batch_linger_ms,
+        }
+    }
+}
+
+const ENV_PREFIX: &str = "ENRICH_";
+
+/// `ENRICH_A__B__C=v` sets `a.b.c`. Variables without `__` (such as an API key named by
+/// `llm.api_key_env`) are not configuration paths and are ignored here.
+fn apply_env_overrides(
+    doc: &mut toml::Table,
+    env: impl IntoIterator<Item = (String, String)>,
+) -> Result<(), ConfigError> {
+    let mut vars: Vec<(String, String)> = env
+        .into_iter()
+        .filter(|(k, _)| k.starts_with(ENV_PREFIX) && k.contains("__"))
+        .collect();
+    vars.sort();
+    for (name, raw) in vars {
+        let path: Vec<String> = name[ENV_PREFIX.len()..]
+            .split("__")
+            .map(str::to_ascii_lowercase)
+            .collect();
+        if path.iter().any(String::is_empty) {
+            return Err(ConfigError::new(
+                name,
+                "empty path segment in environment override",
+            ));
+        }
+        let (last, parents) = path
+            .split_last()
+            .ok_or_else(|| ConfigError::new(name.clone(), "empty path"))?;
+        let mut table = &mut *doc;
+        for segment in parents {
+            let entry = table
+                .entry(segment.clone())
+                .or_insert_with(|| toml::Value::Table(toml::Table::new()));
+            table = entry.as_table_mut().ok_or_else(|| {
+                ConfigError::new(
+                    path.join("."),
+                    format!("{name}: `{segment}` is not a table"),
+                )
+            })?;
+        }
+        let value = match table.get(last) {
+            // Keep strings strings, whatever they look like ("0123" stays text).
+            Some(toml::Value::String(_)) => toml::Value::String(raw),
+            _ => parse_env_value(&raw),
+        };
+        table.insert(last.clone(), value);
+    }
+    Ok(())
+}
+
+/// Numbers, booleans, arrays and inline tables in TOML syntax; anything else is a string.
+fn parse_env_value(raw: &str) -> toml::Value {
+    toml::from_str::<toml::Table>(&format!("v = {raw}"))
+        .ok()
+        .and_then(|mut t| t.remove("v"))
+        .unwrap_or_else(|| toml::Value::String(raw.to_string()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const BASE: &str = r#"
+[pipeline]
+name = "support"
+[[pipeline.sources]]
+topic = "events.raw"
+key = { strategy = "json_pointer", pointers = ["/id"] }
+[database]
+url = "postgres://enrich:s3cret@127.0.0.1:5432/enrich"
+[llm]
+base_url = "http://127.0.0.1:8080/v1"
+model = "sim"
+system_prompt = "You enrich tickets."
+user_template = "{{ subject }}"
+output_schema = '{"type": "object"}'
+"#;
+
+    fn load(env: &[(&str, &str)]) -> Result<Settings, ConfigError> {
+        Settings::from_toml(
+            BASE,
+            env.iter().map(|(k, v)| (k.to_string(), v.to_string())),
+        )
+    }
+
+    #[test]
+    fn defaults_fill_what_the_file_leaves_out() {
+        let s = load(&[]).unwrap();
+        assert_eq!(s.topics.requests, "enrich.requests");
+        assert_eq!(s.kafka.bootstrap_servers, "127.0.0.1:9092");
+        assert_eq!(s.group_id(Stage::Enricher), "support.enricher");
+        assert_eq!(s.pipeline.max_record_bytes, 1024 * 1024);
+    }
+
+    #[test]
+    fn environment_overrides_any_key() {
+        let s = load(&[
+            ("ENRICH_TOPICS__OUTPUT", "out.v2"),
+            ("ENRICH_KAFKA__PARTITIONS", "3"),
+            ("ENRICH_KAFKA__CLIENT__SECURITY.PROTOCOL", "SASL_SSL"),
+            ("ENRICH_PIPELINE__NAME", "0123"),
+            ("ENRICH_LLM_API_KEY", "not-a-path"),
+            ("OTHER__THING", "ignored"),
+        ])
+        .unwrap();
+        assert_eq!(s.topics.output, "out.v2");
+        assert_eq!(s.kafka.partitions, 3);
+        assert_eq!(
+            s.kafka.client.get("security.protocol").map(String::as_str),
+            Some("SASL_SSL")
+        );
+        assert_eq!(s.pipeline.name, "0123");
+    }
+
+    #[test]
+    fn errors_name_the_field() {
+        let cases: &[(&[(&str, &str)], &str)] = &[
+            (&[("ENRICH_KAFKA__PARTITIONS", "many")], "kafka.partitions"),
+            (&[("ENRICH_KAFKA__PARTITIONS", "0")], "kafka.partitions"),
+            (
+                &[("ENRICH_TOPICS__RETRY", "enrich.requests")],
+                "topics.retry",
+            ),
+            (&[("ENRICH_TOPICS__DLQ", "events.raw")], "topics.dlq"),
+            (
+                &[("ENRICH_LLM__BASE_URL", "localhost:8080")],
+                "llm.base_url",
+            ),
+            (
+                &[("ENRICH_LLM__OUTPUT_SCHEMA", "{nope")],
+                "llm.output_schema",
+            ),
+            (&[("ENRICH_PIPELINE__NAME", "has space")], "pipeline.name"),
+            (
+                &[("ENRICH_ENRICHER__LEASE_MS", "30000")],
+                "enricher.lease_ms",
+            ),
+            (&[("ENRICH_INGEST__BATCH_SIZE", "0")], "ingest.batch_size"),
+            (&[("ENRICH_INGEST__NO_SUCH_KEY", "1")], "ingest"),
+        ];
+        for (env, field) in cases {
+            let err = load(env).unwrap_err();
+            assert!(
+                err.field.starts_with(field),
+                "{env:?}: got field {:?} ({})",
+                err.field,
+                err.message
+            );
+        }
+    }
+
+    #[test]
+    fn database_errors_do_not_leak_the_url() {
+        let err = load(&[("ENRICH_DATABASE__URL", "mysql://u:hunter2@h/db")]).unwrap_err();
+        assert_eq!(err.field, "database.url");
+        assert!(!err.to_string().contains("hunter2"));
+        let s = load(&[]).unwrap();
+        assert!(!format!("{s:?}").contains("s3cret"));
+    }
+
+    #[test]
+    fn bad_pointer_and_unknown_strategy_are_named() {
+        let text = BASE.replace("[\"/id\"]", "[\"id\"]");
+        let err = Settings::from_toml(&text, []).unwrap_err();
+        assert_eq!(err.field, "pipeline.sources[0].key.pointers");
+        let text = BASE.replace("json_pointer", "magic");
+        let err = Settings::from_toml(&text, []).unwrap_err();
+        assert!(err.field.starts_with("pipeline.sources"), "{err}");
+    }
+
+    #[test]
+    fn the_shipped_pipeline_config_is_valid() {
+        let text = include_str!("../../../config/pipeline.toml");
+        let s = Settings::from_toml(text, []).unwrap();
+        assert_eq!(s.source_topics(), vec!["events.raw"]);
+    }
+}

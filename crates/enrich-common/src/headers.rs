@@ -1,0 +1,87 @@
+//! Kafka header names the product writes, and helpers to read and write them.
+
+use rdkafka::message::{Header as KafkaHeader, Headers, OwnedHeaders};
+
+pub const IDEMPOTENCY_KEY: &str = "idempotency-key";
+pub const TRACEPARENT: &str = "traceparent";
+pub const TRACESTATE: &str = "tracestate";
+
+/// DLQ headers, readable with any Kafka tool.
+pub const DLQ_REASON_CLASS: &str = "dlq-reason-class";
+pub const DLQ_REASON: &str = "dlq-reason";
+pub const DLQ_ERROR: &str = "dlq-error";
+pub const DLQ_STAGE: &str = "dlq-stage";
+pub const DLQ_ATTEMPTS: &str = "dlq-attempts";
+pub const DLQ_ORIGINAL_TOPIC: &str = "dlq-original-topic";
+pub const DLQ_ORIGINAL_PARTITION: &str = "dlq-original-partition";
+pub const DLQ_ORIGINAL_OFFSET: &str = "dlq-original-offset";
+
+/// Longest error message put in a header; the full text stays in the envelope.
+const MAX_HEADER_TEXT: usize = 1024;
+
+/// Copies Kafka headers into owned pairs.
+pub fn collect<H: Headers>(headers: Option<&H>) -> Vec<(String, Option<Vec<u8>>)> {
+    let Some(headers) = headers else {
+        return Vec::new();
+    };
+    headers
+        .iter()
+        .map(|h| (h.key.to_string(), h.value.map(<[u8]>::to_vec)))
+        .collect()
+}
+
+/// Looks a header up as UTF-8 text.
+pub fn find<'a>(headers: &'a [(String, Option<Vec<u8>>)], name: &str) -> Option<&'a str> {
+    headers
+        .iter()
+        .find(|(k, _)| k == name)
+        .and_then(|(_, v)| v.as_deref())
+        .and_then(|v| std::str::from_utf8(v).ok())
+}
+
+/// Builds headers from text pairs.
+pub fn owned(pairs: &[(&str, &str)]) -> OwnedHeaders {
+    pairs
+        .iter()
+        .fold(OwnedHeaders::new_with_capacity(pairs.len()), |h, (k, v)| {
+            h.insert(KafkaHeader {
+                key: k,
+                value: Some(v.as_bytes()),
+            })
+        })
+}
+
+/// Cuts text to at most `MAX_HEADER_TEXT` bytes on a character boundary.
+pub fn header_text(s: &str) -> &str {
+    if s.len() <= MAX_HEADER_TEXT {
+        return s;
+    }
+    let mut end = MAX_HEADER_TEXT;
+    while !s.is_char_boundary(end) {
+        end -= 1;
+    }
+    &s[..end]
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn owned_headers_read_back() {
+        let h = owned(&[(IDEMPOTENCY_KEY, "p:1"), (DLQ_REASON, "too_large")]);
+        let pairs = collect(Some(&h));
+        assert_eq!(find(&pairs, IDEMPOTENCY_KEY), Some("p:1"));
+        assert_eq!(find(&pairs, DLQ_REASON), Some("too_large"));
+        assert_eq!(find(&pairs, "absent"), None);
+    }
+
+    #[test]
+    fn header_text_cuts_on_char_boundary() {
+        let long = "é".repeat(600); // 1200 bytes
+        let cut = header_text(&long);
+        assert!(cut.len() <= MAX_HEADER_TEXT);
+        assert!(cut.chars().all(|c| c == 'é'));
+        assert_eq!(header_text("short"), "short");
+    }
+}

@@ -1,0 +1,170 @@
+//! Kafka clients configured the same way in every stage, and the batch-reading helper.
+
+use rdkafka::ClientConfig;
+use rdkafka::Message;
+use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
+use rdkafka::client::DefaultClientContext;
+use rdkafka::consumer::{Consumer, StreamConsumer};
+use rdkafka::error::KafkaResult;
+use rdkafka::message::OwnedMessage;
+use rdkafka::producer::FutureProducer;
+use rdkafka::types::RDKafkaErrorCode;
+use std::collections::BTreeMap;
+use std::time::Duration;
+use tokio_util::sync::CancellationToken;
+
+use crate::config::{ConsumerTuning, Settings};
+
+/// Bootstrap servers plus every pass-through librdkafka property (`kafka.client`).
+pub fn base_config(settings: &Settings) -> ClientConfig {
+    let mut config = ClientConfig::new();
+    config.set("bootstrap.servers", &settings.kafka.bootstrap_servers);
+    for (key, value) in &settings.kafka.client {
+        config.set(key, value);
+    }
+    config
+}
+
+/// How a consumer's offsets reach the broker.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum OffsetCommit {
+    /// Stored by the stage only after the work they cover is durable, committed in the
+    /// background and on shutdown.
+    Stored,
+    /// Committed inside the stage's Kafka transactions (`send_offsets_to_transaction`).
+    Transactional,
+}
+
+/// A consumer that reads only committed records and never commits on its own what the
+/// stage has not finished.
+pub fn consumer(
+    settings: &Settings,
+    group_id: &str,
+    client_id: &str,
+    commit: OffsetCommit,
+) -> KafkaResult<StreamConsumer> {
+    let mut config = base_config(settings);
+    let auto_commit = commit == OffsetCommit::Stored;
+    config
+        .set("group.id", group_id)
+        .set("client.id", client_id)
+        .set(
+            "enable.auto.commit",
+            if auto_commit { "true" } else { "false" },
+        )
+        .set("auto.commit.interval.ms", "1000")
+        .set("enable.auto.offset.store", "false")
+        .set("auto.offset.reset", "earliest")
+        .set("isolation.level", "read_committed")
+        .set("partition.assignment.strategy", "cooperative-sticky")
+        .set("enable.partition.eof", "false");
+    override_from(&mut config, settings);
+    config.create()
+}
+
+/// An idempotent producer (acks=all, no reordering on retry).
+pub fn producer(settings: &Settings, client_id: &str) -> KafkaResult<FutureProducer> {
+    let mut config = base_config(settings);
+    config
+        .set("client.id", client_id)
+        .set("enable.idempotence", "true")
+        .set("acks", "all")
+        .set("linger.ms", "5")
+        .set("compression.type", "lz4")
+        .set("message.timeout.ms", "120000");
+    override_from(&mut config, settings);
+    config.create()
+}
+
+/// Operator-given properties win over the stage's defaults.
+pub fn override_from(config: &mut ClientConfig, settings: &Settings) {
+    for (key, value) in &settings.kafka.client {
+        config.set(key, value);
+    }
+}
+
+/// Creates the topics that are missing (`kafka.partitions`, `kafka.replication_factor`),
+/// when `kafka.create_topics` is on.
+pub async fn ensure_topics(settings: &Settings, topics: &[&str]) -> anyhow::Result<()> {
+    if !settings.kafka.create_topics {
+        return Ok(());
+    }
+    let admin: AdminClient<DefaultClientContext> = base_config(settings).create()?;
+    let new: Vec<NewTopic<'_>> = topics
+        .iter()
+        .map(|t| {
+            NewTopic::new(
+                t,
+                settings.kafka.partitions,
+                TopicReplication::Fixed(settings.kafka.replication_factor),
+            )
+        })
+        .collect();
+    let opts = AdminOptions::new().operation_timeout(Some(Duration::from_secs(30)));
+    for result in admin.create_topics(&new, &opts).await? {
+        match result {
+            Ok(_) | Err((_, RDKafkaErrorCode::TopicAlreadyExists)) => {}
+            Err((topic, code)) => anyhow::bail!("cannot create topic {topic}: {code}"),
+        }
+    }
+    Ok(())
+}
+
+/// Waits for the first record (or shutdown), then gathers more until the batch is full
+/// or `batch_linger_ms` has passed. Empty only when shutdown was requested.
+pub async fn next_batch(
+    consumer: &StreamConsumer,
+    tuning: ConsumerTuning,
+    shutdown: &CancellationToken,
+) -> Vec<OwnedMessage> {
+    let mut batch = Vec::with_capacity(tuning.batch_size);
+    loop {
+        let received = tokio::select! {
+            biased;
+            _ = shutdown.cancelled() => return batch,
+            m = consumer.recv() => m,
+        };
+        match received {
+            Ok(m) => {
+                batch.push(m.detach());
+                break;
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "kafka consumer error");
+            }
+        }
+    }
+    let deadline = tokio::time::Instant::now() + Duration::from_millis(tuning.batch_linger_ms);
+    while batch.len() < tuning.batch_size {
+        match tokio::time::timeout_at(deadline, consumer.recv()).await {
+            Ok(Ok(m)) => batch.push(m.detach()),
+            Ok(Err(e)) => tracing::warn!(error = %e, "kafka consumer error"),
+            Err(_) => break,
+        }
+    }
+    batch
+}
+
+/// The next offset to read per partition after `messages`: what gets stored or committed.
+pub fn next_offsets(messages: &[OwnedMessage]) -> BTreeMap<(String, i32), i64> {
+    let mut next = BTreeMap::new();
+    for m in messages {
+        let entry = next
+            .entry((m.topic().to_string(), m.partition()))
+            .or_insert(m.offset() + 1);
+        *entry = (*entry).max(m.offset() + 1);
+    }
+    next
+}
+
+/// Stores (for the next background commit) the offsets after `messages`. Call only
+/// once the work the messages stand for is durable.
+pub fn store_offsets(consumer: &StreamConsumer, messages: &[OwnedMessage]) {
+    for ((topic, partition), next) in next_offsets(messages) {
+        // librdkafka takes the offset of the last processed record here and stores +1.
+        if let Err(e) = consumer.store_offset(&topic, partition, next - 1) {
+            // The partition was revoked meanwhile: its new owner re-reads the records.
+            tracing::debug!(%topic, partition, error = %e, "offset not stored");
+        }
+    }
+}

@@ -1,0 +1,394 @@
+//! The per-record logic of the enricher, separate from the consumer loop: one request
+//! in, one result (or dead letter) out, and at most one paid call per key.
+
+use enrich_common::dead_letter::dead_letter;
+use enrich_common::envelope::{self, EnrichmentResult, Envelope, Outcome, SourceCoordinates};
+use enrich_common::error::RecordError;
+use enrich_common::idempotency::fallback_key;
+use enrich_common::shutdown::Shutdown as CancellationToken;
+use enrich_common::{ErrorClass, TraceContext, headers};
+use rdkafka::Message;
+use rdkafka::message::{OwnedHeaders, OwnedMessage};
+use rdkafka::producer::{FutureProducer, FutureRecord};
+use sha2::{Digest, Sha256};
+use std::time::Duration;
+
+use crate::llm::{LlmClient, LlmError};
+use crate::metrics::EnricherMetrics;
+use crate::prompt::PromptTemplate;
+use crate::store::{KeyState, Step, Store, StoredResult};
+use crate::validate::OutputValidator;
+
+const STAGE: &str = "enricher";
+
+pub struct Enricher {
+    pub store: Store,
+    pub llm: LlmClient,
+    pub prompt: PromptTemplate,
+    pub validator: OutputValidator,
+    pub producer: FutureProducer,
+    pub results_topic: String,
+    pub dlq_topic: String,
+    pub metrics: EnricherMetrics,
+    pub shutdown: CancellationToken,
+}
+
+/// Why an attempt did not produce a stored result.
+enum AttemptError {
+    Llm(LlmError),
+    Db(sqlx::Error),
+}
+
+impl From<sqlx::Error> for AttemptError {
+    fn from(e: sqlx::Error) -> Self {
+        AttemptError::Db(e)
+    }
+}
+
+impl Enricher {
+    /// Handles one request. `Err` means the infrastructure (database, Kafka) failed or
+    /// the LLM endpoint is down: the record was not finished and must be read again.
+    pub async fn handle(&self, message: &OwnedMessage) -> anyhow::Result<()> {
+        let headers = headers::collect(message.headers());
+        let trace = TraceContext::extract(&headers)
+            .map(|t| t.child())
+            .unwrap_or_else(TraceContext::new_root);
+        let record_key = message.key().map(<[u8]>::to_vec);
+        let envelope = match Envelope::decode_from(message.payload().unwrap_or_default()) {
+            Ok(e) => e,
+            Err(e) => return self.reject_foreign(message, &trace, e.to_string()).await,
+        };
+        let record_key = record_key.unwrap_or_else(|| envelope.idempotency_key.as_bytes().to_vec());
+        let key = envelope.idempotency_key.clone();
+        let mut backoff = Duration::from_millis(200);
+        loop {
+            match self.store.acquire(&envelope).await? {
+                KeyState::Enriched(stored) => {
+                    self.emit(&envelope, &record_key, &stored, 0, (0, 0), &trace)
+                        .await?;
+                    self.store
+                        .record_run(&envelope, 0, "reused", &trace.trace_id_hex(), None)
+                        .await?;
+                    EnricherMetrics::inc(&self.metrics.records, "outcome", "reused");
+                    return Ok(());
+                }
+                KeyState::DeadLettered => {
+                    tracing::debug!(idempotency_key = %key, "already dead-lettered; skipping");
+                    return Ok(());
+                }
+                KeyState::AttemptsExhausted { attempts } => {
+                    let err = RecordError::new(
+                        ErrorClass::Permanent,
+                        "max_attempts",
+                        format!(
+                            "{attempts} attempts already made (llm.max_attempts); not calling again"
+                        ),
+                    );
+                    return self
+                        .give_up(envelope, &record_key, &err, attempts, &trace)
+                        .await;
+                }
+                KeyState::Leased { remaining } => {
+                    // Another live replica is calling the LLM for this key: wait for it.
+                    let wait = remaining.min(Duration::from_secs(5));
+                    tokio::select! {
+                        _ = self.shutdown.cancelled() => anyhow::bail!("shutting down while {key} is leased elsewhere"),
+                        _ = tokio::time::sleep(wait) => continue,
+                    }
+                }
+                KeyState::Acquired { attempt } => {
+                    self.metrics.in_flight.inc();
+                    let outcome = self.attempt(&envelope, attempt).await;
+                    self.metrics.in_flight.dec();
+                    match outcome {
+                        Ok((stored, tokens)) => {
+                            self.emit(&envelope, &record_key, &stored, attempt, tokens, &trace)
+                                .await?;
+                            self.store
+                                .record_run(
+                                    &envelope,
+                                    attempt,
+                                    "enriched",
+                                    &trace.trace_id_hex(),
+                                    None,
+                                )
+                                .await?;
+                            EnricherMetrics::inc(&self.metrics.records, "outcome", "enriched");
+                            return Ok(());
+                        }
+                        Err(AttemptError::Db(e)) => {
+                            return Err(e.into());
+                        }
+                        Err(AttemptError::Llm(e)) => match e.error.class {
+                            ErrorClass::Transient if attempt < self.store.max_attempts => {
+                                let wait = e.retry_after.unwrap_or_else(|| jitter(backoff));
+                                backoff = (backoff * 2).min(Duration::from_secs(10));
+                                tracing::warn!(idempotency_key = %key, attempt, error = %e, wait_ms = wait.as_millis() as u64, "transient LLM failure; retrying");
+                                tokio::select! {
+                                    _ = self.shutdown.cancelled() => {
+                                        self.store.release(&key, false).await?;
+                                        anyhow::bail!("shutting down during the backoff of {key}");
+                                    }
+                                    _ = tokio::time::sleep(wait) => continue,
+                                }
+                            }
+                            ErrorClass::Transient => {
+                                let err = RecordError::new(
+                                    ErrorClass::Transient,
+                                    "max_attempts",
+                                    format!(
+                                        "gave up after {attempt} attempts; last error: {}",
+                                        e.error
+                                    ),
+                                );
+                                return self
+                                    .give_up(envelope, &record_key, &err, attempt, &trace)
+                                    .await;
+                            }
+                            ErrorClass::InvalidInput | ErrorClass::Permanent => {
+                                return self
+                                    .give_up(envelope, &record_key, &e.error, attempt, &trace)
+                                    .await;
+                            }
+                            ErrorClass::Outage | ErrorClass::Fatal => {
+                                // Not this record's fault: keep its attempt and its offset.
+                                self.store.release(&key, true).await?;
+                                anyhow::bail!("LLM endpoint unavailable: {}", e.error);
+                            }
+                        },
+                    }
+                }
+            }
+        }
+    }
+
+    /// One paid call: render, call, validate, store. Returns the stored result and the
+    /// tokens this call used.
+    async fn attempt(
+        &self,
+        envelope: &Envelope,
+        attempt: i32,
+    ) -> Result<(StoredResult, (u32, u32)), AttemptError> {
+        let key = &envelope.idempotency_key;
+        let record: serde_json::Value = serde_json::from_slice(&envelope.payload).map_err(|e| {
+            AttemptError::Llm(LlmError {
+                error: RecordError::invalid(
+                    "invalid_json",
+                    format!("the payload is not JSON: {e}"),
+                ),
+                retry_after: None,
+            })
+        })?;
+        let prompt = self.prompt.render(&record).map_err(|error| {
+            AttemptError::Llm(LlmError {
+                error,
+                retry_after: None,
+            })
+        })?;
+        let started = std::time::Instant::now();
+        let called = self.llm.complete(&prompt).await;
+        let elapsed = started.elapsed();
+        self.metrics.llm_latency.observe(elapsed.as_secs_f64());
+        let completion = match called {
+            Ok(c) => c,
+            Err(e) => {
+                EnricherMetrics::inc(&self.metrics.llm_calls, "outcome", e.error.reason);
+                let message = e.error.to_string();
+                self.store
+                    .record_step(
+                        key,
+                        &Step {
+                            step: "llm_call",
+                            attempt,
+                            status: "failed",
+                            duration_ms: Some(elapsed.as_secs_f64() * 1000.0),
+                            model: Some(self.llm.model()),
+                            input_tokens: None,
+                            output_tokens: None,
+                            error: Some(&message),
+                        },
+                    )
+                    .await?;
+                return Err(AttemptError::Llm(e));
+            }
+        };
+        EnricherMetrics::inc(&self.metrics.llm_calls, "outcome", "ok");
+        self.metrics
+            .llm_tokens
+            .get_or_create(&vec![("direction", "input".into())])
+            .inc_by(u64::from(completion.input_tokens));
+        self.metrics
+            .llm_tokens
+            .get_or_create(&vec![("direction", "output".into())])
+            .inc_by(u64::from(completion.output_tokens));
+        let model = if completion.model.is_empty() {
+            self.llm.model().to_string()
+        } else {
+            completion.model.clone()
+        };
+        self.store
+            .record_step(
+                key,
+                &Step {
+                    step: "llm_call",
+                    attempt,
+                    status: "ok",
+                    duration_ms: Some(completion.latency.as_secs_f64() * 1000.0),
+                    model: Some(&model),
+                    input_tokens: Some(completion.input_tokens as i32),
+                    output_tokens: Some(completion.output_tokens as i32),
+                    error: None,
+                },
+            )
+            .await?;
+        let validated = self.validator.validate(&completion.content);
+        let error_text = validated.as_ref().err().map(ToString::to_string);
+        self.store
+            .record_step(
+                key,
+                &Step {
+                    step: "validation",
+                    attempt,
+                    status: if validated.is_ok() { "ok" } else { "failed" },
+                    duration_ms: None,
+                    model: None,
+                    input_tokens: None,
+                    output_tokens: None,
+                    error: error_text.as_deref(),
+                },
+            )
+            .await?;
+        let value = validated.map_err(|error| {
+            AttemptError::Llm(LlmError {
+                error,
+                retry_after: None,
+            })
+        })?;
+        let json = value.to_string();
+        let result = StoredResult {
+            result_hash: hex::encode(Sha256::digest(json.as_bytes())),
+            json,
+            model,
+            prompt_version: self.prompt.version().to_string(),
+        };
+        let stored = self.store.store_result(key, &result).await?;
+        Ok((stored, (completion.input_tokens, completion.output_tokens)))
+    }
+
+    async fn emit(
+        &self,
+        envelope: &Envelope,
+        record_key: &[u8],
+        stored: &StoredResult,
+        attempt: i32,
+        (input_tokens, output_tokens): (u32, u32),
+        trace: &TraceContext,
+    ) -> anyhow::Result<()> {
+        let out = Envelope {
+            attempt: attempt.max(0) as u32,
+            outcome: Some(Outcome::Result(EnrichmentResult {
+                json: stored.json.clone(),
+                model: stored.model.clone(),
+                prompt_version: stored.prompt_version.clone(),
+                input_tokens,
+                output_tokens,
+                result_hash: stored.result_hash.clone(),
+            })),
+            ..envelope.clone()
+        };
+        let h = trace.inject(headers::owned(&[(
+            headers::IDEMPOTENCY_KEY,
+            &envelope.idempotency_key,
+        )]));
+        self.produce(&self.results_topic, record_key, out.encode_to_bytes(), h)
+            .await
+    }
+
+    /// Dead-letters the record (the DLQ record first, then the state), never to be called again.
+    async fn give_up(
+        &self,
+        mut envelope: Envelope,
+        record_key: &[u8],
+        error: &RecordError,
+        attempts: i32,
+        trace: &TraceContext,
+    ) -> anyhow::Result<()> {
+        envelope.attempt = attempts.max(0) as u32;
+        let key = envelope.idempotency_key.clone();
+        let snapshot = envelope.clone();
+        let (dead, h) = dead_letter(envelope, error, STAGE, trace);
+        self.produce(&self.dlq_topic, record_key, dead.encode_to_bytes(), h)
+            .await?;
+        self.store.mark_dead_lettered(&key).await?;
+        self.store
+            .record_run(
+                &snapshot,
+                attempts,
+                "dead_lettered",
+                &trace.trace_id_hex(),
+                Some(&error.to_string()),
+            )
+            .await?;
+        EnricherMetrics::inc(&self.metrics.records, "outcome", "dead_lettered");
+        EnricherMetrics::inc(&self.metrics.dead_letters, "reason", error.reason);
+        tracing::warn!(idempotency_key = %key, reason = error.reason, error = %error.message, attempts, "dead-lettered");
+        Ok(())
+    }
+
+    /// A record on the requests topic that is not an envelope: dead-letter it as it is.
+    async fn reject_foreign(
+        &self,
+        message: &OwnedMessage,
+        trace: &TraceContext,
+        reason: String,
+    ) -> anyhow::Result<()> {
+        let key = fallback_key(&self.store.pipeline, message.key(), message.payload());
+        let envelope = Envelope {
+            schema: envelope::SCHEMA.into(),
+            pipeline: self.store.pipeline.clone(),
+            idempotency_key: key.to_string(),
+            source: Some(SourceCoordinates {
+                topic: message.topic().to_string(),
+                partition: message.partition(),
+                offset: message.offset(),
+                timestamp_ms: message.timestamp().to_millis().unwrap_or(0),
+                key: message.key().map(<[u8]>::to_vec),
+            }),
+            payload: message.payload().unwrap_or_default().to_vec(),
+            ..Default::default()
+        };
+        let error = RecordError::invalid("invalid_envelope", reason);
+        let (dead, h) = dead_letter(envelope, &error, STAGE, trace);
+        let record_key = message.key().unwrap_or(key.as_str().as_bytes()).to_vec();
+        self.produce(&self.dlq_topic, &record_key, dead.encode_to_bytes(), h)
+            .await?;
+        EnricherMetrics::inc(&self.metrics.dead_letters, "reason", error.reason);
+        tracing::warn!(topic = message.topic(), offset = message.offset(), error = %error, "foreign record dead-lettered");
+        Ok(())
+    }
+
+    async fn produce(
+        &self,
+        topic: &str,
+        key: &[u8],
+        payload: Vec<u8>,
+        headers: OwnedHeaders,
+    ) -> anyhow::Result<()> {
+        self.producer
+            .send(
+                FutureRecord::to(topic)
+                    .key(key)
+                    .payload(&payload)
+                    .headers(headers),
+                Duration::from_secs(30),
+            )
+            .await
+            .map_err(|(e, _)| anyhow::anyhow!("cannot produce to {topic}: {e}"))?;
+        Ok(())
+    }
+}
+
+/// Full jitter: a random wait between zero and `cap`.
+fn jitter(cap: Duration) -> Duration {
+    cap.mul_f64(rand::random::<f64>())
+}

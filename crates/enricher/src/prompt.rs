@@ -1,0 +1,115 @@
+//! The prompt: a fixed system message and a minijinja template over the record's JSON
+//! fields. The prompt version is a hash of everything that shapes the answer.
+
+use enrich_common::config::LlmSettings;
+use enrich_common::error::RecordError;
+use sha2::{Digest, Sha256};
+
+pub struct PromptTemplate {
+    env: minijinja::Environment<'static>,
+    system: String,
+    version: String,
+}
+
+/// The messages of one call.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Prompt {
+    pub system: String,
+    pub user: String,
+}
+
+impl PromptTemplate {
+    /// Compiles the template; a syntax error names `llm.user_template`.
+    pub fn new(llm: &LlmSettings) -> anyhow::Result<Self> {
+        let mut env = minijinja::Environment::new();
+        env.add_template_owned("user", llm.user_template.clone())
+            .map_err(|e| anyhow::anyhow!("invalid configuration: `llm.user_template`: {e}"))?;
+        let mut hasher = Sha256::new();
+        for part in [&llm.system_prompt, &llm.user_template, &llm.output_schema] {
+            hasher.update((part.len() as u64).to_be_bytes());
+            hasher.update(part.as_bytes());
+        }
+        let version = hex::encode(&hasher.finalize()[..8]);
+        Ok(Self {
+            env,
+            system: llm.system_prompt.trim().to_string(),
+            version,
+        })
+    }
+
+    pub fn version(&self) -> &str {
+        &self.version
+    }
+
+    /// Renders the user message over the record's fields.
+    pub fn render(&self, record: &serde_json::Value) -> Result<Prompt, RecordError> {
+        let template = self.env.get_template("user").map_err(|e| {
+            RecordError::new(
+                enrich_common::ErrorClass::Fatal,
+                "template_error",
+                e.to_string(),
+            )
+        })?;
+        let user = template
+            .render(minijinja::value::Serde(record))
+            .map_err(|e| {
+                RecordError::new(
+                    enrich_common::ErrorClass::Permanent,
+                    "template_error",
+                    e.to_string(),
+                )
+            })?;
+        Ok(Prompt {
+            system: self.system.clone(),
+            user: user.trim().to_string(),
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn llm(template: &str) -> LlmSettings {
+        LlmSettings {
+            base_url: "http://x/v1".into(),
+            api_key_env: None,
+            model: "m".into(),
+            connect_timeout_ms: 1,
+            request_timeout_ms: 1,
+            temperature: 0.0,
+            max_output_tokens: 1,
+            system_prompt: " sys \n".into(),
+            user_template: template.into(),
+            output_schema: "{}".into(),
+            max_attempts: 1,
+        }
+    }
+
+    #[test]
+    fn renders_fields_and_tolerates_missing_ones() {
+        let t =
+            PromptTemplate::new(&llm("Subject: {{ subject }}\n{{ body }}{{ missing }}\n")).unwrap();
+        let p = t
+            .render(&serde_json::json!({"subject": "Hi ü", "body": "text"}))
+            .unwrap();
+        assert_eq!(p.user, "Subject: Hi ü\ntext");
+        assert_eq!(p.system, "sys");
+    }
+
+    #[test]
+    fn version_changes_with_the_template_only() {
+        let a = PromptTemplate::new(&llm("{{ a }}")).unwrap();
+        let b = PromptTemplate::new(&llm("{{ a }}")).unwrap();
+        let c = PromptTemplate::new(&llm("{{ b }}")).unwrap();
+        assert_eq!(a.version(), b.version());
+        assert_ne!(a.version(), c.version());
+        assert_eq!(a.version().len(), 16);
+    }
+
+    #[test]
+    fn syntax_errors_name_the_field() {
+        let err = PromptTemplate::new(&llm("{{ unclosed ")).err().unwrap();
+        assert!(err.to_string().contains("llm.user_template"), "{err}");
+    }
+}

@@ -1,0 +1,249 @@
+//! The per-record logic of ingest, with no I/O: is the record valid, what is its
+//! idempotency key, what envelope goes downstream.
+
+use enrich_common::config::PipelineSettings;
+use enrich_common::envelope::{self, Envelope, Header, SourceCoordinates};
+use enrich_common::error::RecordError;
+use enrich_common::idempotency::{RecordView, fallback_key};
+use enrich_common::{IdempotencyKey, TraceContext, headers};
+use rdkafka::Message;
+use rdkafka::message::OwnedMessage;
+
+/// A valid record, ready to be claimed and forwarded.
+#[derive(Debug)]
+pub struct Sighting {
+    pub key: IdempotencyKey,
+    pub envelope: Envelope,
+    /// The trace the record belongs to (the source's, or a new one), as written by ingest.
+    pub trace: TraceContext,
+}
+
+/// What ingest makes of one source record.
+#[derive(Debug)]
+pub enum Inspected {
+    Valid(Sighting),
+    /// Dead-lettered at once: the key is the configured one when it could be derived,
+    /// else the content hash.
+    Invalid {
+        key: IdempotencyKey,
+        envelope: Envelope,
+        trace: TraceContext,
+        error: RecordError,
+    },
+}
+
+impl Inspected {
+    pub fn key(&self) -> &IdempotencyKey {
+        match self {
+            Inspected::Valid(s) => &s.key,
+            Inspected::Invalid { key, .. } => key,
+        }
+    }
+}
+
+pub fn inspect(pipeline: &PipelineSettings, message: &OwnedMessage) -> Inspected {
+    let headers = headers::collect(message.headers());
+    let trace = TraceContext::extract(&headers)
+        .map(|t| t.child())
+        .unwrap_or_else(TraceContext::new_root);
+    let value = message.payload();
+    let key_bytes = message.key();
+    let envelope = Envelope {
+        schema: envelope::SCHEMA.into(),
+        pipeline: pipeline.name.clone(),
+        idempotency_key: String::new(),
+        source: Some(SourceCoordinates {
+            topic: message.topic().to_string(),
+            partition: message.partition(),
+            offset: message.offset(),
+            timestamp_ms: message.timestamp().to_millis().unwrap_or(0),
+            key: key_bytes.map(<[u8]>::to_vec),
+        }),
+        payload: value.map(<[u8]>::to_vec).unwrap_or_default(),
+        headers: headers
+            .iter()
+            .map(|(k, v)| Header {
+                key: k.clone(),
+                value: v.clone(),
+            })
+            .collect(),
+        attempt: 0,
+        outcome: None,
+    };
+
+    let parsed = validate_payload(pipeline, value);
+    let strategy = pipeline
+        .sources
+        .iter()
+        .find(|s| s.topic == message.topic())
+        .map(|s| &s.key);
+    let derived = match (&parsed, strategy) {
+        (_, None) => Err(RecordError::invalid(
+            "unknown_source",
+            format!("topic {} is not a configured source", message.topic()),
+        )),
+        (Err(e), _) => Err(e.clone()),
+        (Ok(json), Some(strategy)) => {
+            let view = RecordView {
+                key: key_bytes,
+                headers: &headers,
+                json: Some(json),
+                value,
+            };
+            strategy.derive(&pipeline.name, &view)
+        }
+    };
+    match derived {
+        Ok(key) => Inspected::Valid(Sighting {
+            envelope: Envelope {
+                idempotency_key: key.to_string(),
+                ..envelope
+            },
+            key,
+            trace,
+        }),
+        Err(error) => {
+            let key = fallback_key(&pipeline.name, key_bytes, value);
+            Inspected::Invalid {
+                envelope: Envelope {
+                    idempotency_key: key.to_string(),
+                    ..envelope
+                },
+                key,
+                trace,
+                error,
+            }
+        }
+    }
+}
+
+/// The pipeline's format is JSON objects: anything else is invalid input.
+fn validate_payload(
+    pipeline: &PipelineSettings,
+    value: Option<&[u8]>,
+) -> Result<serde_json::Value, RecordError> {
+    let bytes = match value {
+        None => {
+            return Err(RecordError::invalid(
+                "empty_value",
+                "the record has no value",
+            ));
+        }
+        Some([]) => {
+            return Err(RecordError::invalid(
+                "empty_value",
+                "the record value is empty",
+            ));
+        }
+        Some(b) => b,
+    };
+    if bytes.len() > pipeline.max_record_bytes {
+        return Err(RecordError::invalid(
+            "too_large",
+            format!(
+                "the value is {} bytes; the limit (pipeline.max_record_bytes) is {}",
+                bytes.len(),
+                pipeline.max_record_bytes
+            ),
+        ));
+    }
+    let text = std::str::from_utf8(bytes).map_err(|e| {
+        RecordError::invalid("invalid_utf8", format!("the value is not UTF-8: {e}"))
+    })?;
+    let json: serde_json::Value = serde_json::from_str(text)
+        .map_err(|e| RecordError::invalid("invalid_json", format!("the value is not JSON: {e}")))?;
+    if !json.is_object() {
+        return Err(RecordError::invalid(
+            "not_an_object",
+            "the value is JSON but not an object",
+        ));
+    }
+    Ok(json)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use enrich_common::KeyStrategy;
+    use enrich_common::config::SourceTopic;
+    use rdkafka::Timestamp;
+    use rdkafka::message::OwnedHeaders;
+
+    fn pipeline() -> PipelineSettings {
+        PipelineSettings {
+            name: "p".into(),
+            sources: vec![SourceTopic {
+                topic: "raw".into(),
+                key: KeyStrategy::JsonPointer {
+                    pointers: vec!["/id".into()],
+                },
+            }],
+            max_record_bytes: 64,
+        }
+    }
+
+    fn message(value: Option<&[u8]>, headers: Option<OwnedHeaders>) -> OwnedMessage {
+        OwnedMessage::new(
+            value.map(<[u8]>::to_vec),
+            Some(b"k".to_vec()),
+            "raw".into(),
+            Timestamp::CreateTime(1_000),
+            2,
+            40,
+            headers,
+        )
+    }
+
+    fn reason(v: Option<&[u8]>) -> &'static str {
+        match inspect(&pipeline(), &message(v, None)) {
+            Inspected::Invalid { error, .. } => error.reason,
+            Inspected::Valid(s) => panic!("valid: {s:?}"),
+        }
+    }
+
+    #[test]
+    fn valid_ticket_becomes_an_envelope() {
+        let tp = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
+        let h = headers::owned(&[("traceparent", tp), ("x", "y")]);
+        let Inspected::Valid(s) = inspect(&pipeline(), &message(Some(br#"{"id":"T1"}"#), Some(h)))
+        else {
+            panic!("invalid")
+        };
+        assert_eq!(s.key.as_str(), "p:T1");
+        assert_eq!(s.envelope.idempotency_key, "p:T1");
+        let src = s.envelope.source.as_ref().unwrap();
+        assert_eq!(
+            (
+                src.topic.as_str(),
+                src.partition,
+                src.offset,
+                src.timestamp_ms
+            ),
+            ("raw", 2, 40, 1_000)
+        );
+        assert_eq!(src.key.as_deref(), Some(&b"k"[..]));
+        assert_eq!(s.envelope.headers.len(), 2);
+        // Same trace as the source, new span.
+        assert_eq!(s.trace.trace_id_hex(), "4bf92f3577b34da6a3ce929d0e0e4736");
+        assert_ne!(s.trace.traceparent(), tp);
+    }
+
+    #[test]
+    fn malformed_records_get_readable_reasons() {
+        assert_eq!(reason(None), "empty_value");
+        assert_eq!(reason(Some(b"")), "empty_value");
+        assert_eq!(reason(Some(&[b'{'; 65])), "too_large");
+        assert_eq!(reason(Some(&[0xff, 0xfe])), "invalid_utf8");
+        assert_eq!(reason(Some(b"{nope")), "invalid_json");
+        assert_eq!(reason(Some(b"[1,2]")), "not_an_object");
+        assert_eq!(reason(Some(br#"{"subject":"no id"}"#)), "missing_key_field");
+    }
+
+    #[test]
+    fn invalid_records_still_get_a_stable_key() {
+        let a = inspect(&pipeline(), &message(Some(b"{nope"), None));
+        let b = inspect(&pipeline(), &message(Some(b"{nope"), None));
+        assert_eq!(a.key(), b.key());
+        assert!(a.key().as_str().starts_with("p:sha256:"));
+    }
+}

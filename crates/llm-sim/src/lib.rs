@@ -1,0 +1,241 @@
+//! llm-sim: a simulator of an OpenAI-compatible chat-completions API, for tests, demos
+//! and benchmarks. It is not a language model: its answers are deterministic functions
+//! of the last user message (see [`rules`]), so tests can assert them.
+
+pub mod rules;
+
+use axum::extract::State;
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use serde_json::{Value, json};
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+use tokio_util::sync::CancellationToken;
+
+/// How the simulator behaves.
+#[derive(Debug, Clone)]
+pub struct SimConfig {
+    /// Fixed latency added to every completion.
+    pub latency: Duration,
+    /// The model name listed by `/v1/models`.
+    pub model: String,
+}
+
+impl Default for SimConfig {
+    fn default() -> Self {
+        Self {
+            latency: Duration::ZERO,
+            model: "llm-sim-support-v1".into(),
+        }
+    }
+}
+
+#[derive(Default)]
+struct Counters {
+    completions: AtomicU64,
+    rejected: AtomicU64,
+    prompt_tokens: AtomicU64,
+    completion_tokens: AtomicU64,
+}
+
+struct AppState {
+    config: SimConfig,
+    counters: Counters,
+}
+
+/// A running simulator.
+pub struct RunningSim {
+    pub addr: SocketAddr,
+    state: Arc<AppState>,
+    pub handle: tokio::task::JoinHandle<()>,
+}
+
+impl RunningSim {
+    /// Completions answered with 200 so far.
+    pub fn completions(&self) -> u64 {
+        self.state.counters.completions.load(Ordering::SeqCst)
+    }
+
+    /// The base URL to configure as `llm.base_url`.
+    pub fn base_url(&self) -> String {
+        format!("http://{}/v1", self.addr)
+    }
+}
+
+/// Starts serving on `bind:port` (port 0 picks one) until `shutdown` is cancelled.
+pub async fn start(
+    bind: &str,
+    port: u16,
+    config: SimConfig,
+    shutdown: CancellationToken,
+) -> anyhow::Result<RunningSim> {
+    let state = Arc::new(AppState {
+        config,
+        counters: Counters::default(),
+    });
+    let router = Router::new()
+        .route("/v1/chat/completions", post(chat_completions))
+        .route("/v1/models", get(models))
+        .route("/metrics", get(metrics))
+        .route("/healthz", get(|| async { "ok\n" }))
+        .with_state(state.clone());
+    let listener = tokio::net::TcpListener::bind((bind, port))
+        .await
+        .map_err(|e| anyhow::anyhow!("cannot listen on {bind}:{port}: {e}"))?;
+    let addr = listener.local_addr()?;
+    let handle = tokio::spawn(async move {
+        let served = axum::serve(listener, router)
+            .with_graceful_shutdown(async move { shutdown.cancelled().await })
+            .await;
+        if let Err(e) = served {
+            tracing::error!(error = %e, "llm-sim server failed");
+        }
+    });
+    Ok(RunningSim {
+        addr,
+        state,
+        handle,
+    })
+}
+
+fn openai_error(status: StatusCode, kind: &str, message: impl Into<String>) -> Response {
+    (
+        status,
+        Json(json!({"error": {"message": message.into(), "type": kind, "code": Value::Null}})),
+    )
+        .into_response()
+}
+
+/// Text of the last user message: a string, or the text parts of a content array.
+fn last_user_text(messages: &[Value]) -> Option<String> {
+    let message = messages
+        .iter()
+        .rev()
+        .find(|m| m.get("role").and_then(Value::as_str) == Some("user"))?;
+    match message.get("content")? {
+        Value::String(s) => Some(s.clone()),
+        Value::Array(parts) => Some(
+            parts
+                .iter()
+                .filter_map(|p| p.get("text").and_then(Value::as_str))
+                .collect::<Vec<_>>()
+                .join("\n"),
+        ),
+        _ => None,
+    }
+}
+
+/// Rough token count: one token per four bytes, at least one.
+fn tokens(s: &str) -> u64 {
+    (s.len() as u64).div_ceil(4).max(1)
+}
+
+async fn chat_completions(State(state): State<Arc<AppState>>, body: axum::body::Bytes) -> Response {
+    let reject = |message: &str| {
+        state.counters.rejected.fetch_add(1, Ordering::SeqCst);
+        openai_error(StatusCode::BAD_REQUEST, "invalid_request_error", message)
+    };
+    let Ok(request) = serde_json::from_slice::<Value>(&body) else {
+        return reject("the body is not valid JSON");
+    };
+    let Some(model) = request
+        .get("model")
+        .and_then(Value::as_str)
+        .map(str::to_string)
+    else {
+        return reject("`model` is required");
+    };
+    let Some(messages) = request
+        .get("messages")
+        .and_then(Value::as_array)
+        .filter(|m| !m.is_empty())
+    else {
+        return reject("`messages` must be a non-empty array");
+    };
+    let Some(text) = last_user_text(messages) else {
+        return reject("no user message with text content");
+    };
+    if !state.config.latency.is_zero() {
+        tokio::time::sleep(state.config.latency).await;
+    }
+
+    let mut answer = rules::enrich(&text);
+    // Honour a JSON-schema response format: answer only the properties it asks for.
+    if let Some(props) = request
+        .pointer("/response_format/json_schema/schema/properties")
+        .and_then(Value::as_object)
+        && let Value::Object(fields) = &mut answer
+    {
+        fields.retain(|k, _| props.contains_key(k));
+    }
+    let content = answer.to_string();
+    let prompt_tokens: u64 = messages
+        .iter()
+        .filter_map(|m| m.get("content").and_then(Value::as_str))
+        .map(tokens)
+        .sum();
+    let completion_tokens = tokens(&content);
+    let n = state.counters.completions.fetch_add(1, Ordering::SeqCst) + 1;
+    state
+        .counters
+        .prompt_tokens
+        .fetch_add(prompt_tokens, Ordering::SeqCst);
+    state
+        .counters
+        .completion_tokens
+        .fetch_add(completion_tokens, Ordering::SeqCst);
+    let created = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0);
+    Json(json!({
+        "id": format!("chatcmpl-sim-{n}"),
+        "object": "chat.completion",
+        "created": created,
+        "model": model,
+        "choices": [{
+            "index": 0,
+            "message": {"role": "assistant", "content": content, "refusal": Value::Null},
+            "finish_reason": "stop"
+        }],
+        "usage": {
+            "prompt_tokens": prompt_tokens,
+            "completion_tokens": completion_tokens,
+            "total_tokens": prompt_tokens + completion_tokens
+        }
+    }))
+    .into_response()
+}
+
+async fn models(State(state): State<Arc<AppState>>) -> Json<Value> {
+    Json(json!({
+        "object": "list",
+        "data": [{"id": state.config.model, "object": "model", "created": 0, "owned_by": "llm-sim"}]
+    }))
+}
+
+async fn metrics(State(state): State<Arc<AppState>>) -> impl IntoResponse {
+    let c = &state.counters;
+    format!(
+        "# HELP llm_sim_completions_total Chat completions answered with 200.\n\
+         # TYPE llm_sim_completions_total counter\n\
+         llm_sim_completions_total {}\n\
+         # HELP llm_sim_rejected_total Requests rejected with 400.\n\
+         # TYPE llm_sim_rejected_total counter\n\
+         llm_sim_rejected_total {}\n\
+         # HELP llm_sim_prompt_tokens_total Prompt tokens counted.\n\
+         # TYPE llm_sim_prompt_tokens_total counter\n\
+         llm_sim_prompt_tokens_total {}\n\
+         # HELP llm_sim_completion_tokens_total Completion tokens returned.\n\
+         # TYPE llm_sim_completion_tokens_total counter\n\
+         llm_sim_completion_tokens_total {}\n",
+        c.completions.load(Ordering::SeqCst),
+        c.rejected.load(Ordering::SeqCst),
+        c.prompt_tokens.load(Ordering::SeqCst),
+        c.completion_tokens.load(Ordering::SeqCst),
+    )
+}

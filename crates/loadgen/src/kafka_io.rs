@@ -1,0 +1,157 @@
+//! Producing a workload and reading topics back to their end.
+
+use enrich_common::{Settings, TraceContext, headers, kafka};
+use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::message::{Message, OwnedHeaders, OwnedMessage};
+use rdkafka::producer::{FutureProducer, FutureRecord};
+use rdkafka::{Offset, TopicPartitionList};
+use std::time::{Duration, Instant};
+
+use crate::workload::Record;
+
+/// Where one record of the workload landed.
+#[derive(Debug, Clone)]
+pub struct Produced {
+    pub partition: i32,
+    pub offset: i64,
+    /// The trace context the record was sent with, if any.
+    pub trace: Option<TraceContext>,
+}
+
+/// Produces every record (in order) and waits for each acknowledgement. Records for
+/// which `traced(i)` is true carry a fresh `traceparent` header.
+pub async fn produce_all(
+    settings: &Settings,
+    topic: &str,
+    records: &[Record],
+    traced: impl Fn(usize) -> bool,
+    mut progress: impl FnMut(usize),
+) -> anyhow::Result<Vec<Produced>> {
+    let producer: FutureProducer = kafka::producer(settings, "loadgen")?;
+    let mut pending = Vec::with_capacity(records.len());
+    for (i, r) in records.iter().enumerate() {
+        let trace = traced(i).then(TraceContext::new_root);
+        let mut record: FutureRecord<'_, [u8], [u8]> = FutureRecord::to(topic);
+        if let Some(k) = &r.key {
+            record = record.key(k.as_slice());
+        }
+        if let Some(v) = &r.value {
+            record = record.payload(v.as_slice());
+        }
+        if let Some(t) = &trace {
+            record = record.headers(t.inject(OwnedHeaders::new()));
+        }
+        let delivery = loop {
+            match producer.send_result(record) {
+                Ok(d) => break d,
+                Err((e, back)) => {
+                    // Queue full: let librdkafka drain, then try again.
+                    record = back;
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                    if !matches!(e, rdkafka::error::KafkaError::MessageProduction(rdkafka::types::RDKafkaErrorCode::QueueFull)) {
+                        anyhow::bail!("cannot produce to {topic}: {e}");
+                    }
+                }
+            }
+        };
+        pending.push((delivery, trace));
+        if (i + 1) % 1000 == 0 {
+            progress(i + 1);
+        }
+    }
+    let mut produced = Vec::with_capacity(pending.len());
+    for (delivery, trace) in pending {
+        let d = delivery.await?.map_err(|(e, _)| anyhow::anyhow!("delivery to {topic} failed: {e}"))?;
+        produced.push(Produced { partition: d.partition, offset: d.offset, trace });
+    }
+    progress(records.len());
+    Ok(produced)
+}
+
+/// Reads every committed record of `topic` (all partitions, from the start) until the
+/// consumer reaches the end of each partition.
+pub fn read_to_end(settings: &Settings, topic: &str, deadline: Duration) -> anyhow::Result<Vec<OwnedMessage>> {
+    let mut config = kafka::base_config(settings);
+    config
+        .set("group.id", format!("loadgen-reader-{:x}", rand_suffix()))
+        .set("enable.auto.commit", "false")
+        .set("isolation.level", "read_committed")
+        .set("enable.partition.eof", "false");
+    kafka::override_from(&mut config, settings);
+    let consumer: BaseConsumer = config.create()?;
+    let metadata = consumer.fetch_metadata(Some(topic), Duration::from_secs(10))?;
+    let partitions: Vec<i32> = metadata
+        .topics()
+        .iter()
+        .flat_map(|t| t.partitions().iter().map(|p| p.id()))
+        .collect();
+    let mut ends = Vec::new();
+    let mut tpl = TopicPartitionList::new();
+    for &p in &partitions {
+        let (_low, high) = consumer.fetch_watermarks(topic, p, Duration::from_secs(10))?;
+        ends.push((p, high));
+        tpl.add_partition_offset(topic, p, Offset::Beginning)?;
+    }
+    consumer.assign(&tpl)?;
+    let started = Instant::now();
+    let mut out = Vec::new();
+    loop {
+        let done = ends.iter().all(|&(p, high)| {
+            high == 0
+                || consumer
+                    .position()
+                    .ok()
+                    .and_then(|pos| pos.find_partition(topic, p).map(|e| e.offset()))
+                    .is_some_and(|o| matches!(o, Offset::Offset(x) if x >= high))
+        });
+        if done {
+            return Ok(out);
+        }
+        if started.elapsed() > deadline {
+            anyhow::bail!("did not reach the end of {topic} within {deadline:?} (read {} records)", out.len());
+        }
+        match consumer.poll(Duration::from_millis(200)) {
+            Some(Ok(m)) => out.push(m.detach()),
+            Some(Err(e)) => anyhow::bail!("reading {topic}: {e}"),
+            None => {}
+        }
+    }
+}
+
+/// Whether `group` has committed offsets up to the end of every partition of `topic`.
+pub fn group_caught_up(settings: &Settings, group: &str, topic: &str) -> anyhow::Result<bool> {
+    let mut config = kafka::base_config(settings);
+    config.set("group.id", group).set("enable.auto.commit", "false");
+    kafka::override_from(&mut config, settings);
+    let consumer: BaseConsumer = config.create()?;
+    let metadata = consumer.fetch_metadata(Some(topic), Duration::from_secs(10))?;
+    let mut tpl = TopicPartitionList::new();
+    let mut ends = Vec::new();
+    for t in metadata.topics() {
+        for p in t.partitions() {
+            let (_low, high) = consumer.fetch_watermarks(topic, p.id(), Duration::from_secs(10))?;
+            ends.push((p.id(), high));
+            tpl.add_partition(topic, p.id());
+        }
+    }
+    let committed = consumer.committed_offsets(tpl, Duration::from_secs(10))?;
+    Ok(ends.iter().all(|&(p, high)| {
+        high == 0
+            || committed
+                .find_partition(topic, p)
+                .is_some_and(|e| matches!(e.offset(), Offset::Offset(x) if x >= high))
+    }))
+}
+
+/// Reads a header of an output record as text.
+pub fn header(m: &OwnedMessage, name: &str) -> Option<String> {
+    headers::find(&headers::collect(m.headers()), name).map(str::to_string)
+}
+
+fn rand_suffix() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_nanos() as u64)
+        .unwrap_or(0)
+        ^ u64::from(std::process::id())
+}

@@ -1,0 +1,143 @@
+//! Test harness: a fresh database, fresh topics and a fresh pipeline name per test, a
+//! real llm-sim on a free port, and the stages run in-process with their own shutdown
+//! tokens against the real broker and PostgreSQL.
+
+use enrich_common::shutdown::Shutdown;
+use enrich_common::{Settings, kafka};
+use sqlx::{Connection, PgConnection, PgPool};
+use std::future::Future;
+use std::time::{Duration, Instant};
+
+pub use loadgen;
+
+/// The PostgreSQL the tests create their databases in (a role with CREATEDB).
+pub fn admin_database_url() -> String {
+    std::env::var("ENRICH_TEST_DATABASE_URL").unwrap_or_else(|_| "postgres://enrich:enrich@127.0.0.1:5432/enrich".into())
+}
+
+pub fn bootstrap_servers() -> String {
+    std::env::var("ENRICH_TEST_KAFKA").unwrap_or_else(|_| "127.0.0.1:9092".into())
+}
+
+pub struct TestEnv {
+    pub id: String,
+    pub settings: Settings,
+    pub pool: PgPool,
+    pub sim: llm_sim::RunningSim,
+    db_name: String,
+    sim_shutdown: Shutdown,
+}
+
+/// Which stage to run.
+#[derive(Debug, Clone, Copy)]
+pub enum StageKind {
+    Ingest,
+    Enricher,
+    Publisher,
+}
+
+pub struct RunningStage {
+    pub kind: StageKind,
+    token: Shutdown,
+    join: tokio::task::JoinHandle<anyhow::Result<()>>,
+}
+
+impl RunningStage {
+    /// Asks the stage to stop (as SIGTERM would) and waits for it to drain.
+    pub async fn stop(self) -> anyhow::Result<()> {
+        self.token.cancel();
+        self.join.await?
+    }
+}
+
+impl TestEnv {
+    /// `overrides` are extra `ENRICH_*` settings for this test.
+    pub async fn new(sim_latency: Duration, overrides: &[(&str, String)]) -> anyhow::Result<Self> {
+        let id = format!("{:08x}", rand::random::<u32>());
+        let db_name = format!("enrich_test_{id}");
+        let admin_url = admin_database_url();
+        let mut admin = PgConnection::connect(&admin_url).await?;
+        sqlx::query(sqlx::AssertSqlSafe(format!("CREATE DATABASE {db_name}"))).execute(&mut admin).await?;
+        admin.close().await?;
+        let db_url = match admin_url.rfind('/') {
+            Some(i) => format!("{}/{db_name}", &admin_url[..i]),
+            None => anyhow::bail!("ENRICH_TEST_DATABASE_URL has no database part"),
+        };
+
+        let sim_shutdown = Shutdown::new();
+        let sim_config = llm_sim::SimConfig { latency: sim_latency, ..Default::default() };
+        let sim = llm_sim::start("127.0.0.1", 0, sim_config, sim_shutdown.clone()).await?;
+
+        let p = format!("t{id}");
+        let mut env: Vec<(String, String)> = vec![
+            ("ENRICH_PIPELINE__NAME".into(), p.clone()),
+            (
+                "ENRICH_PIPELINE__SOURCES".into(),
+                format!(r#"[{{topic = "{p}.raw", key = {{strategy = "json_pointer", pointers = ["/id"]}}}}]"#),
+            ),
+            ("ENRICH_TOPICS__REQUESTS".into(), format!("{p}.requests")),
+            ("ENRICH_TOPICS__RETRY".into(), format!("{p}.retry")),
+            ("ENRICH_TOPICS__RESULTS".into(), format!("{p}.results")),
+            ("ENRICH_TOPICS__OUTPUT".into(), format!("{p}.enriched")),
+            ("ENRICH_TOPICS__DLQ".into(), format!("{p}.dlq")),
+            ("ENRICH_KAFKA__BOOTSTRAP_SERVERS".into(), bootstrap_servers()),
+            ("ENRICH_KAFKA__PARTITIONS".into(), "4".into()),
+            ("ENRICH_DATABASE__URL".into(), db_url),
+            ("ENRICH_DATABASE__MAX_CONNECTIONS".into(), "12".into()),
+            ("ENRICH_LLM__BASE_URL".into(), sim.base_url()),
+            ("ENRICH_INGEST__HTTP_PORT".into(), "0".into()),
+            ("ENRICH_ENRICHER__HTTP_PORT".into(), "0".into()),
+            ("ENRICH_PUBLISHER__HTTP_PORT".into(), "0".into()),
+            ("ENRICH_DLQ_REPLAYER__HTTP_PORT".into(), "0".into()),
+        ];
+        env.extend(overrides.iter().map(|(k, v)| (k.to_string(), v.clone())));
+        let settings = Settings::from_toml(include_str!("../../config/pipeline.toml"), env)?;
+        let pool = enrich_common::db::connect(&settings.database).await?;
+        kafka::ensure_topics(&settings, &[&format!("{p}.raw")]).await?;
+        Ok(Self { id, settings, pool, sim, db_name, sim_shutdown })
+    }
+
+    pub fn source_topic(&self) -> &str {
+        &self.settings.pipeline.sources[0].topic
+    }
+
+    pub fn spawn(&self, kind: StageKind) -> RunningStage {
+        let token = Shutdown::new();
+        let settings = self.settings.clone();
+        let t = token.clone();
+        let join = match kind {
+            StageKind::Ingest => tokio::spawn(ingest_dedup::run(settings, t)),
+            StageKind::Enricher => tokio::spawn(enricher::run(settings, t)),
+            StageKind::Publisher => tokio::spawn(publisher::run(settings, t)),
+        };
+        RunningStage { kind, token, join }
+    }
+
+    /// Drops the test's database (best effort) and stops llm-sim.
+    pub async fn teardown(self) {
+        self.sim_shutdown.cancel();
+        self.pool.close().await;
+        if let Ok(mut admin) = PgConnection::connect(&admin_database_url()).await {
+            let _ = sqlx::query(sqlx::AssertSqlSafe(format!("DROP DATABASE IF EXISTS {} WITH (FORCE)", self.db_name))).execute(&mut admin).await;
+        }
+    }
+}
+
+/// Polls `check` until it yields a value or `timeout` passes; the error names `what`.
+pub async fn wait_for<T, F, Fut>(what: &str, timeout: Duration, mut check: F) -> anyhow::Result<T>
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = anyhow::Result<Option<T>>>,
+{
+    let started = Instant::now();
+    let mut interval = tokio::time::interval(Duration::from_millis(100));
+    loop {
+        interval.tick().await;
+        if let Some(v) = check().await? {
+            return Ok(v);
+        }
+        if started.elapsed() > timeout {
+            anyhow::bail!("timed out after {timeout:?} waiting for {what}");
+        }
+    }
+}
