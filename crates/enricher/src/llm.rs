@@ -302,7 +302,10 @@ mod tests {
         assert_eq!(parse_go_duration("1s"), Some(Duration::from_secs(1)));
         assert_eq!(parse_go_duration("6m0s"), Some(Duration::from_secs(360)));
         assert_eq!(parse_go_duration("250ms"), Some(Duration::from_millis(250)));
-        assert_eq!(parse_go_duration("1m2.5s"), Some(Duration::from_secs_f64(62.5)));
+        assert_eq!(
+            parse_go_duration("1m2.5s"),
+            Some(Duration::from_secs_f64(62.5))
+        );
         // Waits are capped at an hour.
         assert_eq!(parse_go_duration("2h"), Some(Duration::from_secs(3600)));
         assert_eq!(parse_go_duration("soon"), None);

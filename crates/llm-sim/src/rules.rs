@@ -174,7 +174,7 @@ pub fn enrich(text: &str) -> Value {
         if needle.contains(' ') {
             lower.contains(needle)
         } else {
-            words.iter().any(|w| *w == needle)
+            words.contains(&needle)
         }
     };
 

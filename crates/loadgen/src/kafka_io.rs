@@ -48,7 +48,12 @@ pub async fn produce_all(
                     // Queue full: let librdkafka drain, then try again.
                     record = back;
                     tokio::time::sleep(Duration::from_millis(20)).await;
-                    if !matches!(e, rdkafka::error::KafkaError::MessageProduction(rdkafka::types::RDKafkaErrorCode::QueueFull)) {
+                    if !matches!(
+                        e,
+                        rdkafka::error::KafkaError::MessageProduction(
+                            rdkafka::types::RDKafkaErrorCode::QueueFull
+                        )
+                    ) {
                         anyhow::bail!("cannot produce to {topic}: {e}");
                     }
                 }
@@ -61,8 +66,14 @@ pub async fn produce_all(
     }
     let mut produced = Vec::with_capacity(pending.len());
     for (delivery, trace) in pending {
-        let d = delivery.await?.map_err(|(e, _)| anyhow::anyhow!("delivery to {topic} failed: {e}"))?;
-        produced.push(Produced { partition: d.partition, offset: d.offset, trace });
+        let d = delivery
+            .await?
+            .map_err(|(e, _)| anyhow::anyhow!("delivery to {topic} failed: {e}"))?;
+        produced.push(Produced {
+            partition: d.partition,
+            offset: d.offset,
+            trace,
+        });
     }
     progress(records.len());
     Ok(produced)
@@ -70,7 +81,11 @@ pub async fn produce_all(
 
 /// Reads every committed record of `topic` (all partitions, from the start) until the
 /// consumer reaches the end of each partition.
-pub fn read_to_end(settings: &Settings, topic: &str, deadline: Duration) -> anyhow::Result<Vec<OwnedMessage>> {
+pub fn read_to_end(
+    settings: &Settings,
+    topic: &str,
+    deadline: Duration,
+) -> anyhow::Result<Vec<OwnedMessage>> {
     let mut config = kafka::base_config(settings);
     config
         .set("group.id", format!("loadgen-reader-{:x}", rand_suffix()))
@@ -108,7 +123,10 @@ pub fn read_to_end(settings: &Settings, topic: &str, deadline: Duration) -> anyh
             return Ok(out);
         }
         if started.elapsed() > deadline {
-            anyhow::bail!("did not reach the end of {topic} within {deadline:?} (read {} records)", out.len());
+            anyhow::bail!(
+                "did not reach the end of {topic} within {deadline:?} (read {} records)",
+                out.len()
+            );
         }
         match consumer.poll(Duration::from_millis(200)) {
             Some(Ok(m)) => out.push(m.detach()),
@@ -121,7 +139,9 @@ pub fn read_to_end(settings: &Settings, topic: &str, deadline: Duration) -> anyh
 /// Whether `group` has committed offsets up to the end of every partition of `topic`.
 pub fn group_caught_up(settings: &Settings, group: &str, topic: &str) -> anyhow::Result<bool> {
     let mut config = kafka::base_config(settings);
-    config.set("group.id", group).set("enable.auto.commit", "false");
+    config
+        .set("group.id", group)
+        .set("enable.auto.commit", "false");
     kafka::override_from(&mut config, settings);
     let consumer: BaseConsumer = config.create()?;
     let metadata = consumer.fetch_metadata(Some(topic), Duration::from_secs(10))?;

@@ -1,1 +1,209 @@
-fn main() {}
+//! `loadgen demo [--config PATH] [--unique N] [--duplicates N] [--malformed N] [--timeout-secs N]`
+//!
+//! Produces a sample of support tickets (with duplicates and malformed records) to the
+//! pipeline's source topic, follows the running stages until every record is accounted
+//! for, then prints a summary and three enriched records.
+
+use enrich_common::{Settings, headers, kafka};
+use loadgen::accounting::{Accounting, account};
+use loadgen::kafka_io::{header, produce_all, read_to_end};
+use loadgen::workload::{Spec, build};
+use rdkafka::Message;
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+struct Args {
+    config: PathBuf,
+    unique: usize,
+    duplicates: usize,
+    malformed: usize,
+    timeout: Duration,
+}
+
+fn parse_args() -> anyhow::Result<Args> {
+    let mut args = std::env::args().skip(1);
+    match args.next().as_deref() {
+        Some("demo") => {}
+        Some("-h" | "--help") | None => {
+            println!(
+                "usage: loadgen demo [--config PATH] [--unique N] [--duplicates N] [--malformed N] [--timeout-secs N]"
+            );
+            std::process::exit(0);
+        }
+        Some(other) => anyhow::bail!("unknown command {other:?} (try --help)"),
+    }
+    let mut out = Args {
+        config: PathBuf::from("config/pipeline.toml"),
+        unique: 900,
+        duplicates: 90,
+        malformed: 10,
+        timeout: Duration::from_secs(300),
+    };
+    while let Some(flag) = args.next() {
+        let value = args
+            .next()
+            .ok_or_else(|| anyhow::anyhow!("{flag} needs a value"))?;
+        let number = || {
+            value
+                .parse::<usize>()
+                .map_err(|e| anyhow::anyhow!("{flag} {value:?}: {e}"))
+        };
+        match flag.as_str() {
+            "--config" => out.config = PathBuf::from(&value),
+            "--unique" => out.unique = number()?,
+            "--duplicates" => out.duplicates = number()?,
+            "--malformed" => out.malformed = number()?,
+            "--timeout-secs" => out.timeout = Duration::from_secs(number()? as u64),
+            other => anyhow::bail!("unknown flag {other:?} (try --help)"),
+        }
+    }
+    if out.unique == 0 {
+        anyhow::bail!("--unique must be at least 1");
+    }
+    Ok(out)
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let args = parse_args()?;
+    let settings = Settings::load(&args.config)?;
+    let source = settings.pipeline.sources[0].topic.clone();
+    let pipeline = settings.pipeline.name.clone();
+    let run = format!(
+        "demo-{}",
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_secs())
+            .unwrap_or(0)
+    );
+    let records = build(&Spec {
+        run: run.clone(),
+        unique: args.unique,
+        duplicates: args.duplicates,
+        malformed: args.malformed,
+    });
+    println!(
+        "[demo] run {run}: {} records to {source} ({} unique tickets, {} duplicates, {} malformed)",
+        records.len(),
+        args.unique,
+        args.duplicates,
+        args.malformed
+    );
+
+    kafka::ensure_topics(&settings, &[&source]).await?;
+    let pool = enrich_common::db::connect(&settings.database).await?;
+    let sim_before = sim_completions(&settings).await;
+    let started = Instant::now();
+    let produced = produce_all(
+        &settings,
+        &source,
+        &records,
+        |i| i % 2 == 0,
+        |n| {
+            println!("[demo] produced {n}/{}", records.len());
+        },
+    )
+    .await?;
+
+    let mut last = Accounting::default();
+    let acct = loop {
+        let a = account(&pool, &pipeline, &source, &produced).await?;
+        if a != last {
+            println!(
+                "[demo] read {}/{}  duplicates {}  published {}/{}  dead-lettered {}",
+                a.read,
+                records.len(),
+                a.duplicates,
+                a.published,
+                a.forwarded,
+                a.dead_lettered_at_ingest + a.dead_lettered_at_enricher
+            );
+            last = a.clone();
+        }
+        if a.complete(records.len()) {
+            break a;
+        }
+        if started.elapsed() > args.timeout {
+            anyhow::bail!(
+                "not every record was accounted for within {:?}: {a:?}; are the stages running (make up)? See .stack/logs/",
+                args.timeout
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    };
+    let elapsed = started.elapsed();
+    let sim_calls = match (sim_before, sim_completions(&settings).await) {
+        (Some(before), Some(after)) => format!("{}", after - before),
+        _ => "n/a (llm-sim metrics not reachable)".into(),
+    };
+
+    println!();
+    println!("| what                          | count |");
+    println!("|-------------------------------|------:|");
+    println!("| records sent                  | {:>5} |", records.len());
+    println!("| read by ingest                | {:>5} |", acct.read);
+    println!("| duplicates (recorded)         | {:>5} |", acct.duplicates);
+    println!("| enriched and published        | {:>5} |", acct.published);
+    println!(
+        "| dead-lettered                 | {:>5} |",
+        acct.dead_lettered_at_ingest + acct.dead_lettered_at_enricher
+    );
+    println!("| LLM calls (audit)             | {:>5} |", acct.llm_calls);
+    println!(
+        "| LLM calls per unique key      | {:>5.2} |",
+        acct.llm_calls as f64 / acct.forwarded.max(1) as f64
+    );
+    println!(
+        "| tokens in / out               | {} / {} |",
+        acct.input_tokens, acct.output_tokens
+    );
+    println!("| llm-sim completions served    | {sim_calls} |");
+    println!(
+        "| time to account for all       | {:.1} s |",
+        elapsed.as_secs_f64()
+    );
+    println!();
+
+    let prefix = format!("{pipeline}:{run}-");
+    let output = read_to_end(&settings, &settings.topics.output, Duration::from_secs(60))?;
+    println!("Three enriched records from {}:", settings.topics.output);
+    for m in output
+        .iter()
+        .filter(|m| header(m, headers::IDEMPOTENCY_KEY).is_some_and(|k| k.starts_with(&prefix)))
+        .take(3)
+    {
+        let value: serde_json::Value = serde_json::from_slice(m.payload().unwrap_or_default())?;
+        println!(
+            "  key={} idempotency-key={} traceparent={}",
+            String::from_utf8_lossy(m.key().unwrap_or_default()),
+            header(m, headers::IDEMPOTENCY_KEY).unwrap_or_default(),
+            header(m, headers::TRACEPARENT).unwrap_or_default()
+        );
+        println!("{}", serde_json::to_string_pretty(&value)?);
+    }
+    if acct.published + acct.dead_lettered_at_enricher != acct.forwarded
+        || acct.read != records.len() as i64
+    {
+        anyhow::bail!("accounting does not add up: {acct:?}");
+    }
+    Ok(())
+}
+
+/// llm-sim's count of completions served, when the configured endpoint is llm-sim.
+async fn sim_completions(settings: &Settings) -> Option<u64> {
+    let base = settings
+        .llm
+        .base_url
+        .trim_end_matches('/')
+        .trim_end_matches("/v1");
+    let text = reqwest::get(format!("{base}/metrics"))
+        .await
+        .ok()?
+        .text()
+        .await
+        .ok()?;
+    text.lines()
+        .find_map(|l| l.strip_prefix("llm_sim_completions_total "))
+        .and_then(|v| v.trim().parse().ok())
+}

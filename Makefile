@@ -1,0 +1,57 @@
+# Run `make help` for the list of targets.
+SHELL := /bin/bash
+CARGO ?= cargo
+
+.DEFAULT_GOAL := help
+
+.PHONY: help
+help: ## List the targets
+	@awk 'BEGIN {FS = ":.*## "} /^[a-zA-Z_-]+:.*## / {printf "  %-12s %s\n", $$1, $$2}' $(MAKEFILE_LIST)
+
+.PHONY: deps
+deps: ## Install what a fresh machine lacks (protoc; checks Java, Maven, cargo)
+	@deploy/local/deps.sh
+
+.PHONY: stack-up
+stack-up: deps ## Start Kafka (KRaft, 127.0.0.1:9092) and PostgreSQL (127.0.0.1:5432); idempotent
+	@deploy/local/stack.sh up
+
+.PHONY: stack-down
+stack-down: ## Stop Kafka and PostgreSQL
+	@deploy/local/stack.sh down
+
+.PHONY: build
+build: deps ## Build every binary (debug)
+	$(CARGO) build --workspace --bins
+
+.PHONY: up
+up: build ## Start llm-sim and the stages in the background on a running stack
+	@deploy/local/services.sh up
+
+.PHONY: down
+down: ## Stop llm-sim and the stages (graceful drain)
+	@deploy/local/services.sh down
+
+.PHONY: demo
+demo: stack-up build ## From a fresh clone: stack, stages, ~1,000 sample tickets, a summary
+	@deploy/local/services.sh up
+	@status=0; ./target/debug/loadgen demo --config config/pipeline.toml || status=$$?; \
+	  deploy/local/services.sh down; exit $$status
+
+.PHONY: test
+test: stack-up ## Run every test (unit and end to end against the real stack)
+	$(CARGO) test --workspace
+
+.PHONY: fmt
+fmt: ## Format the code
+	$(CARGO) fmt --all
+
+.PHONY: lint
+lint: deps ## rustfmt check and clippy with warnings as errors
+	$(CARGO) fmt --all -- --check
+	$(CARGO) clippy --workspace --all-targets -- -D warnings
+
+.PHONY: clean
+clean: down stack-down ## Stop everything and remove build output and local stack data
+	$(CARGO) clean
+	rm -rf .stack
