@@ -1,6 +1,4 @@
 #[tokio::main]
-async fn main() -> anyhow::Result<()> {
-    enrich_common::telemetry::init("dlq-replayer");
-    let settings = enrich_common::cli::load_settings()?;
-    dlq_replayer::run(settings, enrich_common::shutdown::on_signals()).await
+async fn main() -> std::process::ExitCode {
+    enrich_common::cli::run_service("dlq-replayer", dlq_replayer::run).await
 }

@@ -38,3 +38,33 @@ pub fn load_settings() -> anyhow::Result<Settings> {
     tracing::info!(config = %path.display(), pipeline = %settings.pipeline.name, "configuration loaded");
     Ok(settings)
 }
+
+/// The whole `main` of a stage: logs, settings, run until SIGTERM/SIGINT. Errors are
+/// logged with their cause chain (and printed once to stderr) instead of panicking;
+/// exit code 2 for bad configuration, 1 for a failure while running.
+pub async fn run_service<F, Fut>(service: &'static str, run: F) -> std::process::ExitCode
+where
+    F: FnOnce(Settings, crate::shutdown::Shutdown) -> Fut,
+    Fut: std::future::Future<Output = anyhow::Result<()>>,
+{
+    crate::telemetry::init(service);
+    let settings = match load_settings() {
+        Ok(s) => s,
+        Err(e) => {
+            tracing::error!(error = %format!("{e:#}"), "cannot start");
+            eprintln!("{service}: {e:#}");
+            return std::process::ExitCode::from(2);
+        }
+    };
+    match run(settings, crate::shutdown::on_signals()).await {
+        Ok(()) => {
+            tracing::info!("stopped");
+            std::process::ExitCode::SUCCESS
+        }
+        Err(e) => {
+            tracing::error!(error = %format!("{e:#}"), "stopped on error");
+            eprintln!("{service}: {e:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}

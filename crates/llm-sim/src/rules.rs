@@ -235,14 +235,34 @@ pub fn enrich(text: &str) -> Value {
     })
 }
 
-/// The first sentence of the text, whitespace collapsed, cut to 200 characters.
+/// "<subject>: <first sentence of the body>" when the text starts with a `Subject:` line,
+/// else the first sentence; whitespace collapsed, cut to 200 characters.
 fn summarise(text: &str) -> String {
+    let trimmed = text.trim_start();
+    if let Some(rest) = trimmed.strip_prefix("Subject:") {
+        let (subject, body) = rest.split_once('\n').unwrap_or((rest, ""));
+        let subject = subject.trim().trim_end_matches(['.', '!', '?', ':']);
+        let sentence = first_sentence(body);
+        let joined = if sentence.is_empty() {
+            subject.to_string()
+        } else {
+            format!("{subject}: {sentence}")
+        };
+        return cut(&joined);
+    }
+    cut(&first_sentence(text))
+}
+
+fn first_sentence(text: &str) -> String {
     let collapsed = text.split_whitespace().collect::<Vec<_>>().join(" ");
     let first = match collapsed.find(['.', '!', '?']) {
         Some(i) => &collapsed[..=i],
         None => collapsed.as_str(),
     };
-    let trimmed = first.trim();
+    first.trim().to_string()
+}
+
+fn cut(trimmed: &str) -> String {
     if trimmed.chars().count() <= MAX_SUMMARY_CHARS {
         return trimmed.to_string();
     }
@@ -266,7 +286,7 @@ mod tests {
         assert_eq!(v["language"], "en");
         assert_eq!(
             v["summary"],
-            "Subject: Charged twice I was charged twice for my subscription, this is unacceptable."
+            "Charged twice: I was charged twice for my subscription, this is unacceptable."
         );
         assert_eq!(v["tags"][0], "billing");
     }

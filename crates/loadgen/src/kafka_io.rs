@@ -75,7 +75,9 @@ pub async fn produce_all(
             trace,
         });
     }
-    progress(records.len());
+    if records.len() % 1000 != 0 {
+        progress(records.len());
+    }
     Ok(produced)
 }
 
