@@ -168,3 +168,16 @@ pub fn store_offsets(consumer: &StreamConsumer, messages: &[OwnedMessage]) {
         }
     }
 }
+
+/// On shutdown: flushes the producer, then commits the stored offsets synchronously.
+pub fn drain(consumer: &StreamConsumer, producer: &FutureProducer) {
+    use rdkafka::consumer::CommitMode;
+    use rdkafka::producer::Producer;
+    if let Err(e) = producer.flush(rdkafka::util::Timeout::After(Duration::from_secs(10))) {
+        tracing::warn!(error = %e, "producer flush on shutdown failed");
+    }
+    match consumer.commit_consumer_state(CommitMode::Sync) {
+        Ok(()) => tracing::info!("offsets committed on shutdown"),
+        Err(e) => tracing::info!(error = %e, "no offsets to commit on shutdown"),
+    }
+}

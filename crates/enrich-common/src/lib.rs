@@ -13,6 +13,7 @@ pub mod headers;
 pub mod http;
 pub mod idempotency;
 pub mod kafka;
+pub mod service;
 pub mod shutdown;
 pub mod telemetry;
 pub mod trace_context;

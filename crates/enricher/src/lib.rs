@@ -11,15 +11,12 @@ pub mod store;
 pub mod validate;
 
 use enrich_common::config::Stage;
-use enrich_common::error::chain;
-use enrich_common::http::{self, ServiceState};
+use enrich_common::service::StageRuntime;
 use enrich_common::shutdown::Shutdown as CancellationToken;
-use enrich_common::{Settings, db, kafka};
+use enrich_common::{Settings, kafka};
 use rdkafka::Message;
-use rdkafka::consumer::{CommitMode, Consumer, StreamConsumer};
+use rdkafka::consumer::Consumer;
 use rdkafka::message::OwnedMessage;
-use rdkafka::producer::Producer;
-use rdkafka::util::Timeout;
 use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Duration;
@@ -29,6 +26,7 @@ pub use metrics::EnricherMetrics;
 use process::Enricher;
 
 const STAGE: Stage = Stage::Enricher;
+const MAX_BACKOFF: Duration = Duration::from_secs(30);
 
 /// Runs until `shutdown` is cancelled; in-flight calls finish, their results are
 /// produced and their offsets committed before it returns.
@@ -36,29 +34,21 @@ pub async fn run(settings: Settings, shutdown: CancellationToken) -> anyhow::Res
     let validator = validate::OutputValidator::new(&settings.llm.output_schema)?;
     let prompt = prompt::PromptTemplate::new(&settings.llm)?;
     let llm = llm::LlmClient::new(&settings.llm, &validator.schema)?;
-
-    let mut registry = prometheus_client::registry::Registry::default();
-    let metrics = EnricherMetrics::register(&mut registry);
-    let state = ServiceState::new(STAGE.as_str(), registry);
-    let (addr, http_task) = http::serve(
-        "0.0.0.0",
-        settings.enricher.http_port,
-        http::router(state.clone()),
-        shutdown.clone(),
-    )
-    .await?;
-    tracing::info!(%addr, "health and metrics endpoints listening");
-
-    let pool = db::connect(&settings.database).await?;
-    kafka::ensure_topics(
+    let topics = [
+        settings.topics.requests.as_str(),
+        settings.topics.results.as_str(),
+        settings.topics.dlq.as_str(),
+    ];
+    let (runtime, mut metrics) = StageRuntime::start(
         &settings,
-        &[
-            &settings.topics.requests,
-            &settings.topics.results,
-            &settings.topics.dlq,
-        ],
+        STAGE,
+        settings.enricher.http_port,
+        &topics,
+        &shutdown,
+        EnricherMetrics::register,
     )
     .await?;
+    metrics.stage = runtime.metrics.clone();
     let producer = kafka::producer(&settings, STAGE.as_str())?;
     let group = settings.group_id(STAGE);
     let consumer = kafka::consumer(
@@ -83,7 +73,7 @@ pub async fn run(settings: Settings, shutdown: CancellationToken) -> anyhow::Res
 
     let enricher = Arc::new(Enricher {
         store: store::Store {
-            pool,
+            pool: runtime.pool.clone(),
             pipeline: settings.pipeline.name.clone(),
             owner,
             lease: Duration::from_millis(settings.enricher.lease_ms),
@@ -98,66 +88,31 @@ pub async fn run(settings: Settings, shutdown: CancellationToken) -> anyhow::Res
         metrics,
         shutdown: shutdown.clone(),
     });
-    state.set_ready();
-    let result = consume(&enricher, &consumer, &settings, &state, &shutdown).await;
-    if let Err(e) = enricher
-        .producer
-        .flush(Timeout::After(Duration::from_secs(10)))
-    {
-        tracing::warn!(error = %e, "producer flush on shutdown failed");
-    }
-    match consumer.commit_consumer_state(CommitMode::Sync) {
-        Ok(()) => tracing::info!("offsets committed on shutdown"),
-        Err(e) => tracing::info!(error = %e, "no offsets to commit on shutdown"),
-    }
-    shutdown.cancel();
-    let _ = http_task.await;
-    result
-}
+    runtime.state.set_ready();
 
-async fn consume(
-    enricher: &Arc<Enricher>,
-    consumer: &StreamConsumer,
-    settings: &Settings,
-    state: &Arc<ServiceState>,
-    shutdown: &CancellationToken,
-) -> anyhow::Result<()> {
     let tuning = settings.enricher.tuning();
     let limit = Arc::new(Semaphore::new(settings.enricher.max_in_flight));
     loop {
-        let batch = kafka::next_batch(consumer, tuning, shutdown).await;
+        let batch = kafka::next_batch(&consumer, tuning, &shutdown).await;
         if batch.is_empty() {
-            return Ok(());
+            break;
         }
         for m in &batch {
-            EnricherMetrics::inc(&enricher.metrics.consumed, "topic", m.topic());
+            runtime.metrics.consumed(m.topic());
         }
-        let mut backoff = Duration::from_millis(200);
-        loop {
-            match process_batch(enricher, &batch, &limit).await {
-                Ok(()) => {
-                    kafka::store_offsets(consumer, &batch);
-                    state.set_ready();
-                    break;
-                }
-                Err(e) => {
-                    if shutdown.is_cancelled() {
-                        tracing::info!(error = %chain(e.as_ref()), "batch left unfinished at shutdown; it will be read again");
-                        return Ok(());
-                    }
-                    enricher.metrics.batch_retries.inc();
-                    let cause = chain(e.as_ref());
-                    tracing::error!(error = %cause, retry_in_ms = backoff.as_millis() as u64, "batch failed; retrying");
-                    state.set_not_ready(format!("batch failing: {cause}"));
-                    tokio::select! {
-                        _ = shutdown.cancelled() => return Ok(()),
-                        _ = tokio::time::sleep(backoff) => {}
-                    }
-                    backoff = (backoff * 2).min(Duration::from_secs(30));
-                }
-            }
+        if !runtime
+            .until_done(&shutdown, MAX_BACKOFF, || {
+                process_batch(&enricher, &batch, &limit)
+            })
+            .await
+        {
+            break;
         }
+        kafka::store_offsets(&consumer, &batch);
     }
+    kafka::drain(&consumer, &enricher.producer);
+    runtime.finish(&shutdown).await;
+    Ok(())
 }
 
 /// Records of one Kafka key run in order; different keys run concurrently, up to

@@ -69,7 +69,7 @@ impl Enricher {
                     self.store
                         .record_run(&envelope, 0, "reused", &trace.trace_id_hex(), None)
                         .await?;
-                    EnricherMetrics::inc(&self.metrics.records, "outcome", "reused");
+                    self.metrics.outcome("reused");
                     return Ok(());
                 }
                 KeyState::DeadLettered => {
@@ -113,7 +113,7 @@ impl Enricher {
                                     None,
                                 )
                                 .await?;
-                            EnricherMetrics::inc(&self.metrics.records, "outcome", "enriched");
+                            self.metrics.outcome("enriched");
                             return Ok(());
                         }
                         Err(AttemptError::Db(e)) => {
@@ -192,7 +192,7 @@ impl Enricher {
         let completion = match called {
             Ok(c) => c,
             Err(e) => {
-                EnricherMetrics::inc(&self.metrics.llm_calls, "outcome", e.error.reason);
+                self.metrics.llm_call(e.error.reason);
                 let message = e.error.to_string();
                 self.store
                     .record_step(
@@ -212,7 +212,7 @@ impl Enricher {
                 return Err(AttemptError::Llm(e));
             }
         };
-        EnricherMetrics::inc(&self.metrics.llm_calls, "outcome", "ok");
+        self.metrics.llm_call("ok");
         self.metrics
             .llm_tokens
             .get_or_create(&vec![("direction", "input".into())])
@@ -329,8 +329,8 @@ impl Enricher {
                 Some(&error.to_string()),
             )
             .await?;
-        EnricherMetrics::inc(&self.metrics.records, "outcome", "dead_lettered");
-        EnricherMetrics::inc(&self.metrics.dead_letters, "reason", error.reason);
+        self.metrics.outcome("dead_lettered");
+        self.metrics.stage.dead_lettered(error.reason);
         tracing::warn!(idempotency_key = %key, reason = error.reason, error = %error.message, attempts, "dead-lettered");
         Ok(())
     }
@@ -362,7 +362,7 @@ impl Enricher {
         let record_key = message.key().unwrap_or(key.as_str().as_bytes()).to_vec();
         self.produce(&self.dlq_topic, &record_key, dead.encode_to_bytes(), h)
             .await?;
-        EnricherMetrics::inc(&self.metrics.dead_letters, "reason", error.reason);
+        self.metrics.stage.dead_lettered(error.reason);
         tracing::warn!(topic = message.topic(), offset = message.offset(), error = %error, "foreign record dead-lettered");
         Ok(())
     }

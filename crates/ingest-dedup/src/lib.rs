@@ -9,16 +9,12 @@ mod metrics;
 
 use enrich_common::config::Stage;
 use enrich_common::dead_letter::dead_letter;
-use enrich_common::error::chain;
-use enrich_common::http::{self, ServiceState};
+use enrich_common::service::StageRuntime;
 use enrich_common::shutdown::Shutdown as CancellationToken;
-use enrich_common::{Settings, db, headers, kafka};
-use rdkafka::consumer::{CommitMode, Consumer, StreamConsumer};
+use enrich_common::{Settings, headers, kafka};
+use rdkafka::consumer::Consumer;
 use rdkafka::message::{OwnedHeaders, OwnedMessage};
-use rdkafka::producer::{FutureProducer, FutureRecord, Producer};
-use rdkafka::util::Timeout;
-use sqlx::PgPool;
-use std::sync::Arc;
+use rdkafka::producer::{FutureProducer, FutureRecord};
 use std::time::Duration;
 
 use claims::{Claim, Disposition};
@@ -26,32 +22,30 @@ use inspect::{Inspected, inspect};
 pub use metrics::IngestMetrics;
 
 const STAGE: Stage = Stage::Ingest;
+const MAX_BACKOFF: Duration = Duration::from_secs(10);
 
 struct Ingest {
     settings: Settings,
-    pool: PgPool,
+    runtime: StageRuntime,
     producer: FutureProducer,
     metrics: IngestMetrics,
 }
 
 /// Runs until `shutdown` is cancelled, then commits what is done and returns.
 pub async fn run(settings: Settings, shutdown: CancellationToken) -> anyhow::Result<()> {
-    let mut registry = prometheus_client::registry::Registry::default();
-    let metrics = IngestMetrics::register(&mut registry);
-    let state = ServiceState::new(STAGE.as_str(), registry);
-    let (addr, http_task) = http::serve(
-        "0.0.0.0",
-        settings.ingest.http_port,
-        http::router(state.clone()),
-        shutdown.clone(),
-    )
-    .await?;
-    tracing::info!(%addr, "health and metrics endpoints listening");
-
-    let pool = db::connect(&settings.database).await?;
-    kafka::ensure_topics(
+    // Source topics are created only where the deployment lets stages create topics.
+    let mut topics = settings.source_topics();
+    topics.extend([
+        settings.topics.requests.as_str(),
+        settings.topics.dlq.as_str(),
+    ]);
+    let (runtime, metrics) = StageRuntime::start(
         &settings,
-        &[&settings.topics.requests, &settings.topics.dlq],
+        STAGE,
+        settings.ingest.http_port,
+        &topics,
+        &shutdown,
+        IngestMetrics::register,
     )
     .await?;
     let producer = kafka::producer(&settings, STAGE.as_str())?;
@@ -64,56 +58,33 @@ pub async fn run(settings: Settings, shutdown: CancellationToken) -> anyhow::Res
     )?;
     consumer.subscribe(&settings.source_topics())?;
     tracing::info!(group, topics = ?settings.source_topics(), "consuming");
-    state.set_ready();
+    runtime.state.set_ready();
 
     let ingest = Ingest {
         settings,
-        pool,
+        runtime,
         producer,
         metrics,
     };
-    let result = consume(&ingest, &consumer, &state, &shutdown).await;
-    drain(&consumer, &ingest.producer);
-    shutdown.cancel();
-    let _ = http_task.await;
-    result
-}
-
-async fn consume(
-    ingest: &Ingest,
-    consumer: &StreamConsumer,
-    state: &Arc<ServiceState>,
-    shutdown: &CancellationToken,
-) -> anyhow::Result<()> {
     let tuning = ingest.settings.ingest.tuning();
     loop {
-        let batch = kafka::next_batch(consumer, tuning, shutdown).await;
+        let batch = kafka::next_batch(&consumer, tuning, &shutdown).await;
         if batch.is_empty() {
-            return Ok(());
+            break;
         }
         // The batch is idempotent: on failure it is processed again from the start.
-        let mut backoff = Duration::from_millis(100);
-        loop {
-            match process_batch(ingest, &batch).await {
-                Ok(()) => {
-                    kafka::store_offsets(consumer, &batch);
-                    state.set_ready();
-                    break;
-                }
-                Err(e) => {
-                    ingest.metrics.batch_retries.inc();
-                    let cause = chain(e.as_ref());
-                    tracing::error!(error = %cause, retry_in_ms = backoff.as_millis() as u64, "batch failed; retrying");
-                    state.set_not_ready(format!("batch failing: {cause}"));
-                    tokio::select! {
-                        _ = shutdown.cancelled() => return Ok(()),
-                        _ = tokio::time::sleep(backoff) => {}
-                    }
-                    backoff = (backoff * 2).min(Duration::from_secs(10));
-                }
-            }
+        if !ingest
+            .runtime
+            .until_done(&shutdown, MAX_BACKOFF, || process_batch(&ingest, &batch))
+            .await
+        {
+            break;
         }
+        kafka::store_offsets(&consumer, &batch);
     }
+    kafka::drain(&consumer, &ingest.producer);
+    ingest.runtime.finish(&shutdown).await;
+    Ok(())
 }
 
 async fn process_batch(ingest: &Ingest, batch: &[OwnedMessage]) -> anyhow::Result<()> {
@@ -127,7 +98,7 @@ async fn process_batch(ingest: &Ingest, batch: &[OwnedMessage]) -> anyhow::Resul
             Inspected::Invalid { .. } => None,
         })
         .collect();
-    let claims = claims::claim(&ingest.pool, &pipeline.name, &sightings).await?;
+    let claims = claims::claim(&ingest.runtime.pool, &pipeline.name, &sightings).await?;
 
     let mut deliveries = Vec::new();
     let mut forwarded = Vec::new();
@@ -163,17 +134,21 @@ async fn process_batch(ingest: &Ingest, batch: &[OwnedMessage]) -> anyhow::Resul
                     Claim::Duplicate => "duplicate",
                 };
                 outcomes.push(status);
-                if status != "redelivered" {
-                    dispositions.push(Disposition {
-                        key: s.key.into_string(),
-                        status,
-                        topic: src.topic,
-                        partition: src.partition,
-                        offset: src.offset,
-                        trace_id: s.trace.trace_id_hex(),
-                        detail: None,
-                    });
-                }
+                // A redelivered owner is recorded as forwarded again: the insert is
+                // idempotent, and it fills the row if a crash came before the first one.
+                dispositions.push(Disposition {
+                    key: s.key.into_string(),
+                    status: if status == "redelivered" {
+                        "forwarded"
+                    } else {
+                        status
+                    },
+                    topic: src.topic,
+                    partition: src.partition,
+                    offset: src.offset,
+                    trace_id: s.trace.trace_id_hex(),
+                    detail: None,
+                });
             }
             Inspected::Invalid {
                 key,
@@ -194,11 +169,7 @@ async fn process_batch(ingest: &Ingest, batch: &[OwnedMessage]) -> anyhow::Resul
                     dead.encode_to_bytes(),
                     h,
                 )?);
-                ingest
-                    .metrics
-                    .dead_letters
-                    .get_or_create(&vec![("reason", error.reason.to_string())])
-                    .inc();
+                ingest.runtime.metrics.dead_lettered(error.reason);
                 tracing::warn!(
                     idempotency_key = %key, topic = %src.topic, partition = src.partition, offset = src.offset,
                     reason = error.reason, error = %error.message, "malformed record dead-lettered"
@@ -222,15 +193,11 @@ async fn process_batch(ingest: &Ingest, batch: &[OwnedMessage]) -> anyhow::Resul
             .map_err(|_| anyhow::anyhow!("producer dropped a delivery"))?
             .map_err(|(e, _)| e)?;
     }
-    claims::mark_requested(&ingest.pool, &pipeline.name, &forwarded).await?;
-    claims::record(&ingest.pool, &pipeline.name, &dispositions).await?;
+    claims::mark_requested(&ingest.runtime.pool, &pipeline.name, &forwarded).await?;
+    claims::record(&ingest.runtime.pool, &pipeline.name, &dispositions).await?;
 
     for m in batch {
-        ingest
-            .metrics
-            .consumed
-            .get_or_create(&vec![("topic", rdkafka::Message::topic(m).to_string())])
-            .inc();
+        ingest.runtime.metrics.consumed(rdkafka::Message::topic(m));
     }
     for o in outcomes {
         ingest.metrics.outcome(o);
@@ -253,15 +220,4 @@ fn send(
                 .headers(headers),
         )
         .map_err(|(e, _)| anyhow::anyhow!("cannot enqueue a record for {topic}: {e}"))
-}
-
-/// Commits the stored offsets and flushes the producer before exit.
-fn drain(consumer: &StreamConsumer, producer: &FutureProducer) {
-    if let Err(e) = producer.flush(Timeout::After(Duration::from_secs(10))) {
-        tracing::warn!(error = %e, "producer flush on shutdown failed");
-    }
-    match consumer.commit_consumer_state(CommitMode::Sync) {
-        Ok(()) => tracing::info!("offsets committed on shutdown"),
-        Err(e) => tracing::info!(error = %e, "no offsets to commit on shutdown"),
-    }
 }

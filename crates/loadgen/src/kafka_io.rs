@@ -60,7 +60,7 @@ pub async fn produce_all(
             }
         };
         pending.push((delivery, trace));
-        if (i + 1) % 1000 == 0 {
+        if (i + 1).is_multiple_of(1000) {
             progress(i + 1);
         }
     }
@@ -75,7 +75,7 @@ pub async fn produce_all(
             trace,
         });
     }
-    if records.len() % 1000 != 0 {
+    if !records.len().is_multiple_of(1000) {
         progress(records.len());
     }
     Ok(produced)

@@ -11,16 +11,14 @@ use enrich_common::config::Stage;
 use enrich_common::dead_letter::dead_letter;
 use enrich_common::envelope::Envelope;
 use enrich_common::error::{RecordError, chain};
-use enrich_common::http::{self, ServiceState};
+use enrich_common::service::StageRuntime;
 use enrich_common::shutdown::Shutdown as CancellationToken;
-use enrich_common::{Settings, TraceContext, db, headers, kafka};
+use enrich_common::{Settings, TraceContext, headers, kafka};
 use rdkafka::consumer::{Consumer, StreamConsumer};
 use rdkafka::message::{Message, OwnedHeaders, OwnedMessage};
 use rdkafka::producer::{DeliveryFuture, FutureProducer, FutureRecord, Producer};
 use rdkafka::{Offset, TopicPartitionList};
-use sqlx::PgPool;
 use std::collections::HashSet;
-use std::sync::Arc;
 use std::time::Duration;
 
 pub use merge::merge_output;
@@ -28,35 +26,28 @@ pub use metrics::PublisherMetrics;
 
 const STAGE: Stage = Stage::Publisher;
 const TXN_TIMEOUT: Duration = Duration::from_secs(30);
+const MAX_BACKOFF: Duration = Duration::from_secs(30);
 
 struct Publisher {
     settings: Settings,
-    pool: PgPool,
+    runtime: StageRuntime,
     producer: FutureProducer,
     metrics: PublisherMetrics,
 }
 
 pub async fn run(settings: Settings, shutdown: CancellationToken) -> anyhow::Result<()> {
-    let mut registry = prometheus_client::registry::Registry::default();
-    let metrics = PublisherMetrics::register(&mut registry);
-    let state = ServiceState::new(STAGE.as_str(), registry);
-    let (addr, http_task) = http::serve(
-        "0.0.0.0",
-        settings.publisher.http_port,
-        http::router(state.clone()),
-        shutdown.clone(),
-    )
-    .await?;
-    tracing::info!(%addr, "health and metrics endpoints listening");
-
-    let pool = db::connect(&settings.database).await?;
-    kafka::ensure_topics(
+    let topics = [
+        settings.topics.results.as_str(),
+        settings.topics.output.as_str(),
+        settings.topics.dlq.as_str(),
+    ];
+    let (runtime, metrics) = StageRuntime::start(
         &settings,
-        &[
-            &settings.topics.results,
-            &settings.topics.output,
-            &settings.topics.dlq,
-        ],
+        STAGE,
+        settings.publisher.http_port,
+        &topics,
+        &shutdown,
+        PublisherMetrics::register,
     )
     .await?;
     let transactional_id = settings
@@ -77,18 +68,17 @@ pub async fn run(settings: Settings, shutdown: CancellationToken) -> anyhow::Res
     )?;
     consumer.subscribe(&[&settings.topics.results])?;
     tracing::info!(group, transactional_id, "consuming");
-    state.set_ready();
+    runtime.state.set_ready();
 
     let publisher = Publisher {
         settings,
-        pool,
+        runtime,
         producer,
         metrics,
     };
-    let result = consume(&publisher, &consumer, &state, &shutdown).await;
-    shutdown.cancel();
-    let _ = http_task.await;
-    result
+    consume(&publisher, &consumer, &shutdown).await;
+    publisher.runtime.finish(&shutdown).await;
+    Ok(())
 }
 
 fn transactional_producer(
@@ -120,38 +110,38 @@ fn hostname() -> String {
         .unwrap_or_else(|| "local".into())
 }
 
-async fn consume(
-    publisher: &Publisher,
-    consumer: &StreamConsumer,
-    state: &Arc<ServiceState>,
-    shutdown: &CancellationToken,
-) -> anyhow::Result<()> {
+/// A failed transaction is aborted and its batch read again from Kafka (not retried in
+/// memory): the failure may be a rebalance, which only a poll resolves.
+async fn consume(publisher: &Publisher, consumer: &StreamConsumer, shutdown: &CancellationToken) {
     let tuning = publisher.settings.publisher.tuning();
+    let runtime = &publisher.runtime;
     let mut backoff = Duration::from_millis(200);
     loop {
         let batch = kafka::next_batch(consumer, tuning, shutdown).await;
         if batch.is_empty() {
-            return Ok(());
+            return;
         }
         for m in &batch {
-            PublisherMetrics::inc(&publisher.metrics.consumed, "topic", m.topic());
+            runtime.metrics.consumed(m.topic());
         }
         match publish_batch(publisher, consumer, &batch).await {
             Ok(()) => {
                 backoff = Duration::from_millis(200);
-                state.set_ready();
+                runtime.state.set_ready();
             }
             Err(e) => {
-                publisher.metrics.batch_retries.inc();
+                runtime.metrics.batch_retries.inc();
                 let cause = chain(e.as_ref());
                 tracing::error!(error = %cause, "transaction failed; aborted, the batch will be read again");
-                state.set_not_ready(format!("transactions failing: {cause}"));
+                runtime
+                    .state
+                    .set_not_ready(format!("transactions failing: {cause}"));
                 rewind(consumer, &batch);
                 tokio::select! {
-                    _ = shutdown.cancelled() => return Ok(()),
+                    _ = shutdown.cancelled() => return,
                     _ = tokio::time::sleep(backoff) => {}
                 }
-                backoff = (backoff * 2).min(Duration::from_secs(30));
+                backoff = (backoff * 2).min(MAX_BACKOFF);
             }
         }
     }
@@ -204,11 +194,7 @@ async fn publish_batch(
                 if seen.insert(env.idempotency_key.clone()) {
                     candidates.push((env, trace));
                 } else {
-                    PublisherMetrics::inc(
-                        &publisher.metrics.records,
-                        "outcome",
-                        "duplicate_result",
-                    );
+                    publisher.metrics.outcome("duplicate_result");
                 }
             }
             Ok(env) => rejects.push((
@@ -238,7 +224,7 @@ async fn publish_batch(
         }
     }
 
-    let mut db_tx = publisher.pool.begin().await?;
+    let mut db_tx = publisher.runtime.pool.begin().await?;
     let keys: Vec<String> = candidates
         .iter()
         .map(|(e, _)| e.idempotency_key.clone())
@@ -261,7 +247,7 @@ async fn publish_batch(
         let mut published = Vec::new();
         for (env, trace) in &candidates {
             if !claimed.contains(&env.idempotency_key) {
-                PublisherMetrics::inc(&publisher.metrics.records, "outcome", "already_published");
+                publisher.metrics.outcome("already_published");
                 continue;
             }
             match merge_output(env) {
@@ -284,7 +270,7 @@ async fn publish_batch(
                         &dead.encode_to_bytes(),
                         h,
                     )?);
-                    PublisherMetrics::inc(&publisher.metrics.dead_letters, "reason", error.reason);
+                    publisher.runtime.metrics.dead_lettered(error.reason);
                 }
             }
         }
@@ -297,7 +283,7 @@ async fn publish_batch(
                 &dead.encode_to_bytes(),
                 h,
             )?);
-            PublisherMetrics::inc(&publisher.metrics.dead_letters, "reason", error.reason);
+            publisher.runtime.metrics.dead_lettered(error.reason);
         }
         for d in deliveries {
             d.await
@@ -355,7 +341,7 @@ async fn publish_batch(
         return Ok(());
     }
     for _ in &published {
-        PublisherMetrics::inc(&publisher.metrics.records, "outcome", "published");
+        publisher.metrics.outcome("published");
     }
     Ok(())
 }

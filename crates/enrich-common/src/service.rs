@@ -1,0 +1,157 @@
+//! What every stage does the same way: serve its operating endpoints, connect to the
+//! database, create its topics, count what it consumes and dead-letters, and retry a
+//! failed batch with backoff until it succeeds or the service stops.
+
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::registry::Registry;
+use sqlx::PgPool;
+use std::sync::Arc;
+use std::time::Duration;
+
+use crate::config::{Settings, Stage};
+use crate::error::chain;
+use crate::http::{self, ServiceState};
+use crate::shutdown::Shutdown;
+use crate::{db, kafka};
+
+pub type Labels = Vec<(&'static str, String)>;
+
+/// Metrics every stage has.
+#[derive(Clone, Default)]
+pub struct StageMetrics {
+    /// Records read from Kafka, per topic.
+    pub consumed: Family<Labels, Counter>,
+    /// Records sent to the DLQ, per reason.
+    pub dead_letters: Family<Labels, Counter>,
+    /// Batches that failed and were retried.
+    pub batch_retries: Counter,
+}
+
+impl StageMetrics {
+    fn register(registry: &mut Registry) -> Self {
+        let m = Self::default();
+        registry.register(
+            "enrich_records_consumed",
+            "Records read from Kafka, per topic",
+            m.consumed.clone(),
+        );
+        registry.register(
+            "enrich_dead_letters",
+            "Records sent to the DLQ, by reason",
+            m.dead_letters.clone(),
+        );
+        registry.register(
+            "enrich_batch_retries",
+            "Batches that failed and were retried",
+            m.batch_retries.clone(),
+        );
+        m
+    }
+
+    pub fn consumed(&self, topic: &str) {
+        inc(&self.consumed, "topic", topic);
+    }
+
+    pub fn dead_lettered(&self, reason: &str) {
+        inc(&self.dead_letters, "reason", reason);
+    }
+}
+
+/// Adds one to the series of `family` labelled `label=value`.
+pub fn inc(family: &Family<Labels, Counter>, label: &'static str, value: &str) {
+    family
+        .get_or_create(&vec![(label, value.to_string())])
+        .inc();
+}
+
+/// A started stage: endpoints up, database connected (and migrated), topics present.
+pub struct StageRuntime {
+    pub stage: Stage,
+    pub state: Arc<ServiceState>,
+    pub pool: PgPool,
+    pub metrics: StageMetrics,
+    http: tokio::task::JoinHandle<()>,
+}
+
+impl StageRuntime {
+    /// `register` adds the stage's own metrics to the registry and returns them.
+    pub async fn start<M>(
+        settings: &Settings,
+        stage: Stage,
+        port: u16,
+        topics: &[&str],
+        shutdown: &Shutdown,
+        register: impl FnOnce(&mut Registry) -> M,
+    ) -> anyhow::Result<(Self, M)> {
+        let mut registry = Registry::default();
+        let metrics = StageMetrics::register(&mut registry);
+        let own = register(&mut registry);
+        let state = ServiceState::new(stage.as_str(), registry);
+        let (addr, http) = http::serve(
+            "0.0.0.0",
+            port,
+            http::router(state.clone()),
+            shutdown.clone(),
+        )
+        .await?;
+        tracing::info!(%addr, "health and metrics endpoints listening");
+        let pool = db::connect(&settings.database).await?;
+        kafka::ensure_topics(settings, topics).await?;
+        Ok((
+            Self {
+                stage,
+                state,
+                pool,
+                metrics,
+                http,
+            },
+            own,
+        ))
+    }
+
+    /// Runs `attempt` until it succeeds (true) or shutdown is requested (false). Between
+    /// failures the stage reports not-ready with the cause and backs off, doubling up to
+    /// `max_backoff`. `attempt` must be idempotent: it may run again from the start.
+    pub async fn until_done<F, Fut>(
+        &self,
+        shutdown: &Shutdown,
+        max_backoff: Duration,
+        mut attempt: F,
+    ) -> bool
+    where
+        F: FnMut() -> Fut,
+        Fut: std::future::Future<Output = anyhow::Result<()>>,
+    {
+        let mut backoff = Duration::from_millis(100);
+        loop {
+            match attempt().await {
+                Ok(()) => {
+                    self.state.set_ready();
+                    return true;
+                }
+                Err(e) => {
+                    let cause = chain(e.as_ref());
+                    if shutdown.is_cancelled() {
+                        tracing::info!(error = %cause, "batch left unfinished at shutdown; it will be read again");
+                        return false;
+                    }
+                    self.metrics.batch_retries.inc();
+                    tracing::error!(error = %cause, retry_in_ms = backoff.as_millis() as u64, "batch failed; retrying");
+                    self.state.set_not_ready(format!("batch failing: {cause}"));
+                    tokio::select! {
+                        _ = shutdown.cancelled() => return false,
+                        _ = tokio::time::sleep(backoff) => {}
+                    }
+                    backoff = (backoff * 2).min(max_backoff);
+                }
+            }
+        }
+    }
+
+    /// Stops the endpoints and waits for them.
+    pub async fn finish(self, shutdown: &Shutdown) {
+        shutdown.cancel();
+        let _ = self.http.await;
+    }
+}
