@@ -158,7 +158,7 @@ async fn main() -> anyhow::Result<()> {
         "| tokens in / out               | {} / {} |",
         acct.input_tokens, acct.output_tokens
     );
-    println!("| llm-sim completions served    | {sim_calls} |");
+    println!("| llm-sim calls meanwhile (any) | {sim_calls} |");
     println!(
         "| time to account for all       | {:.1} s |",
         elapsed.as_secs_f64()
