@@ -210,7 +210,7 @@ async fn assert_end_state(
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn every_ticket_is_enriched_once_and_duplicates_and_malformed_records_are_accounted_for()
 -> anyhow::Result<()> {
-    let env = TestEnv::new(Duration::ZERO, &[]).await?;
+    let env = TestEnv::new(llm_sim::Latency::default(), &[]).await?;
     let records = workload::build(&spec(&env));
     let produced = produce_all(
         &env.settings,
@@ -240,7 +240,11 @@ async fn stopping_the_enricher_halfway_loses_nothing_and_pays_for_nothing_twice(
         ("ENRICH_ENRICHER__BATCH_SIZE", "16".to_string()),
         ("ENRICH_ENRICHER__MAX_IN_FLIGHT", "8".to_string()),
     ];
-    let env = TestEnv::new(Duration::from_millis(20), &overrides).await?;
+    let env = TestEnv::new(
+        llm_sim::Latency::Fixed(Duration::from_millis(20)),
+        &overrides,
+    )
+    .await?;
     let records = workload::build(&spec(&env));
     let produced = produce_all(
         &env.settings,

@@ -6,7 +6,7 @@
 #   deploy/local/services.sh down    SIGTERM each (graceful drain), SIGKILL after 30 s
 #   deploy/local/services.sh status
 #
-# Environment: ENRICH_CONFIG (default config/pipeline.toml), LLM_SIM_LATENCY_MS (default 50),
+# Environment: ENRICH_CONFIG (default config/pipeline.toml), LLM_SIM_LATENCY (default fixed:50),
 # CARGO_TARGET_DIR (default target).
 set -euo pipefail
 
@@ -39,7 +39,7 @@ up() {
     fi
     [ -x "$bin_dir/$name" ] || { say "error: $bin_dir/$name is missing; run 'make build'"; exit 1; }
     if [ "$name" = llm-sim ]; then
-      nohup "$bin_dir/$name" --port "$port" --latency-ms "${LLM_SIM_LATENCY_MS:-50}" >"$logs/$name.log" 2>&1 </dev/null &
+      nohup "$bin_dir/$name" --port "$port" --latency "${LLM_SIM_LATENCY:-fixed:50}" >"$logs/$name.log" 2>&1 </dev/null &
     else
       nohup "$bin_dir/$name" --config "$config" >"$logs/$name.log" 2>&1 </dev/null &
     fi

@@ -53,7 +53,10 @@ impl RunningStage {
 
 impl TestEnv {
     /// `overrides` are extra `ENRICH_*` settings for this test.
-    pub async fn new(sim_latency: Duration, overrides: &[(&str, String)]) -> anyhow::Result<Self> {
+    pub async fn new(
+        sim_latency: llm_sim::Latency,
+        overrides: &[(&str, String)],
+    ) -> anyhow::Result<Self> {
         let id = format!("{:08x}", rand::random::<u32>());
         let db_name = format!("enrich_test_{id}");
         let admin_url = admin_database_url();

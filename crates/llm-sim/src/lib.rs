@@ -2,7 +2,10 @@
 //! and benchmarks. It is not a language model: its answers are deterministic functions
 //! of the last user message (see [`rules`]), so tests can assert them.
 
+pub mod latency;
 pub mod rules;
+
+pub use latency::Latency;
 
 use axum::extract::State;
 use axum::http::StatusCode;
@@ -13,14 +16,13 @@ use serde_json::{Value, json};
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::time::Duration;
 use tokio_util::sync::CancellationToken;
 
 /// How the simulator behaves.
 #[derive(Debug, Clone)]
 pub struct SimConfig {
-    /// Fixed latency added to every completion.
-    pub latency: Duration,
+    /// Latency added to every completion (a function of the request's text).
+    pub latency: Latency,
     /// The model name listed by `/v1/models`.
     pub model: String,
 }
@@ -28,7 +30,7 @@ pub struct SimConfig {
 impl Default for SimConfig {
     fn default() -> Self {
         Self {
-            latency: Duration::ZERO,
+            latency: Latency::default(),
             model: "llm-sim-support-v1".into(),
         }
     }
@@ -159,8 +161,9 @@ async fn chat_completions(State(state): State<Arc<AppState>>, body: axum::body::
     let Some(text) = last_user_text(messages) else {
         return reject("no user message with text content");
     };
-    if !state.config.latency.is_zero() {
-        tokio::time::sleep(state.config.latency).await;
+    let latency = state.config.latency.for_text(&text);
+    if !latency.is_zero() {
+        tokio::time::sleep(latency).await;
     }
 
     let mut answer = rules::enrich(&text);

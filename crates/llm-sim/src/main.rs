@@ -1,13 +1,35 @@
-//! `llm-sim [--bind ADDR] [--port N] [--latency-ms N]`; also LLM_SIM_PORT, LLM_SIM_LATENCY_MS.
+//! `llm-sim [--bind ADDR] [--port N] [--latency SPEC | --latency-ms N]`; also LLM_SIM_BIND,
+//! LLM_SIM_PORT, LLM_SIM_LATENCY (SPEC) and LLM_SIM_LATENCY_MS.
+//! SPEC: fixed:MS, uniform:MIN-MAX, lognormal:MEDIAN,SIGMA[,SHARE:TAIL_MS].
 
-use std::time::Duration;
+use llm_sim::Latency;
+
+const HELP: &str = "llm-sim [--bind ADDR] [--port N] [--latency SPEC | --latency-ms N]
+An OpenAI-compatible simulator (not a model): deterministic answers from the last user message.
+SPEC: fixed:MS | uniform:MIN-MAX | lognormal:MEDIAN,SIGMA[,SHARE:TAIL_MS]  (milliseconds)";
+
+fn parse_latency(spec: &str) -> anyhow::Result<Latency> {
+    Latency::parse(spec).map_err(|e| anyhow::anyhow!("--latency: {e}"))
+}
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     enrich_common::telemetry::init("llm-sim");
     let mut bind = std::env::var("LLM_SIM_BIND").unwrap_or_else(|_| "0.0.0.0".into());
-    let mut port: u16 = env_number("LLM_SIM_PORT")?.unwrap_or(8080);
-    let mut latency_ms: u64 = env_number("LLM_SIM_LATENCY_MS")?.unwrap_or(0);
+    let mut port: u16 = match std::env::var("LLM_SIM_PORT") {
+        Ok(v) => v
+            .parse()
+            .map_err(|e| anyhow::anyhow!("LLM_SIM_PORT={v:?}: {e}"))?,
+        Err(_) => 8080,
+    };
+    let mut latency = match (
+        std::env::var("LLM_SIM_LATENCY"),
+        std::env::var("LLM_SIM_LATENCY_MS"),
+    ) {
+        (Ok(spec), _) => parse_latency(&spec)?,
+        (_, Ok(ms)) => parse_latency(&format!("fixed:{ms}"))?,
+        _ => Latency::default(),
+    };
     let mut args = std::env::args().skip(1);
     while let Some(arg) = args.next() {
         let mut value = |name: &str| {
@@ -21,40 +43,25 @@ async fn main() -> anyhow::Result<()> {
                     .parse()
                     .map_err(|e| anyhow::anyhow!("--port: {e}"))?
             }
+            "--latency" => latency = parse_latency(&value("--latency")?)?,
             "--latency-ms" => {
-                latency_ms = value("--latency-ms")?
-                    .parse()
-                    .map_err(|e| anyhow::anyhow!("--latency-ms: {e}"))?
+                latency = parse_latency(&format!("fixed:{}", value("--latency-ms")?))?
             }
             "-h" | "--help" => {
-                println!(
-                    "llm-sim [--bind ADDR] [--port N] [--latency-ms N]\nAn OpenAI-compatible simulator (not a model)."
-                );
+                println!("{HELP}");
                 return Ok(());
             }
             other => anyhow::bail!("unknown argument {other:?} (try --help)"),
         }
     }
     let shutdown = enrich_common::shutdown::on_signals();
+    let mean_ms = latency.mean().as_secs_f64() * 1000.0;
     let config = llm_sim::SimConfig {
-        latency: Duration::from_millis(latency_ms),
+        latency: latency.clone(),
         ..Default::default()
     };
     let sim = llm_sim::start(&bind, port, config, shutdown).await?;
-    tracing::info!(addr = %sim.addr, latency_ms, "llm-sim listening");
+    tracing::info!(addr = %sim.addr, latency = ?latency, mean_ms, "llm-sim listening");
     sim.handle.await?;
     Ok(())
-}
-
-fn env_number<T: std::str::FromStr>(name: &str) -> anyhow::Result<Option<T>>
-where
-    T::Err: std::fmt::Display,
-{
-    match std::env::var(name) {
-        Ok(v) => v
-            .parse()
-            .map(Some)
-            .map_err(|e| anyhow::anyhow!("{name}={v:?}: {e}")),
-        Err(_) => Ok(None),
-    }
 }
