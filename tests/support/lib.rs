@@ -53,17 +53,12 @@ impl RunningStage {
 
 impl TestEnv {
     /// `overrides` are extra `ENRICH_*` settings for this test.
-    pub async fn new(
-        sim_latency: llm_sim::Latency,
-        overrides: &[(&str, String)],
-    ) -> anyhow::Result<Self> {
+    pub async fn new(sim_latency: llm_sim::Latency, overrides: &[(&str, String)]) -> anyhow::Result<Self> {
         let id = format!("{:08x}", rand::random::<u32>());
         let db_name = format!("enrich_test_{id}");
         let admin_url = admin_database_url();
         let mut admin = PgConnection::connect(&admin_url).await?;
-        sqlx::query(sqlx::AssertSqlSafe(format!("CREATE DATABASE {db_name}")))
-            .execute(&mut admin)
-            .await?;
+        sqlx::query(sqlx::AssertSqlSafe(format!("CREATE DATABASE {db_name}"))).execute(&mut admin).await?;
         admin.close().await?;
         let db_url = match admin_url.rfind('/') {
             Some(i) => format!("{}/{db_name}", &admin_url[..i]),
@@ -71,10 +66,7 @@ impl TestEnv {
         };
 
         let sim_shutdown = Shutdown::new();
-        let sim_config = llm_sim::SimConfig {
-            latency: sim_latency,
-            ..Default::default()
-        };
+        let sim_config = llm_sim::SimConfig { latency: sim_latency, ..Default::default() };
         let sim = llm_sim::start("127.0.0.1", 0, sim_config, sim_shutdown.clone()).await?;
 
         let p = format!("t{id}");
@@ -82,19 +74,14 @@ impl TestEnv {
             ("ENRICH_PIPELINE__NAME".into(), p.clone()),
             (
                 "ENRICH_PIPELINE__SOURCES".into(),
-                format!(
-                    r#"[{{topic = "{p}.raw", key = {{strategy = "json_pointer", pointers = ["/id"]}}}}]"#
-                ),
+                format!(r#"[{{topic = "{p}.raw", key = {{strategy = "json_pointer", pointers = ["/id"]}}}}]"#),
             ),
             ("ENRICH_TOPICS__REQUESTS".into(), format!("{p}.requests")),
             ("ENRICH_TOPICS__RETRY".into(), format!("{p}.retry")),
             ("ENRICH_TOPICS__RESULTS".into(), format!("{p}.results")),
             ("ENRICH_TOPICS__OUTPUT".into(), format!("{p}.enriched")),
             ("ENRICH_TOPICS__DLQ".into(), format!("{p}.dlq")),
-            (
-                "ENRICH_KAFKA__BOOTSTRAP_SERVERS".into(),
-                bootstrap_servers(),
-            ),
+            ("ENRICH_KAFKA__BOOTSTRAP_SERVERS".into(), bootstrap_servers()),
             ("ENRICH_KAFKA__PARTITIONS".into(), "4".into()),
             ("ENRICH_DATABASE__URL".into(), db_url),
             ("ENRICH_DATABASE__MAX_CONNECTIONS".into(), "12".into()),
@@ -108,14 +95,7 @@ impl TestEnv {
         let settings = Settings::from_toml(include_str!("../../config/pipeline.toml"), env)?;
         let pool = enrich_common::db::connect(&settings.database).await?;
         kafka::ensure_topics(&settings, &[&format!("{p}.raw")]).await?;
-        Ok(Self {
-            id,
-            settings,
-            pool,
-            sim,
-            db_name,
-            sim_shutdown,
-        })
+        Ok(Self { id, settings, pool, sim, db_name, sim_shutdown })
     }
 
     pub fn source_topic(&self) -> &str {
@@ -139,12 +119,9 @@ impl TestEnv {
         self.sim_shutdown.cancel();
         self.pool.close().await;
         if let Ok(mut admin) = PgConnection::connect(&admin_database_url()).await {
-            let _ = sqlx::query(sqlx::AssertSqlSafe(format!(
-                "DROP DATABASE IF EXISTS {} WITH (FORCE)",
-                self.db_name
-            )))
-            .execute(&mut admin)
-            .await;
+            let _ = sqlx::query(sqlx::AssertSqlSafe(format!("DROP DATABASE IF EXISTS {} WITH (FORCE)", self.db_name)))
+                .execute(&mut admin)
+                .await;
         }
     }
 }

@@ -11,11 +11,7 @@ pub fn config_path_from_args() -> anyhow::Result<PathBuf> {
     while let Some(arg) = args.next() {
         match arg.as_str() {
             "--config" | "-c" => {
-                path = Some(
-                    args.next()
-                        .ok_or_else(|| anyhow::anyhow!("--config needs a path"))?
-                        .into(),
-                );
+                path = Some(args.next().ok_or_else(|| anyhow::anyhow!("--config needs a path"))?.into());
             }
             s if s.starts_with("--config=") => path = Some(s["--config=".len()..].into()),
             "-h" | "--help" => {

@@ -20,10 +20,7 @@ pub struct ConfigError {
 
 impl ConfigError {
     fn new(field: impl Into<String>, message: impl Into<String>) -> Self {
-        Self {
-            field: field.into(),
-            message: message.into(),
-        }
+        Self { field: field.into(), message: message.into() }
     }
 }
 
@@ -219,12 +216,7 @@ pub struct IngestSettings {
 
 impl Default for IngestSettings {
     fn default() -> Self {
-        Self {
-            http_port: 9101,
-            group_id: None,
-            batch_size: 500,
-            batch_linger_ms: 20,
-        }
+        Self { http_port: 9101, group_id: None, batch_size: 500, batch_linger_ms: 20 }
     }
 }
 
@@ -323,25 +315,20 @@ impl Stage {
 impl Settings {
     /// Reads the file, applies `ENRICH_*` overrides from the process environment, validates.
     pub fn load(path: &Path) -> Result<Self, ConfigError> {
-        let text = std::fs::read_to_string(path).map_err(|e| {
-            ConfigError::new("--config", format!("cannot read {}: {e}", path.display()))
-        })?;
+        let text = std::fs::read_to_string(path)
+            .map_err(|e| ConfigError::new("--config", format!("cannot read {}: {e}", path.display())))?;
         Self::from_toml(&text, std::env::vars())
     }
 
     /// Parses TOML text with the given environment overrides and validates the result.
-    pub fn from_toml(
-        text: &str,
-        env: impl IntoIterator<Item = (String, String)>,
-    ) -> Result<Self, ConfigError> {
-        let mut doc: toml::Table = toml::from_str(text)
-            .map_err(|e| ConfigError::new("<file>", e.to_string().trim_end().to_string()))?;
+    pub fn from_toml(text: &str, env: impl IntoIterator<Item = (String, String)>) -> Result<Self, ConfigError> {
+        let mut doc: toml::Table =
+            toml::from_str(text).map_err(|e| ConfigError::new("<file>", e.to_string().trim_end().to_string()))?;
         apply_env_overrides(&mut doc, env)?;
-        let settings: Settings = serde_path_to_error::deserialize(toml::Value::Table(doc))
-            .map_err(|e| {
-                let path = e.path().to_string();
-                ConfigError::new(path, e.into_inner().to_string().trim_end().to_string())
-            })?;
+        let settings: Settings = serde_path_to_error::deserialize(toml::Value::Table(doc)).map_err(|e| {
+            let path = e.path().to_string();
+            ConfigError::new(path, e.into_inner().to_string().trim_end().to_string())
+        })?;
         settings.validate()?;
         Ok(settings)
     }
@@ -357,20 +344,14 @@ impl Settings {
     }
 
     pub fn source_topics(&self) -> Vec<&str> {
-        self.pipeline
-            .sources
-            .iter()
-            .map(|s| s.topic.as_str())
-            .collect()
+        self.pipeline.sources.iter().map(|s| s.topic.as_str()).collect()
     }
 
     pub fn validate(&self) -> Result<(), ConfigError> {
         let p = &self.pipeline;
         let name_ok = !p.name.is_empty()
             && p.name.len() <= 100
-            && p.name
-                .chars()
-                .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'));
+            && p.name.chars().all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'));
         if !name_ok {
             return Err(ConfigError::new(
                 "pipeline.name",
@@ -378,17 +359,11 @@ impl Settings {
             ));
         }
         if p.sources.is_empty() {
-            return Err(ConfigError::new(
-                "pipeline.sources",
-                "at least one source topic is required",
-            ));
+            return Err(ConfigError::new("pipeline.sources", "at least one source topic is required"));
         }
         for (i, source) in p.sources.iter().enumerate() {
             if source.topic.trim().is_empty() {
-                return Err(ConfigError::new(
-                    format!("pipeline.sources[{i}].topic"),
-                    "must not be empty",
-                ));
+                return Err(ConfigError::new(format!("pipeline.sources[{i}].topic"), "must not be empty"));
             }
             match &source.key {
                 KeyStrategy::JsonPointer { pointers } => {
@@ -406,34 +381,22 @@ impl Settings {
                     }
                 }
                 KeyStrategy::Header { name } if name.is_empty() => {
-                    return Err(ConfigError::new(
-                        format!("pipeline.sources[{i}].key.name"),
-                        "must not be empty",
-                    ));
+                    return Err(ConfigError::new(format!("pipeline.sources[{i}].key.name"), "must not be empty"));
                 }
                 _ => {}
             }
         }
         if p.max_record_bytes == 0 {
-            return Err(ConfigError::new(
-                "pipeline.max_record_bytes",
-                "must be greater than 0",
-            ));
+            return Err(ConfigError::new("pipeline.max_record_bytes", "must be greater than 0"));
         }
         if self.kafka.bootstrap_servers.trim().is_empty() {
-            return Err(ConfigError::new(
-                "kafka.bootstrap_servers",
-                "must not be empty",
-            ));
+            return Err(ConfigError::new("kafka.bootstrap_servers", "must not be empty"));
         }
         if self.kafka.partitions < 1 {
             return Err(ConfigError::new("kafka.partitions", "must be at least 1"));
         }
         if self.kafka.replication_factor < 1 {
-            return Err(ConfigError::new(
-                "kafka.replication_factor",
-                "must be at least 1",
-            ));
+            return Err(ConfigError::new("kafka.replication_factor", "must be at least 1"));
         }
         let t = &self.topics;
         let named = [
@@ -448,47 +411,29 @@ impl Settings {
                 return Err(ConfigError::new(*field, "must not be empty"));
             }
             if let Some((other, _)) = named[..i].iter().find(|(_, o)| o == topic) {
-                return Err(ConfigError::new(
-                    *field,
-                    format!("is the same topic as `{other}` ({topic:?})"),
-                ));
+                return Err(ConfigError::new(*field, format!("is the same topic as `{other}` ({topic:?})")));
             }
             if p.sources.iter().any(|s| &s.topic == *topic) {
-                return Err(ConfigError::new(
-                    *field,
-                    format!("{topic:?} is also a source topic"),
-                ));
+                return Err(ConfigError::new(*field, format!("{topic:?} is also a source topic")));
             }
         }
         let url = self.database.url.expose();
         if !(url.starts_with("postgres://") || url.starts_with("postgresql://")) {
             // The value itself may hold a password: name the field, not the value.
-            return Err(ConfigError::new(
-                "database.url",
-                "must be a postgres:// URL",
-            ));
+            return Err(ConfigError::new("database.url", "must be a postgres:// URL"));
         }
         if self.database.max_connections == 0 {
-            return Err(ConfigError::new(
-                "database.max_connections",
-                "must be at least 1",
-            ));
+            return Err(ConfigError::new("database.max_connections", "must be at least 1"));
         }
         let llm = &self.llm;
         if !(llm.base_url.starts_with("http://") || llm.base_url.starts_with("https://")) {
-            return Err(ConfigError::new(
-                "llm.base_url",
-                format!("{:?} is not an http(s) URL", llm.base_url),
-            ));
+            return Err(ConfigError::new("llm.base_url", format!("{:?} is not an http(s) URL", llm.base_url)));
         }
         if llm.model.trim().is_empty() {
             return Err(ConfigError::new("llm.model", "must not be empty"));
         }
         if llm.request_timeout_ms == 0 || llm.connect_timeout_ms == 0 {
-            return Err(ConfigError::new(
-                "llm.request_timeout_ms",
-                "timeouts must be greater than 0",
-            ));
+            return Err(ConfigError::new("llm.request_timeout_ms", "timeouts must be greater than 0"));
         }
         if llm.max_attempts == 0 {
             return Err(ConfigError::new("llm.max_attempts", "must be at least 1"));
@@ -496,25 +441,16 @@ impl Settings {
         match serde_json::from_str::<serde_json::Value>(&llm.output_schema) {
             Ok(serde_json::Value::Object(_)) => {}
             Ok(_) => {
-                return Err(ConfigError::new(
-                    "llm.output_schema",
-                    "must be a JSON object",
-                ));
+                return Err(ConfigError::new("llm.output_schema", "must be a JSON object"));
             }
             Err(e) => {
-                return Err(ConfigError::new(
-                    "llm.output_schema",
-                    format!("is not valid JSON: {e}"),
-                ));
+                return Err(ConfigError::new("llm.output_schema", format!("is not valid JSON: {e}")));
             }
         }
         if let Some(var) = &llm.api_key_env
             && var.trim().is_empty()
         {
-            return Err(ConfigError::new(
-                "llm.api_key_env",
-                "must name an environment variable",
-            ));
+            return Err(ConfigError::new("llm.api_key_env", "must name an environment variable"));
         }
         for (field, size) in [
             ("ingest.batch_size", self.ingest.batch_size),
@@ -536,10 +472,7 @@ impl Settings {
             ));
         }
         if self.publisher.transaction_timeout_ms < 1_000 {
-            return Err(ConfigError::new(
-                "publisher.transaction_timeout_ms",
-                "must be at least 1000",
-            ));
+            return Err(ConfigError::new("publisher.transaction_timeout_ms", "must be at least 1000"));
         }
         Ok(())
     }
@@ -547,26 +480,17 @@ impl Settings {
 
 impl IngestSettings {
     pub fn tuning(&self) -> ConsumerTuning {
-        ConsumerTuning {
-            batch_size: self.batch_size,
-            batch_linger_ms: self.batch_linger_ms,
-        }
+        ConsumerTuning { batch_size: self.batch_size, batch_linger_ms: self.batch_linger_ms }
     }
 }
 impl EnricherSettings {
     pub fn tuning(&self) -> ConsumerTuning {
-        ConsumerTuning {
-            batch_size: self.batch_size,
-            batch_linger_ms: self.batch_linger_ms,
-        }
+        ConsumerTuning { batch_size: self.batch_size, batch_linger_ms: self.batch_linger_ms }
     }
 }
 impl PublisherSettings {
     pub fn tuning(&self) -> ConsumerTuning {
-        ConsumerTuning {
-            batch_size: self.batch_size,
-            batch_linger_ms: self.batch_linger_ms,
-        }
+        ConsumerTuning { batch_size: self.batch_size, batch_linger_ms: self.batch_linger_ms }
     }
 }
 
@@ -578,36 +502,21 @@ fn apply_env_overrides(
     doc: &mut toml::Table,
     env: impl IntoIterator<Item = (String, String)>,
 ) -> Result<(), ConfigError> {
-    let mut vars: Vec<(String, String)> = env
-        .into_iter()
-        .filter(|(k, _)| k.starts_with(ENV_PREFIX) && k.contains("__"))
-        .collect();
+    let mut vars: Vec<(String, String)> =
+        env.into_iter().filter(|(k, _)| k.starts_with(ENV_PREFIX) && k.contains("__")).collect();
     vars.sort();
     for (name, raw) in vars {
-        let path: Vec<String> = name[ENV_PREFIX.len()..]
-            .split("__")
-            .map(str::to_ascii_lowercase)
-            .collect();
+        let path: Vec<String> = name[ENV_PREFIX.len()..].split("__").map(str::to_ascii_lowercase).collect();
         if path.iter().any(String::is_empty) {
-            return Err(ConfigError::new(
-                name,
-                "empty path segment in environment override",
-            ));
+            return Err(ConfigError::new(name, "empty path segment in environment override"));
         }
-        let (last, parents) = path
-            .split_last()
-            .ok_or_else(|| ConfigError::new(name.clone(), "empty path"))?;
+        let (last, parents) = path.split_last().ok_or_else(|| ConfigError::new(name.clone(), "empty path"))?;
         let mut table = &mut *doc;
         for segment in parents {
-            let entry = table
-                .entry(segment.clone())
-                .or_insert_with(|| toml::Value::Table(toml::Table::new()));
-            table = entry.as_table_mut().ok_or_else(|| {
-                ConfigError::new(
-                    path.join("."),
-                    format!("{name}: `{segment}` is not a table"),
-                )
-            })?;
+            let entry = table.entry(segment.clone()).or_insert_with(|| toml::Value::Table(toml::Table::new()));
+            table = entry
+                .as_table_mut()
+                .ok_or_else(|| ConfigError::new(path.join("."), format!("{name}: `{segment}` is not a table")))?;
         }
         let value = match table.get(last) {
             // Keep strings strings, whatever they look like ("0123" stays text).
@@ -648,10 +557,7 @@ output_schema = '{"type": "object"}'
 "#;
 
     fn load(env: &[(&str, &str)]) -> Result<Settings, ConfigError> {
-        Settings::from_toml(
-            BASE,
-            env.iter().map(|(k, v)| (k.to_string(), v.to_string())),
-        )
+        Settings::from_toml(BASE, env.iter().map(|(k, v)| (k.to_string(), v.to_string())))
     }
 
     #[test]
@@ -676,10 +582,7 @@ output_schema = '{"type": "object"}'
         .unwrap();
         assert_eq!(s.topics.output, "out.v2");
         assert_eq!(s.kafka.partitions, 3);
-        assert_eq!(
-            s.kafka.client.get("security.protocol").map(String::as_str),
-            Some("SASL_SSL")
-        );
+        assert_eq!(s.kafka.client.get("security.protocol").map(String::as_str), Some("SASL_SSL"));
         assert_eq!(s.pipeline.name, "0123");
     }
 
@@ -688,35 +591,18 @@ output_schema = '{"type": "object"}'
         let cases: &[(&[(&str, &str)], &str)] = &[
             (&[("ENRICH_KAFKA__PARTITIONS", "many")], "kafka.partitions"),
             (&[("ENRICH_KAFKA__PARTITIONS", "0")], "kafka.partitions"),
-            (
-                &[("ENRICH_TOPICS__RETRY", "enrich.requests")],
-                "topics.retry",
-            ),
+            (&[("ENRICH_TOPICS__RETRY", "enrich.requests")], "topics.retry"),
             (&[("ENRICH_TOPICS__DLQ", "events.raw")], "topics.dlq"),
-            (
-                &[("ENRICH_LLM__BASE_URL", "localhost:8080")],
-                "llm.base_url",
-            ),
-            (
-                &[("ENRICH_LLM__OUTPUT_SCHEMA", "{nope")],
-                "llm.output_schema",
-            ),
+            (&[("ENRICH_LLM__BASE_URL", "localhost:8080")], "llm.base_url"),
+            (&[("ENRICH_LLM__OUTPUT_SCHEMA", "{nope")], "llm.output_schema"),
             (&[("ENRICH_PIPELINE__NAME", "has space")], "pipeline.name"),
-            (
-                &[("ENRICH_ENRICHER__LEASE_MS", "30000")],
-                "enricher.lease_ms",
-            ),
+            (&[("ENRICH_ENRICHER__LEASE_MS", "30000")], "enricher.lease_ms"),
             (&[("ENRICH_INGEST__BATCH_SIZE", "0")], "ingest.batch_size"),
             (&[("ENRICH_INGEST__NO_SUCH_KEY", "1")], "ingest"),
         ];
         for (env, field) in cases {
             let err = load(env).unwrap_err();
-            assert!(
-                err.field.starts_with(field),
-                "{env:?}: got field {:?} ({})",
-                err.field,
-                err.message
-            );
+            assert!(err.field.starts_with(field), "{env:?}: got field {:?} ({})", err.field, err.message);
         }
     }
 

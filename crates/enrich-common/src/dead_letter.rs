@@ -63,21 +63,12 @@ mod tests {
         let trace = TraceContext::new_root();
         let (env, h) = dead_letter(envelope, &err, "ingest-dedup", &trace);
         let pairs = collect(Some(&h));
-        assert_eq!(
-            find(&pairs, headers::DLQ_REASON_CLASS),
-            Some("invalid_input")
-        );
+        assert_eq!(find(&pairs, headers::DLQ_REASON_CLASS), Some("invalid_input"));
         assert_eq!(find(&pairs, headers::DLQ_REASON), Some("invalid_json"));
-        assert_eq!(
-            find(&pairs, headers::DLQ_ERROR),
-            Some("expected value at line 1 column 1")
-        );
+        assert_eq!(find(&pairs, headers::DLQ_ERROR), Some("expected value at line 1 column 1"));
         assert_eq!(find(&pairs, headers::DLQ_STAGE), Some("ingest-dedup"));
         assert_eq!(find(&pairs, headers::DLQ_ATTEMPTS), Some("2"));
-        assert_eq!(
-            find(&pairs, headers::DLQ_ORIGINAL_TOPIC),
-            Some("events.raw")
-        );
+        assert_eq!(find(&pairs, headers::DLQ_ORIGINAL_TOPIC), Some("events.raw"));
         assert_eq!(find(&pairs, headers::DLQ_ORIGINAL_PARTITION), Some("3"));
         assert_eq!(find(&pairs, headers::DLQ_ORIGINAL_OFFSET), Some("99"));
         assert_eq!(find(&pairs, headers::IDEMPOTENCY_KEY), Some("p:7"));

@@ -68,10 +68,7 @@ mod tests {
                 key: Some(b"customer-7".to_vec()),
             }),
             payload: br#"{"id":"42"}"#.to_vec(),
-            headers: vec![Header {
-                key: "h".into(),
-                value: Some(vec![0, 159, 146, 150]),
-            }],
+            headers: vec![Header { key: "h".into(), value: Some(vec![0, 159, 146, 150]) }],
             attempt: 2,
             outcome: Some(Outcome::Result(EnrichmentResult {
                 json: r#"{"category":"billing"}"#.into(),
@@ -90,14 +87,8 @@ mod tests {
 
     #[test]
     fn rejects_garbage_and_foreign_schema() {
-        assert!(matches!(
-            Envelope::decode_from(b"\xff\xff\xff"),
-            Err(EnvelopeError::Decode(_))
-        ));
-        let other = Envelope {
-            schema: "enrichment.v9".into(),
-            ..Default::default()
-        };
+        assert!(matches!(Envelope::decode_from(b"\xff\xff\xff"), Err(EnvelopeError::Decode(_))));
+        let other = Envelope { schema: "enrichment.v9".into(), ..Default::default() };
         assert!(matches!(
             Envelope::decode_from(&other.encode_to_bytes()),
             Err(EnvelopeError::Schema(s)) if s == "enrichment.v9"

@@ -53,11 +53,7 @@ pub struct RecordError {
 
 impl RecordError {
     pub fn new(class: ErrorClass, reason: &'static str, message: impl Into<String>) -> Self {
-        Self {
-            class,
-            reason,
-            message: message.into(),
-        }
+        Self { class, reason, message: message.into() }
     }
 
     pub fn invalid(reason: &'static str, message: impl Into<String>) -> Self {
@@ -93,9 +89,6 @@ mod tests {
     #[test]
     fn display_names_class_and_reason() {
         let e = RecordError::invalid("invalid_json", "expected value at line 1");
-        assert_eq!(
-            e.to_string(),
-            "invalid_input/invalid_json: expected value at line 1"
-        );
+        assert_eq!(e.to_string(), "invalid_input/invalid_json: expected value at line 1");
     }
 }

@@ -24,31 +24,19 @@ pub fn collect<H: Headers>(headers: Option<&H>) -> Vec<(String, Option<Vec<u8>>)
     let Some(headers) = headers else {
         return Vec::new();
     };
-    headers
-        .iter()
-        .map(|h| (h.key.to_string(), h.value.map(<[u8]>::to_vec)))
-        .collect()
+    headers.iter().map(|h| (h.key.to_string(), h.value.map(<[u8]>::to_vec))).collect()
 }
 
 /// Looks a header up as UTF-8 text.
 pub fn find<'a>(headers: &'a [(String, Option<Vec<u8>>)], name: &str) -> Option<&'a str> {
-    headers
-        .iter()
-        .find(|(k, _)| k == name)
-        .and_then(|(_, v)| v.as_deref())
-        .and_then(|v| std::str::from_utf8(v).ok())
+    headers.iter().find(|(k, _)| k == name).and_then(|(_, v)| v.as_deref()).and_then(|v| std::str::from_utf8(v).ok())
 }
 
 /// Builds headers from text pairs.
 pub fn owned(pairs: &[(&str, &str)]) -> OwnedHeaders {
-    pairs
-        .iter()
-        .fold(OwnedHeaders::new_with_capacity(pairs.len()), |h, (k, v)| {
-            h.insert(KafkaHeader {
-                key: k,
-                value: Some(v.as_bytes()),
-            })
-        })
+    pairs.iter().fold(OwnedHeaders::new_with_capacity(pairs.len()), |h, (k, v)| {
+        h.insert(KafkaHeader { key: k, value: Some(v.as_bytes()) })
+    })
 }
 
 /// Cuts text to at most `MAX_HEADER_TEXT` bytes on a character boundary.

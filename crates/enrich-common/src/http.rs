@@ -22,11 +22,7 @@ pub struct ServiceState {
 
 impl ServiceState {
     pub fn new(service: &'static str, registry: Registry) -> Arc<Self> {
-        Arc::new(Self {
-            service,
-            registry,
-            not_ready: RwLock::new(Some("starting".into())),
-        })
+        Arc::new(Self { service, registry, not_ready: RwLock::new(Some("starting".into())) })
     }
 
     pub fn set_ready(&self) {
@@ -42,10 +38,7 @@ impl ServiceState {
     }
 
     pub fn not_ready_reason(&self) -> Option<String> {
-        self.not_ready
-            .read()
-            .map(|r| r.clone())
-            .unwrap_or_else(|_| Some("poisoned".into()))
+        self.not_ready.read().map(|r| r.clone()).unwrap_or_else(|_| Some("poisoned".into()))
     }
 
     pub fn encode_metrics(&self) -> String {
@@ -68,21 +61,12 @@ pub fn router(state: Arc<ServiceState>) -> Router {
 async fn readyz(State(state): State<Arc<ServiceState>>) -> impl IntoResponse {
     match state.not_ready_reason() {
         None => (StatusCode::OK, "ready\n".to_string()),
-        Some(reason) => (
-            StatusCode::SERVICE_UNAVAILABLE,
-            format!("not ready: {reason}\n"),
-        ),
+        Some(reason) => (StatusCode::SERVICE_UNAVAILABLE, format!("not ready: {reason}\n")),
     }
 }
 
 async fn metrics(State(state): State<Arc<ServiceState>>) -> impl IntoResponse {
-    (
-        [(
-            header::CONTENT_TYPE,
-            "application/openmetrics-text; version=1.0.0; charset=utf-8",
-        )],
-        state.encode_metrics(),
-    )
+    ([(header::CONTENT_TYPE, "application/openmetrics-text; version=1.0.0; charset=utf-8")], state.encode_metrics())
 }
 
 /// Binds `127.0.0.1`-or-all on `port` (0 picks a free one) and serves `router` until
@@ -98,9 +82,8 @@ pub async fn serve(
         .map_err(|e| anyhow::anyhow!("cannot listen on {bind}:{port}: {e}"))?;
     let addr = listener.local_addr()?;
     let handle = tokio::spawn(async move {
-        let result = axum::serve(listener, router)
-            .with_graceful_shutdown(async move { shutdown.cancelled().await })
-            .await;
+        let result =
+            axum::serve(listener, router).with_graceful_shutdown(async move { shutdown.cancelled().await }).await;
         if let Err(e) = result {
             tracing::error!(error = %e, "http server failed");
         }

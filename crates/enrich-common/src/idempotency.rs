@@ -71,39 +71,23 @@ pub struct RecordView<'a> {
 }
 
 impl KeyStrategy {
-    pub fn derive(
-        &self,
-        pipeline: &str,
-        record: &RecordView<'_>,
-    ) -> Result<IdempotencyKey, RecordError> {
+    pub fn derive(&self, pipeline: &str, record: &RecordView<'_>) -> Result<IdempotencyKey, RecordError> {
         match self {
             KeyStrategy::Header { name } => {
-                let raw = record
-                    .headers
-                    .iter()
-                    .find(|(k, _)| k == name)
-                    .and_then(|(_, v)| v.as_deref())
-                    .ok_or_else(|| {
-                        RecordError::invalid(
-                            "missing_key_field",
-                            format!("header {name:?} is missing"),
-                        )
-                    })?;
-                let value = std::str::from_utf8(raw).map_err(|_| {
-                    RecordError::invalid("invalid_key", format!("header {name:?} is not UTF-8"))
-                })?;
+                let raw =
+                    record.headers.iter().find(|(k, _)| k == name).and_then(|(_, v)| v.as_deref()).ok_or_else(
+                        || RecordError::invalid("missing_key_field", format!("header {name:?} is missing")),
+                    )?;
+                let value = std::str::from_utf8(raw)
+                    .map_err(|_| RecordError::invalid("invalid_key", format!("header {name:?} is not UTF-8")))?;
                 if value.is_empty() {
-                    return Err(RecordError::invalid(
-                        "missing_key_field",
-                        format!("header {name:?} is empty"),
-                    ));
+                    return Err(RecordError::invalid("missing_key_field", format!("header {name:?} is empty")));
                 }
                 Ok(IdempotencyKey::namespaced(pipeline, value))
             }
             KeyStrategy::JsonPointer { pointers } => {
-                let json = record.json.ok_or_else(|| {
-                    RecordError::invalid("invalid_json", "the payload is not JSON")
-                })?;
+                let json =
+                    record.json.ok_or_else(|| RecordError::invalid("invalid_json", "the payload is not JSON"))?;
                 let mut parts = Vec::with_capacity(pointers.len());
                 for pointer in pointers {
                     parts.push(scalar_at(json, pointer)?);
@@ -116,10 +100,9 @@ impl KeyStrategy {
                 };
                 Ok(IdempotencyKey::namespaced(pipeline, &value))
             }
-            KeyStrategy::Hash => Ok(IdempotencyKey::namespaced(
-                pipeline,
-                &format!("sha256:{}", content_hash(record.key, record.value)),
-            )),
+            KeyStrategy::Hash => {
+                Ok(IdempotencyKey::namespaced(pipeline, &format!("sha256:{}", content_hash(record.key, record.value))))
+            }
         }
     }
 }
@@ -129,18 +112,15 @@ fn scalar_at(json: &Value, pointer: &str) -> Result<String, RecordError> {
         Some(Value::String(s)) if !s.is_empty() => Ok(s.clone()),
         Some(Value::Number(n)) => Ok(n.to_string()),
         Some(Value::Bool(b)) => Ok(b.to_string()),
-        None | Some(Value::Null) => Err(RecordError::invalid(
-            "missing_key_field",
-            format!("key field {pointer} is missing or null"),
-        )),
-        Some(Value::String(_)) => Err(RecordError::invalid(
-            "missing_key_field",
-            format!("key field {pointer} is empty"),
-        )),
-        Some(_) => Err(RecordError::invalid(
-            "invalid_key",
-            format!("key field {pointer} is not a string, number or boolean"),
-        )),
+        None | Some(Value::Null) => {
+            Err(RecordError::invalid("missing_key_field", format!("key field {pointer} is missing or null")))
+        }
+        Some(Value::String(_)) => {
+            Err(RecordError::invalid("missing_key_field", format!("key field {pointer} is empty")))
+        }
+        Some(_) => {
+            Err(RecordError::invalid("invalid_key", format!("key field {pointer} is not a string, number or boolean")))
+        }
     }
 }
 
@@ -173,39 +153,26 @@ mod tests {
     use serde_json::json;
 
     fn view<'a>(json: Option<&'a Value>, value: Option<&'a [u8]>) -> RecordView<'a> {
-        RecordView {
-            key: None,
-            headers: &[],
-            json,
-            value,
-        }
+        RecordView { key: None, headers: &[], json, value }
     }
 
     fn pointers(p: &[&str]) -> KeyStrategy {
-        KeyStrategy::JsonPointer {
-            pointers: p.iter().map(|s| s.to_string()).collect(),
-        }
+        KeyStrategy::JsonPointer { pointers: p.iter().map(|s| s.to_string()).collect() }
     }
 
     #[test]
     fn json_pointer_single_field_is_namespaced() {
         let doc = json!({"id": "T-1", "n": 7});
-        let k = pointers(&["/id"])
-            .derive("support", &view(Some(&doc), None))
-            .unwrap();
+        let k = pointers(&["/id"]).derive("support", &view(Some(&doc), None)).unwrap();
         assert_eq!(k.as_str(), "support:T-1");
-        let k = pointers(&["/n"])
-            .derive("support", &view(Some(&doc), None))
-            .unwrap();
+        let k = pointers(&["/n"]).derive("support", &view(Some(&doc), None)).unwrap();
         assert_eq!(k.as_str(), "support:7");
     }
 
     #[test]
     fn json_pointer_several_fields_nested_and_unicode() {
         let doc = json!({"order": {"id": "Ω-9"}, "tenant": "zürich|eu"});
-        let k = pointers(&["/tenant", "/order/id"])
-            .derive("p", &view(Some(&doc), None))
-            .unwrap();
+        let k = pointers(&["/tenant", "/order/id"]).derive("p", &view(Some(&doc), None)).unwrap();
         assert_eq!(k.as_str(), r#"p:["zürich|eu","Ω-9"]"#);
     }
 
@@ -218,16 +185,12 @@ mod tests {
             ("/empty", "missing_key_field"),
             ("/obj", "invalid_key"),
         ] {
-            let err = pointers(&[p])
-                .derive("p", &view(Some(&doc), None))
-                .unwrap_err();
+            let err = pointers(&[p]).derive("p", &view(Some(&doc), None)).unwrap_err();
             assert_eq!(err.reason, reason, "pointer {p}");
             assert_eq!(err.class, crate::ErrorClass::InvalidInput);
             assert!(err.message.contains(p));
         }
-        let err = pointers(&["/id"])
-            .derive("p", &view(None, Some(b"nope")))
-            .unwrap_err();
+        let err = pointers(&["/id"]).derive("p", &view(None, Some(b"nope"))).unwrap_err();
         assert_eq!(err.reason, "invalid_json");
     }
 
@@ -235,37 +198,17 @@ mod tests {
     fn header_strategy_reads_named_header() {
         let headers = vec![
             ("other".to_string(), Some(b"x".to_vec())),
-            (
-                "idempotency-key".to_string(),
-                Some("ключ-1".as_bytes().to_vec()),
-            ),
+            ("idempotency-key".to_string(), Some("ключ-1".as_bytes().to_vec())),
         ];
-        let rec = RecordView {
-            key: None,
-            headers: &headers,
-            json: None,
-            value: None,
-        };
+        let rec = RecordView { key: None, headers: &headers, json: None, value: None };
         let strategy: KeyStrategy = toml::from_str(r#"strategy = "header""#).unwrap();
         assert_eq!(strategy.derive("p", &rec).unwrap().as_str(), "p:ключ-1");
 
-        let missing = KeyStrategy::Header {
-            name: "absent".into(),
-        }
-        .derive("p", &rec)
-        .unwrap_err();
+        let missing = KeyStrategy::Header { name: "absent".into() }.derive("p", &rec).unwrap_err();
         assert_eq!(missing.reason, "missing_key_field");
         let bad = vec![("idempotency-key".to_string(), Some(vec![0xff, 0xfe]))];
-        let rec = RecordView {
-            key: None,
-            headers: &bad,
-            json: None,
-            value: None,
-        };
-        assert_eq!(
-            strategy.derive("p", &rec).unwrap_err().reason,
-            "invalid_key"
-        );
+        let rec = RecordView { key: None, headers: &bad, json: None, value: None };
+        assert_eq!(strategy.derive("p", &rec).unwrap_err().reason, "invalid_key");
     }
 
     #[test]
@@ -273,17 +216,7 @@ mod tests {
         let a = br#"{"id":1,"b":2}"#;
         let b = br#"{"b":2,"id":1}"#;
         let derive = |key: Option<&[u8]>, value: &[u8]| {
-            KeyStrategy::Hash
-                .derive(
-                    "p",
-                    &RecordView {
-                        key,
-                        headers: &[],
-                        json: None,
-                        value: Some(value),
-                    },
-                )
-                .unwrap()
+            KeyStrategy::Hash.derive("p", &RecordView { key, headers: &[], json: None, value: Some(value) }).unwrap()
         };
         // Same bytes, same key; reordered fields are other bytes, so another key (documented).
         assert_eq!(derive(None, a), derive(None, a));
@@ -297,8 +230,7 @@ mod tests {
 
     #[test]
     fn strategies_parse_from_toml() {
-        let s: KeyStrategy =
-            toml::from_str("strategy = \"json_pointer\"\npointers = [\"/id\"]").unwrap();
+        let s: KeyStrategy = toml::from_str("strategy = \"json_pointer\"\npointers = [\"/id\"]").unwrap();
         assert_eq!(s, pointers(&["/id"]));
         assert!(toml::from_str::<KeyStrategy>("strategy = \"nope\"").is_err());
     }

@@ -43,15 +43,23 @@ pub fn consumer(
     client_id: &str,
     commit: OffsetCommit,
 ) -> KafkaResult<StreamConsumer> {
+    consumer_with_context(settings, group_id, client_id, commit, rdkafka::consumer::DefaultConsumerContext)
+}
+
+/// [`consumer`] with a context of the stage's own (rebalance callbacks).
+pub fn consumer_with_context<C: rdkafka::consumer::ConsumerContext + 'static>(
+    settings: &Settings,
+    group_id: &str,
+    client_id: &str,
+    commit: OffsetCommit,
+    context: C,
+) -> KafkaResult<StreamConsumer<C>> {
     let mut config = base_config(settings);
     let auto_commit = commit == OffsetCommit::Stored;
     config
         .set("group.id", group_id)
         .set("client.id", client_id)
-        .set(
-            "enable.auto.commit",
-            if auto_commit { "true" } else { "false" },
-        )
+        .set("enable.auto.commit", if auto_commit { "true" } else { "false" })
         .set("auto.commit.interval.ms", "1000")
         .set("enable.auto.offset.store", "false")
         .set("auto.offset.reset", "earliest")
@@ -59,7 +67,7 @@ pub fn consumer(
         .set("partition.assignment.strategy", "cooperative-sticky")
         .set("enable.partition.eof", "false");
     override_from(&mut config, settings);
-    config.create()
+    config.create_with_context(context)
 }
 
 /// An idempotent producer (acks=all, no reordering on retry).
@@ -93,11 +101,7 @@ pub async fn ensure_topics(settings: &Settings, topics: &[&str]) -> anyhow::Resu
     let new: Vec<NewTopic<'_>> = topics
         .iter()
         .map(|t| {
-            NewTopic::new(
-                t,
-                settings.kafka.partitions,
-                TopicReplication::Fixed(settings.kafka.replication_factor),
-            )
+            NewTopic::new(t, settings.kafka.partitions, TopicReplication::Fixed(settings.kafka.replication_factor))
         })
         .collect();
     let opts = AdminOptions::new().operation_timeout(Some(Duration::from_secs(30)));
@@ -149,9 +153,7 @@ pub async fn next_batch(
 pub fn next_offsets(messages: &[OwnedMessage]) -> BTreeMap<(String, i32), i64> {
     let mut next = BTreeMap::new();
     for m in messages {
-        let entry = next
-            .entry((m.topic().to_string(), m.partition()))
-            .or_insert(m.offset() + 1);
+        let entry = next.entry((m.topic().to_string(), m.partition())).or_insert(m.offset() + 1);
         *entry = (*entry).max(m.offset() + 1);
     }
     next

@@ -31,21 +31,9 @@ pub struct StageMetrics {
 impl StageMetrics {
     fn register(registry: &mut Registry) -> Self {
         let m = Self::default();
-        registry.register(
-            "enrich_records_consumed",
-            "Records read from Kafka, per topic",
-            m.consumed.clone(),
-        );
-        registry.register(
-            "enrich_dead_letters",
-            "Records sent to the DLQ, by reason",
-            m.dead_letters.clone(),
-        );
-        registry.register(
-            "enrich_batch_retries",
-            "Batches that failed and were retried",
-            m.batch_retries.clone(),
-        );
+        registry.register("enrich_records_consumed", "Records read from Kafka, per topic", m.consumed.clone());
+        registry.register("enrich_dead_letters", "Records sent to the DLQ, by reason", m.dead_letters.clone());
+        registry.register("enrich_batch_retries", "Batches that failed and were retried", m.batch_retries.clone());
         m
     }
 
@@ -60,9 +48,7 @@ impl StageMetrics {
 
 /// Adds one to the series of `family` labelled `label=value`.
 pub fn inc(family: &Family<Labels, Counter>, label: &'static str, value: &str) {
-    family
-        .get_or_create(&vec![(label, value.to_string())])
-        .inc();
+    family.get_or_create(&vec![(label, value.to_string())]).inc();
 }
 
 /// A started stage: endpoints up, database connected (and migrated), topics present.
@@ -88,37 +74,17 @@ impl StageRuntime {
         let metrics = StageMetrics::register(&mut registry);
         let own = register(&mut registry);
         let state = ServiceState::new(stage.as_str(), registry);
-        let (addr, http) = http::serve(
-            "0.0.0.0",
-            port,
-            http::router(state.clone()),
-            shutdown.clone(),
-        )
-        .await?;
+        let (addr, http) = http::serve("0.0.0.0", port, http::router(state.clone()), shutdown.clone()).await?;
         tracing::info!(%addr, "health and metrics endpoints listening");
         let pool = db::connect(&settings.database).await?;
         kafka::ensure_topics(settings, topics).await?;
-        Ok((
-            Self {
-                stage,
-                state,
-                pool,
-                metrics,
-                http,
-            },
-            own,
-        ))
+        Ok((Self { stage, state, pool, metrics, http }, own))
     }
 
     /// Runs `attempt` until it succeeds (true) or shutdown is requested (false). Between
     /// failures the stage reports not-ready with the cause and backs off, doubling up to
     /// `max_backoff`. `attempt` must be idempotent: it may run again from the start.
-    pub async fn until_done<F, Fut>(
-        &self,
-        shutdown: &Shutdown,
-        max_backoff: Duration,
-        mut attempt: F,
-    ) -> bool
+    pub async fn until_done<F, Fut>(&self, shutdown: &Shutdown, max_backoff: Duration, mut attempt: F) -> bool
     where
         F: FnMut() -> Fut,
         Fut: std::future::Future<Output = anyhow::Result<()>>,

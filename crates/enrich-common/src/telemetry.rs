@@ -4,8 +4,8 @@ use tracing_subscriber::EnvFilter;
 
 /// Installs the JSON log subscriber once; later calls (tests) are no-ops.
 pub fn init(service: &str) {
-    let filter = EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| EnvFilter::new("info,rdkafka=warn,sqlx=warn,hyper=warn"));
+    let filter =
+        EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info,rdkafka=warn,sqlx=warn,hyper=warn"));
     let installed = tracing_subscriber::fmt()
         .json()
         .flatten_event(true)

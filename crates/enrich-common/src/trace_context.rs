@@ -21,20 +21,12 @@ impl TraceContext {
         if trace_id == [0; 16] {
             trace_id[15] = 1;
         }
-        Self {
-            trace_id,
-            span_id: new_span_id(),
-            flags: 0x01,
-            tracestate: None,
-        }
+        Self { trace_id, span_id: new_span_id(), flags: 0x01, tracestate: None }
     }
 
     /// The same trace with a new span: what a stage writes on the records it produces.
     pub fn child(&self) -> Self {
-        Self {
-            span_id: new_span_id(),
-            ..self.clone()
-        }
+        Self { span_id: new_span_id(), ..self.clone() }
     }
 
     /// Parses a `traceparent` value (version 00, or a later version read as 00 as the
@@ -66,25 +58,12 @@ impl TraceContext {
             return None;
         }
         let flags = u8::from_str_radix(flags, 16).ok()?;
-        let tracestate = tracestate
-            .map(str::trim)
-            .filter(|s| !s.is_empty())
-            .map(str::to_string);
-        Some(Self {
-            trace_id,
-            span_id,
-            flags,
-            tracestate,
-        })
+        let tracestate = tracestate.map(str::trim).filter(|s| !s.is_empty()).map(str::to_string);
+        Some(Self { trace_id, span_id, flags, tracestate })
     }
 
     pub fn traceparent(&self) -> String {
-        format!(
-            "00-{}-{}-{:02x}",
-            hex::encode(self.trace_id),
-            hex::encode(self.span_id),
-            self.flags
-        )
+        format!("00-{}-{}-{:02x}", hex::encode(self.trace_id), hex::encode(self.span_id), self.flags)
     }
 
     pub fn trace_id_hex(&self) -> String {
@@ -99,15 +78,9 @@ impl TraceContext {
     /// Adds `traceparent` (and `tracestate` when present) to outgoing headers.
     pub fn inject(&self, headers: OwnedHeaders) -> OwnedHeaders {
         let tp = self.traceparent();
-        let headers = headers.insert(KafkaHeader {
-            key: TRACEPARENT,
-            value: Some(tp.as_bytes()),
-        });
+        let headers = headers.insert(KafkaHeader { key: TRACEPARENT, value: Some(tp.as_bytes()) });
         match &self.tracestate {
-            Some(ts) => headers.insert(KafkaHeader {
-                key: TRACESTATE,
-                value: Some(ts.as_bytes()),
-            }),
+            Some(ts) => headers.insert(KafkaHeader { key: TRACESTATE, value: Some(ts.as_bytes()) }),
             None => headers,
         }
     }
@@ -122,8 +95,7 @@ fn new_span_id() -> [u8; 8] {
 }
 
 fn is_lower_hex(s: &str) -> bool {
-    s.bytes()
-        .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
+    s.bytes().all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
 }
 
 #[cfg(test)]

@@ -7,6 +7,7 @@ pub mod llm;
 mod metrics;
 pub mod process;
 pub mod prompt;
+pub mod scheduler;
 pub mod store;
 pub mod validate;
 
@@ -34,11 +35,7 @@ pub async fn run(settings: Settings, shutdown: CancellationToken) -> anyhow::Res
     let validator = validate::OutputValidator::new(&settings.llm.output_schema)?;
     let prompt = prompt::PromptTemplate::new(&settings.llm)?;
     let llm = llm::LlmClient::new(&settings.llm, &validator.schema)?;
-    let topics = [
-        settings.topics.requests.as_str(),
-        settings.topics.results.as_str(),
-        settings.topics.dlq.as_str(),
-    ];
+    let topics = [settings.topics.requests.as_str(), settings.topics.results.as_str(), settings.topics.dlq.as_str()];
     let (runtime, mut metrics) = StageRuntime::start(
         &settings,
         STAGE,
@@ -51,25 +48,11 @@ pub async fn run(settings: Settings, shutdown: CancellationToken) -> anyhow::Res
     metrics.stage = runtime.metrics.clone();
     let producer = kafka::producer(&settings, STAGE.as_str())?;
     let group = settings.group_id(STAGE);
-    let consumer = kafka::consumer(
-        &settings,
-        &group,
-        STAGE.as_str(),
-        kafka::OffsetCommit::Stored,
-    )?;
+    let consumer = kafka::consumer(&settings, &group, STAGE.as_str(), kafka::OffsetCommit::Stored)?;
     consumer.subscribe(&[&settings.topics.requests])?;
-    let owner = settings
-        .enricher
-        .instance_id
-        .clone()
-        .unwrap_or_else(|| format!("enricher-{:016x}", rand::random::<u64>()));
-    tracing::info!(
-        group,
-        owner,
-        model = llm.model(),
-        prompt_version = prompt.version(),
-        "consuming"
-    );
+    let owner =
+        settings.enricher.instance_id.clone().unwrap_or_else(|| format!("enricher-{:016x}", rand::random::<u64>()));
+    tracing::info!(group, owner, model = llm.model(), prompt_version = prompt.version(), "consuming");
 
     let enricher = Arc::new(Enricher {
         store: store::Store {
@@ -100,12 +83,7 @@ pub async fn run(settings: Settings, shutdown: CancellationToken) -> anyhow::Res
         for m in &batch {
             runtime.metrics.consumed(m.topic());
         }
-        if !runtime
-            .until_done(&shutdown, MAX_BACKOFF, || {
-                process_batch(&enricher, &batch, &limit)
-            })
-            .await
-        {
+        if !runtime.until_done(&shutdown, MAX_BACKOFF, || process_batch(&enricher, &batch, &limit)).await {
             break;
         }
         kafka::store_offsets(&consumer, &batch);
@@ -117,17 +95,10 @@ pub async fn run(settings: Settings, shutdown: CancellationToken) -> anyhow::Res
 
 /// Records of one Kafka key run in order; different keys run concurrently, up to
 /// `enricher.max_in_flight`. Every record is finished (or known failed) on return.
-async fn process_batch(
-    enricher: &Arc<Enricher>,
-    batch: &[OwnedMessage],
-    limit: &Arc<Semaphore>,
-) -> anyhow::Result<()> {
+async fn process_batch(enricher: &Arc<Enricher>, batch: &[OwnedMessage], limit: &Arc<Semaphore>) -> anyhow::Result<()> {
     let mut by_key: BTreeMap<(i32, Option<Vec<u8>>), Vec<OwnedMessage>> = BTreeMap::new();
     for m in batch {
-        by_key
-            .entry((m.partition(), m.key().map(<[u8]>::to_vec)))
-            .or_default()
-            .push(m.clone());
+        by_key.entry((m.partition(), m.key().map(<[u8]>::to_vec))).or_default().push(m.clone());
     }
     let mut tasks = tokio::task::JoinSet::new();
     for (_, records) in by_key {

@@ -22,10 +22,7 @@ pub struct LlmError {
 
 impl LlmError {
     fn new(class: ErrorClass, reason: &'static str, message: impl Into<String>) -> Self {
-        Self {
-            error: RecordError::new(class, reason, message),
-            retry_after: None,
-        }
+        Self { error: RecordError::new(class, reason, message), retry_after: None }
     }
 }
 
@@ -134,14 +131,9 @@ pub fn classify_status(status: StatusCode, body: &str) -> LlmError {
     match status.as_u16() {
         429 => LlmError::new(ErrorClass::Transient, "rate_limited", message),
         408 => LlmError::new(ErrorClass::Transient, "timeout", message),
-        500 | 502 | 503 | 504 | 529 => {
-            LlmError::new(ErrorClass::Transient, "server_error", message)
-        }
+        500 | 502 | 503 | 504 | 529 => LlmError::new(ErrorClass::Transient, "server_error", message),
         401 | 403 => LlmError::new(ErrorClass::Outage, "unauthorized", message),
-        400 | 413 | 422
-            if body.contains("context_length_exceeded")
-                || body.contains("maximum context length") =>
-        {
+        400 | 413 | 422 if body.contains("context_length_exceeded") || body.contains("maximum context length") => {
             LlmError::new(ErrorClass::Permanent, "context_too_long", message)
         }
         400..=499 => LlmError::new(ErrorClass::Permanent, "bad_request", message),
@@ -159,10 +151,7 @@ fn retry_after(headers: &reqwest::header::HeaderMap) -> Option<Duration> {
     {
         return Some(Duration::from_secs_f64(secs.min(3600.0)));
     }
-    headers
-        .get("x-ratelimit-reset-requests")
-        .and_then(|v| v.to_str().ok())
-        .and_then(parse_go_duration)
+    headers.get("x-ratelimit-reset-requests").and_then(|v| v.to_str().ok()).and_then(parse_go_duration)
 }
 
 /// Parses durations such as `1s`, `250ms`, `6m0s`, `1h2m3.5s`.
@@ -227,45 +216,25 @@ struct Usage {
 }
 
 fn parse_completion(text: &str, latency: Duration) -> Result<Completion, LlmError> {
-    let response: ChatResponse = serde_json::from_str(text).map_err(|e| {
-        LlmError::new(
-            ErrorClass::Transient,
-            "bad_response",
-            format!("not a chat completion: {e}"),
-        )
-    })?;
-    let choice = response.choices.into_iter().next().ok_or_else(|| {
-        LlmError::new(
-            ErrorClass::Transient,
-            "bad_response",
-            "the answer has no choices",
-        )
-    })?;
+    let response: ChatResponse = serde_json::from_str(text)
+        .map_err(|e| LlmError::new(ErrorClass::Transient, "bad_response", format!("not a chat completion: {e}")))?;
+    let choice = response
+        .choices
+        .into_iter()
+        .next()
+        .ok_or_else(|| LlmError::new(ErrorClass::Transient, "bad_response", "the answer has no choices"))?;
     if let Some(refusal) = choice.message.refusal.filter(|r| !r.is_empty()) {
         return Err(LlmError::new(ErrorClass::Permanent, "refusal", refusal));
     }
     if choice.finish_reason.as_deref() == Some("length") {
-        return Err(LlmError::new(
-            ErrorClass::Permanent,
-            "output_truncated",
-            "the answer hit llm.max_output_tokens",
-        ));
+        return Err(LlmError::new(ErrorClass::Permanent, "output_truncated", "the answer hit llm.max_output_tokens"));
     }
     let content = choice
         .message
         .content
         .filter(|c| !c.trim().is_empty())
-        .ok_or_else(|| {
-            LlmError::new(
-                ErrorClass::Permanent,
-                "empty_output",
-                "the answer has no content",
-            )
-        })?;
-    let usage = response.usage.unwrap_or(Usage {
-        prompt_tokens: 0,
-        completion_tokens: 0,
-    });
+        .ok_or_else(|| LlmError::new(ErrorClass::Permanent, "empty_output", "the answer has no content"))?;
+    let usage = response.usage.unwrap_or(Usage { prompt_tokens: 0, completion_tokens: 0 });
     Ok(Completion {
         content,
         model: response.model,
@@ -302,10 +271,7 @@ mod tests {
         assert_eq!(parse_go_duration("1s"), Some(Duration::from_secs(1)));
         assert_eq!(parse_go_duration("6m0s"), Some(Duration::from_secs(360)));
         assert_eq!(parse_go_duration("250ms"), Some(Duration::from_millis(250)));
-        assert_eq!(
-            parse_go_duration("1m2.5s"),
-            Some(Duration::from_secs_f64(62.5))
-        );
+        assert_eq!(parse_go_duration("1m2.5s"), Some(Duration::from_secs_f64(62.5)));
         // Waits are capped at an hour.
         assert_eq!(parse_go_duration("2h"), Some(Duration::from_secs(3600)));
         assert_eq!(parse_go_duration("soon"), None);
@@ -316,37 +282,11 @@ mod tests {
     fn completions_parse_and_refusals_are_permanent() {
         let ok = r#"{"model":"m1","choices":[{"message":{"content":"{\"a\":1}"},"finish_reason":"stop"}],"usage":{"prompt_tokens":12,"completion_tokens":3}}"#;
         let c = parse_completion(ok, Duration::ZERO).unwrap();
-        assert_eq!(
-            (
-                c.content.as_str(),
-                c.model.as_str(),
-                c.input_tokens,
-                c.output_tokens
-            ),
-            ("{\"a\":1}", "m1", 12, 3)
-        );
+        assert_eq!((c.content.as_str(), c.model.as_str(), c.input_tokens, c.output_tokens), ("{\"a\":1}", "m1", 12, 3));
         let refused = r#"{"choices":[{"message":{"content":null,"refusal":"I can't"}}]}"#;
-        assert_eq!(
-            parse_completion(refused, Duration::ZERO)
-                .unwrap_err()
-                .error
-                .reason,
-            "refusal"
-        );
+        assert_eq!(parse_completion(refused, Duration::ZERO).unwrap_err().error.reason, "refusal");
         let cut = r#"{"choices":[{"message":{"content":"{\"a\":"},"finish_reason":"length"}]}"#;
-        assert_eq!(
-            parse_completion(cut, Duration::ZERO)
-                .unwrap_err()
-                .error
-                .reason,
-            "output_truncated"
-        );
-        assert_eq!(
-            parse_completion("<html>", Duration::ZERO)
-                .unwrap_err()
-                .error
-                .class,
-            ErrorClass::Transient
-        );
+        assert_eq!(parse_completion(cut, Duration::ZERO).unwrap_err().error.reason, "output_truncated");
+        assert_eq!(parse_completion("<html>", Duration::ZERO).unwrap_err().error.class, ErrorClass::Transient);
     }
 }

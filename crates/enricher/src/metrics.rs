@@ -28,31 +28,11 @@ impl EnricherMetrics {
             llm_latency: Histogram::new([0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0, 10.0, 30.0]),
             in_flight: Gauge::default(),
         };
-        registry.register(
-            "enrich_enricher_records",
-            "Requests by outcome",
-            m.records.clone(),
-        );
-        registry.register(
-            "enrich_llm_calls",
-            "LLM calls by outcome",
-            m.llm_calls.clone(),
-        );
-        registry.register(
-            "enrich_llm_tokens",
-            "LLM tokens, by direction (input, output)",
-            m.llm_tokens.clone(),
-        );
-        registry.register(
-            "enrich_llm_latency_seconds",
-            "LLM call latency",
-            m.llm_latency.clone(),
-        );
-        registry.register(
-            "enrich_in_flight",
-            "Keys being enriched now",
-            m.in_flight.clone(),
-        );
+        registry.register("enrich_enricher_records", "Requests by outcome", m.records.clone());
+        registry.register("enrich_llm_calls", "LLM calls by outcome", m.llm_calls.clone());
+        registry.register("enrich_llm_tokens", "LLM tokens, by direction (input, output)", m.llm_tokens.clone());
+        registry.register("enrich_llm_latency_seconds", "LLM call latency", m.llm_latency.clone());
+        registry.register("enrich_in_flight", "Keys being enriched now", m.in_flight.clone());
         m
     }
 

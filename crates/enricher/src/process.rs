@@ -50,9 +50,7 @@ impl Enricher {
     /// the LLM endpoint is down: the record was not finished and must be read again.
     pub async fn handle(&self, message: &OwnedMessage) -> anyhow::Result<()> {
         let headers = headers::collect(message.headers());
-        let trace = TraceContext::extract(&headers)
-            .map(|t| t.child())
-            .unwrap_or_else(TraceContext::new_root);
+        let trace = TraceContext::extract(&headers).map(|t| t.child()).unwrap_or_else(TraceContext::new_root);
         let record_key = message.key().map(<[u8]>::to_vec);
         let envelope = match Envelope::decode_from(message.payload().unwrap_or_default()) {
             Ok(e) => e,
@@ -64,11 +62,8 @@ impl Enricher {
         loop {
             match self.store.acquire(&envelope).await? {
                 KeyState::Enriched(stored) => {
-                    self.emit(&envelope, &record_key, &stored, 0, (0, 0), &trace)
-                        .await?;
-                    self.store
-                        .record_run(&envelope, 0, "reused", &trace.trace_id_hex(), None)
-                        .await?;
+                    self.emit(&envelope, &record_key, &stored, 0, (0, 0), &trace).await?;
+                    self.store.record_run(&envelope, 0, "reused", &trace.trace_id_hex(), None).await?;
                     self.metrics.outcome("reused");
                     return Ok(());
                 }
@@ -80,13 +75,9 @@ impl Enricher {
                     let err = RecordError::new(
                         ErrorClass::Permanent,
                         "max_attempts",
-                        format!(
-                            "{attempts} attempts already made (llm.max_attempts); not calling again"
-                        ),
+                        format!("{attempts} attempts already made (llm.max_attempts); not calling again"),
                     );
-                    return self
-                        .give_up(envelope, &record_key, &err, attempts, &trace)
-                        .await;
+                    return self.give_up(envelope, &record_key, &err, attempts, &trace).await;
                 }
                 KeyState::Leased { remaining } => {
                     // Another live replica is calling the LLM for this key: wait for it.
@@ -102,17 +93,8 @@ impl Enricher {
                     self.metrics.in_flight.dec();
                     match outcome {
                         Ok((stored, tokens)) => {
-                            self.emit(&envelope, &record_key, &stored, attempt, tokens, &trace)
-                                .await?;
-                            self.store
-                                .record_run(
-                                    &envelope,
-                                    attempt,
-                                    "enriched",
-                                    &trace.trace_id_hex(),
-                                    None,
-                                )
-                                .await?;
+                            self.emit(&envelope, &record_key, &stored, attempt, tokens, &trace).await?;
+                            self.store.record_run(&envelope, attempt, "enriched", &trace.trace_id_hex(), None).await?;
                             self.metrics.outcome("enriched");
                             return Ok(());
                         }
@@ -136,19 +118,12 @@ impl Enricher {
                                 let err = RecordError::new(
                                     ErrorClass::Transient,
                                     "max_attempts",
-                                    format!(
-                                        "gave up after {attempt} attempts; last error: {}",
-                                        e.error
-                                    ),
+                                    format!("gave up after {attempt} attempts; last error: {}", e.error),
                                 );
-                                return self
-                                    .give_up(envelope, &record_key, &err, attempt, &trace)
-                                    .await;
+                                return self.give_up(envelope, &record_key, &err, attempt, &trace).await;
                             }
                             ErrorClass::InvalidInput | ErrorClass::Permanent => {
-                                return self
-                                    .give_up(envelope, &record_key, &e.error, attempt, &trace)
-                                    .await;
+                                return self.give_up(envelope, &record_key, &e.error, attempt, &trace).await;
                             }
                             ErrorClass::Outage | ErrorClass::Fatal => {
                                 // Not this record's fault: keep its attempt and its offset.
@@ -164,27 +139,16 @@ impl Enricher {
 
     /// One paid call: render, call, validate, store. Returns the stored result and the
     /// tokens this call used.
-    async fn attempt(
-        &self,
-        envelope: &Envelope,
-        attempt: i32,
-    ) -> Result<(StoredResult, (u32, u32)), AttemptError> {
+    async fn attempt(&self, envelope: &Envelope, attempt: i32) -> Result<(StoredResult, (u32, u32)), AttemptError> {
         let key = &envelope.idempotency_key;
         let record: serde_json::Value = serde_json::from_slice(&envelope.payload).map_err(|e| {
             AttemptError::Llm(LlmError {
-                error: RecordError::invalid(
-                    "invalid_json",
-                    format!("the payload is not JSON: {e}"),
-                ),
+                error: RecordError::invalid("invalid_json", format!("the payload is not JSON: {e}")),
                 retry_after: None,
             })
         })?;
-        let prompt = self.prompt.render(&record).map_err(|error| {
-            AttemptError::Llm(LlmError {
-                error,
-                retry_after: None,
-            })
-        })?;
+        let prompt =
+            self.prompt.render(&record).map_err(|error| AttemptError::Llm(LlmError { error, retry_after: None }))?;
         let started = std::time::Instant::now();
         let called = self.llm.complete(&prompt).await;
         let elapsed = started.elapsed();
@@ -221,11 +185,7 @@ impl Enricher {
             .llm_tokens
             .get_or_create(&vec![("direction", "output".into())])
             .inc_by(u64::from(completion.output_tokens));
-        let model = if completion.model.is_empty() {
-            self.llm.model().to_string()
-        } else {
-            completion.model.clone()
-        };
+        let model = if completion.model.is_empty() { self.llm.model().to_string() } else { completion.model.clone() };
         self.store
             .record_step(
                 key,
@@ -258,12 +218,7 @@ impl Enricher {
                 },
             )
             .await?;
-        let value = validated.map_err(|error| {
-            AttemptError::Llm(LlmError {
-                error,
-                retry_after: None,
-            })
-        })?;
+        let value = validated.map_err(|error| AttemptError::Llm(LlmError { error, retry_after: None }))?;
         let json = value.to_string();
         let result = StoredResult {
             result_hash: hex::encode(Sha256::digest(json.as_bytes())),
@@ -296,12 +251,8 @@ impl Enricher {
             })),
             ..envelope.clone()
         };
-        let h = trace.inject(headers::owned(&[(
-            headers::IDEMPOTENCY_KEY,
-            &envelope.idempotency_key,
-        )]));
-        self.produce(&self.results_topic, record_key, out.encode_to_bytes(), h)
-            .await
+        let h = trace.inject(headers::owned(&[(headers::IDEMPOTENCY_KEY, &envelope.idempotency_key)]));
+        self.produce(&self.results_topic, record_key, out.encode_to_bytes(), h).await
     }
 
     /// Dead-letters the record (the DLQ record first, then the state), never to be called again.
@@ -317,17 +268,10 @@ impl Enricher {
         let key = envelope.idempotency_key.clone();
         let snapshot = envelope.clone();
         let (dead, h) = dead_letter(envelope, error, STAGE, trace);
-        self.produce(&self.dlq_topic, record_key, dead.encode_to_bytes(), h)
-            .await?;
+        self.produce(&self.dlq_topic, record_key, dead.encode_to_bytes(), h).await?;
         self.store.mark_dead_lettered(&key).await?;
         self.store
-            .record_run(
-                &snapshot,
-                attempts,
-                "dead_lettered",
-                &trace.trace_id_hex(),
-                Some(&error.to_string()),
-            )
+            .record_run(&snapshot, attempts, "dead_lettered", &trace.trace_id_hex(), Some(&error.to_string()))
             .await?;
         self.metrics.outcome("dead_lettered");
         self.metrics.stage.dead_lettered(error.reason);
@@ -336,12 +280,7 @@ impl Enricher {
     }
 
     /// A record on the requests topic that is not an envelope: dead-letter it as it is.
-    async fn reject_foreign(
-        &self,
-        message: &OwnedMessage,
-        trace: &TraceContext,
-        reason: String,
-    ) -> anyhow::Result<()> {
+    async fn reject_foreign(&self, message: &OwnedMessage, trace: &TraceContext, reason: String) -> anyhow::Result<()> {
         let key = fallback_key(&self.store.pipeline, message.key(), message.payload());
         let envelope = Envelope {
             schema: envelope::SCHEMA.into(),
@@ -360,28 +299,15 @@ impl Enricher {
         let error = RecordError::invalid("invalid_envelope", reason);
         let (dead, h) = dead_letter(envelope, &error, STAGE, trace);
         let record_key = message.key().unwrap_or(key.as_str().as_bytes()).to_vec();
-        self.produce(&self.dlq_topic, &record_key, dead.encode_to_bytes(), h)
-            .await?;
+        self.produce(&self.dlq_topic, &record_key, dead.encode_to_bytes(), h).await?;
         self.metrics.stage.dead_lettered(error.reason);
         tracing::warn!(topic = message.topic(), offset = message.offset(), error = %error, "foreign record dead-lettered");
         Ok(())
     }
 
-    async fn produce(
-        &self,
-        topic: &str,
-        key: &[u8],
-        payload: Vec<u8>,
-        headers: OwnedHeaders,
-    ) -> anyhow::Result<()> {
+    async fn produce(&self, topic: &str, key: &[u8], payload: Vec<u8>, headers: OwnedHeaders) -> anyhow::Result<()> {
         self.producer
-            .send(
-                FutureRecord::to(topic)
-                    .key(key)
-                    .payload(&payload)
-                    .headers(headers),
-                Duration::from_secs(30),
-            )
+            .send(FutureRecord::to(topic).key(key).payload(&payload).headers(headers), Duration::from_secs(30))
             .await
             .map_err(|(e, _)| anyhow::anyhow!("cannot produce to {topic}: {e}"))?;
         Ok(())

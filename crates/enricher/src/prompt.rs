@@ -30,11 +30,7 @@ impl PromptTemplate {
             hasher.update(part.as_bytes());
         }
         let version = hex::encode(&hasher.finalize()[..8]);
-        Ok(Self {
-            env,
-            system: llm.system_prompt.trim().to_string(),
-            version,
-        })
+        Ok(Self { env, system: llm.system_prompt.trim().to_string(), version })
     }
 
     pub fn version(&self) -> &str {
@@ -43,26 +39,14 @@ impl PromptTemplate {
 
     /// Renders the user message over the record's fields.
     pub fn render(&self, record: &serde_json::Value) -> Result<Prompt, RecordError> {
-        let template = self.env.get_template("user").map_err(|e| {
-            RecordError::new(
-                enrich_common::ErrorClass::Fatal,
-                "template_error",
-                e.to_string(),
-            )
-        })?;
+        let template = self
+            .env
+            .get_template("user")
+            .map_err(|e| RecordError::new(enrich_common::ErrorClass::Fatal, "template_error", e.to_string()))?;
         let user = template
             .render(minijinja::value::Serde(record))
-            .map_err(|e| {
-                RecordError::new(
-                    enrich_common::ErrorClass::Permanent,
-                    "template_error",
-                    e.to_string(),
-                )
-            })?;
-        Ok(Prompt {
-            system: self.system.clone(),
-            user: user.trim().to_string(),
-        })
+            .map_err(|e| RecordError::new(enrich_common::ErrorClass::Permanent, "template_error", e.to_string()))?;
+        Ok(Prompt { system: self.system.clone(), user: user.trim().to_string() })
     }
 }
 
@@ -88,11 +72,8 @@ mod tests {
 
     #[test]
     fn renders_fields_and_tolerates_missing_ones() {
-        let t =
-            PromptTemplate::new(&llm("Subject: {{ subject }}\n{{ body }}{{ missing }}\n")).unwrap();
-        let p = t
-            .render(&serde_json::json!({"subject": "Hi ü", "body": "text"}))
-            .unwrap();
+        let t = PromptTemplate::new(&llm("Subject: {{ subject }}\n{{ body }}{{ missing }}\n")).unwrap();
+        let p = t.render(&serde_json::json!({"subject": "Hi ü", "body": "text"})).unwrap();
         assert_eq!(p.user, "Subject: Hi ü\ntext");
         assert_eq!(p.system, "sys");
     }

@@ -35,16 +35,8 @@ pub struct Store {
     pub max_attempts: i32,
 }
 
-type StateRow = (
-    String,
-    i32,
-    Option<String>,
-    Option<String>,
-    Option<String>,
-    Option<String>,
-    Option<String>,
-    Option<f64>,
-);
+type StateRow =
+    (String, i32, Option<String>, Option<String>, Option<String>, Option<String>, Option<String>, Option<f64>);
 
 impl Store {
     /// Takes the lease and counts the attempt *before* the call, so a record that crashes
@@ -81,8 +73,7 @@ impl Store {
             .bind(key)
             .fetch_optional(&self.pool)
             .await?;
-            let Some((state, attempts, json, hash, model, version, _owner, lease_left)) = row
-            else {
+            let Some((state, attempts, json, hash, model, version, _owner, lease_left)) = row else {
                 // A request for a key ingest never recorded (its row was removed): adopt it.
                 self.adopt(envelope).await?;
                 continue;
@@ -96,14 +87,10 @@ impl Store {
                 }),
                 "dead_lettered" => KeyState::DeadLettered,
                 _ if attempts >= self.max_attempts => KeyState::AttemptsExhausted { attempts },
-                _ => KeyState::Leased {
-                    remaining: Duration::from_secs_f64(lease_left.unwrap_or(0.0).max(0.05)),
-                },
+                _ => KeyState::Leased { remaining: Duration::from_secs_f64(lease_left.unwrap_or(0.0).max(0.05)) },
             });
         }
-        Ok(KeyState::Leased {
-            remaining: Duration::from_millis(100),
-        })
+        Ok(KeyState::Leased { remaining: Duration::from_millis(100) })
     }
 
     async fn adopt(&self, envelope: &Envelope) -> sqlx::Result<()> {
@@ -125,11 +112,7 @@ impl Store {
 
     /// Stores the result unless another one was stored first; returns the stored one
     /// (so every copy emitted for a key is the same).
-    pub async fn store_result(
-        &self,
-        key: &str,
-        result: &StoredResult,
-    ) -> sqlx::Result<StoredResult> {
+    pub async fn store_result(&self, key: &str, result: &StoredResult) -> sqlx::Result<StoredResult> {
         let updated = sqlx::query(
             "UPDATE enrich_state
              SET state = 'enriched', result = $3::jsonb, result_hash = $4, model = $5, prompt_version = $6,

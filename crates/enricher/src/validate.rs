@@ -11,14 +11,10 @@ pub struct OutputValidator {
 
 impl OutputValidator {
     pub fn new(schema_text: &str) -> anyhow::Result<Self> {
-        let schema: Value = serde_json::from_str(schema_text).map_err(|e| {
-            anyhow::anyhow!("invalid configuration: `llm.output_schema`: not JSON: {e}")
-        })?;
-        let validator = jsonschema::validator_for(&schema).map_err(|e| {
-            anyhow::anyhow!(
-                "invalid configuration: `llm.output_schema`: not a valid JSON schema: {e}"
-            )
-        })?;
+        let schema: Value = serde_json::from_str(schema_text)
+            .map_err(|e| anyhow::anyhow!("invalid configuration: `llm.output_schema`: not JSON: {e}"))?;
+        let validator = jsonschema::validator_for(&schema)
+            .map_err(|e| anyhow::anyhow!("invalid configuration: `llm.output_schema`: not a valid JSON schema: {e}"))?;
         Ok(Self { validator, schema })
     }
 
@@ -31,20 +27,12 @@ impl OutputValidator {
                 format!("the answer is not JSON: {e}"),
             )
         })?;
-        let errors: Vec<String> = self
-            .validator
-            .iter_errors(&value)
-            .take(5)
-            .map(|e| format!("{} at {}", e, e.instance_path()))
-            .collect();
+        let errors: Vec<String> =
+            self.validator.iter_errors(&value).take(5).map(|e| format!("{} at {}", e, e.instance_path())).collect();
         if errors.is_empty() {
             Ok(value)
         } else {
-            Err(RecordError::new(
-                enrich_common::ErrorClass::Permanent,
-                "schema_violation",
-                errors.join("; "),
-            ))
+            Err(RecordError::new(enrich_common::ErrorClass::Permanent, "schema_violation", errors.join("; ")))
         }
     }
 }
@@ -59,28 +47,17 @@ mod tests {
     #[test]
     fn accepts_conforming_output() {
         let v = OutputValidator::new(SCHEMA).unwrap();
-        assert_eq!(
-            v.validate(r#" {"category":"billing"} "#).unwrap()["category"],
-            "billing"
-        );
+        assert_eq!(v.validate(r#" {"category":"billing"} "#).unwrap()["category"], "billing");
     }
 
     #[test]
     fn rejects_bad_json_and_schema_violations_with_reasons() {
         let v = OutputValidator::new(SCHEMA).unwrap();
-        assert_eq!(
-            v.validate("Sure! {category: billing}").unwrap_err().reason,
-            "invalid_json"
-        );
-        let e = v
-            .validate(r#"{"category":"food","summary":"too long"}"#)
-            .unwrap_err();
+        assert_eq!(v.validate("Sure! {category: billing}").unwrap_err().reason, "invalid_json");
+        let e = v.validate(r#"{"category":"food","summary":"too long"}"#).unwrap_err();
         assert_eq!(e.reason, "schema_violation");
         assert!(e.message.contains("food"), "{}", e.message);
-        assert_eq!(
-            v.validate(r#"{"extra":1}"#).unwrap_err().reason,
-            "schema_violation"
-        );
+        assert_eq!(v.validate(r#"{"extra":1}"#).unwrap_err().reason, "schema_violation");
     }
 
     #[test]

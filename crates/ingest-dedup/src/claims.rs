@@ -19,11 +19,7 @@ pub enum Claim {
 }
 
 /// Claims every sighting's key (insert-if-absent) and says what to do with each.
-pub async fn claim(
-    pool: &PgPool,
-    pipeline: &str,
-    sightings: &[&Sighting],
-) -> sqlx::Result<Vec<Claim>> {
+pub async fn claim(pool: &PgPool, pipeline: &str, sightings: &[&Sighting]) -> sqlx::Result<Vec<Claim>> {
     if sightings.is_empty() {
         return Ok(Vec::new());
     }
@@ -68,10 +64,8 @@ pub async fn claim(
     .bind(&keys)
     .fetch_all(pool)
     .await?;
-    let owners: HashMap<String, (String, String, i32, i64)> = rows
-        .into_iter()
-        .map(|(k, state, t, p, o)| (k, (state, t, p, o)))
-        .collect();
+    let owners: HashMap<String, (String, String, i32, i64)> =
+        rows.into_iter().map(|(k, state, t, p, o)| (k, (state, t, p, o))).collect();
 
     Ok(sightings
         .iter()

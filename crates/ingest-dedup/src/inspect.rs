@@ -43,9 +43,7 @@ impl Inspected {
 
 pub fn inspect(pipeline: &PipelineSettings, message: &OwnedMessage) -> Inspected {
     let headers = headers::collect(message.headers());
-    let trace = TraceContext::extract(&headers)
-        .map(|t| t.child())
-        .unwrap_or_else(TraceContext::new_root);
+    let trace = TraceContext::extract(&headers).map(|t| t.child()).unwrap_or_else(TraceContext::new_root);
     let value = message.payload();
     let key_bytes = message.key();
     let envelope = Envelope {
@@ -60,55 +58,33 @@ pub fn inspect(pipeline: &PipelineSettings, message: &OwnedMessage) -> Inspected
             key: key_bytes.map(<[u8]>::to_vec),
         }),
         payload: value.map(<[u8]>::to_vec).unwrap_or_default(),
-        headers: headers
-            .iter()
-            .map(|(k, v)| Header {
-                key: k.clone(),
-                value: v.clone(),
-            })
-            .collect(),
+        headers: headers.iter().map(|(k, v)| Header { key: k.clone(), value: v.clone() }).collect(),
         attempt: 0,
         outcome: None,
     };
 
     let parsed = validate_payload(pipeline, value);
-    let strategy = pipeline
-        .sources
-        .iter()
-        .find(|s| s.topic == message.topic())
-        .map(|s| &s.key);
+    let strategy = pipeline.sources.iter().find(|s| s.topic == message.topic()).map(|s| &s.key);
     let derived = match (&parsed, strategy) {
-        (_, None) => Err(RecordError::invalid(
-            "unknown_source",
-            format!("topic {} is not a configured source", message.topic()),
-        )),
+        (_, None) => {
+            Err(RecordError::invalid("unknown_source", format!("topic {} is not a configured source", message.topic())))
+        }
         (Err(e), _) => Err(e.clone()),
         (Ok(json), Some(strategy)) => {
-            let view = RecordView {
-                key: key_bytes,
-                headers: &headers,
-                json: Some(json),
-                value,
-            };
+            let view = RecordView { key: key_bytes, headers: &headers, json: Some(json), value };
             strategy.derive(&pipeline.name, &view)
         }
     };
     match derived {
         Ok(key) => Inspected::Valid(Sighting {
-            envelope: Envelope {
-                idempotency_key: key.to_string(),
-                ..envelope
-            },
+            envelope: Envelope { idempotency_key: key.to_string(), ..envelope },
             key,
             trace,
         }),
         Err(error) => {
             let key = fallback_key(&pipeline.name, key_bytes, value);
             Inspected::Invalid {
-                envelope: Envelope {
-                    idempotency_key: key.to_string(),
-                    ..envelope
-                },
+                envelope: Envelope { idempotency_key: key.to_string(), ..envelope },
                 key,
                 trace,
                 error,
@@ -118,22 +94,13 @@ pub fn inspect(pipeline: &PipelineSettings, message: &OwnedMessage) -> Inspected
 }
 
 /// The pipeline's format is JSON objects: anything else is invalid input.
-fn validate_payload(
-    pipeline: &PipelineSettings,
-    value: Option<&[u8]>,
-) -> Result<serde_json::Value, RecordError> {
+fn validate_payload(pipeline: &PipelineSettings, value: Option<&[u8]>) -> Result<serde_json::Value, RecordError> {
     let bytes = match value {
         None => {
-            return Err(RecordError::invalid(
-                "empty_value",
-                "the record has no value",
-            ));
+            return Err(RecordError::invalid("empty_value", "the record has no value"));
         }
         Some([]) => {
-            return Err(RecordError::invalid(
-                "empty_value",
-                "the record value is empty",
-            ));
+            return Err(RecordError::invalid("empty_value", "the record value is empty"));
         }
         Some(b) => b,
     };
@@ -147,16 +114,12 @@ fn validate_payload(
             ),
         ));
     }
-    let text = std::str::from_utf8(bytes).map_err(|e| {
-        RecordError::invalid("invalid_utf8", format!("the value is not UTF-8: {e}"))
-    })?;
+    let text = std::str::from_utf8(bytes)
+        .map_err(|e| RecordError::invalid("invalid_utf8", format!("the value is not UTF-8: {e}")))?;
     let json: serde_json::Value = serde_json::from_str(text)
         .map_err(|e| RecordError::invalid("invalid_json", format!("the value is not JSON: {e}")))?;
     if !json.is_object() {
-        return Err(RecordError::invalid(
-            "not_an_object",
-            "the value is JSON but not an object",
-        ));
+        return Err(RecordError::invalid("not_an_object", "the value is JSON but not an object"));
     }
     Ok(json)
 }
@@ -174,9 +137,7 @@ mod tests {
             name: "p".into(),
             sources: vec![SourceTopic {
                 topic: "raw".into(),
-                key: KeyStrategy::JsonPointer {
-                    pointers: vec!["/id".into()],
-                },
+                key: KeyStrategy::JsonPointer { pointers: vec!["/id".into()] },
             }],
             max_record_bytes: 64,
         }
@@ -205,22 +166,13 @@ mod tests {
     fn valid_ticket_becomes_an_envelope() {
         let tp = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
         let h = headers::owned(&[("traceparent", tp), ("x", "y")]);
-        let Inspected::Valid(s) = inspect(&pipeline(), &message(Some(br#"{"id":"T1"}"#), Some(h)))
-        else {
+        let Inspected::Valid(s) = inspect(&pipeline(), &message(Some(br#"{"id":"T1"}"#), Some(h))) else {
             panic!("invalid")
         };
         assert_eq!(s.key.as_str(), "p:T1");
         assert_eq!(s.envelope.idempotency_key, "p:T1");
         let src = s.envelope.source.as_ref().unwrap();
-        assert_eq!(
-            (
-                src.topic.as_str(),
-                src.partition,
-                src.offset,
-                src.timestamp_ms
-            ),
-            ("raw", 2, 40, 1_000)
-        );
+        assert_eq!((src.topic.as_str(), src.partition, src.offset, src.timestamp_ms), ("raw", 2, 40, 1_000));
         assert_eq!(src.key.as_deref(), Some(&b"k"[..]));
         assert_eq!(s.envelope.headers.len(), 2);
         // Same trace as the source, new span.

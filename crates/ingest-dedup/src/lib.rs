@@ -35,37 +35,18 @@ struct Ingest {
 pub async fn run(settings: Settings, shutdown: CancellationToken) -> anyhow::Result<()> {
     // Source topics are created only where the deployment lets stages create topics.
     let mut topics = settings.source_topics();
-    topics.extend([
-        settings.topics.requests.as_str(),
-        settings.topics.dlq.as_str(),
-    ]);
-    let (runtime, metrics) = StageRuntime::start(
-        &settings,
-        STAGE,
-        settings.ingest.http_port,
-        &topics,
-        &shutdown,
-        IngestMetrics::register,
-    )
-    .await?;
+    topics.extend([settings.topics.requests.as_str(), settings.topics.dlq.as_str()]);
+    let (runtime, metrics) =
+        StageRuntime::start(&settings, STAGE, settings.ingest.http_port, &topics, &shutdown, IngestMetrics::register)
+            .await?;
     let producer = kafka::producer(&settings, STAGE.as_str())?;
     let group = settings.group_id(STAGE);
-    let consumer = kafka::consumer(
-        &settings,
-        &group,
-        STAGE.as_str(),
-        kafka::OffsetCommit::Stored,
-    )?;
+    let consumer = kafka::consumer(&settings, &group, STAGE.as_str(), kafka::OffsetCommit::Stored)?;
     consumer.subscribe(&settings.source_topics())?;
     tracing::info!(group, topics = ?settings.source_topics(), "consuming");
     runtime.state.set_ready();
 
-    let ingest = Ingest {
-        settings,
-        runtime,
-        producer,
-        metrics,
-    };
+    let ingest = Ingest { settings, runtime, producer, metrics };
     let tuning = ingest.settings.ingest.tuning();
     loop {
         let batch = kafka::next_batch(&consumer, tuning, &shutdown).await;
@@ -73,11 +54,7 @@ pub async fn run(settings: Settings, shutdown: CancellationToken) -> anyhow::Res
             break;
         }
         // The batch is idempotent: on failure it is processed again from the start.
-        if !ingest
-            .runtime
-            .until_done(&shutdown, MAX_BACKOFF, || process_batch(&ingest, &batch))
-            .await
-        {
+        if !ingest.runtime.until_done(&shutdown, MAX_BACKOFF, || process_batch(&ingest, &batch)).await {
             break;
         }
         kafka::store_offsets(&consumer, &batch);
@@ -112,14 +89,8 @@ async fn process_batch(ingest: &Ingest, batch: &[OwnedMessage]) -> anyhow::Resul
                 let src = s.envelope.source.clone().unwrap_or_default();
                 let status = match claim {
                     Claim::Forward => {
-                        let record_key = src
-                            .key
-                            .clone()
-                            .unwrap_or_else(|| s.key.as_str().as_bytes().to_vec());
-                        let h = s.trace.inject(headers::owned(&[(
-                            headers::IDEMPOTENCY_KEY,
-                            s.key.as_str(),
-                        )]));
+                        let record_key = src.key.clone().unwrap_or_else(|| s.key.as_str().as_bytes().to_vec());
+                        let h = s.trace.inject(headers::owned(&[(headers::IDEMPOTENCY_KEY, s.key.as_str())]));
                         deliveries.push(send(
                             &ingest.producer,
                             &topics.requests,
@@ -138,11 +109,7 @@ async fn process_batch(ingest: &Ingest, batch: &[OwnedMessage]) -> anyhow::Resul
                 // idempotent, and it fills the row if a crash came before the first one.
                 dispositions.push(Disposition {
                     key: s.key.into_string(),
-                    status: if status == "redelivered" {
-                        "forwarded"
-                    } else {
-                        status
-                    },
+                    status: if status == "redelivered" { "forwarded" } else { status },
                     topic: src.topic,
                     partition: src.partition,
                     offset: src.offset,
@@ -150,25 +117,11 @@ async fn process_batch(ingest: &Ingest, batch: &[OwnedMessage]) -> anyhow::Resul
                     detail: None,
                 });
             }
-            Inspected::Invalid {
-                key,
-                envelope,
-                trace,
-                error,
-            } => {
+            Inspected::Invalid { key, envelope, trace, error } => {
                 let src = envelope.source.clone().unwrap_or_default();
-                let record_key = src
-                    .key
-                    .clone()
-                    .unwrap_or_else(|| key.as_str().as_bytes().to_vec());
+                let record_key = src.key.clone().unwrap_or_else(|| key.as_str().as_bytes().to_vec());
                 let (dead, h) = dead_letter(envelope, &error, STAGE.as_str(), &trace);
-                deliveries.push(send(
-                    &ingest.producer,
-                    &topics.dlq,
-                    &record_key,
-                    dead.encode_to_bytes(),
-                    h,
-                )?);
+                deliveries.push(send(&ingest.producer, &topics.dlq, &record_key, dead.encode_to_bytes(), h)?);
                 ingest.runtime.metrics.dead_lettered(error.reason);
                 tracing::warn!(
                     idempotency_key = %key, topic = %src.topic, partition = src.partition, offset = src.offset,
@@ -188,10 +141,7 @@ async fn process_batch(ingest: &Ingest, batch: &[OwnedMessage]) -> anyhow::Resul
         }
     }
     for delivery in deliveries {
-        delivery
-            .await
-            .map_err(|_| anyhow::anyhow!("producer dropped a delivery"))?
-            .map_err(|(e, _)| e)?;
+        delivery.await.map_err(|_| anyhow::anyhow!("producer dropped a delivery"))?.map_err(|(e, _)| e)?;
     }
     claims::mark_requested(&ingest.runtime.pool, &pipeline.name, &forwarded).await?;
     claims::record(&ingest.runtime.pool, &pipeline.name, &dispositions).await?;
@@ -213,11 +163,6 @@ fn send(
     headers: OwnedHeaders,
 ) -> anyhow::Result<rdkafka::producer::DeliveryFuture> {
     producer
-        .send_result(
-            FutureRecord::to(topic)
-                .key(key)
-                .payload(&payload)
-                .headers(headers),
-        )
+        .send_result(FutureRecord::to(topic).key(key).payload(&payload).headers(headers))
         .map_err(|(e, _)| anyhow::anyhow!("cannot enqueue a record for {topic}: {e}"))
 }

@@ -12,11 +12,7 @@ pub struct IngestMetrics {
 impl IngestMetrics {
     pub fn register(registry: &mut Registry) -> Self {
         let m = Self::default();
-        registry.register(
-            "enrich_ingest_records",
-            "Source records by outcome",
-            m.records.clone(),
-        );
+        registry.register("enrich_ingest_records", "Source records by outcome", m.records.clone());
         m
     }
 

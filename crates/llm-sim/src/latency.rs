@@ -32,10 +32,7 @@ impl Latency {
     /// (milliseconds; the last form adds a 1% tail of 20 s).
     pub fn parse(spec: &str) -> Result<Self, String> {
         let ms = |s: &str| -> Result<Duration, String> {
-            s.trim()
-                .parse::<u64>()
-                .map(Duration::from_millis)
-                .map_err(|e| format!("{s:?}: {e}"))
+            s.trim().parse::<u64>().map(Duration::from_millis).map_err(|e| format!("{s:?}: {e}"))
         };
         let num = |s: &str| -> Result<f64, String> {
             s.trim()
@@ -72,12 +69,7 @@ impl Latency {
                     }
                     None => (0.0, Duration::ZERO),
                 };
-                Ok(Latency::LogNormal {
-                    median,
-                    sigma,
-                    tail_share,
-                    tail,
-                })
+                Ok(Latency::LogNormal { median, sigma, tail_share, tail })
             }
             _ => Err(format!(
                 "unknown latency {spec:?}: fixed:MS, uniform:MIN-MAX or lognormal:MEDIAN,SIGMA[,SHARE:TAIL_MS]"
@@ -90,12 +82,7 @@ impl Latency {
         match self {
             Latency::Fixed(d) => *d,
             Latency::Uniform { min, max } => *min + (*max - *min).mul_f64(unit(text, 1)),
-            Latency::LogNormal {
-                median,
-                sigma,
-                tail_share,
-                tail,
-            } => {
+            Latency::LogNormal { median, sigma, tail_share, tail } => {
                 if unit(text, 3) < *tail_share {
                     return *tail;
                 }
@@ -112,12 +99,7 @@ impl Latency {
         match self {
             Latency::Fixed(d) => *d,
             Latency::Uniform { min, max } => (*min + *max) / 2,
-            Latency::LogNormal {
-                median,
-                sigma,
-                tail_share,
-                tail,
-            } => {
+            Latency::LogNormal { median, sigma, tail_share, tail } => {
                 let body = median.mul_f64((sigma * sigma / 2.0).exp());
                 body.mul_f64(1.0 - tail_share) + tail.mul_f64(*tail_share)
             }
@@ -145,16 +127,10 @@ mod tests {
 
     #[test]
     fn parses_every_form_and_rejects_nonsense() {
-        assert_eq!(
-            Latency::parse("fixed:200").unwrap(),
-            Latency::Fixed(Duration::from_millis(200))
-        );
+        assert_eq!(Latency::parse("fixed:200").unwrap(), Latency::Fixed(Duration::from_millis(200)));
         assert_eq!(
             Latency::parse("uniform:50-400").unwrap(),
-            Latency::Uniform {
-                min: Duration::from_millis(50),
-                max: Duration::from_millis(400)
-            }
+            Latency::Uniform { min: Duration::from_millis(50), max: Duration::from_millis(400) }
         );
         assert_eq!(
             Latency::parse("lognormal:200,0.5,0.01:20000").unwrap(),
@@ -165,15 +141,7 @@ mod tests {
                 tail: Duration::from_secs(20)
             }
         );
-        for bad in [
-            "",
-            "fixed",
-            "fixed:-1",
-            "uniform:400-50",
-            "lognormal:200",
-            "lognormal:200,0.5,2:10",
-            "gauss:1",
-        ] {
+        for bad in ["", "fixed", "fixed:-1", "uniform:400-50", "lognormal:200", "lognormal:200,0.5,2:10", "gauss:1"] {
             assert!(Latency::parse(bad).is_err(), "{bad:?}");
         }
     }
@@ -183,29 +151,15 @@ mod tests {
         let uniform = Latency::parse("uniform:100-300").unwrap();
         let texts: Vec<String> = (0..4000).map(|i| format!("ticket {i}")).collect();
         assert_eq!(uniform.for_text("a"), uniform.for_text("a"));
-        assert!(
-            texts
-                .iter()
-                .all(|t| (100..=300).contains(&(uniform.for_text(t).as_millis() as u64)))
-        );
+        assert!(texts.iter().all(|t| (100..=300).contains(&(uniform.for_text(t).as_millis() as u64))));
 
         let lognormal = Latency::parse("lognormal:200,0.5,0.01:20000").unwrap();
-        let mut ms: Vec<u128> = texts
-            .iter()
-            .map(|t| lognormal.for_text(t).as_millis())
-            .collect();
+        let mut ms: Vec<u128> = texts.iter().map(|t| lognormal.for_text(t).as_millis()).collect();
         ms.sort_unstable();
         let median = ms[ms.len() / 2];
         assert!((170..=230).contains(&median), "median {median}");
         let tail = ms.iter().filter(|&&m| m == 20_000).count();
-        assert!(
-            (20..=60).contains(&tail),
-            "about 1% of 4000 in the tail: {tail}"
-        );
-        assert!(
-            lognormal.mean() > Duration::from_millis(400),
-            "the tail lifts the mean: {:?}",
-            lognormal.mean()
-        );
+        assert!((20..=60).contains(&tail), "about 1% of 4000 in the tail: {tail}");
+        assert!(lognormal.mean() > Duration::from_millis(400), "the tail lifts the mean: {:?}", lognormal.mean());
     }
 }

@@ -29,10 +29,7 @@ pub struct SimConfig {
 
 impl Default for SimConfig {
     fn default() -> Self {
-        Self {
-            latency: Latency::default(),
-            model: "llm-sim-support-v1".into(),
-        }
+        Self { latency: Latency::default(), model: "llm-sim-support-v1".into() }
     }
 }
 
@@ -75,10 +72,7 @@ pub async fn start(
     config: SimConfig,
     shutdown: CancellationToken,
 ) -> anyhow::Result<RunningSim> {
-    let state = Arc::new(AppState {
-        config,
-        counters: Counters::default(),
-    });
+    let state = Arc::new(AppState { config, counters: Counters::default() });
     let router = Router::new()
         .route("/v1/chat/completions", post(chat_completions))
         .route("/v1/models", get(models))
@@ -90,43 +84,27 @@ pub async fn start(
         .map_err(|e| anyhow::anyhow!("cannot listen on {bind}:{port}: {e}"))?;
     let addr = listener.local_addr()?;
     let handle = tokio::spawn(async move {
-        let served = axum::serve(listener, router)
-            .with_graceful_shutdown(async move { shutdown.cancelled().await })
-            .await;
+        let served =
+            axum::serve(listener, router).with_graceful_shutdown(async move { shutdown.cancelled().await }).await;
         if let Err(e) = served {
             tracing::error!(error = %e, "llm-sim server failed");
         }
     });
-    Ok(RunningSim {
-        addr,
-        state,
-        handle,
-    })
+    Ok(RunningSim { addr, state, handle })
 }
 
 fn openai_error(status: StatusCode, kind: &str, message: impl Into<String>) -> Response {
-    (
-        status,
-        Json(json!({"error": {"message": message.into(), "type": kind, "code": Value::Null}})),
-    )
-        .into_response()
+    (status, Json(json!({"error": {"message": message.into(), "type": kind, "code": Value::Null}}))).into_response()
 }
 
 /// Text of the last user message: a string, or the text parts of a content array.
 fn last_user_text(messages: &[Value]) -> Option<String> {
-    let message = messages
-        .iter()
-        .rev()
-        .find(|m| m.get("role").and_then(Value::as_str) == Some("user"))?;
+    let message = messages.iter().rev().find(|m| m.get("role").and_then(Value::as_str) == Some("user"))?;
     match message.get("content")? {
         Value::String(s) => Some(s.clone()),
-        Value::Array(parts) => Some(
-            parts
-                .iter()
-                .filter_map(|p| p.get("text").and_then(Value::as_str))
-                .collect::<Vec<_>>()
-                .join("\n"),
-        ),
+        Value::Array(parts) => {
+            Some(parts.iter().filter_map(|p| p.get("text").and_then(Value::as_str)).collect::<Vec<_>>().join("\n"))
+        }
         _ => None,
     }
 }
@@ -144,18 +122,10 @@ async fn chat_completions(State(state): State<Arc<AppState>>, body: axum::body::
     let Ok(request) = serde_json::from_slice::<Value>(&body) else {
         return reject("the body is not valid JSON");
     };
-    let Some(model) = request
-        .get("model")
-        .and_then(Value::as_str)
-        .map(str::to_string)
-    else {
+    let Some(model) = request.get("model").and_then(Value::as_str).map(str::to_string) else {
         return reject("`model` is required");
     };
-    let Some(messages) = request
-        .get("messages")
-        .and_then(Value::as_array)
-        .filter(|m| !m.is_empty())
-    else {
+    let Some(messages) = request.get("messages").and_then(Value::as_array).filter(|m| !m.is_empty()) else {
         return reject("`messages` must be a non-empty array");
     };
     let Some(text) = last_user_text(messages) else {
@@ -168,33 +138,18 @@ async fn chat_completions(State(state): State<Arc<AppState>>, body: axum::body::
 
     let mut answer = rules::enrich(&text);
     // Honour a JSON-schema response format: answer only the properties it asks for.
-    if let Some(props) = request
-        .pointer("/response_format/json_schema/schema/properties")
-        .and_then(Value::as_object)
+    if let Some(props) = request.pointer("/response_format/json_schema/schema/properties").and_then(Value::as_object)
         && let Value::Object(fields) = &mut answer
     {
         fields.retain(|k, _| props.contains_key(k));
     }
     let content = answer.to_string();
-    let prompt_tokens: u64 = messages
-        .iter()
-        .filter_map(|m| m.get("content").and_then(Value::as_str))
-        .map(tokens)
-        .sum();
+    let prompt_tokens: u64 = messages.iter().filter_map(|m| m.get("content").and_then(Value::as_str)).map(tokens).sum();
     let completion_tokens = tokens(&content);
     let n = state.counters.completions.fetch_add(1, Ordering::SeqCst) + 1;
-    state
-        .counters
-        .prompt_tokens
-        .fetch_add(prompt_tokens, Ordering::SeqCst);
-    state
-        .counters
-        .completion_tokens
-        .fetch_add(completion_tokens, Ordering::SeqCst);
-    let created = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_secs())
-        .unwrap_or(0);
+    state.counters.prompt_tokens.fetch_add(prompt_tokens, Ordering::SeqCst);
+    state.counters.completion_tokens.fetch_add(completion_tokens, Ordering::SeqCst);
+    let created = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0);
     Json(json!({
         "id": format!("chatcmpl-sim-{n}"),
         "object": "chat.completion",

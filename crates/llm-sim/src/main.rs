@@ -17,36 +17,22 @@ async fn main() -> anyhow::Result<()> {
     enrich_common::telemetry::init("llm-sim");
     let mut bind = std::env::var("LLM_SIM_BIND").unwrap_or_else(|_| "0.0.0.0".into());
     let mut port: u16 = match std::env::var("LLM_SIM_PORT") {
-        Ok(v) => v
-            .parse()
-            .map_err(|e| anyhow::anyhow!("LLM_SIM_PORT={v:?}: {e}"))?,
+        Ok(v) => v.parse().map_err(|e| anyhow::anyhow!("LLM_SIM_PORT={v:?}: {e}"))?,
         Err(_) => 8080,
     };
-    let mut latency = match (
-        std::env::var("LLM_SIM_LATENCY"),
-        std::env::var("LLM_SIM_LATENCY_MS"),
-    ) {
+    let mut latency = match (std::env::var("LLM_SIM_LATENCY"), std::env::var("LLM_SIM_LATENCY_MS")) {
         (Ok(spec), _) => parse_latency(&spec)?,
         (_, Ok(ms)) => parse_latency(&format!("fixed:{ms}"))?,
         _ => Latency::default(),
     };
     let mut args = std::env::args().skip(1);
     while let Some(arg) = args.next() {
-        let mut value = |name: &str| {
-            args.next()
-                .ok_or_else(|| anyhow::anyhow!("{name} needs a value"))
-        };
+        let mut value = |name: &str| args.next().ok_or_else(|| anyhow::anyhow!("{name} needs a value"));
         match arg.as_str() {
             "--bind" => bind = value("--bind")?,
-            "--port" => {
-                port = value("--port")?
-                    .parse()
-                    .map_err(|e| anyhow::anyhow!("--port: {e}"))?
-            }
+            "--port" => port = value("--port")?.parse().map_err(|e| anyhow::anyhow!("--port: {e}"))?,
             "--latency" => latency = parse_latency(&value("--latency")?)?,
-            "--latency-ms" => {
-                latency = parse_latency(&format!("fixed:{}", value("--latency-ms")?))?
-            }
+            "--latency-ms" => latency = parse_latency(&format!("fixed:{}", value("--latency-ms")?))?,
             "-h" | "--help" => {
                 println!("{HELP}");
                 return Ok(());
@@ -56,10 +42,7 @@ async fn main() -> anyhow::Result<()> {
     }
     let shutdown = enrich_common::shutdown::on_signals();
     let mean_ms = latency.mean().as_secs_f64() * 1000.0;
-    let config = llm_sim::SimConfig {
-        latency: latency.clone(),
-        ..Default::default()
-    };
+    let config = llm_sim::SimConfig { latency: latency.clone(), ..Default::default() };
     let sim = llm_sim::start(&bind, port, config, shutdown).await?;
     tracing::info!(addr = %sim.addr, latency = ?latency, mean_ms, "llm-sim listening");
     sim.handle.await?;

@@ -93,71 +93,18 @@ const NEGATIVE: &[&str] = &[
     "fails",
     "crash",
 ];
-const POSITIVE: &[&str] = &[
-    "thanks",
-    "thank you",
-    "great",
-    "love",
-    "happy",
-    "awesome",
-    "excellent",
-    "appreciate",
-    "perfect",
-    "wonderful",
-];
-const URGENT: &[&str] = &[
-    "urgent",
-    "asap",
-    "immediately",
-    "emergency",
-    "right now",
-    "dringend",
-    "urgente",
-];
+const POSITIVE: &[&str] =
+    &["thanks", "thank you", "great", "love", "happy", "awesome", "excellent", "appreciate", "perfect", "wonderful"];
+const URGENT: &[&str] = &["urgent", "asap", "immediately", "emergency", "right now", "dringend", "urgente"];
 
 const LANGUAGES: &[(&str, &[&str])] = &[
-    (
-        "en",
-        &[
-            "the", "and", "is", "my", "not", "with", "you", "please", "have", "was",
-        ],
-    ),
-    (
-        "de",
-        &[
-            "der", "die", "das", "und", "ist", "nicht", "mein", "ich", "bitte", "mit",
-        ],
-    ),
-    (
-        "fr",
-        &[
-            "le", "la", "les", "et", "est", "pas", "mon", "je", "avec", "merci",
-        ],
-    ),
-    (
-        "es",
-        &[
-            "el", "los", "las", "y", "es", "no", "mi", "por", "con", "gracias",
-        ],
-    ),
-    (
-        "it",
-        &[
-            "il", "gli", "e", "non", "mio", "per", "con", "grazie", "sono", "della",
-        ],
-    ),
-    (
-        "pt",
-        &[
-            "o", "os", "e", "não", "meu", "com", "obrigado", "para", "uma", "está",
-        ],
-    ),
-    (
-        "nl",
-        &[
-            "de", "het", "en", "is", "niet", "mijn", "ik", "met", "een", "bedankt",
-        ],
-    ),
+    ("en", &["the", "and", "is", "my", "not", "with", "you", "please", "have", "was"]),
+    ("de", &["der", "die", "das", "und", "ist", "nicht", "mein", "ich", "bitte", "mit"]),
+    ("fr", &["le", "la", "les", "et", "est", "pas", "mon", "je", "avec", "merci"]),
+    ("es", &["el", "los", "las", "y", "es", "no", "mi", "por", "con", "gracias"]),
+    ("it", &["il", "gli", "e", "non", "mio", "per", "con", "grazie", "sono", "della"]),
+    ("pt", &["o", "os", "e", "não", "meu", "com", "obrigado", "para", "uma", "está"]),
+    ("nl", &["de", "het", "en", "is", "niet", "mijn", "ik", "met", "een", "bedankt"]),
 ];
 
 const MAX_SUMMARY_CHARS: usize = 200;
@@ -166,16 +113,9 @@ const MAX_TAGS: usize = 6;
 /// The enrichment of one ticket text: category, sentiment, priority, language, summary, tags.
 pub fn enrich(text: &str) -> Value {
     let lower = text.to_lowercase();
-    let words: Vec<&str> = lower
-        .split(|c: char| !c.is_alphanumeric() && c != '\'')
-        .filter(|w| !w.is_empty())
-        .collect();
+    let words: Vec<&str> = lower.split(|c: char| !c.is_alphanumeric() && c != '\'').filter(|w| !w.is_empty()).collect();
     let has = |needle: &str| {
-        if needle.contains(' ') {
-            lower.contains(needle)
-        } else {
-            words.contains(&needle)
-        }
+        if needle.contains(' ') { lower.contains(needle) } else { words.contains(&needle) }
     };
 
     let mut tags: Vec<String> = Vec::new();
@@ -215,10 +155,7 @@ pub fn enrich(text: &str) -> Value {
     let language = LANGUAGES
         .iter()
         .map(|(code, stop)| (code, stop.iter().filter(|s| words.contains(s)).count()))
-        .fold(
-            ("en", 0usize),
-            |best, (code, n)| if n > best.1 { (*code, n) } else { best },
-        );
+        .fold(("en", 0usize), |best, (code, n)| if n > best.1 { (*code, n) } else { best });
 
     tags.insert(0, category.to_string());
     let mut seen = std::collections::HashSet::new();
@@ -243,11 +180,7 @@ fn summarise(text: &str) -> String {
         let (subject, body) = rest.split_once('\n').unwrap_or((rest, ""));
         let subject = subject.trim().trim_end_matches(['.', '!', '?', ':']);
         let sentence = first_sentence(body);
-        let joined = if sentence.is_empty() {
-            subject.to_string()
-        } else {
-            format!("{subject}: {sentence}")
-        };
+        let joined = if sentence.is_empty() { subject.to_string() } else { format!("{subject}: {sentence}") };
         return cut(&joined);
     }
     cut(&first_sentence(text))
@@ -284,10 +217,7 @@ mod tests {
         assert_eq!(v["sentiment"], "negative");
         assert_eq!(v["priority"], "high");
         assert_eq!(v["language"], "en");
-        assert_eq!(
-            v["summary"],
-            "Charged twice: I was charged twice for my subscription, this is unacceptable."
-        );
+        assert_eq!(v["summary"], "Charged twice: I was charged twice for my subscription, this is unacceptable.");
         assert_eq!(v["tags"][0], "billing");
     }
 

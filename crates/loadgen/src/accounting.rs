@@ -25,17 +25,11 @@ pub struct Accounting {
 impl Accounting {
     /// Every record read, and every forwarded key finished.
     pub fn complete(&self, sent: usize) -> bool {
-        self.read == sent as i64
-            && self.published + self.dead_lettered_at_enricher == self.forwarded
+        self.read == sent as i64 && self.published + self.dead_lettered_at_enricher == self.forwarded
     }
 }
 
-pub async fn account(
-    pool: &PgPool,
-    pipeline: &str,
-    topic: &str,
-    produced: &[Produced],
-) -> sqlx::Result<Accounting> {
+pub async fn account(pool: &PgPool, pipeline: &str, topic: &str, produced: &[Produced]) -> sqlx::Result<Accounting> {
     let partitions: Vec<i32> = produced.iter().map(|p| p.partition).collect();
     let offsets: Vec<i64> = produced.iter().map(|p| p.offset).collect();
     let row: (i64, i64, i64, i64, i64, i64, i64, i64, i64) = sqlx::query_as(

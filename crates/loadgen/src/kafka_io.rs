@@ -50,9 +50,7 @@ pub async fn produce_all(
                     tokio::time::sleep(Duration::from_millis(20)).await;
                     if !matches!(
                         e,
-                        rdkafka::error::KafkaError::MessageProduction(
-                            rdkafka::types::RDKafkaErrorCode::QueueFull
-                        )
+                        rdkafka::error::KafkaError::MessageProduction(rdkafka::types::RDKafkaErrorCode::QueueFull)
                     ) {
                         anyhow::bail!("cannot produce to {topic}: {e}");
                     }
@@ -66,14 +64,8 @@ pub async fn produce_all(
     }
     let mut produced = Vec::with_capacity(pending.len());
     for (delivery, trace) in pending {
-        let d = delivery
-            .await?
-            .map_err(|(e, _)| anyhow::anyhow!("delivery to {topic} failed: {e}"))?;
-        produced.push(Produced {
-            partition: d.partition,
-            offset: d.offset,
-            trace,
-        });
+        let d = delivery.await?.map_err(|(e, _)| anyhow::anyhow!("delivery to {topic} failed: {e}"))?;
+        produced.push(Produced { partition: d.partition, offset: d.offset, trace });
     }
     if !records.len().is_multiple_of(1000) {
         progress(records.len());
@@ -83,11 +75,7 @@ pub async fn produce_all(
 
 /// Reads every committed record of `topic` (all partitions, from the start) until the
 /// consumer reaches the end of each partition.
-pub fn read_to_end(
-    settings: &Settings,
-    topic: &str,
-    deadline: Duration,
-) -> anyhow::Result<Vec<OwnedMessage>> {
+pub fn read_to_end(settings: &Settings, topic: &str, deadline: Duration) -> anyhow::Result<Vec<OwnedMessage>> {
     let mut config = kafka::base_config(settings);
     config
         .set("group.id", format!("loadgen-reader-{:x}", rand_suffix()))
@@ -97,11 +85,7 @@ pub fn read_to_end(
     kafka::override_from(&mut config, settings);
     let consumer: BaseConsumer = config.create()?;
     let metadata = consumer.fetch_metadata(Some(topic), Duration::from_secs(10))?;
-    let partitions: Vec<i32> = metadata
-        .topics()
-        .iter()
-        .flat_map(|t| t.partitions().iter().map(|p| p.id()))
-        .collect();
+    let partitions: Vec<i32> = metadata.topics().iter().flat_map(|t| t.partitions().iter().map(|p| p.id())).collect();
     let mut ends = Vec::new();
     let mut tpl = TopicPartitionList::new();
     for &p in &partitions {
@@ -125,10 +109,7 @@ pub fn read_to_end(
             return Ok(out);
         }
         if started.elapsed() > deadline {
-            anyhow::bail!(
-                "did not reach the end of {topic} within {deadline:?} (read {} records)",
-                out.len()
-            );
+            anyhow::bail!("did not reach the end of {topic} within {deadline:?} (read {} records)", out.len());
         }
         match consumer.poll(Duration::from_millis(200)) {
             Some(Ok(m)) => out.push(m.detach()),
@@ -141,9 +122,7 @@ pub fn read_to_end(
 /// Whether `group` has committed offsets up to the end of every partition of `topic`.
 pub fn group_caught_up(settings: &Settings, group: &str, topic: &str) -> anyhow::Result<bool> {
     let mut config = kafka::base_config(settings);
-    config
-        .set("group.id", group)
-        .set("enable.auto.commit", "false");
+    config.set("group.id", group).set("enable.auto.commit", "false");
     kafka::override_from(&mut config, settings);
     let consumer: BaseConsumer = config.create()?;
     let metadata = consumer.fetch_metadata(Some(topic), Duration::from_secs(10))?;
@@ -159,9 +138,7 @@ pub fn group_caught_up(settings: &Settings, group: &str, topic: &str) -> anyhow:
     let committed = consumer.committed_offsets(tpl, Duration::from_secs(10))?;
     Ok(ends.iter().all(|&(p, high)| {
         high == 0
-            || committed
-                .find_partition(topic, p)
-                .is_some_and(|e| matches!(e.offset(), Offset::Offset(x) if x >= high))
+            || committed.find_partition(topic, p).is_some_and(|e| matches!(e.offset(), Offset::Offset(x) if x >= high))
     }))
 }
 
@@ -171,9 +148,6 @@ pub fn header(m: &OwnedMessage, name: &str) -> Option<String> {
 }
 
 fn rand_suffix() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_nanos() as u64)
-        .unwrap_or(0)
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_nanos() as u64).unwrap_or(0)
         ^ u64::from(std::process::id())
 }

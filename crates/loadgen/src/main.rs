@@ -40,14 +40,8 @@ fn parse_args() -> anyhow::Result<Args> {
         timeout: Duration::from_secs(300),
     };
     while let Some(flag) = args.next() {
-        let value = args
-            .next()
-            .ok_or_else(|| anyhow::anyhow!("{flag} needs a value"))?;
-        let number = || {
-            value
-                .parse::<usize>()
-                .map_err(|e| anyhow::anyhow!("{flag} {value:?}: {e}"))
-        };
+        let value = args.next().ok_or_else(|| anyhow::anyhow!("{flag} needs a value"))?;
+        let number = || value.parse::<usize>().map_err(|e| anyhow::anyhow!("{flag} {value:?}: {e}"));
         match flag.as_str() {
             "--config" => out.config = PathBuf::from(&value),
             "--unique" => out.unique = number()?,
@@ -72,17 +66,10 @@ async fn main() -> anyhow::Result<()> {
     let pipeline = settings.pipeline.name.clone();
     let run = format!(
         "demo-{}",
-        std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map(|d| d.as_secs())
-            .unwrap_or(0)
+        std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0)
     );
-    let records = build(&Spec {
-        run: run.clone(),
-        unique: args.unique,
-        duplicates: args.duplicates,
-        malformed: args.malformed,
-    });
+    let records =
+        build(&Spec { run: run.clone(), unique: args.unique, duplicates: args.duplicates, malformed: args.malformed });
     println!(
         "[demo] run {run}: {} records to {source} ({} unique tickets, {} duplicates, {} malformed)",
         records.len(),
@@ -150,28 +137,17 @@ async fn main() -> anyhow::Result<()> {
         acct.dead_lettered_at_ingest + acct.dead_lettered_at_enricher
     );
     println!("| LLM calls (audit)             | {:>5} |", acct.llm_calls);
-    println!(
-        "| LLM calls per unique key      | {:>5.2} |",
-        acct.llm_calls as f64 / acct.forwarded.max(1) as f64
-    );
-    println!(
-        "| tokens in / out               | {} / {} |",
-        acct.input_tokens, acct.output_tokens
-    );
+    println!("| LLM calls per unique key      | {:>5.2} |", acct.llm_calls as f64 / acct.forwarded.max(1) as f64);
+    println!("| tokens in / out               | {} / {} |", acct.input_tokens, acct.output_tokens);
     println!("| llm-sim calls meanwhile (any) | {sim_calls} |");
-    println!(
-        "| time to account for all       | {:.1} s |",
-        elapsed.as_secs_f64()
-    );
+    println!("| time to account for all       | {:.1} s |", elapsed.as_secs_f64());
     println!();
 
     let prefix = format!("{pipeline}:{run}-");
     let output = read_to_end(&settings, &settings.topics.output, Duration::from_secs(60))?;
     println!("Three enriched records from {}:", settings.topics.output);
-    for m in output
-        .iter()
-        .filter(|m| header(m, headers::IDEMPOTENCY_KEY).is_some_and(|k| k.starts_with(&prefix)))
-        .take(3)
+    for m in
+        output.iter().filter(|m| header(m, headers::IDEMPOTENCY_KEY).is_some_and(|k| k.starts_with(&prefix))).take(3)
     {
         let value: serde_json::Value = serde_json::from_slice(m.payload().unwrap_or_default())?;
         println!(
@@ -182,9 +158,7 @@ async fn main() -> anyhow::Result<()> {
         );
         println!("{}", serde_json::to_string_pretty(&value)?);
     }
-    if acct.published + acct.dead_lettered_at_enricher != acct.forwarded
-        || acct.read != records.len() as i64
-    {
+    if acct.published + acct.dead_lettered_at_enricher != acct.forwarded || acct.read != records.len() as i64 {
         anyhow::bail!("accounting does not add up: {acct:?}");
     }
     Ok(())
@@ -192,18 +166,7 @@ async fn main() -> anyhow::Result<()> {
 
 /// llm-sim's count of completions served, when the configured endpoint is llm-sim.
 async fn sim_completions(settings: &Settings) -> Option<u64> {
-    let base = settings
-        .llm
-        .base_url
-        .trim_end_matches('/')
-        .trim_end_matches("/v1");
-    let text = reqwest::get(format!("{base}/metrics"))
-        .await
-        .ok()?
-        .text()
-        .await
-        .ok()?;
-    text.lines()
-        .find_map(|l| l.strip_prefix("llm_sim_completions_total "))
-        .and_then(|v| v.trim().parse().ok())
+    let base = settings.llm.base_url.trim_end_matches('/').trim_end_matches("/v1");
+    let text = reqwest::get(format!("{base}/metrics")).await.ok()?.text().await.ok()?;
+    text.lines().find_map(|l| l.strip_prefix("llm_sim_completions_total ")).and_then(|v| v.trim().parse().ok())
 }

@@ -7,10 +7,7 @@ const SUBJECTS_AND_BODIES: &[(&str, &str)] = &[
         "Charged twice",
         "I was charged twice for my subscription this month. This is unacceptable, please refund the second payment.",
     ),
-    (
-        "Invoice question",
-        "Could you send me the invoice for order {n}? Thanks, I appreciate the quick help.",
-    ),
+    ("Invoice question", "Could you send me the invoice for order {n}? Thanks, I appreciate the quick help."),
     (
         "App crashes on start",
         "The app crashes every time I open it since the last update. Error code 0x{n}. Still broken after reinstalling.",
@@ -23,10 +20,7 @@ const SUBJECTS_AND_BODIES: &[(&str, &str)] = &[
         "Cannot log in",
         "I forgot my password and the reset email never arrives. Please help, I need my account immediately.",
     ),
-    (
-        "Change email address",
-        "Please change the email address on my account to the new one I sent earlier.",
-    ),
+    ("Change email address", "Please change the email address on my account to the new one I sent earlier."),
     (
         "Where is my package?",
         "My package was supposed to arrive on Monday but the tracking page has not changed for a week. Very frustrated.",
@@ -35,31 +29,17 @@ const SUBJECTS_AND_BODIES: &[(&str, &str)] = &[
         "Delivery to wrong address",
         "The courier delivered the parcel to the wrong address. Urgent: it contains medication.",
     ),
-    (
-        "Great service",
-        "Just wanted to say thanks, the support team was excellent and the new release is great.",
-    ),
+    ("Great service", "Just wanted to say thanks, the support team was excellent and the new release is great."),
     (
         "Rechnung fehlt",
         "Ich habe keine Rechnung für meine Bestellung {n} bekommen. Bitte schicken Sie mir die Rechnung.",
     ),
-    (
-        "Livraison en retard",
-        "Ma livraison n'est pas arrivée et le suivi ne marche pas. Merci de vérifier.",
-    ),
-    (
-        "Cuenta bloqueada",
-        "Mi cuenta está bloqueada y no puedo entrar. Por favor ayuda, gracias.",
-    ),
-    (
-        "Feature idea",
-        "It would be nice to export reports as CSV. Keep up the good work.",
-    ),
+    ("Livraison en retard", "Ma livraison n'est pas arrivée et le suivi ne marche pas. Merci de vérifier."),
+    ("Cuenta bloqueada", "Mi cuenta está bloqueada y no puedo entrar. Por favor ayuda, gracias."),
+    ("Feature idea", "It would be nice to export reports as CSV. Keep up the good work."),
 ];
 
-const CUSTOMERS: &[&str] = &[
-    "acme", "globex", "initech", "umbrella", "hooli", "stark", "wayne", "wonka",
-];
+const CUSTOMERS: &[&str] = &["acme", "globex", "initech", "umbrella", "hooli", "stark", "wayne", "wonka"];
 
 /// A support ticket as it sits on the source topic.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -89,12 +69,7 @@ pub fn ticket(run: &str, n: usize) -> Ticket {
         customer: format!("{customer}-{}", (h >> 32) % 50),
         subject: subject.to_string(),
         body: body.replace("{n}", &n.to_string()),
-        created_at: format!(
-            "2026-11-27T{:02}:{:02}:{:02}Z",
-            secs / 3600,
-            (secs / 60) % 60,
-            secs % 60
-        ),
+        created_at: format!("2026-11-27T{:02}:{:02}:{:02}Z", secs / 3600, (secs / 60) % 60, secs % 60),
     }
 }
 
@@ -122,12 +97,7 @@ mod tests {
         assert_ne!(ticket("r", 7).id, ticket("r", 8).id);
         let v: serde_json::Value = serde_json::from_slice(&ticket("r", 1).to_json()).unwrap();
         assert_eq!(v["id"], "r-000001");
-        let subjects: std::collections::HashSet<_> =
-            (0..200).map(|n| ticket("r", n).subject).collect();
-        assert!(
-            subjects.len() > 8,
-            "templates are spread: {}",
-            subjects.len()
-        );
+        let subjects: std::collections::HashSet<_> = (0..200).map(|n| ticket("r", n).subject).collect();
+        assert!(subjects.len() > 8, "templates are spread: {}", subjects.len());
     }
 }

@@ -33,10 +33,7 @@ pub struct Spec {
 
 const MALFORMED: &[(&str, &[u8])] = &[
     ("invalid_json", b"{\"id\": \"broken"),
-    (
-        "missing_key_field",
-        b"{\"subject\": \"no id here\", \"body\": \"hello\"}",
-    ),
+    ("missing_key_field", b"{\"subject\": \"no id here\", \"body\": \"hello\"}"),
     ("invalid_utf8", &[0x7b, 0xff, 0xfe, 0x7d]),
     ("not_an_object", b"[\"a\", \"list\"]"),
     ("empty_value", b""),
@@ -58,11 +55,7 @@ pub fn build(spec: &Spec) -> Vec<Record> {
         let of = (d * 7 + 3) % spec.unique.max(1);
         let t = ticket(&spec.run, of);
         // Every other repeat comes under another Kafka key, so most likely on another partition.
-        let key = if d % 2 == 0 {
-            t.id.clone().into_bytes()
-        } else {
-            format!("resend-{d}").into_bytes()
-        };
+        let key = if d % 2 == 0 { t.id.clone().into_bytes() } else { format!("resend-{d}").into_bytes() };
         let original = records
             .iter()
             .position(|r| r.kind == Kind::Unique && r.ticket.as_ref().is_some_and(|o| o.id == t.id))
@@ -70,22 +63,13 @@ pub fn build(spec: &Spec) -> Vec<Record> {
         let at = original + 1 + (d * 13 + 5) % (records.len() - original);
         records.insert(
             at,
-            Record {
-                kind: Kind::Duplicate { of },
-                key: Some(key),
-                value: Some(t.to_json()),
-                ticket: Some(t),
-            },
+            Record { kind: Kind::Duplicate { of }, key: Some(key), value: Some(t.to_json()), ticket: Some(t) },
         );
     }
     for m in 0..spec.malformed {
         let (reason, bytes) = MALFORMED[m % MALFORMED.len()];
         let at = ((m * 97 + 11) % (records.len() + 1)).min(records.len());
-        let value = if reason == "empty_value" {
-            None
-        } else {
-            Some(bytes.to_vec())
-        };
+        let value = if reason == "empty_value" { None } else { Some(bytes.to_vec()) };
         records.insert(
             at,
             Record {
@@ -105,18 +89,10 @@ mod tests {
 
     #[test]
     fn counts_and_duplicates_follow_their_originals() {
-        let spec = Spec {
-            run: "r".into(),
-            unique: 50,
-            duplicates: 20,
-            malformed: 5,
-        };
+        let spec = Spec { run: "r".into(), unique: 50, duplicates: 20, malformed: 5 };
         let records = build(&spec);
         assert_eq!(records.len(), 75);
-        assert_eq!(
-            records.iter().filter(|r| r.kind == Kind::Unique).count(),
-            50
-        );
+        assert_eq!(records.iter().filter(|r| r.kind == Kind::Unique).count(), 50);
         let malformed: Vec<_> = records
             .iter()
             .filter_map(|r| match r.kind {
@@ -130,14 +106,10 @@ mod tests {
                 let original = records
                     .iter()
                     .position(|o| {
-                        o.kind == Kind::Unique
-                            && o.ticket.as_ref().unwrap().id == r.ticket.as_ref().unwrap().id
+                        o.kind == Kind::Unique && o.ticket.as_ref().unwrap().id == r.ticket.as_ref().unwrap().id
                     })
                     .unwrap();
-                assert!(
-                    original < i,
-                    "duplicate of {of} at {i} comes before its original at {original}"
-                );
+                assert!(original < i, "duplicate of {of} at {i} comes before its original at {original}");
             }
         }
     }

@@ -36,11 +36,7 @@ struct Publisher {
 }
 
 pub async fn run(settings: Settings, shutdown: CancellationToken) -> anyhow::Result<()> {
-    let topics = [
-        settings.topics.results.as_str(),
-        settings.topics.output.as_str(),
-        settings.topics.dlq.as_str(),
-    ];
+    let topics = [settings.topics.results.as_str(), settings.topics.output.as_str(), settings.topics.dlq.as_str()];
     let (runtime, metrics) = StageRuntime::start(
         &settings,
         STAGE,
@@ -60,39 +56,23 @@ pub async fn run(settings: Settings, shutdown: CancellationToken) -> anyhow::Res
     tokio::task::block_in_place(|| producer.init_transactions(TXN_TIMEOUT))
         .map_err(|e| anyhow::anyhow!("init_transactions ({transactional_id}): {e}"))?;
     let group = settings.group_id(STAGE);
-    let consumer = kafka::consumer(
-        &settings,
-        &group,
-        STAGE.as_str(),
-        kafka::OffsetCommit::Transactional,
-    )?;
+    let consumer = kafka::consumer(&settings, &group, STAGE.as_str(), kafka::OffsetCommit::Transactional)?;
     consumer.subscribe(&[&settings.topics.results])?;
     tracing::info!(group, transactional_id, "consuming");
     runtime.state.set_ready();
 
-    let publisher = Publisher {
-        settings,
-        runtime,
-        producer,
-        metrics,
-    };
+    let publisher = Publisher { settings, runtime, producer, metrics };
     consume(&publisher, &consumer, &shutdown).await;
     publisher.runtime.finish(&shutdown).await;
     Ok(())
 }
 
-fn transactional_producer(
-    settings: &Settings,
-    transactional_id: &str,
-) -> anyhow::Result<FutureProducer> {
+fn transactional_producer(settings: &Settings, transactional_id: &str) -> anyhow::Result<FutureProducer> {
     let mut config = kafka::base_config(settings);
     config
         .set("client.id", STAGE.as_str())
         .set("transactional.id", transactional_id)
-        .set(
-            "transaction.timeout.ms",
-            settings.publisher.transaction_timeout_ms.to_string(),
-        )
+        .set("transaction.timeout.ms", settings.publisher.transaction_timeout_ms.to_string())
         .set("enable.idempotence", "true")
         .set("acks", "all")
         .set("linger.ms", "5")
@@ -133,9 +113,7 @@ async fn consume(publisher: &Publisher, consumer: &StreamConsumer, shutdown: &Ca
                 runtime.metrics.batch_retries.inc();
                 let cause = chain(e.as_ref());
                 tracing::error!(error = %cause, "transaction failed; aborted, the batch will be read again");
-                runtime
-                    .state
-                    .set_not_ready(format!("transactions failing: {cause}"));
+                runtime.state.set_not_ready(format!("transactions failing: {cause}"));
                 rewind(consumer, &batch);
                 tokio::select! {
                     _ = shutdown.cancelled() => return,
@@ -150,21 +128,13 @@ async fn consume(publisher: &Publisher, consumer: &StreamConsumer, shutdown: &Ca
 /// Seeks every partition of `batch` back to its first record, so an aborted batch is
 /// read again.
 fn rewind(consumer: &StreamConsumer, batch: &[OwnedMessage]) {
-    let mut first: std::collections::BTreeMap<(String, i32), i64> =
-        std::collections::BTreeMap::new();
+    let mut first: std::collections::BTreeMap<(String, i32), i64> = std::collections::BTreeMap::new();
     for m in batch {
-        let e = first
-            .entry((m.topic().to_string(), m.partition()))
-            .or_insert(m.offset());
+        let e = first.entry((m.topic().to_string(), m.partition())).or_insert(m.offset());
         *e = (*e).min(m.offset());
     }
     for ((topic, partition), offset) in first {
-        if let Err(e) = consumer.seek(
-            &topic,
-            partition,
-            Offset::Offset(offset),
-            Duration::from_secs(5),
-        ) {
+        if let Err(e) = consumer.seek(&topic, partition, Offset::Offset(offset), Duration::from_secs(5)) {
             tracing::warn!(%topic, partition, offset, error = %e, "seek back failed; the committed offset decides");
         }
     }
@@ -172,11 +142,7 @@ fn rewind(consumer: &StreamConsumer, batch: &[OwnedMessage]) {
 
 /// One transaction: outputs (and dead letters) plus the consumed offsets; then the
 /// `published` marks in PostgreSQL.
-async fn publish_batch(
-    publisher: &Publisher,
-    consumer: &StreamConsumer,
-    batch: &[OwnedMessage],
-) -> anyhow::Result<()> {
+async fn publish_batch(publisher: &Publisher, consumer: &StreamConsumer, batch: &[OwnedMessage]) -> anyhow::Result<()> {
     let pipeline = &publisher.settings.pipeline.name;
     let topics = &publisher.settings.topics;
 
@@ -186,9 +152,7 @@ async fn publish_batch(
     let mut rejects = Vec::new();
     for m in batch {
         let hdrs = headers::collect(m.headers());
-        let trace = TraceContext::extract(&hdrs)
-            .map(|t| t.child())
-            .unwrap_or_else(TraceContext::new_root);
+        let trace = TraceContext::extract(&hdrs).map(|t| t.child()).unwrap_or_else(TraceContext::new_root);
         match Envelope::decode_from(m.payload().unwrap_or_default()) {
             Ok(env) if env.result().is_some() => {
                 if seen.insert(env.idempotency_key.clone()) {
@@ -197,38 +161,25 @@ async fn publish_batch(
                     publisher.metrics.outcome("duplicate_result");
                 }
             }
-            Ok(env) => rejects.push((
-                env,
-                trace,
-                RecordError::invalid("no_result", "a results record without a result"),
-            )),
+            Ok(env) => {
+                rejects.push((env, trace, RecordError::invalid("no_result", "a results record without a result")))
+            }
             Err(e) => {
                 let env = Envelope {
                     schema: enrich_common::envelope::SCHEMA.into(),
                     pipeline: pipeline.clone(),
-                    idempotency_key: enrich_common::idempotency::fallback_key(
-                        pipeline,
-                        m.key(),
-                        m.payload(),
-                    )
-                    .to_string(),
+                    idempotency_key: enrich_common::idempotency::fallback_key(pipeline, m.key(), m.payload())
+                        .to_string(),
                     payload: m.payload().unwrap_or_default().to_vec(),
                     ..Default::default()
                 };
-                rejects.push((
-                    env,
-                    trace,
-                    RecordError::invalid("invalid_envelope", e.to_string()),
-                ));
+                rejects.push((env, trace, RecordError::invalid("invalid_envelope", e.to_string())));
             }
         }
     }
 
     let mut db_tx = publisher.runtime.pool.begin().await?;
-    let keys: Vec<String> = candidates
-        .iter()
-        .map(|(e, _)| e.idempotency_key.clone())
-        .collect();
+    let keys: Vec<String> = candidates.iter().map(|(e, _)| e.idempotency_key.clone()).collect();
     // Claim the right to publish: only keys not yet published come back.
     let claimed: Vec<(String,)> = sqlx::query_as(
         "UPDATE enrich_state SET state = 'published', updated_at = now()
@@ -252,10 +203,7 @@ async fn publish_batch(
             }
             match merge_output(env) {
                 Ok(value) => {
-                    let h = trace.inject(headers::owned(&[(
-                        headers::IDEMPOTENCY_KEY,
-                        &env.idempotency_key,
-                    )]));
+                    let h = trace.inject(headers::owned(&[(headers::IDEMPOTENCY_KEY, &env.idempotency_key)]));
                     let key = env.source.as_ref().and_then(|s| s.key.as_deref());
                     deliveries.push(send(&publisher.producer, &topics.output, key, &value, h)?);
                     published.push((env, trace));
@@ -276,32 +224,20 @@ async fn publish_batch(
         }
         for (env, trace, error) in &rejects {
             let (dead, h) = dead_letter(env.clone(), error, STAGE.as_str(), trace);
-            deliveries.push(send(
-                &publisher.producer,
-                &topics.dlq,
-                None,
-                &dead.encode_to_bytes(),
-                h,
-            )?);
+            deliveries.push(send(&publisher.producer, &topics.dlq, None, &dead.encode_to_bytes(), h)?);
             publisher.runtime.metrics.dead_lettered(error.reason);
         }
         for d in deliveries {
-            d.await
-                .map_err(|_| anyhow::anyhow!("producer dropped a delivery"))?
-                .map_err(|(e, _)| e)?;
+            d.await.map_err(|_| anyhow::anyhow!("producer dropped a delivery"))?.map_err(|(e, _)| e)?;
         }
 
         let mut offsets = TopicPartitionList::new();
         for ((topic, partition), next) in kafka::next_offsets(batch) {
             offsets.add_partition_offset(&topic, partition, Offset::Offset(next))?;
         }
-        let group = consumer
-            .group_metadata()
-            .ok_or_else(|| anyhow::anyhow!("consumer has no group metadata"))?;
+        let group = consumer.group_metadata().ok_or_else(|| anyhow::anyhow!("consumer has no group metadata"))?;
         tokio::task::block_in_place(|| -> anyhow::Result<()> {
-            publisher
-                .producer
-                .send_offsets_to_transaction(&offsets, &group, TXN_TIMEOUT)?;
+            publisher.producer.send_offsets_to_transaction(&offsets, &group, TXN_TIMEOUT)?;
             publisher.producer.commit_transaction(TXN_TIMEOUT)?;
             Ok(())
         })?;
@@ -311,22 +247,17 @@ async fn publish_batch(
         Ok(p) => p,
         Err(e) => {
             // The database transaction rolls back when dropped; the Kafka one is aborted here.
-            tokio::task::block_in_place(|| publisher.producer.abort_transaction(TXN_TIMEOUT))
-                .map_err(|abort| {
-                    anyhow::anyhow!(
-                        "abort_transaction failed after {e}: {abort}; the producer is unusable"
-                    )
-                })?;
+            tokio::task::block_in_place(|| publisher.producer.abort_transaction(TXN_TIMEOUT)).map_err(|abort| {
+                anyhow::anyhow!("abort_transaction failed after {e}: {abort}; the producer is unusable")
+            })?;
             return Err(e);
         }
     };
 
     // The output is committed. Record it; a crash right here leaves the key `enriched`
     // in the database although it was published (see README, "Guarantees").
-    let (audit_keys, audit_traces): (Vec<String>, Vec<String>) = published
-        .iter()
-        .map(|(e, t)| (e.idempotency_key.clone(), t.trace_id_hex()))
-        .unzip();
+    let (audit_keys, audit_traces): (Vec<String>, Vec<String>) =
+        published.iter().map(|(e, t)| (e.idempotency_key.clone(), t.trace_id_hex())).unzip();
     sqlx::query(
         "INSERT INTO run_history (pipeline, idempotency_key, stage, attempt, status, trace_id)
          SELECT $1, k, 'publisher', 0, 'published', t FROM UNNEST($2::text[], $3::text[]) AS u(k, t)",
@@ -357,7 +288,5 @@ fn send(
     if let Some(k) = key {
         record = record.key(k);
     }
-    producer
-        .send_result(record)
-        .map_err(|(e, _)| anyhow::anyhow!("cannot enqueue a record for {topic}: {e}"))
+    producer.send_result(record).map_err(|(e, _)| anyhow::anyhow!("cannot enqueue a record for {topic}: {e}"))
 }

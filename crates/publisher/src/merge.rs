@@ -8,24 +8,15 @@ use serde_json::Value;
 pub const FIELD: &str = "enrichment";
 
 pub fn merge_output(envelope: &Envelope) -> Result<Vec<u8>, RecordError> {
-    let result = envelope
-        .result()
-        .ok_or_else(|| RecordError::invalid("no_result", "the envelope carries no result"))?;
-    let mut source: Value = serde_json::from_slice(&envelope.payload).map_err(|e| {
-        RecordError::invalid(
-            "invalid_json",
-            format!("the source payload is not JSON: {e}"),
-        )
-    })?;
-    let enrichment: Value = serde_json::from_str(&result.json).map_err(|e| {
-        RecordError::invalid(
-            "invalid_json",
-            format!("the stored result is not JSON: {e}"),
-        )
-    })?;
-    let object = source.as_object_mut().ok_or_else(|| {
-        RecordError::invalid("not_an_object", "the source payload is not a JSON object")
-    })?;
+    let result =
+        envelope.result().ok_or_else(|| RecordError::invalid("no_result", "the envelope carries no result"))?;
+    let mut source: Value = serde_json::from_slice(&envelope.payload)
+        .map_err(|e| RecordError::invalid("invalid_json", format!("the source payload is not JSON: {e}")))?;
+    let enrichment: Value = serde_json::from_str(&result.json)
+        .map_err(|e| RecordError::invalid("invalid_json", format!("the stored result is not JSON: {e}")))?;
+    let object = source
+        .as_object_mut()
+        .ok_or_else(|| RecordError::invalid("not_an_object", "the source payload is not a JSON object"))?;
     object.insert(FIELD.to_string(), enrichment);
     serde_json::to_vec(&source).map_err(|e| RecordError::invalid("invalid_json", e.to_string()))
 }
@@ -38,21 +29,14 @@ mod tests {
     fn envelope(payload: &str, result: &str) -> Envelope {
         Envelope {
             payload: payload.as_bytes().to_vec(),
-            outcome: Some(Outcome::Result(EnrichmentResult {
-                json: result.into(),
-                ..Default::default()
-            })),
+            outcome: Some(Outcome::Result(EnrichmentResult { json: result.into(), ..Default::default() })),
             ..Default::default()
         }
     }
 
     #[test]
     fn adds_the_enrichment_and_keeps_every_source_field() {
-        let out = merge_output(&envelope(
-            r#"{"id":"1","body":"ü","n":[1,2]}"#,
-            r#"{"category":"billing"}"#,
-        ))
-        .unwrap();
+        let out = merge_output(&envelope(r#"{"id":"1","body":"ü","n":[1,2]}"#, r#"{"category":"billing"}"#)).unwrap();
         let v: Value = serde_json::from_slice(&out).unwrap();
         assert_eq!(v["id"], "1");
         assert_eq!(v["body"], "ü");
@@ -62,14 +46,8 @@ mod tests {
 
     #[test]
     fn refuses_non_objects_and_missing_results() {
-        assert_eq!(
-            merge_output(&envelope("[1]", "{}")).unwrap_err().reason,
-            "not_an_object"
-        );
-        let bare = Envelope {
-            payload: b"{}".to_vec(),
-            ..Default::default()
-        };
+        assert_eq!(merge_output(&envelope("[1]", "{}")).unwrap_err().reason, "not_an_object");
+        let bare = Envelope { payload: b"{}".to_vec(), ..Default::default() };
         assert_eq!(merge_output(&bare).unwrap_err().reason, "no_result");
     }
 }

@@ -12,11 +12,7 @@ pub struct PublisherMetrics {
 impl PublisherMetrics {
     pub fn register(registry: &mut Registry) -> Self {
         let m = Self::default();
-        registry.register(
-            "enrich_publisher_records",
-            "Results by outcome",
-            m.records.clone(),
-        );
+        registry.register("enrich_publisher_records", "Results by outcome", m.records.clone());
         m
     }
 

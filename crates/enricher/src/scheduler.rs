@@ -1,0 +1,334 @@
+//! Key-ordered concurrency inside partitions, as pure bookkeeping (no I/O), so it can
+//! be tested record by record.
+//!
+//! - Records of one chain (one Kafka key of one partition, or the whole partition when
+//!   `ordering = "partition"`) run one at a time, in offset order; different chains run
+//!   concurrently, up to `max_in_flight`.
+//! - Each partition's committable position is its lowest unfinished offset (or one past
+//!   the highest seen when nothing is unfinished), so nothing is committed past work
+//!   that is still running or waiting.
+//! - A partition holding `max_buffered_per_partition` records is paused until it drains
+//!   to half, so memory is bounded whatever the backlog.
+//! - A revoked partition's waiting records are dropped (its new owner reads them again);
+//!   its running records finish, but their offsets are no longer ours to store.
+
+use rdkafka::Message;
+use rdkafka::message::OwnedMessage;
+use std::collections::{BTreeSet, HashMap, VecDeque};
+
+/// A partition: (topic, partition).
+pub type PartitionId = (String, i32);
+
+/// What serialises records: a Kafka key within a partition (None: no key, or the
+/// whole partition in partition-ordering mode).
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct ChainId {
+    pub partition: PartitionId,
+    pub key: Option<Vec<u8>>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Ordering {
+    /// One record at a time per Kafka key; different keys concurrently.
+    Key,
+    /// One record at a time per partition (the classic consumer; for comparison).
+    Partition,
+}
+
+#[derive(Debug, Clone, Copy)]
+pub struct Limits {
+    pub max_in_flight: usize,
+    pub max_buffered_per_partition: usize,
+    pub ordering: Ordering,
+}
+
+/// A record handed out to run.
+#[derive(Debug)]
+pub struct Job {
+    pub chain: ChainId,
+    pub generation: u64,
+    pub message: OwnedMessage,
+}
+
+/// A partition's flow-control or commit change the consumer loop must apply.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Action {
+    Pause(PartitionId),
+    Resume(PartitionId),
+    /// Store this position (the next offset to read) for the partition.
+    Store(PartitionId, i64),
+}
+
+struct Tracker {
+    generation: u64,
+    unfinished: BTreeSet<i64>,
+    /// One past the highest offset admitted.
+    end: i64,
+    stored: Option<i64>,
+    paused: bool,
+}
+
+#[derive(Default)]
+struct Chain {
+    running: bool,
+    waiting: VecDeque<(u64, OwnedMessage)>,
+}
+
+pub struct Scheduler {
+    limits: Limits,
+    chains: HashMap<ChainId, Chain>,
+    /// Chains whose head may start, in arrival order.
+    ready: VecDeque<ChainId>,
+    running: usize,
+    trackers: HashMap<PartitionId, Tracker>,
+    next_generation: u64,
+}
+
+impl Scheduler {
+    pub fn new(limits: Limits) -> Self {
+        Self {
+            limits,
+            chains: HashMap::new(),
+            ready: VecDeque::new(),
+            running: 0,
+            trackers: HashMap::new(),
+            next_generation: 1,
+        }
+    }
+
+    pub fn running(&self) -> usize {
+        self.running
+    }
+
+    /// Records admitted and not yet finished, over all owned partitions.
+    pub fn buffered(&self) -> usize {
+        self.trackers.values().map(|t| t.unfinished.len()).sum()
+    }
+
+    /// Takes a record from the consumer.
+    pub fn admit(&mut self, message: OwnedMessage) -> Vec<Action> {
+        let partition: PartitionId = (message.topic().to_string(), message.partition());
+        let offset = message.offset();
+        let tracker = self.trackers.entry(partition.clone()).or_insert_with(|| {
+            let generation = self.next_generation;
+            self.next_generation += 1;
+            Tracker { generation, unfinished: BTreeSet::new(), end: offset, stored: None, paused: false }
+        });
+        tracker.unfinished.insert(offset);
+        tracker.end = tracker.end.max(offset + 1);
+        let generation = tracker.generation;
+        let mut actions = Vec::new();
+        if !tracker.paused && tracker.unfinished.len() >= self.limits.max_buffered_per_partition {
+            tracker.paused = true;
+            actions.push(Action::Pause(partition.clone()));
+        }
+        let key = match self.limits.ordering {
+            Ordering::Key => message.key().map(<[u8]>::to_vec),
+            Ordering::Partition => None,
+        };
+        let chain_id = ChainId { partition, key };
+        let chain = self.chains.entry(chain_id.clone()).or_default();
+        let was_idle = !chain.running && chain.waiting.is_empty();
+        chain.waiting.push_back((generation, message));
+        if was_idle {
+            self.ready.push_back(chain_id);
+        }
+        actions
+    }
+
+    /// The next record that may start now, if the in-flight limit allows one.
+    pub fn next_job(&mut self) -> Option<Job> {
+        while self.running < self.limits.max_in_flight {
+            let chain_id = self.ready.pop_front()?;
+            let Some(chain) = self.chains.get_mut(&chain_id) else { continue };
+            while let Some((generation, message)) = chain.waiting.pop_front() {
+                let current = self.trackers.get(&chain_id.partition).map(|t| t.generation);
+                if current != Some(generation) {
+                    continue; // revoked since it was admitted: its new owner reads it again
+                }
+                chain.running = true;
+                self.running += 1;
+                return Some(Job { chain: chain_id, generation, message });
+            }
+            self.chains.remove(&chain_id);
+        }
+        None
+    }
+
+    /// A job ended. `finished` is false when it was abandoned (shutdown): its offset
+    /// then stays unfinished and holds the partition's position back.
+    pub fn complete(&mut self, job_chain: &ChainId, generation: u64, offset: i64, finished: bool) -> Vec<Action> {
+        self.running = self.running.saturating_sub(1);
+        if let Some(chain) = self.chains.get_mut(job_chain) {
+            chain.running = false;
+            if chain.waiting.is_empty() {
+                self.chains.remove(job_chain);
+            } else {
+                self.ready.push_back(job_chain.clone());
+            }
+        }
+        let mut actions = Vec::new();
+        let Some(tracker) = self.trackers.get_mut(&job_chain.partition) else { return actions };
+        if tracker.generation != generation || !finished {
+            return actions;
+        }
+        tracker.unfinished.remove(&offset);
+        let position = tracker.unfinished.first().copied().unwrap_or(tracker.end);
+        if tracker.stored.is_none_or(|s| position > s) {
+            tracker.stored = Some(position);
+            actions.push(Action::Store(job_chain.partition.clone(), position));
+        }
+        if tracker.paused && tracker.unfinished.len() <= self.limits.max_buffered_per_partition / 2 {
+            tracker.paused = false;
+            actions.push(Action::Resume(job_chain.partition.clone()));
+        }
+        actions
+    }
+
+    /// The partitions are no longer ours.
+    pub fn revoke(&mut self, partitions: &[PartitionId]) {
+        for p in partitions {
+            self.trackers.remove(p);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use rdkafka::Timestamp;
+
+    fn msg(partition: i32, offset: i64, key: &str) -> OwnedMessage {
+        OwnedMessage::new(
+            None,
+            Some(key.as_bytes().to_vec()),
+            "t".into(),
+            Timestamp::NotAvailable,
+            partition,
+            offset,
+            None,
+        )
+    }
+
+    fn limits(max_in_flight: usize, buffered: usize, ordering: Ordering) -> Limits {
+        Limits { max_in_flight, max_buffered_per_partition: buffered, ordering }
+    }
+
+    fn drain(s: &mut Scheduler) -> Vec<Job> {
+        std::iter::from_fn(|| s.next_job()).collect()
+    }
+
+    fn offsets(jobs: &[Job]) -> Vec<i64> {
+        jobs.iter().map(|j| j.message.offset()).collect()
+    }
+
+    #[test]
+    fn different_keys_run_together_one_key_runs_in_order() {
+        let mut s = Scheduler::new(limits(10, 100, Ordering::Key));
+        for (o, k) in [(0, "a"), (1, "b"), (2, "a"), (3, "c"), (4, "a")] {
+            s.admit(msg(0, o, k));
+        }
+        let first = drain(&mut s);
+        assert_eq!(offsets(&first), vec![0, 1, 3], "one head per key");
+        // Finishing a's head releases a's next record, in order.
+        let a = &first[0];
+        s.complete(&a.chain, a.generation, 0, true);
+        let next = drain(&mut s);
+        assert_eq!(offsets(&next), vec![2]);
+        s.complete(&next[0].chain, next[0].generation, 2, true);
+        assert_eq!(offsets(&drain(&mut s)), vec![4]);
+    }
+
+    #[test]
+    fn partition_ordering_runs_one_record_per_partition() {
+        let mut s = Scheduler::new(limits(10, 100, Ordering::Partition));
+        for (p, o, k) in [(0, 0, "a"), (0, 1, "b"), (1, 0, "c")] {
+            s.admit(msg(p, o, k));
+        }
+        assert_eq!(offsets(&drain(&mut s)), vec![0, 0]);
+    }
+
+    #[test]
+    fn in_flight_limit_holds() {
+        let mut s = Scheduler::new(limits(2, 100, Ordering::Key));
+        for o in 0..5 {
+            s.admit(msg(0, o, &format!("k{o}")));
+        }
+        let jobs = drain(&mut s);
+        assert_eq!(jobs.len(), 2);
+        assert_eq!(s.running(), 2);
+        s.complete(&jobs[0].chain, jobs[0].generation, 0, true);
+        assert_eq!(drain(&mut s).len(), 1);
+    }
+
+    #[test]
+    fn offsets_are_stored_only_up_to_the_lowest_unfinished() {
+        let mut s = Scheduler::new(limits(10, 100, Ordering::Key));
+        for o in 10..13 {
+            s.admit(msg(0, o, &format!("k{o}")));
+        }
+        let jobs = drain(&mut s);
+        let p: PartitionId = ("t".into(), 0);
+        // 11 and 12 finish first: nothing may be stored past 10.
+        assert_eq!(s.complete(&jobs[1].chain, jobs[1].generation, 11, true), vec![Action::Store(p.clone(), 10)]);
+        assert_eq!(s.complete(&jobs[2].chain, jobs[2].generation, 12, true), vec![]);
+        assert_eq!(s.complete(&jobs[0].chain, jobs[0].generation, 10, true), vec![Action::Store(p, 13)]);
+    }
+
+    #[test]
+    fn an_abandoned_record_holds_the_position() {
+        let mut s = Scheduler::new(limits(10, 100, Ordering::Key));
+        s.admit(msg(0, 0, "a"));
+        s.admit(msg(0, 1, "b"));
+        let jobs = drain(&mut s);
+        assert_eq!(s.complete(&jobs[0].chain, jobs[0].generation, 0, false), vec![]);
+        assert_eq!(s.complete(&jobs[1].chain, jobs[1].generation, 1, true), vec![Action::Store(("t".into(), 0), 0)]);
+    }
+
+    #[test]
+    fn full_partitions_pause_and_resume_at_half() {
+        let mut s = Scheduler::new(limits(100, 4, Ordering::Key));
+        let p: PartitionId = ("t".into(), 0);
+        let mut actions = Vec::new();
+        for o in 0..4 {
+            actions.extend(s.admit(msg(0, o, &format!("k{o}"))));
+        }
+        assert_eq!(actions, vec![Action::Pause(p.clone())]);
+        let jobs = drain(&mut s);
+        s.complete(&jobs[0].chain, jobs[0].generation, 0, true);
+        let after_two = s.complete(&jobs[1].chain, jobs[1].generation, 1, true);
+        assert!(after_two.contains(&Action::Resume(p)), "{after_two:?}");
+    }
+
+    #[test]
+    fn revoked_partitions_drop_waiting_records_and_stop_storing() {
+        let mut s = Scheduler::new(limits(10, 100, Ordering::Key));
+        s.admit(msg(0, 0, "a"));
+        s.admit(msg(0, 1, "a"));
+        s.admit(msg(1, 0, "b"));
+        let jobs = drain(&mut s);
+        assert_eq!(jobs.len(), 2);
+        s.revoke(&[("t".into(), 0)]);
+        // The running record finishes, but stores nothing and its waiting successor is dropped.
+        assert_eq!(s.complete(&jobs[0].chain, jobs[0].generation, 0, true), vec![]);
+        assert!(drain(&mut s).is_empty());
+        // Reassigned: a new generation, the same key runs again when redelivered.
+        s.admit(msg(0, 0, "a"));
+        let again = drain(&mut s);
+        assert_eq!(offsets(&again), vec![0]);
+        assert_ne!(again[0].generation, jobs[0].generation);
+        assert_eq!(s.buffered(), 2);
+    }
+
+    #[test]
+    fn a_key_still_running_from_a_revoked_generation_blocks_its_redelivery() {
+        let mut s = Scheduler::new(limits(10, 100, Ordering::Key));
+        s.admit(msg(0, 5, "a"));
+        let old = drain(&mut s);
+        s.revoke(&[("t".into(), 0)]);
+        s.admit(msg(0, 5, "a"));
+        assert!(drain(&mut s).is_empty(), "never two records of one key at once");
+        s.complete(&old[0].chain, old[0].generation, 5, true);
+        assert_eq!(offsets(&drain(&mut s)), vec![5]);
+    }
+}
