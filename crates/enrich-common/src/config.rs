@@ -228,8 +228,14 @@ pub struct EnricherSettings {
     pub group_id: Option<String>,
     pub batch_size: usize,
     pub batch_linger_ms: u64,
-    /// Most LLM calls in flight at once in one replica.
+    /// Most records being enriched at once in one replica (LLM calls in flight).
     pub max_in_flight: usize,
+    /// A partition holding this many unfinished records is paused until it drains to
+    /// half: the bound on memory whatever the backlog.
+    pub max_buffered_per_partition: usize,
+    /// `key`: records of one Kafka key run in order, different keys concurrently.
+    /// `partition`: one record at a time per partition (the classic consumer).
+    pub ordering: OrderingMode,
     /// How long a replica holds a key for one LLM call; must exceed the request timeout
     /// so a live call is never duplicated. A replica that dies holding a key delays that
     /// key by at most this long.
@@ -246,10 +252,20 @@ impl Default for EnricherSettings {
             batch_size: 256,
             batch_linger_ms: 10,
             max_in_flight: 64,
+            max_buffered_per_partition: 1000,
+            ordering: OrderingMode::Key,
             lease_ms: 60_000,
             instance_id: None,
         }
     }
+}
+
+/// How the enricher orders records inside a partition.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum OrderingMode {
+    Key,
+    Partition,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -456,6 +472,7 @@ impl Settings {
             ("ingest.batch_size", self.ingest.batch_size),
             ("enricher.batch_size", self.enricher.batch_size),
             ("enricher.max_in_flight", self.enricher.max_in_flight),
+            ("enricher.max_buffered_per_partition", self.enricher.max_buffered_per_partition),
             ("publisher.batch_size", self.publisher.batch_size),
         ] {
             if size == 0 {
@@ -599,6 +616,7 @@ output_schema = '{"type": "object"}'
             (&[("ENRICH_ENRICHER__LEASE_MS", "30000")], "enricher.lease_ms"),
             (&[("ENRICH_INGEST__BATCH_SIZE", "0")], "ingest.batch_size"),
             (&[("ENRICH_INGEST__NO_SUCH_KEY", "1")], "ingest"),
+            (&[("ENRICH_ENRICHER__ORDERING", "random")], "enricher.ordering"),
         ];
         for (env, field) in cases {
             let err = load(env).unwrap_err();

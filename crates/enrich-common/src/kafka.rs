@@ -172,7 +172,7 @@ pub fn store_offsets(consumer: &StreamConsumer, messages: &[OwnedMessage]) {
 }
 
 /// On shutdown: flushes the producer, then commits the stored offsets synchronously.
-pub fn drain(consumer: &StreamConsumer, producer: &FutureProducer) {
+pub fn drain<C: rdkafka::consumer::ConsumerContext + 'static>(consumer: &StreamConsumer<C>, producer: &FutureProducer) {
     use rdkafka::consumer::CommitMode;
     use rdkafka::producer::Producer;
     if let Err(e) = producer.flush(rdkafka::util::Timeout::After(Duration::from_secs(10))) {

@@ -81,43 +81,58 @@ impl StageRuntime {
         Ok((Self { stage, state, pool, metrics, http }, own))
     }
 
-    /// Runs `attempt` until it succeeds (true) or shutdown is requested (false). Between
-    /// failures the stage reports not-ready with the cause and backs off, doubling up to
-    /// `max_backoff`. `attempt` must be idempotent: it may run again from the start.
-    pub async fn until_done<F, Fut>(&self, shutdown: &Shutdown, max_backoff: Duration, mut attempt: F) -> bool
+    /// See [`until_done`].
+    pub async fn until_done<F, Fut>(&self, shutdown: &Shutdown, max_backoff: Duration, attempt: F) -> bool
     where
         F: FnMut() -> Fut,
         Fut: std::future::Future<Output = anyhow::Result<()>>,
     {
-        let mut backoff = Duration::from_millis(100);
-        loop {
-            match attempt().await {
-                Ok(()) => {
-                    self.state.set_ready();
-                    return true;
-                }
-                Err(e) => {
-                    let cause = chain(e.as_ref());
-                    if shutdown.is_cancelled() {
-                        tracing::info!(error = %cause, "batch left unfinished at shutdown; it will be read again");
-                        return false;
-                    }
-                    self.metrics.batch_retries.inc();
-                    tracing::error!(error = %cause, retry_in_ms = backoff.as_millis() as u64, "batch failed; retrying");
-                    self.state.set_not_ready(format!("batch failing: {cause}"));
-                    tokio::select! {
-                        _ = shutdown.cancelled() => return false,
-                        _ = tokio::time::sleep(backoff) => {}
-                    }
-                    backoff = (backoff * 2).min(max_backoff);
-                }
-            }
-        }
+        until_done(&self.state, &self.metrics, shutdown, max_backoff, attempt).await
     }
 
     /// Stops the endpoints and waits for them.
     pub async fn finish(self, shutdown: &Shutdown) {
         shutdown.cancel();
         let _ = self.http.await;
+    }
+}
+
+/// Runs `attempt` until it succeeds (true) or shutdown is requested (false). Between
+/// failures the stage reports not-ready with the cause and backs off, doubling up to
+/// `max_backoff`. `attempt` must be idempotent: it may run again from the start.
+pub async fn until_done<F, Fut>(
+    state: &ServiceState,
+    metrics: &StageMetrics,
+    shutdown: &Shutdown,
+    max_backoff: Duration,
+    mut attempt: F,
+) -> bool
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = anyhow::Result<()>>,
+{
+    let mut backoff = Duration::from_millis(100);
+    loop {
+        match attempt().await {
+            Ok(()) => {
+                state.set_ready();
+                return true;
+            }
+            Err(e) => {
+                let cause = chain(e.as_ref());
+                if shutdown.is_cancelled() {
+                    tracing::info!(error = %cause, "work left unfinished at shutdown; it will be read again");
+                    return false;
+                }
+                metrics.batch_retries.inc();
+                tracing::error!(error = %cause, retry_in_ms = backoff.as_millis() as u64, "work failed; retrying");
+                state.set_not_ready(format!("failing: {cause}"));
+                tokio::select! {
+                    _ = shutdown.cancelled() => return false,
+                    _ = tokio::time::sleep(backoff) => {}
+                }
+                backoff = (backoff * 2).min(max_backoff);
+            }
+        }
     }
 }

@@ -1,0 +1,136 @@
+//! The consumer loop: reads continuously, hands records to the scheduler, runs what it
+//! releases as tasks, stores the offsets it says are safe, pauses and resumes partitions
+//! as it says. The loop never waits on a record, so the consumer keeps polling
+//! (`max.poll.interval.ms` is never at risk) however slow the LLM is.
+
+use enrich_common::service::{StageRuntime, until_done};
+use enrich_common::shutdown::Shutdown;
+use rdkafka::ClientContext;
+use rdkafka::consumer::{BaseConsumer, Consumer, ConsumerContext, Rebalance, StreamConsumer};
+use rdkafka::{Message, TopicPartitionList};
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::sync::mpsc;
+
+use crate::process::Enricher;
+use crate::scheduler::{Action, ChainId, Limits, PartitionId, Scheduler};
+
+const MAX_BACKOFF: Duration = Duration::from_secs(30);
+
+/// Tells the loop which partitions were revoked, from librdkafka's rebalance callback.
+pub struct RebalanceEvents {
+    tx: mpsc::UnboundedSender<Vec<PartitionId>>,
+}
+
+impl RebalanceEvents {
+    pub fn new() -> (Self, mpsc::UnboundedReceiver<Vec<PartitionId>>) {
+        let (tx, rx) = mpsc::unbounded_channel();
+        (Self { tx }, rx)
+    }
+}
+
+impl ClientContext for RebalanceEvents {}
+
+impl ConsumerContext for RebalanceEvents {
+    fn pre_rebalance(&self, _consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
+        if let Rebalance::Revoke(list) = rebalance {
+            let revoked: Vec<PartitionId> =
+                list.elements().iter().map(|e| (e.topic().to_string(), e.partition())).collect();
+            tracing::info!(?revoked, "partitions revoked");
+            let _ = self.tx.send(revoked);
+        }
+    }
+
+    fn post_rebalance(&self, _consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
+        if let Rebalance::Assign(list) = rebalance {
+            let assigned: Vec<PartitionId> =
+                list.elements().iter().map(|e| (e.topic().to_string(), e.partition())).collect();
+            tracing::info!(?assigned, "partitions assigned");
+        }
+    }
+}
+
+struct Done {
+    chain: ChainId,
+    generation: u64,
+    offset: i64,
+    finished: bool,
+}
+
+pub async fn run(
+    consumer: &StreamConsumer<RebalanceEvents>,
+    mut revoked: mpsc::UnboundedReceiver<Vec<PartitionId>>,
+    enricher: Arc<Enricher>,
+    runtime: &StageRuntime,
+    limits: Limits,
+    shutdown: &Shutdown,
+) {
+    let mut scheduler = Scheduler::new(limits);
+    let (done_tx, mut done_rx) = mpsc::unbounded_channel::<Done>();
+    let mut draining = false;
+    loop {
+        if !draining {
+            while let Some(job) = scheduler.next_job() {
+                let enricher = enricher.clone();
+                let done_tx = done_tx.clone();
+                let state = runtime.state.clone();
+                let metrics = runtime.metrics.clone();
+                let shutdown = shutdown.clone();
+                tokio::spawn(async move {
+                    let offset = job.message.offset();
+                    // A failure of the database or Kafka is retried here; the record keeps
+                    // its place, and its partition's position waits for it.
+                    let finished =
+                        until_done(&state, &metrics, &shutdown, MAX_BACKOFF, || enricher.handle(&job.message)).await;
+                    let _ = done_tx.send(Done { chain: job.chain, generation: job.generation, offset, finished });
+                });
+            }
+        }
+        if draining && scheduler.running() == 0 {
+            return;
+        }
+        tokio::select! {
+            biased;
+            Some(done) = done_rx.recv() => {
+                let actions = scheduler.complete(&done.chain, done.generation, done.offset, done.finished);
+                apply(consumer, actions);
+            }
+            Some(partitions) = revoked.recv() => scheduler.revoke(&partitions),
+            _ = shutdown.cancelled(), if !draining => {
+                tracing::info!(in_flight = scheduler.running(), "draining: finishing in-flight records");
+                draining = true;
+            }
+            received = consumer.recv(), if !draining => match received {
+                Ok(m) => {
+                    runtime.metrics.consumed(m.topic());
+                    let actions = scheduler.admit(m.detach());
+                    apply(consumer, actions);
+                }
+                Err(e) => tracing::warn!(error = %e, "kafka consumer error"),
+            },
+        }
+    }
+}
+
+fn apply(consumer: &StreamConsumer<RebalanceEvents>, actions: Vec<Action>) {
+    for action in actions {
+        let pause = matches!(action, Action::Pause(_));
+        match action {
+            Action::Store((topic, partition), position) => {
+                // store_offset takes the last finished offset and stores the one after it.
+                if let Err(e) = consumer.store_offset(&topic, partition, position - 1) {
+                    tracing::debug!(%topic, partition, error = %e, "offset not stored (partition revoked?)");
+                }
+            }
+            Action::Pause((topic, partition)) | Action::Resume((topic, partition)) => {
+                let mut list = TopicPartitionList::new();
+                list.add_partition(&topic, partition);
+                let result = if pause { consumer.pause(&list) } else { consumer.resume(&list) };
+                match result {
+                    Ok(()) => tracing::debug!(%topic, partition, pause, "partition flow changed"),
+                    Err(e) => tracing::warn!(%topic, partition, pause, error = %e, "cannot pause or resume"),
+                }
+            }
+        }
+    }
+}
