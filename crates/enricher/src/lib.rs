@@ -32,9 +32,15 @@ pub async fn run(settings: Settings, shutdown: CancellationToken) -> anyhow::Res
     let prompt = prompt::PromptTemplate::new(&settings.llm)?;
     let llm = llm::LlmClient::new(&settings.llm, &validator.schema)?;
     let topics = [settings.topics.requests.as_str(), settings.topics.results.as_str(), settings.topics.dlq.as_str()];
-    let (runtime, mut metrics) =
-        StageRuntime::start(&settings, STAGE, settings.enricher.http_port, &topics, &shutdown, EnricherMetrics::register)
-            .await?;
+    let (runtime, mut metrics) = StageRuntime::start(
+        &settings,
+        STAGE,
+        settings.enricher.http_port,
+        &topics,
+        &shutdown,
+        EnricherMetrics::register,
+    )
+    .await?;
     // The stage-wide counters are the ones registered by the runtime.
     metrics.stage = runtime.metrics.clone();
     let producer = kafka::producer(&settings, STAGE.as_str())?;
@@ -43,11 +49,8 @@ pub async fn run(settings: Settings, shutdown: CancellationToken) -> anyhow::Res
     let consumer =
         kafka::consumer_with_context(&settings, &group, STAGE.as_str(), kafka::OffsetCommit::Stored, rebalances)?;
     consumer.subscribe(&[&settings.topics.requests])?;
-    let owner = settings
-        .enricher
-        .instance_id
-        .clone()
-        .unwrap_or_else(|| format!("enricher-{:016x}", rand::random::<u64>()));
+    let owner =
+        settings.enricher.instance_id.clone().unwrap_or_else(|| format!("enricher-{:016x}", rand::random::<u64>()));
     let limits = scheduler::Limits {
         max_in_flight: settings.enricher.max_in_flight,
         max_buffered_per_partition: settings.enricher.max_buffered_per_partition,

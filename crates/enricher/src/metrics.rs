@@ -40,6 +40,11 @@ impl EnricherMetrics {
         inc(&self.records, "outcome", outcome);
     }
 
+    pub fn tokens(&self, input: u32, output: u32) {
+        self.llm_tokens.get_or_create(&vec![("direction", "input".to_string())]).inc_by(u64::from(input));
+        self.llm_tokens.get_or_create(&vec![("direction", "output".to_string())]).inc_by(u64::from(output));
+    }
+
     pub fn llm_call(&self, outcome: &str) {
         inc(&self.llm_calls, "outcome", outcome);
     }

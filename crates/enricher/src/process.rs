@@ -89,12 +89,11 @@ impl Enricher {
                 }
                 KeyState::Acquired { attempt } => {
                     self.metrics.in_flight.inc();
-                    let outcome = self.attempt(&envelope, attempt).await;
+                    let outcome = self.attempt(&envelope, attempt, &trace).await;
                     self.metrics.in_flight.dec();
                     match outcome {
                         Ok((stored, tokens)) => {
                             self.emit(&envelope, &record_key, &stored, attempt, tokens, &trace).await?;
-                            self.store.record_run(&envelope, attempt, "enriched", &trace.trace_id_hex(), None).await?;
                             self.metrics.outcome("enriched");
                             return Ok(());
                         }
@@ -139,7 +138,12 @@ impl Enricher {
 
     /// One paid call: render, call, validate, store. Returns the stored result and the
     /// tokens this call used.
-    async fn attempt(&self, envelope: &Envelope, attempt: i32) -> Result<(StoredResult, (u32, u32)), AttemptError> {
+    async fn attempt(
+        &self,
+        envelope: &Envelope,
+        attempt: i32,
+        trace: &TraceContext,
+    ) -> Result<(StoredResult, (u32, u32)), AttemptError> {
         let key = &envelope.idempotency_key;
         let record: serde_json::Value = serde_json::from_slice(&envelope.payload).map_err(|e| {
             AttemptError::Llm(LlmError {
@@ -157,68 +161,23 @@ impl Enricher {
             Ok(c) => c,
             Err(e) => {
                 self.metrics.llm_call(e.error.reason);
-                let message = e.error.to_string();
-                self.store
-                    .record_step(
-                        key,
-                        &Step {
-                            step: "llm_call",
-                            attempt,
-                            status: "failed",
-                            duration_ms: Some(elapsed.as_secs_f64() * 1000.0),
-                            model: Some(self.llm.model()),
-                            input_tokens: None,
-                            output_tokens: None,
-                            error: Some(&message),
-                        },
-                    )
-                    .await?;
+                let step = Step::llm_call(attempt, elapsed, self.llm.model()).failed(e.error.to_string());
+                self.store.record_steps(key, &[step]).await?;
                 return Err(AttemptError::Llm(e));
             }
         };
         self.metrics.llm_call("ok");
-        self.metrics
-            .llm_tokens
-            .get_or_create(&vec![("direction", "input".into())])
-            .inc_by(u64::from(completion.input_tokens));
-        self.metrics
-            .llm_tokens
-            .get_or_create(&vec![("direction", "output".into())])
-            .inc_by(u64::from(completion.output_tokens));
+        self.metrics.tokens(completion.input_tokens, completion.output_tokens);
         let model = if completion.model.is_empty() { self.llm.model().to_string() } else { completion.model.clone() };
-        self.store
-            .record_step(
-                key,
-                &Step {
-                    step: "llm_call",
-                    attempt,
-                    status: "ok",
-                    duration_ms: Some(completion.latency.as_secs_f64() * 1000.0),
-                    model: Some(&model),
-                    input_tokens: Some(completion.input_tokens as i32),
-                    output_tokens: Some(completion.output_tokens as i32),
-                    error: None,
-                },
-            )
-            .await?;
-        let validated = self.validator.validate(&completion.content);
-        let error_text = validated.as_ref().err().map(ToString::to_string);
-        self.store
-            .record_step(
-                key,
-                &Step {
-                    step: "validation",
-                    attempt,
-                    status: if validated.is_ok() { "ok" } else { "failed" },
-                    duration_ms: None,
-                    model: None,
-                    input_tokens: None,
-                    output_tokens: None,
-                    error: error_text.as_deref(),
-                },
-            )
-            .await?;
-        let value = validated.map_err(|error| AttemptError::Llm(LlmError { error, retry_after: None }))?;
+        let call = Step::llm_call(attempt, completion.latency, &model)
+            .tokens(completion.input_tokens, completion.output_tokens);
+        let value = match self.validator.validate(&completion.content) {
+            Ok(v) => v,
+            Err(error) => {
+                self.store.record_steps(key, &[call, Step::validation(attempt).failed(error.to_string())]).await?;
+                return Err(AttemptError::Llm(LlmError { error, retry_after: None }));
+            }
+        };
         let json = value.to_string();
         let result = StoredResult {
             result_hash: hex::encode(Sha256::digest(json.as_bytes())),
@@ -226,7 +185,22 @@ impl Enricher {
             model,
             prompt_version: self.prompt.version().to_string(),
         };
-        let stored = self.store.store_result(key, &result).await?;
+        let steps = [call, Step::validation(attempt)];
+        // The call is paid: keep trying to store its result rather than paying again.
+        let mut backoff = Duration::from_millis(100);
+        let stored = loop {
+            match self.store.finish(envelope, attempt, &result, &steps, &trace.trace_id_hex()).await {
+                Ok(stored) => break stored,
+                Err(e) => {
+                    tracing::error!(idempotency_key = %key, error = %e, "cannot store a paid result; retrying");
+                    tokio::select! {
+                        _ = self.shutdown.cancelled() => return Err(AttemptError::Db(e)),
+                        _ = tokio::time::sleep(backoff) => {}
+                    }
+                    backoff = (backoff * 2).min(Duration::from_secs(10));
+                }
+            }
+        };
         Ok((stored, (completion.input_tokens, completion.output_tokens)))
     }
 

@@ -110,41 +110,6 @@ impl Store {
         Ok(())
     }
 
-    /// Stores the result unless another one was stored first; returns the stored one
-    /// (so every copy emitted for a key is the same).
-    pub async fn store_result(&self, key: &str, result: &StoredResult) -> sqlx::Result<StoredResult> {
-        let updated = sqlx::query(
-            "UPDATE enrich_state
-             SET state = 'enriched', result = $3::jsonb, result_hash = $4, model = $5, prompt_version = $6,
-                 lease_owner = NULL, lease_until = NULL, updated_at = now()
-             WHERE pipeline = $1 AND idempotency_key = $2 AND state NOT IN ('enriched', 'published')",
-        )
-        .bind(&self.pipeline)
-        .bind(key)
-        .bind(&result.json)
-        .bind(&result.result_hash)
-        .bind(&result.model)
-        .bind(&result.prompt_version)
-        .execute(&self.pool)
-        .await?;
-        if updated.rows_affected() == 1 {
-            return Ok(result.clone());
-        }
-        let (json, hash, model, version): (Option<String>, Option<String>, Option<String>, Option<String>) = sqlx::query_as(
-            "SELECT result::text, result_hash, model, prompt_version FROM enrich_state WHERE pipeline = $1 AND idempotency_key = $2",
-        )
-        .bind(&self.pipeline)
-        .bind(key)
-        .fetch_one(&self.pool)
-        .await?;
-        Ok(StoredResult {
-            json: json.unwrap_or_default(),
-            result_hash: hash.unwrap_or_default(),
-            model: model.unwrap_or_default(),
-            prompt_version: version.unwrap_or_default(),
-        })
-    }
-
     /// Gives the lease back without spending the attempt (the endpoint is down, or we
     /// are shutting down before the call).
     pub async fn release(&self, key: &str, refund_attempt: bool) -> sqlx::Result<()> {
@@ -175,25 +140,98 @@ impl Store {
         Ok(())
     }
 
-    /// Appends one step outcome (llm_call, validation) to the audit.
-    pub async fn record_step(&self, key: &str, step: &Step<'_>) -> sqlx::Result<()> {
+    /// Appends step outcomes (llm_call, validation) to the audit, in one statement.
+    pub async fn record_steps(&self, key: &str, steps: &[Step]) -> sqlx::Result<()> {
+        let cols = StepColumns::from(steps);
         sqlx::query(
             "INSERT INTO step_outcomes (pipeline, idempotency_key, stage, step, attempt, status, duration_ms, model, input_tokens, output_tokens, error)
-             VALUES ($1, $2, 'enricher', $3, $4, $5, $6, $7, $8, $9, $10)",
+             SELECT $1, $2, 'enricher', s, a, st, d, m, i, o, e
+             FROM UNNEST($3::text[], $4::int[], $5::text[], $6::float8[], $7::text[], $8::int[], $9::int[], $10::text[]) AS u(s, a, st, d, m, i, o, e)",
         )
         .bind(&self.pipeline)
         .bind(key)
-        .bind(step.step)
-        .bind(step.attempt)
-        .bind(step.status)
-        .bind(step.duration_ms)
-        .bind(step.model)
-        .bind(step.input_tokens)
-        .bind(step.output_tokens)
-        .bind(step.error)
+        .bind(&cols.step)
+        .bind(&cols.attempt)
+        .bind(&cols.status)
+        .bind(&cols.duration_ms)
+        .bind(&cols.model)
+        .bind(&cols.input_tokens)
+        .bind(&cols.output_tokens)
+        .bind(&cols.error)
         .execute(&self.pool)
         .await?;
         Ok(())
+    }
+
+    /// Stores the result (unless another was stored first), its steps and the run row in
+    /// one round trip; returns the stored result, so every copy emitted for a key is the same.
+    pub async fn finish(
+        &self,
+        envelope: &Envelope,
+        attempt: i32,
+        result: &StoredResult,
+        steps: &[Step],
+        trace_id: &str,
+    ) -> sqlx::Result<StoredResult> {
+        let key = &envelope.idempotency_key;
+        let src = envelope.source.clone().unwrap_or_default();
+        let cols = StepColumns::from(steps);
+        let (stored_now,): (i64,) = sqlx::query_as(
+            "WITH stored AS (
+               UPDATE enrich_state
+               SET state = 'enriched', result = $3::jsonb, result_hash = $4, model = $5, prompt_version = $6,
+                   lease_owner = NULL, lease_until = NULL, updated_at = now()
+               WHERE pipeline = $1 AND idempotency_key = $2 AND state NOT IN ('enriched', 'published')
+               RETURNING 1
+             ), steps AS (
+               INSERT INTO step_outcomes (pipeline, idempotency_key, stage, step, attempt, status, duration_ms, model, input_tokens, output_tokens, error)
+               SELECT $1, $2, 'enricher', s, a, st, d, m, i, o, e
+               FROM UNNEST($7::text[], $8::int[], $9::text[], $10::float8[], $11::text[], $12::int[], $13::int[], $14::text[]) AS u(s, a, st, d, m, i, o, e)
+             ), run AS (
+               INSERT INTO run_history (pipeline, idempotency_key, stage, attempt, status, source_topic, source_partition, source_offset, trace_id, worker)
+               VALUES ($1, $2, 'enricher', $15, 'enriched', $16, $17, $18, $19, $20)
+             )
+             SELECT count(*) FROM stored",
+        )
+        .bind(&self.pipeline)
+        .bind(key)
+        .bind(&result.json)
+        .bind(&result.result_hash)
+        .bind(&result.model)
+        .bind(&result.prompt_version)
+        .bind(&cols.step)
+        .bind(&cols.attempt)
+        .bind(&cols.status)
+        .bind(&cols.duration_ms)
+        .bind(&cols.model)
+        .bind(&cols.input_tokens)
+        .bind(&cols.output_tokens)
+        .bind(&cols.error)
+        .bind(attempt)
+        .bind(&src.topic)
+        .bind(src.partition)
+        .bind(src.offset)
+        .bind(trace_id)
+        .bind(&self.owner)
+        .fetch_one(&self.pool)
+        .await?;
+        if stored_now == 1 {
+            return Ok(result.clone());
+        }
+        let (json, hash, model, version): (Option<String>, Option<String>, Option<String>, Option<String>) =
+            sqlx::query_as(
+                "SELECT result::text, result_hash, model, prompt_version FROM enrich_state WHERE pipeline = $1 AND idempotency_key = $2",
+            )
+            .bind(&self.pipeline)
+            .bind(key)
+            .fetch_one(&self.pool)
+            .await?;
+        Ok(StoredResult {
+            json: json.unwrap_or_default(),
+            result_hash: hash.unwrap_or_default(),
+            model: model.unwrap_or_default(),
+            prompt_version: version.unwrap_or_default(),
+        })
     }
 
     /// Appends the enricher's run-history row for this record.
@@ -207,8 +245,8 @@ impl Store {
     ) -> sqlx::Result<()> {
         let src = envelope.source.clone().unwrap_or_default();
         sqlx::query(
-            "INSERT INTO run_history (pipeline, idempotency_key, stage, attempt, status, source_topic, source_partition, source_offset, trace_id, detail)
-             VALUES ($1, $2, 'enricher', $3, $4, $5, $6, $7, $8, $9)",
+            "INSERT INTO run_history (pipeline, idempotency_key, stage, attempt, status, source_topic, source_partition, source_offset, trace_id, detail, worker)
+             VALUES ($1, $2, 'enricher', $3, $4, $5, $6, $7, $8, $9, $10)",
         )
         .bind(&self.pipeline)
         .bind(&envelope.idempotency_key)
@@ -219,6 +257,7 @@ impl Store {
         .bind(src.offset)
         .bind(trace_id)
         .bind(detail)
+        .bind(&self.owner)
         .execute(&self.pool)
         .await?;
         Ok(())
@@ -226,13 +265,77 @@ impl Store {
 }
 
 /// One step's outcome.
-pub struct Step<'a> {
-    pub step: &'a str,
+#[derive(Debug, Clone)]
+pub struct Step {
+    pub step: &'static str,
     pub attempt: i32,
-    pub status: &'a str,
+    pub status: &'static str,
     pub duration_ms: Option<f64>,
-    pub model: Option<&'a str>,
+    pub model: Option<String>,
     pub input_tokens: Option<i32>,
     pub output_tokens: Option<i32>,
-    pub error: Option<&'a str>,
+    pub error: Option<String>,
+}
+
+impl Step {
+    pub fn llm_call(attempt: i32, took: Duration, model: &str) -> Self {
+        Self {
+            step: "llm_call",
+            attempt,
+            status: "ok",
+            duration_ms: Some(took.as_secs_f64() * 1000.0),
+            model: Some(model.to_string()),
+            input_tokens: None,
+            output_tokens: None,
+            error: None,
+        }
+    }
+
+    pub fn validation(attempt: i32) -> Self {
+        Self {
+            step: "validation",
+            attempt,
+            status: "ok",
+            duration_ms: None,
+            model: None,
+            input_tokens: None,
+            output_tokens: None,
+            error: None,
+        }
+    }
+
+    pub fn tokens(self, input: u32, output: u32) -> Self {
+        Self { input_tokens: Some(input as i32), output_tokens: Some(output as i32), ..self }
+    }
+
+    pub fn failed(self, error: String) -> Self {
+        Self { status: "failed", error: Some(error), ..self }
+    }
+}
+
+/// Steps as columns, for UNNEST.
+struct StepColumns<'a> {
+    step: Vec<&'a str>,
+    attempt: Vec<i32>,
+    status: Vec<&'a str>,
+    duration_ms: Vec<Option<f64>>,
+    model: Vec<Option<&'a str>>,
+    input_tokens: Vec<Option<i32>>,
+    output_tokens: Vec<Option<i32>>,
+    error: Vec<Option<&'a str>>,
+}
+
+impl<'a> From<&'a [Step]> for StepColumns<'a> {
+    fn from(steps: &'a [Step]) -> Self {
+        Self {
+            step: steps.iter().map(|s| s.step).collect(),
+            attempt: steps.iter().map(|s| s.attempt).collect(),
+            status: steps.iter().map(|s| s.status).collect(),
+            duration_ms: steps.iter().map(|s| s.duration_ms).collect(),
+            model: steps.iter().map(|s| s.model.as_deref()).collect(),
+            input_tokens: steps.iter().map(|s| s.input_tokens).collect(),
+            output_tokens: steps.iter().map(|s| s.output_tokens).collect(),
+            error: steps.iter().map(|s| s.error.as_deref()).collect(),
+        }
+    }
 }
