@@ -103,8 +103,14 @@ impl TestEnv {
     }
 
     pub fn spawn(&self, kind: StageKind) -> RunningStage {
+        self.spawn_with(kind, |_| {})
+    }
+
+    /// Starts a stage with its own changes to the settings (a replica's instance id, say).
+    pub fn spawn_with(&self, kind: StageKind, change: impl FnOnce(&mut Settings)) -> RunningStage {
         let token = Shutdown::new();
-        let settings = self.settings.clone();
+        let mut settings = self.settings.clone();
+        change(&mut settings);
         let t = token.clone();
         let join = match kind {
             StageKind::Ingest => tokio::spawn(ingest_dedup::run(settings, t)),
@@ -124,6 +130,17 @@ impl TestEnv {
                 .await;
         }
     }
+}
+
+/// How many keys of the pipeline are in one of `states`.
+pub async fn count_in_states(env: &TestEnv, states: &[&str]) -> anyhow::Result<i64> {
+    let states: Vec<String> = states.iter().map(|s| s.to_string()).collect();
+    let (n,): (i64,) = sqlx::query_as("SELECT count(*) FROM enrich_state WHERE pipeline = $1 AND state = ANY($2)")
+        .bind(&env.settings.pipeline.name)
+        .bind(&states)
+        .fetch_one(&env.pool)
+        .await?;
+    Ok(n)
 }
 
 /// Polls `check` until it yields a value or `timeout` passes; the error names `what`.

@@ -92,6 +92,8 @@ pub struct SourceTopic {
 pub struct KafkaSettings {
     pub bootstrap_servers: String,
     /// librdkafka properties passed through unchanged to every client (SASL, TLS, ...).
+    /// Numbers and booleans are accepted and passed as their text.
+    #[serde(deserialize_with = "scalar_map")]
     pub client: BTreeMap<String, String>,
     /// Whether stages create the topics they write to when missing.
     pub create_topics: bool,
@@ -511,6 +513,23 @@ impl PublisherSettings {
     }
 }
 
+/// A table of scalars read as text (librdkafka takes every property as a string).
+fn scalar_map<'de, D: serde::Deserializer<'de>>(d: D) -> Result<BTreeMap<String, String>, D::Error> {
+    let raw = BTreeMap::<String, toml::Value>::deserialize(d)?;
+    raw.into_iter()
+        .map(|(k, v)| match v {
+            toml::Value::String(s) => Ok((k, s)),
+            toml::Value::Integer(i) => Ok((k, i.to_string())),
+            toml::Value::Float(f) => Ok((k, f.to_string())),
+            toml::Value::Boolean(b) => Ok((k, b.to_string())),
+            other => Err(serde::de::Error::custom(format!(
+                "`{k}` must be a string, number or boolean, not {}",
+                other.type_str()
+            ))),
+        })
+        .collect()
+}
+
 const ENV_PREFIX: &str = "ENRICH_";
 
 /// `ENRICH_A__B__C=v` sets `a.b.c`. Variables without `__` (such as an API key named by
@@ -592,6 +611,7 @@ output_schema = '{"type": "object"}'
             ("ENRICH_TOPICS__OUTPUT", "out.v2"),
             ("ENRICH_KAFKA__PARTITIONS", "3"),
             ("ENRICH_KAFKA__CLIENT__SECURITY.PROTOCOL", "SASL_SSL"),
+            ("ENRICH_KAFKA__CLIENT__SESSION.TIMEOUT.MS", "6000"),
             ("ENRICH_PIPELINE__NAME", "0123"),
             ("ENRICH_LLM_API_KEY", "not-a-path"),
             ("OTHER__THING", "ignored"),
@@ -600,6 +620,7 @@ output_schema = '{"type": "object"}'
         assert_eq!(s.topics.output, "out.v2");
         assert_eq!(s.kafka.partitions, 3);
         assert_eq!(s.kafka.client.get("security.protocol").map(String::as_str), Some("SASL_SSL"));
+        assert_eq!(s.kafka.client.get("session.timeout.ms").map(String::as_str), Some("6000"));
         assert_eq!(s.pipeline.name, "0123");
     }
 
