@@ -16,6 +16,21 @@ pub struct Produced {
     pub offset: i64,
     /// The trace context the record was sent with, if any.
     pub trace: Option<TraceContext>,
+    /// The record's timestamp (CreateTime), milliseconds since the epoch.
+    pub timestamp_ms: i64,
+}
+
+/// How fast to produce.
+#[derive(Debug, Clone, Copy)]
+pub enum Pace {
+    /// As fast as the producer goes.
+    Unlimited,
+    /// About this many records per second.
+    PerSecond(f64),
+}
+
+pub fn now_ms() -> i64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_millis() as i64).unwrap_or(0)
 }
 
 /// Produces every record (in order) and waits for each acknowledgement. Records for
@@ -25,13 +40,30 @@ pub async fn produce_all(
     topic: &str,
     records: &[Record],
     traced: impl Fn(usize) -> bool,
+    progress: impl FnMut(usize),
+) -> anyhow::Result<Vec<Produced>> {
+    produce_paced(settings, topic, records, traced, Pace::Unlimited, progress).await
+}
+
+/// [`produce_all`] at a chosen pace.
+pub async fn produce_paced(
+    settings: &Settings,
+    topic: &str,
+    records: &[Record],
+    traced: impl Fn(usize) -> bool,
+    pace: Pace,
     mut progress: impl FnMut(usize),
 ) -> anyhow::Result<Vec<Produced>> {
+    let started = tokio::time::Instant::now();
     let producer: FutureProducer = kafka::producer(settings, "loadgen")?;
     let mut pending = Vec::with_capacity(records.len());
     for (i, r) in records.iter().enumerate() {
+        if let Pace::PerSecond(rate) = pace {
+            tokio::time::sleep_until(started + Duration::from_secs_f64(i as f64 / rate)).await;
+        }
         let trace = traced(i).then(TraceContext::new_root);
-        let mut record: FutureRecord<'_, [u8], [u8]> = FutureRecord::to(topic);
+        let timestamp_ms = now_ms();
+        let mut record: FutureRecord<'_, [u8], [u8]> = FutureRecord::to(topic).timestamp(timestamp_ms);
         if let Some(k) = &r.key {
             record = record.key(k.as_slice());
         }
@@ -57,15 +89,15 @@ pub async fn produce_all(
                 }
             }
         };
-        pending.push((delivery, trace));
+        pending.push((delivery, trace, timestamp_ms));
         if (i + 1).is_multiple_of(1000) {
             progress(i + 1);
         }
     }
     let mut produced = Vec::with_capacity(pending.len());
-    for (delivery, trace) in pending {
+    for (delivery, trace, timestamp_ms) in pending {
         let d = delivery.await?.map_err(|(e, _)| anyhow::anyhow!("delivery to {topic} failed: {e}"))?;
-        produced.push(Produced { partition: d.partition, offset: d.offset, trace });
+        produced.push(Produced { partition: d.partition, offset: d.offset, trace, timestamp_ms });
     }
     if !records.len().is_multiple_of(1000) {
         progress(records.len());

@@ -3,6 +3,7 @@
 //! each record landed, and an accounting of what became of each one.
 
 pub mod accounting;
+pub mod bench;
 pub mod kafka_io;
 pub mod tickets;
 pub mod workload;

@@ -6,7 +6,8 @@
 
 use enrich_common::{Settings, headers, kafka};
 use loadgen::accounting::{Accounting, account};
-use loadgen::kafka_io::{header, produce_all, read_to_end};
+use loadgen::bench::Scenario;
+use loadgen::kafka_io::{Pace, header, produce_all, read_to_end};
 use loadgen::workload::{Spec, build};
 use rdkafka::Message;
 use std::path::PathBuf;
@@ -25,9 +26,7 @@ fn parse_args() -> anyhow::Result<Args> {
     match args.next().as_deref() {
         Some("demo") => {}
         Some("-h" | "--help") | None => {
-            println!(
-                "usage: loadgen demo [--config PATH] [--unique N] [--duplicates N] [--malformed N] [--timeout-secs N]"
-            );
+            println!("{USAGE}");
             std::process::exit(0);
         }
         Some(other) => anyhow::bail!("unknown command {other:?} (try --help)"),
@@ -57,9 +56,94 @@ fn parse_args() -> anyhow::Result<Args> {
     Ok(out)
 }
 
+const USAGE: &str = "usage:
+  loadgen demo  [--config PATH] [--unique N] [--duplicates N] [--malformed N] [--timeout-secs N]
+  loadgen bench [--config PATH] [--bin-dir DIR] [--out DIR] [--only NAME,NAME] [--scale F]";
+
+/// The benchmark scenarios of `make bench` (issue targets: 20,000 tickets, 16 partitions,
+/// 20% duplicates, in-flight 256).
+fn bench_scenarios(scale: f64) -> Vec<Scenario> {
+    let n = |records: usize| ((records as f64 * scale).round() as usize).max(100);
+    let s = |name: &str, records: usize, latency: &str, in_flight: usize, ordering: &'static str, pace: Pace| Scenario {
+        name: name.to_string(),
+        records: n(records),
+        duplicate_share: 0.2,
+        partitions: 16,
+        latency: latency.to_string(),
+        in_flight,
+        ordering,
+        pace,
+    };
+    vec![
+        s("fixed-200ms", 20_000, "fixed:200", 256, "key", Pace::Unlimited),
+        s("fixed-0ms", 20_000, "fixed:0", 256, "key", Pace::Unlimited),
+        s("lognormal-tail", 20_000, "lognormal:200,0.5,0.01:20000", 256, "key", Pace::Unlimited),
+        s("one-per-partition", 2_000, "fixed:200", 256, "partition", Pace::Unlimited),
+        s("inflight-32", 2_560, "fixed:200", 32, "key", Pace::Unlimited),
+        s("inflight-64", 5_120, "fixed:200", 64, "key", Pace::Unlimited),
+        s("inflight-128", 10_240, "fixed:200", 128, "key", Pace::Unlimited),
+        s("paced-600rps", 6_000, "fixed:200", 256, "key", Pace::PerSecond(600.0 * scale.min(1.0))),
+    ]
+}
+
+async fn bench(mut args: impl Iterator<Item = String>) -> anyhow::Result<()> {
+    let mut config = PathBuf::from("config/pipeline.toml");
+    let mut bin_dir = PathBuf::from("target/release");
+    let mut out = PathBuf::from("bench-results");
+    let mut only: Option<Vec<String>> = None;
+    let mut scale = 1.0;
+    while let Some(flag) = args.next() {
+        let value = args.next().ok_or_else(|| anyhow::anyhow!("{flag} needs a value"))?;
+        match flag.as_str() {
+            "--config" => config = value.into(),
+            "--bin-dir" => bin_dir = value.into(),
+            "--out" => out = value.into(),
+            "--only" => only = Some(value.split(',').map(str::to_string).collect()),
+            "--scale" => scale = value.parse().map_err(|e| anyhow::anyhow!("--scale {value:?}: {e}"))?,
+            other => anyhow::bail!("unknown flag {other:?} (try --help)"),
+        }
+    }
+    let scenarios: Vec<Scenario> = bench_scenarios(scale)
+        .into_iter()
+        .filter(|s| only.as_ref().is_none_or(|o| o.contains(&s.name)))
+        .collect();
+    let runner = loadgen::bench::Bench { config, bin_dir, out_dir: out.clone() };
+    let mut results = Vec::new();
+    for (i, scenario) in scenarios.iter().enumerate() {
+        println!(
+            "[bench] {}/{}: {} ({} records, {}, in-flight {}, {})",
+            i + 1,
+            scenarios.len(),
+            scenario.name,
+            scenario.records,
+            scenario.latency,
+            scenario.in_flight,
+            scenario.ordering
+        );
+        let result = runner.run(scenario, i).await?;
+        println!(
+            "[bench] {}: {:.0} records/s, efficiency {}, p50/p99 {} / {} ms, {:.2} calls per key",
+            scenario.name,
+            result["throughput_records_per_s"].as_f64().unwrap_or(0.0),
+            result["efficiency"].as_f64().map_or("n/a".into(), |e| format!("{e:.2}")),
+            result["latency_ms"]["p50"],
+            result["latency_ms"]["p99"],
+            result["llm_calls_per_unique_key"].as_f64().unwrap_or(0.0),
+        );
+        results.push(result);
+        loadgen::bench::write_results(&out, &results)?;
+    }
+    println!("\n{}", loadgen::bench::markdown(&results));
+    println!("[bench] results in {}/bench.json and bench.md", out.display());
+    Ok(())
+}
+
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let _ = rustls::crypto::ring::default_provider().install_default();
+    if std::env::args().nth(1).as_deref() == Some("bench") {
+        return bench(std::env::args().skip(2)).await;
+    }
     let args = parse_args()?;
     let settings = Settings::load(&args.config)?;
     let source = settings.pipeline.sources[0].topic.clone();

@@ -1,0 +1,320 @@
+//! `loadgen bench`: runs the whole topology (llm-sim and the three stages as separate
+//! processes) on fresh topics and a fresh database per scenario, and measures
+//! throughput, efficiency against the Little's-law bound, end-to-end latency, LLM calls
+//! per unique key, and CPU seconds and peak RSS per stage.
+
+use enrich_common::{Settings, headers, kafka};
+use rdkafka::Message;
+use serde_json::{Value, json};
+use sqlx::{Connection, PgConnection};
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use crate::accounting::account;
+use crate::kafka_io::{Pace, header, produce_paced, read_to_end};
+use crate::workload::{Spec, build};
+
+#[derive(Debug, Clone)]
+pub struct Scenario {
+    pub name: String,
+    pub records: usize,
+    pub duplicate_share: f64,
+    pub partitions: i32,
+    /// llm-sim latency spec (`fixed:200`, `lognormal:200,0.5,0.01:20000`, ...).
+    pub latency: String,
+    pub in_flight: usize,
+    /// `key` or `partition`.
+    pub ordering: &'static str,
+    pub pace: Pace,
+}
+
+pub struct Bench {
+    pub config: PathBuf,
+    pub bin_dir: PathBuf,
+    pub out_dir: PathBuf,
+}
+
+struct StageProcess {
+    name: &'static str,
+    child: Child,
+    port: u16,
+}
+
+fn free_port() -> anyhow::Result<u16> {
+    Ok(std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
+}
+
+/// CPU seconds (user + system) and peak RSS (MB) of a running process, from /proc.
+fn usage(pid: u32) -> Option<(f64, f64)> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    let after = &stat[stat.rfind(')')? + 2..];
+    let fields: Vec<&str> = after.split_whitespace().collect();
+    // Fields 14 and 15 of stat (utime, stime) are 11 and 12 after the command name.
+    let ticks: f64 = fields.get(11)?.parse::<f64>().ok()? + fields.get(12)?.parse::<f64>().ok()?;
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    let hwm_kb: f64 = status.lines().find_map(|l| l.strip_prefix("VmHWM:"))?.trim().trim_end_matches("kB").trim().parse().ok()?;
+    Some((ticks / 100.0, hwm_kb / 1024.0))
+}
+
+async fn wait_ready(port: u16, path: &str, child: &mut Child, name: &str) -> anyhow::Result<()> {
+    let url = format!("http://127.0.0.1:{port}{path}");
+    let started = Instant::now();
+    loop {
+        if let Ok(r) = reqwest::get(&url).await
+            && r.status().is_success()
+        {
+            return Ok(());
+        }
+        if let Some(status) = child.try_wait()? {
+            anyhow::bail!("{name} exited ({status}) before it was ready");
+        }
+        if started.elapsed() > Duration::from_secs(60) {
+            anyhow::bail!("{name} not ready on {url} after 60 s");
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+fn stop(processes: Vec<StageProcess>) {
+    for p in processes.iter().rev() {
+        let _ = Command::new("kill").arg("-TERM").arg(p.child.id().to_string()).status();
+    }
+    for mut p in processes {
+        let started = Instant::now();
+        while matches!(p.child.try_wait(), Ok(None)) {
+            if started.elapsed() > Duration::from_secs(30) {
+                let _ = p.child.kill();
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        let _ = p.child.wait();
+    }
+}
+
+fn percentile(sorted: &[i64], q: f64) -> i64 {
+    if sorted.is_empty() {
+        return 0;
+    }
+    let i = ((sorted.len() as f64 - 1.0) * q).round() as usize;
+    sorted[i.min(sorted.len() - 1)]
+}
+
+impl Bench {
+    pub async fn run(&self, scenario: &Scenario, index: usize) -> anyhow::Result<Value> {
+        let stamp = crate::kafka_io::now_ms();
+        let p = format!("bench{stamp}x{index}");
+        let base = Settings::load(&self.config)?;
+        let admin_url = base.database.url.expose().to_string();
+        let db_name = format!("enrich_bench_{stamp}_{index}");
+        let mut admin = PgConnection::connect(&admin_url).await?;
+        sqlx::query(sqlx::AssertSqlSafe(format!("CREATE DATABASE {db_name}"))).execute(&mut admin).await?;
+        let db_url = format!("{}/{db_name}", &admin_url[..admin_url.rfind('/').unwrap_or(admin_url.len())]);
+
+        let sim_port = free_port()?;
+        let mut env: Vec<(String, String)> = vec![
+            ("ENRICH_PIPELINE__NAME".into(), p.clone()),
+            (
+                "ENRICH_PIPELINE__SOURCES".into(),
+                format!(r#"[{{topic = "{p}.raw", key = {{strategy = "json_pointer", pointers = ["/id"]}}}}]"#),
+            ),
+            ("ENRICH_TOPICS__REQUESTS".into(), format!("{p}.requests")),
+            ("ENRICH_TOPICS__RETRY".into(), format!("{p}.retry")),
+            ("ENRICH_TOPICS__RESULTS".into(), format!("{p}.results")),
+            ("ENRICH_TOPICS__OUTPUT".into(), format!("{p}.enriched")),
+            ("ENRICH_TOPICS__DLQ".into(), format!("{p}.dlq")),
+            ("ENRICH_KAFKA__PARTITIONS".into(), scenario.partitions.to_string()),
+            ("ENRICH_DATABASE__URL".into(), db_url),
+            ("ENRICH_DATABASE__MAX_CONNECTIONS".into(), "24".into()),
+            ("ENRICH_LLM__BASE_URL".into(), format!("http://127.0.0.1:{sim_port}/v1")),
+            ("ENRICH_ENRICHER__MAX_IN_FLIGHT".into(), scenario.in_flight.to_string()),
+            ("ENRICH_ENRICHER__ORDERING".into(), scenario.ordering.to_string()),
+            ("ENRICH_ENRICHER__MAX_BUFFERED_PER_PARTITION".into(), (scenario.in_flight * 2).max(1000).to_string()),
+            ("RUST_LOG".into(), "warn".into()),
+        ];
+        let ports: Vec<(&'static str, String, u16)> = vec![
+            ("ingest-dedup", "ENRICH_INGEST__HTTP_PORT".into(), free_port()?),
+            ("enricher", "ENRICH_ENRICHER__HTTP_PORT".into(), free_port()?),
+            ("publisher", "ENRICH_PUBLISHER__HTTP_PORT".into(), free_port()?),
+        ];
+        env.extend(ports.iter().map(|(_, k, port)| (k.clone(), port.to_string())));
+        let process_env: Vec<(String, String)> = std::env::vars().filter(|(k, _)| k.starts_with("ENRICH_")).collect();
+        let settings = Settings::from_toml(&std::fs::read_to_string(&self.config)?, process_env.into_iter().chain(env.clone()))?;
+        let source = format!("{p}.raw");
+        kafka::ensure_topics(&settings, &[&source]).await?;
+
+        let duplicates = (scenario.records as f64 * scenario.duplicate_share).round() as usize;
+        let unique = scenario.records - duplicates;
+        let records = build(&Spec { run: p.clone(), unique, duplicates, malformed: 0 });
+
+        let logs = self.out_dir.join("logs");
+        std::fs::create_dir_all(&logs)?;
+        let spawn = |name: &'static str, args: &[String]| -> anyhow::Result<Child> {
+            let log = std::fs::File::create(logs.join(format!("{}-{name}.log", scenario.name)))?;
+            Ok(Command::new(self.bin_dir.join(name))
+                .args(args)
+                .envs(env.iter().cloned())
+                .stdout(log.try_clone()?)
+                .stderr(log)
+                .stdin(Stdio::null())
+                .spawn()
+                .map_err(|e| anyhow::anyhow!("cannot start {}: {e}", self.bin_dir.join(name).display()))?)
+        };
+
+        // Backlog scenarios produce everything first: the stages then drain at full speed.
+        let backlog = matches!(scenario.pace, Pace::Unlimited);
+        let mut produced = if backlog {
+            produce_paced(&settings, &source, &records, |_| false, Pace::Unlimited, |_| {}).await?
+        } else {
+            Vec::new()
+        };
+        let mut sim = spawn("llm-sim", &["--port".into(), sim_port.to_string(), "--latency".into(), scenario.latency.clone()])?;
+        wait_ready(sim_port, "/healthz", &mut sim, "llm-sim").await?;
+        let mut processes = vec![StageProcess { name: "llm-sim", child: sim, port: sim_port }];
+        let config_arg = ["--config".to_string(), self.config.display().to_string()];
+        for (name, _, port) in &ports {
+            let mut child = spawn(name, &config_arg)?;
+            wait_ready(*port, "/readyz", &mut child, name).await?;
+            processes.push(StageProcess { name, child, port: *port });
+        }
+        if !backlog {
+            produced = produce_paced(&settings, &source, &records, |_| false, scenario.pace, |_| {}).await?;
+        }
+
+        let pool = enrich_common::db::connect(&settings.database).await?;
+        let started = Instant::now();
+        let mut last_report = Instant::now();
+        let acct = loop {
+            let a = account(&pool, &p, &source, &produced).await?;
+            if a.complete(produced.len()) {
+                break a;
+            }
+            if last_report.elapsed() > Duration::from_secs(5) {
+                println!("[bench] {}: published {}/{} unique after {:.0} s", scenario.name, a.published, unique, started.elapsed().as_secs_f64());
+                last_report = Instant::now();
+            }
+            if started.elapsed() > Duration::from_secs(900) {
+                stop(processes);
+                anyhow::bail!("{}: not finished after 900 s: {a:?}", scenario.name);
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        };
+
+        // Steady-state window: first record ingested to last record published (database clock).
+        let (window,): (f64,) = sqlx::query_as(
+            "SELECT EXTRACT(EPOCH FROM (max(recorded_at) FILTER (WHERE stage = 'publisher')
+                                     - min(recorded_at) FILTER (WHERE stage = 'ingest-dedup')))::float8
+             FROM run_history WHERE pipeline = $1",
+        )
+        .bind(&p)
+        .fetch_one(&pool)
+        .await?;
+        let usage_by_stage: Vec<Value> = processes
+            .iter()
+            .map(|proc_| {
+                let (cpu, rss) = usage(proc_.child.id()).unwrap_or((f64::NAN, f64::NAN));
+                json!({"stage": proc_.name, "cpu_seconds": cpu, "peak_rss_mb": rss})
+            })
+            .collect();
+        let sim_calls = sim_completions(processes[0].port).await.unwrap_or(0);
+        stop(processes);
+
+        // End-to-end latency: output CreateTime minus the source record's CreateTime.
+        let mut produced_at: HashMap<String, i64> = HashMap::new();
+        for (r, prod) in records.iter().zip(&produced) {
+            if let Some(t) = &r.ticket {
+                let e = produced_at.entry(format!("{p}:{}", t.id)).or_insert(prod.timestamp_ms);
+                *e = (*e).min(prod.timestamp_ms);
+            }
+        }
+        let output = read_to_end(&settings, &settings.topics.output, Duration::from_secs(120))?;
+        let mut latencies: Vec<i64> = output
+            .iter()
+            .filter_map(|m| {
+                let key = header(m, headers::IDEMPOTENCY_KEY)?;
+                Some(m.timestamp().to_millis()? - produced_at.get(&key)?)
+            })
+            .collect();
+        latencies.sort_unstable();
+        pool.close().await;
+        let _ = sqlx::query(sqlx::AssertSqlSafe(format!("DROP DATABASE IF EXISTS {db_name} WITH (FORCE)"))).execute(&mut admin).await;
+
+        let mean_ms = llm_sim::Latency::parse(&scenario.latency).map_err(anyhow::Error::msg)?.mean().as_secs_f64() * 1000.0;
+        let bound = if mean_ms > 0.0 { scenario.in_flight as f64 / (mean_ms / 1000.0) } else { f64::INFINITY };
+        let throughput = scenario.records as f64 / window.max(1e-3);
+        let unique_rate = unique as f64 / window.max(1e-3);
+        Ok(json!({
+            "scenario": scenario.name,
+            "records": scenario.records,
+            "unique": unique,
+            "partitions": scenario.partitions,
+            "latency": scenario.latency,
+            "mean_llm_latency_ms": mean_ms,
+            "in_flight": scenario.in_flight,
+            "ordering": scenario.ordering,
+            "paced_per_second": match scenario.pace { Pace::PerSecond(r) => Some(r), Pace::Unlimited => None },
+            "elapsed_seconds": window,
+            "throughput_records_per_s": throughput,
+            "bound_records_per_s": if bound.is_finite() { Some(bound) } else { None },
+            "efficiency": if bound.is_finite() { Some(throughput / bound) } else { None },
+            "llm_utilisation": if bound.is_finite() { Some(unique_rate / bound) } else { None },
+            "latency_ms": {"p50": percentile(&latencies, 0.5), "p95": percentile(&latencies, 0.95), "p99": percentile(&latencies, 0.99)},
+            "outputs": output.len(),
+            "published": acct.published,
+            "llm_calls_audit": acct.llm_calls,
+            "llm_calls_served": sim_calls,
+            "llm_calls_per_unique_key": sim_calls as f64 / unique as f64,
+            "stages": usage_by_stage,
+        }))
+    }
+}
+
+async fn sim_completions(port: u16) -> Option<u64> {
+    let text = reqwest::get(format!("http://127.0.0.1:{port}/metrics")).await.ok()?.text().await.ok()?;
+    text.lines().find_map(|l| l.strip_prefix("llm_sim_completions_total ")).and_then(|v| v.trim().parse().ok())
+}
+
+/// The markdown table of a bench run.
+pub fn markdown(results: &[Value]) -> String {
+    let mut out = String::from(
+        "| scenario | records | LLM latency | in-flight | ordering | records/s | bound/s | efficiency | p50 / p95 / p99 ms | calls per key | CPU s (ingest / enricher / publisher) | peak RSS MB (ingest / enricher / publisher) |\n\
+         |---|---:|---|---:|---|---:|---:|---:|---|---:|---|---|\n",
+    );
+    for r in results {
+        let stage = |name: &str, field: &str| {
+            r["stages"].as_array().and_then(|a| a.iter().find(|s| s["stage"] == name)).and_then(|s| s[field].as_f64()).unwrap_or(f64::NAN)
+        };
+        let opt = |v: &Value, digits: usize| v.as_f64().map_or("–".to_string(), |x| format!("{x:.digits$}"));
+        out.push_str(&format!(
+            "| {} | {} | {} | {} | {} | {:.0} | {} | {} | {} / {} / {} | {:.2} | {:.1} / {:.1} / {:.1} | {:.0} / {:.0} / {:.0} |\n",
+            r["scenario"].as_str().unwrap_or(""),
+            r["records"],
+            r["latency"].as_str().unwrap_or(""),
+            r["in_flight"],
+            r["ordering"].as_str().unwrap_or(""),
+            r["throughput_records_per_s"].as_f64().unwrap_or(0.0),
+            opt(&r["bound_records_per_s"], 0),
+            opt(&r["efficiency"], 2),
+            r["latency_ms"]["p50"],
+            r["latency_ms"]["p95"],
+            r["latency_ms"]["p99"],
+            r["llm_calls_per_unique_key"].as_f64().unwrap_or(0.0),
+            stage("ingest-dedup", "cpu_seconds"),
+            stage("enricher", "cpu_seconds"),
+            stage("publisher", "cpu_seconds"),
+            stage("ingest-dedup", "peak_rss_mb"),
+            stage("enricher", "peak_rss_mb"),
+            stage("publisher", "peak_rss_mb"),
+        ));
+    }
+    out
+}
+
+pub fn write_results(out_dir: &Path, results: &[Value]) -> anyhow::Result<()> {
+    std::fs::create_dir_all(out_dir)?;
+    std::fs::write(out_dir.join("bench.json"), serde_json::to_string_pretty(&json!({"results": results}))?)?;
+    std::fs::write(out_dir.join("bench.md"), markdown(results))?;
+    Ok(())
+}
