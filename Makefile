@@ -42,6 +42,12 @@ demo: stack-up build ## From a fresh clone: stack, stages, ~1,000 sample tickets
 test: stack-up ## Run every test (unit and end to end against the real stack)
 	$(CARGO) test --workspace
 
+.PHONY: bench
+bench: stack-up ## Benchmark the topology with llm-sim (release build); results in bench-results/
+	$(CARGO) build --release --workspace --bins
+	./target/release/loadgen bench --config config/pipeline.toml --bin-dir target/release --out bench-results $(BENCH_ARGS)
+	@deploy/bench/plot.sh bench-results
+
 .PHONY: fmt
 fmt: ## Format the code
 	$(CARGO) fmt --all
