@@ -3,6 +3,7 @@
 //! schema, stores it, and produces it to `enrich.results`. Replicas scale alone: they
 //! share one consumer group, and leases keep two replicas off one key.
 
+mod batch;
 mod consume;
 pub mod llm;
 mod metrics;
@@ -62,13 +63,13 @@ pub async fn run(settings: Settings, shutdown: CancellationToken) -> anyhow::Res
     tracing::info!(group, owner, model = llm.model(), prompt_version = prompt.version(), ?limits, "consuming");
 
     let enricher = Arc::new(Enricher {
-        store: store::Store {
+        store: store::Store::new(store::StoreCore {
             pool: runtime.pool.clone(),
             pipeline: settings.pipeline.name.clone(),
             owner,
             lease: Duration::from_millis(settings.enricher.lease_ms),
             max_attempts: settings.llm.max_attempts as i32,
-        },
+        }),
         llm,
         prompt,
         validator,

@@ -36,12 +36,12 @@ pub struct Enricher {
 /// Why an attempt did not produce a stored result.
 enum AttemptError {
     Llm(LlmError),
-    Db(sqlx::Error),
+    Db(anyhow::Error),
 }
 
 impl From<sqlx::Error> for AttemptError {
     fn from(e: sqlx::Error) -> Self {
-        AttemptError::Db(e)
+        AttemptError::Db(e.into())
     }
 }
 
@@ -67,6 +67,7 @@ impl Enricher {
                     self.metrics.outcome("reused");
                     return Ok(());
                 }
+                KeyState::Adopted => continue,
                 KeyState::DeadLettered => {
                     tracing::debug!(idempotency_key = %key, "already dead-lettered; skipping");
                     return Ok(());
@@ -101,7 +102,7 @@ impl Enricher {
                             return Err(e.into());
                         }
                         Err(AttemptError::Llm(e)) => match e.error.class {
-                            ErrorClass::Transient if attempt < self.store.max_attempts => {
+                            ErrorClass::Transient if attempt < self.store.max_attempts() => {
                                 let wait = e.retry_after.unwrap_or_else(|| jitter(backoff));
                                 backoff = (backoff * 2).min(Duration::from_secs(10));
                                 tracing::warn!(idempotency_key = %key, attempt, error = %e, wait_ms = wait.as_millis() as u64, "transient LLM failure; retrying");
@@ -255,10 +256,10 @@ impl Enricher {
 
     /// A record on the requests topic that is not an envelope: dead-letter it as it is.
     async fn reject_foreign(&self, message: &OwnedMessage, trace: &TraceContext, reason: String) -> anyhow::Result<()> {
-        let key = fallback_key(&self.store.pipeline, message.key(), message.payload());
+        let key = fallback_key(self.store.pipeline(), message.key(), message.payload());
         let envelope = Envelope {
             schema: envelope::SCHEMA.into(),
-            pipeline: self.store.pipeline.clone(),
+            pipeline: self.store.pipeline().to_string(),
             idempotency_key: key.to_string(),
             source: Some(SourceCoordinates {
                 topic: message.topic().to_string(),

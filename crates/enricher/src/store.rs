@@ -2,7 +2,11 @@
 
 use enrich_common::envelope::Envelope;
 use sqlx::PgPool;
+use std::collections::HashMap;
+use std::sync::Arc;
 use std::time::Duration;
+
+use crate::batch::MicroBatcher;
 
 /// What the database says about a key before a call.
 #[derive(Debug, Clone, PartialEq)]
@@ -17,6 +21,8 @@ pub enum KeyState {
     Leased { remaining: Duration },
     /// The lease is ours; this is attempt number `attempt`.
     Acquired { attempt: i32 },
+    /// The key had no row (removed since ingest); one was made: ask again.
+    Adopted,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -27,7 +33,8 @@ pub struct StoredResult {
     pub prompt_version: String,
 }
 
-pub struct Store {
+/// What the store needs to talk to PostgreSQL about this replica's keys.
+pub struct StoreCore {
     pub pool: PgPool,
     pub pipeline: String,
     pub owner: String,
@@ -35,79 +42,308 @@ pub struct Store {
     pub max_attempts: i32,
 }
 
-type StateRow =
-    (String, i32, Option<String>, Option<String>, Option<String>, Option<String>, Option<String>, Option<f64>);
+/// The enricher's per-key state. `acquire` and `finish` run on the hot path and go
+/// through micro-batchers: one statement for everything queued.
+pub struct Store {
+    pub core: Arc<StoreCore>,
+    acquire: MicroBatcher<AcquireRequest, KeyState>,
+    finish: MicroBatcher<FinishRequest, StoredResult>,
+}
+
+pub struct AcquireRequest {
+    key: String,
+    topic: String,
+    partition: i32,
+    offset: i64,
+    kafka_key: Option<Vec<u8>>,
+}
+
+pub struct FinishRequest {
+    key: String,
+    attempt: i32,
+    result: StoredResult,
+    steps: Vec<Step>,
+    trace_id: String,
+    topic: String,
+    partition: i32,
+    offset: i64,
+}
+
+/// Most records per batched statement.
+const MAX_BATCH: usize = 256;
+
+type StateRow = (String, String, i32, Option<String>, Option<String>, Option<String>, Option<String>, Option<f64>);
 
 impl Store {
-    /// Takes the lease and counts the attempt *before* the call, so a record that crashes
-    /// its consumer cannot loop; or says why not.
-    pub async fn acquire(&self, envelope: &Envelope) -> sqlx::Result<KeyState> {
-        let key = &envelope.idempotency_key;
-        for _ in 0..2 {
-            let acquired: Option<(i32,)> = sqlx::query_as(
-                "UPDATE enrich_state
-                 SET state = 'enriching', attempts = attempts + 1, lease_owner = $3,
-                     lease_until = now() + make_interval(secs => $4), updated_at = now()
-                 WHERE pipeline = $1 AND idempotency_key = $2
-                   AND state IN ('received', 'requested', 'enriching', 'retry_scheduled')
-                   AND attempts < $5
-                   AND (lease_until IS NULL OR lease_until < now() OR lease_owner = $3)
-                 RETURNING attempts",
-            )
-            .bind(&self.pipeline)
-            .bind(key)
-            .bind(&self.owner)
-            .bind(self.lease.as_secs_f64())
-            .bind(self.max_attempts)
-            .fetch_optional(&self.pool)
-            .await?;
-            if let Some((attempt,)) = acquired {
-                return Ok(KeyState::Acquired { attempt });
-            }
-            let row: Option<StateRow> = sqlx::query_as(
-                "SELECT state, attempts, result::text, result_hash, model, prompt_version, lease_owner,
-                        EXTRACT(EPOCH FROM (lease_until - now()))::float8
-                 FROM enrich_state WHERE pipeline = $1 AND idempotency_key = $2",
-            )
-            .bind(&self.pipeline)
-            .bind(key)
-            .fetch_optional(&self.pool)
-            .await?;
-            let Some((state, attempts, json, hash, model, version, _owner, lease_left)) = row else {
-                // A request for a key ingest never recorded (its row was removed): adopt it.
-                self.adopt(envelope).await?;
-                continue;
-            };
-            return Ok(match state.as_str() {
-                "enriched" | "published" => KeyState::Enriched(StoredResult {
-                    json: json.unwrap_or_default(),
-                    result_hash: hash.unwrap_or_default(),
-                    model: model.unwrap_or_default(),
-                    prompt_version: version.unwrap_or_default(),
-                }),
-                "dead_lettered" => KeyState::DeadLettered,
-                _ if attempts >= self.max_attempts => KeyState::AttemptsExhausted { attempts },
-                _ => KeyState::Leased { remaining: Duration::from_secs_f64(lease_left.unwrap_or(0.0).max(0.05)) },
-            });
+    pub fn new(core: StoreCore) -> Self {
+        let core = Arc::new(core);
+        let (a, f) = (core.clone(), core.clone());
+        Self {
+            acquire: MicroBatcher::spawn(MAX_BATCH, move |reqs| {
+                let core = a.clone();
+                async move { core.acquire_batch(reqs).await }
+            }),
+            finish: MicroBatcher::spawn(MAX_BATCH, move |reqs| {
+                let core = f.clone();
+                async move { core.finish_batch(reqs).await }
+            }),
+            core,
         }
-        Ok(KeyState::Leased { remaining: Duration::from_millis(100) })
     }
 
-    async fn adopt(&self, envelope: &Envelope) -> sqlx::Result<()> {
+    pub fn pipeline(&self) -> &str {
+        &self.core.pipeline
+    }
+
+    pub fn max_attempts(&self) -> i32 {
+        self.core.max_attempts
+    }
+
+    /// Takes the lease and counts the attempt *before* the call, so a record that crashes
+    /// its consumer cannot loop; or says why not.
+    pub async fn acquire(&self, envelope: &Envelope) -> anyhow::Result<KeyState> {
         let src = envelope.source.clone().unwrap_or_default();
-        sqlx::query(
-            "INSERT INTO enrich_state (pipeline, idempotency_key, state, source_topic, source_partition, source_offset, kafka_key)
-             VALUES ($1, $2, 'requested', $3, $4, $5, $6) ON CONFLICT DO NOTHING",
+        self.acquire
+            .call(AcquireRequest {
+                key: envelope.idempotency_key.clone(),
+                topic: src.topic,
+                partition: src.partition,
+                offset: src.offset,
+                kafka_key: src.key,
+            })
+            .await
+    }
+
+    /// Stores the result (unless another was stored first), its steps and the run row;
+    /// returns the stored result, so every copy emitted for a key is the same.
+    pub async fn finish(
+        &self,
+        envelope: &Envelope,
+        attempt: i32,
+        result: &StoredResult,
+        steps: &[Step],
+        trace_id: &str,
+    ) -> anyhow::Result<StoredResult> {
+        let src = envelope.source.clone().unwrap_or_default();
+        self.finish
+            .call(FinishRequest {
+                key: envelope.idempotency_key.clone(),
+                attempt,
+                result: result.clone(),
+                steps: steps.to_vec(),
+                trace_id: trace_id.to_string(),
+                topic: src.topic,
+                partition: src.partition,
+                offset: src.offset,
+            })
+            .await
+    }
+
+    pub async fn release(&self, key: &str, refund_attempt: bool) -> sqlx::Result<()> {
+        self.core.release(key, refund_attempt).await
+    }
+
+    pub async fn mark_dead_lettered(&self, key: &str) -> sqlx::Result<()> {
+        self.core.mark_dead_lettered(key).await
+    }
+
+    pub async fn record_steps(&self, key: &str, steps: &[Step]) -> sqlx::Result<()> {
+        self.core.record_steps(key, steps).await
+    }
+
+    pub async fn record_run(
+        &self,
+        envelope: &Envelope,
+        attempt: i32,
+        status: &str,
+        trace_id: &str,
+        detail: Option<&str>,
+    ) -> sqlx::Result<()> {
+        self.core.record_run(envelope, attempt, status, trace_id, detail).await
+    }
+}
+
+impl StoreCore {
+    async fn acquire_batch(&self, reqs: Vec<AcquireRequest>) -> anyhow::Result<Vec<KeyState>> {
+        let keys: Vec<&str> = reqs.iter().map(|r| r.key.as_str()).collect();
+        let acquired: Vec<(String, i32)> = sqlx::query_as(
+            "UPDATE enrich_state s
+             SET state = 'enriching', attempts = s.attempts + 1, lease_owner = $3,
+                 lease_until = now() + make_interval(secs => $4), updated_at = now()
+             FROM (SELECT DISTINCT k FROM UNNEST($2::text[]) AS u(k)) AS u
+             WHERE s.pipeline = $1 AND s.idempotency_key = u.k
+               AND s.state IN ('received', 'requested', 'enriching', 'retry_scheduled')
+               AND s.attempts < $5
+               AND (s.lease_until IS NULL OR s.lease_until < now() OR s.lease_owner = $3)
+             RETURNING s.idempotency_key, s.attempts",
         )
         .bind(&self.pipeline)
-        .bind(&envelope.idempotency_key)
-        .bind(&src.topic)
-        .bind(src.partition)
-        .bind(src.offset)
-        .bind(&src.key)
-        .execute(&self.pool)
+        .bind(&keys)
+        .bind(&self.owner)
+        .bind(self.lease.as_secs_f64())
+        .bind(self.max_attempts)
+        .fetch_all(&self.pool)
         .await?;
-        Ok(())
+        let mut acquired: HashMap<String, i32> = acquired.into_iter().collect();
+
+        let others: Vec<&str> = keys.iter().copied().filter(|k| !acquired.contains_key(*k)).collect();
+        let mut states: HashMap<String, StateRow> = HashMap::new();
+        if !others.is_empty() {
+            let rows: Vec<StateRow> = sqlx::query_as(
+                "SELECT idempotency_key, state, attempts, result::text, result_hash, model, prompt_version,
+                        EXTRACT(EPOCH FROM (lease_until - now()))::float8
+                 FROM enrich_state WHERE pipeline = $1 AND idempotency_key = ANY($2)",
+            )
+            .bind(&self.pipeline)
+            .bind(&others)
+            .fetch_all(&self.pool)
+            .await?;
+            states = rows.into_iter().map(|r| (r.0.clone(), r)).collect();
+        }
+
+        let mut missing = Vec::new();
+        let answers = reqs
+            .iter()
+            .map(|r| {
+                // A key acquired once in this batch goes to its first request only.
+                if let Some(attempt) = acquired.remove(&r.key) {
+                    return KeyState::Acquired { attempt };
+                }
+                match states.get(&r.key) {
+                    None if keys.iter().filter(|k| **k == r.key).count() > 1 => {
+                        KeyState::Leased { remaining: Duration::from_millis(50) }
+                    }
+                    None => {
+                        missing.push(r);
+                        KeyState::Adopted
+                    }
+                    Some((_, state, attempts, json, hash, model, version, lease_left)) => match state.as_str() {
+                        "enriched" | "published" => KeyState::Enriched(StoredResult {
+                            json: json.clone().unwrap_or_default(),
+                            result_hash: hash.clone().unwrap_or_default(),
+                            model: model.clone().unwrap_or_default(),
+                            prompt_version: version.clone().unwrap_or_default(),
+                        }),
+                        "dead_lettered" => KeyState::DeadLettered,
+                        _ if *attempts >= self.max_attempts => KeyState::AttemptsExhausted { attempts: *attempts },
+                        _ => KeyState::Leased {
+                            remaining: Duration::from_secs_f64(lease_left.unwrap_or(0.0).clamp(0.05, 3600.0)),
+                        },
+                    },
+                }
+            })
+            .collect();
+        if !missing.is_empty() {
+            // Requests for keys ingest never recorded (their rows were removed): adopt them.
+            let keys: Vec<&str> = missing.iter().map(|r| r.key.as_str()).collect();
+            let topics: Vec<&str> = missing.iter().map(|r| r.topic.as_str()).collect();
+            let partitions: Vec<i32> = missing.iter().map(|r| r.partition).collect();
+            let offsets: Vec<i64> = missing.iter().map(|r| r.offset).collect();
+            let kafka_keys: Vec<Option<&[u8]>> = missing.iter().map(|r| r.kafka_key.as_deref()).collect();
+            sqlx::query(
+                "INSERT INTO enrich_state (pipeline, idempotency_key, state, source_topic, source_partition, source_offset, kafka_key)
+                 SELECT $1, k, 'requested', t, p, o, kk FROM UNNEST($2::text[], $3::text[], $4::int[], $5::bigint[], $6::bytea[]) AS u(k, t, p, o, kk)
+                 ON CONFLICT DO NOTHING",
+            )
+            .bind(&self.pipeline)
+            .bind(&keys)
+            .bind(&topics)
+            .bind(&partitions)
+            .bind(&offsets)
+            .bind(&kafka_keys)
+            .execute(&self.pool)
+            .await?;
+        }
+        Ok(answers)
+    }
+
+    async fn finish_batch(&self, reqs: Vec<FinishRequest>) -> anyhow::Result<Vec<StoredResult>> {
+        let keys: Vec<&str> = reqs.iter().map(|r| r.key.as_str()).collect();
+        let results: Vec<&str> = reqs.iter().map(|r| r.result.json.as_str()).collect();
+        let hashes: Vec<&str> = reqs.iter().map(|r| r.result.result_hash.as_str()).collect();
+        let models: Vec<&str> = reqs.iter().map(|r| r.result.model.as_str()).collect();
+        let versions: Vec<&str> = reqs.iter().map(|r| r.result.prompt_version.as_str()).collect();
+        let attempts: Vec<i32> = reqs.iter().map(|r| r.attempt).collect();
+        let topics: Vec<&str> = reqs.iter().map(|r| r.topic.as_str()).collect();
+        let partitions: Vec<i32> = reqs.iter().map(|r| r.partition).collect();
+        let offsets: Vec<i64> = reqs.iter().map(|r| r.offset).collect();
+        let traces: Vec<&str> = reqs.iter().map(|r| r.trace_id.as_str()).collect();
+        let all_steps: Vec<Step> = reqs.iter().flat_map(|r| r.steps.iter().cloned()).collect();
+        let step_keys: Vec<&str> = reqs.iter().flat_map(|r| r.steps.iter().map(|_| r.key.as_str())).collect();
+        let cols = StepColumns::from(all_steps.as_slice());
+        let stored: Vec<(String,)> = sqlx::query_as(
+            "WITH input AS (
+               SELECT * FROM UNNEST($2::text[], $3::text[], $4::text[], $5::text[], $6::text[]) AS i(k, result, hash, model, version)
+             ), stored AS (
+               UPDATE enrich_state s
+               SET state = 'enriched', result = i.result::jsonb, result_hash = i.hash, model = i.model,
+                   prompt_version = i.version, lease_owner = NULL, lease_until = NULL, updated_at = now()
+               FROM input i
+               WHERE s.pipeline = $1 AND s.idempotency_key = i.k AND s.state NOT IN ('enriched', 'published')
+               RETURNING s.idempotency_key
+             ), steps AS (
+               INSERT INTO step_outcomes (pipeline, idempotency_key, stage, step, attempt, status, duration_ms, model, input_tokens, output_tokens, error)
+               SELECT $1, k, 'enricher', s, a, st, d, m, it, ot, e
+               FROM UNNEST($7::text[], $8::text[], $9::int[], $10::text[], $11::float8[], $12::text[], $13::int[], $14::int[], $15::text[])
+                    AS u(k, s, a, st, d, m, it, ot, e)
+             ), runs AS (
+               INSERT INTO run_history (pipeline, idempotency_key, stage, attempt, status, source_topic, source_partition, source_offset, trace_id, worker)
+               SELECT $1, k, 'enricher', a, 'enriched', t, p, o, tr, $16
+               FROM UNNEST($2::text[], $17::int[], $18::text[], $19::int[], $20::bigint[], $21::text[]) AS r(k, a, t, p, o, tr)
+             )
+             SELECT idempotency_key FROM stored",
+        )
+        .bind(&self.pipeline)
+        .bind(&keys)
+        .bind(&results)
+        .bind(&hashes)
+        .bind(&models)
+        .bind(&versions)
+        .bind(&step_keys)
+        .bind(&cols.step)
+        .bind(&cols.attempt)
+        .bind(&cols.status)
+        .bind(&cols.duration_ms)
+        .bind(&cols.model)
+        .bind(&cols.input_tokens)
+        .bind(&cols.output_tokens)
+        .bind(&cols.error)
+        .bind(&self.owner)
+        .bind(&attempts)
+        .bind(&topics)
+        .bind(&partitions)
+        .bind(&offsets)
+        .bind(&traces)
+        .fetch_all(&self.pool)
+        .await?;
+        let stored: std::collections::HashSet<String> = stored.into_iter().map(|(k,)| k).collect();
+
+        // Keys whose result another attempt stored first: answer with that one.
+        let earlier: Vec<&str> = keys.iter().copied().filter(|k| !stored.contains(*k)).collect();
+        let mut existing: HashMap<String, StoredResult> = HashMap::new();
+        if !earlier.is_empty() {
+            let rows: Vec<(String, Option<String>, Option<String>, Option<String>, Option<String>)> = sqlx::query_as(
+                "SELECT idempotency_key, result::text, result_hash, model, prompt_version
+                 FROM enrich_state WHERE pipeline = $1 AND idempotency_key = ANY($2)",
+            )
+            .bind(&self.pipeline)
+            .bind(&earlier)
+            .fetch_all(&self.pool)
+            .await?;
+            existing = rows
+                .into_iter()
+                .map(|(k, json, hash, model, version)| {
+                    let r = StoredResult {
+                        json: json.unwrap_or_default(),
+                        result_hash: hash.unwrap_or_default(),
+                        model: model.unwrap_or_default(),
+                        prompt_version: version.unwrap_or_default(),
+                    };
+                    (k, r)
+                })
+                .collect();
+        }
+        Ok(reqs.into_iter().map(|r| existing.remove(&r.key).unwrap_or(r.result)).collect())
     }
 
     /// Gives the lease back without spending the attempt (the endpoint is down, or we
@@ -161,77 +397,6 @@ impl Store {
         .execute(&self.pool)
         .await?;
         Ok(())
-    }
-
-    /// Stores the result (unless another was stored first), its steps and the run row in
-    /// one round trip; returns the stored result, so every copy emitted for a key is the same.
-    pub async fn finish(
-        &self,
-        envelope: &Envelope,
-        attempt: i32,
-        result: &StoredResult,
-        steps: &[Step],
-        trace_id: &str,
-    ) -> sqlx::Result<StoredResult> {
-        let key = &envelope.idempotency_key;
-        let src = envelope.source.clone().unwrap_or_default();
-        let cols = StepColumns::from(steps);
-        let (stored_now,): (i64,) = sqlx::query_as(
-            "WITH stored AS (
-               UPDATE enrich_state
-               SET state = 'enriched', result = $3::jsonb, result_hash = $4, model = $5, prompt_version = $6,
-                   lease_owner = NULL, lease_until = NULL, updated_at = now()
-               WHERE pipeline = $1 AND idempotency_key = $2 AND state NOT IN ('enriched', 'published')
-               RETURNING 1
-             ), steps AS (
-               INSERT INTO step_outcomes (pipeline, idempotency_key, stage, step, attempt, status, duration_ms, model, input_tokens, output_tokens, error)
-               SELECT $1, $2, 'enricher', s, a, st, d, m, i, o, e
-               FROM UNNEST($7::text[], $8::int[], $9::text[], $10::float8[], $11::text[], $12::int[], $13::int[], $14::text[]) AS u(s, a, st, d, m, i, o, e)
-             ), run AS (
-               INSERT INTO run_history (pipeline, idempotency_key, stage, attempt, status, source_topic, source_partition, source_offset, trace_id, worker)
-               VALUES ($1, $2, 'enricher', $15, 'enriched', $16, $17, $18, $19, $20)
-             )
-             SELECT count(*) FROM stored",
-        )
-        .bind(&self.pipeline)
-        .bind(key)
-        .bind(&result.json)
-        .bind(&result.result_hash)
-        .bind(&result.model)
-        .bind(&result.prompt_version)
-        .bind(&cols.step)
-        .bind(&cols.attempt)
-        .bind(&cols.status)
-        .bind(&cols.duration_ms)
-        .bind(&cols.model)
-        .bind(&cols.input_tokens)
-        .bind(&cols.output_tokens)
-        .bind(&cols.error)
-        .bind(attempt)
-        .bind(&src.topic)
-        .bind(src.partition)
-        .bind(src.offset)
-        .bind(trace_id)
-        .bind(&self.owner)
-        .fetch_one(&self.pool)
-        .await?;
-        if stored_now == 1 {
-            return Ok(result.clone());
-        }
-        let (json, hash, model, version): (Option<String>, Option<String>, Option<String>, Option<String>) =
-            sqlx::query_as(
-                "SELECT result::text, result_hash, model, prompt_version FROM enrich_state WHERE pipeline = $1 AND idempotency_key = $2",
-            )
-            .bind(&self.pipeline)
-            .bind(key)
-            .fetch_one(&self.pool)
-            .await?;
-        Ok(StoredResult {
-            json: json.unwrap_or_default(),
-            result_hash: hash.unwrap_or_default(),
-            model: model.unwrap_or_default(),
-            prompt_version: version.unwrap_or_default(),
-        })
     }
 
     /// Appends the enricher's run-history row for this record.

@@ -54,7 +54,8 @@ fn usage(pid: u32) -> Option<(f64, f64)> {
     // Fields 14 and 15 of stat (utime, stime) are 11 and 12 after the command name.
     let ticks: f64 = fields.get(11)?.parse::<f64>().ok()? + fields.get(12)?.parse::<f64>().ok()?;
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
-    let hwm_kb: f64 = status.lines().find_map(|l| l.strip_prefix("VmHWM:"))?.trim().trim_end_matches("kB").trim().parse().ok()?;
+    let hwm_kb: f64 =
+        status.lines().find_map(|l| l.strip_prefix("VmHWM:"))?.trim().trim_end_matches("kB").trim().parse().ok()?;
     Some((ticks / 100.0, hwm_kb / 1024.0))
 }
 
@@ -141,7 +142,8 @@ impl Bench {
         ];
         env.extend(ports.iter().map(|(_, k, port)| (k.clone(), port.to_string())));
         let process_env: Vec<(String, String)> = std::env::vars().filter(|(k, _)| k.starts_with("ENRICH_")).collect();
-        let settings = Settings::from_toml(&std::fs::read_to_string(&self.config)?, process_env.into_iter().chain(env.clone()))?;
+        let settings =
+            Settings::from_toml(&std::fs::read_to_string(&self.config)?, process_env.into_iter().chain(env.clone()))?;
         let source = format!("{p}.raw");
         kafka::ensure_topics(&settings, &[&source]).await?;
 
@@ -170,7 +172,8 @@ impl Bench {
         } else {
             Vec::new()
         };
-        let mut sim = spawn("llm-sim", &["--port".into(), sim_port.to_string(), "--latency".into(), scenario.latency.clone()])?;
+        let mut sim =
+            spawn("llm-sim", &["--port".into(), sim_port.to_string(), "--latency".into(), scenario.latency.clone()])?;
         wait_ready(sim_port, "/healthz", &mut sim, "llm-sim").await?;
         let mut processes = vec![StageProcess { name: "llm-sim", child: sim, port: sim_port }];
         let config_arg = ["--config".to_string(), self.config.display().to_string()];
@@ -192,7 +195,13 @@ impl Bench {
                 break a;
             }
             if last_report.elapsed() > Duration::from_secs(5) {
-                println!("[bench] {}: published {}/{} unique after {:.0} s", scenario.name, a.published, unique, started.elapsed().as_secs_f64());
+                println!(
+                    "[bench] {}: published {}/{} unique after {:.0} s",
+                    scenario.name,
+                    a.published,
+                    unique,
+                    started.elapsed().as_secs_f64()
+                );
                 last_report = Instant::now();
             }
             if started.elapsed() > Duration::from_secs(900) {
@@ -239,9 +248,12 @@ impl Bench {
             .collect();
         latencies.sort_unstable();
         pool.close().await;
-        let _ = sqlx::query(sqlx::AssertSqlSafe(format!("DROP DATABASE IF EXISTS {db_name} WITH (FORCE)"))).execute(&mut admin).await;
+        let _ = sqlx::query(sqlx::AssertSqlSafe(format!("DROP DATABASE IF EXISTS {db_name} WITH (FORCE)")))
+            .execute(&mut admin)
+            .await;
 
-        let mean_ms = llm_sim::Latency::parse(&scenario.latency).map_err(anyhow::Error::msg)?.mean().as_secs_f64() * 1000.0;
+        let mean_ms =
+            llm_sim::Latency::parse(&scenario.latency).map_err(anyhow::Error::msg)?.mean().as_secs_f64() * 1000.0;
         let bound = if mean_ms > 0.0 { scenario.in_flight as f64 / (mean_ms / 1000.0) } else { f64::INFINITY };
         let throughput = scenario.records as f64 / window.max(1e-3);
         let unique_rate = unique as f64 / window.max(1e-3);
@@ -284,7 +296,11 @@ pub fn markdown(results: &[Value]) -> String {
     );
     for r in results {
         let stage = |name: &str, field: &str| {
-            r["stages"].as_array().and_then(|a| a.iter().find(|s| s["stage"] == name)).and_then(|s| s[field].as_f64()).unwrap_or(f64::NAN)
+            r["stages"]
+                .as_array()
+                .and_then(|a| a.iter().find(|s| s["stage"] == name))
+                .and_then(|s| s[field].as_f64())
+                .unwrap_or(f64::NAN)
         };
         let opt = |v: &Value, digits: usize| v.as_f64().map_or("–".to_string(), |x| format!("{x:.digits$}"));
         out.push_str(&format!(

@@ -64,16 +64,17 @@ const USAGE: &str = "usage:
 /// 20% duplicates, in-flight 256).
 fn bench_scenarios(scale: f64) -> Vec<Scenario> {
     let n = |records: usize| ((records as f64 * scale).round() as usize).max(100);
-    let s = |name: &str, records: usize, latency: &str, in_flight: usize, ordering: &'static str, pace: Pace| Scenario {
-        name: name.to_string(),
-        records: n(records),
-        duplicate_share: 0.2,
-        partitions: 16,
-        latency: latency.to_string(),
-        in_flight,
-        ordering,
-        pace,
-    };
+    let s =
+        |name: &str, records: usize, latency: &str, in_flight: usize, ordering: &'static str, pace: Pace| Scenario {
+            name: name.to_string(),
+            records: n(records),
+            duplicate_share: 0.2,
+            partitions: 16,
+            latency: latency.to_string(),
+            in_flight,
+            ordering,
+            pace,
+        };
     vec![
         s("fixed-200ms", 20_000, "fixed:200", 256, "key", Pace::Unlimited),
         s("fixed-0ms", 20_000, "fixed:0", 256, "key", Pace::Unlimited),
@@ -103,10 +104,8 @@ async fn bench(mut args: impl Iterator<Item = String>) -> anyhow::Result<()> {
             other => anyhow::bail!("unknown flag {other:?} (try --help)"),
         }
     }
-    let scenarios: Vec<Scenario> = bench_scenarios(scale)
-        .into_iter()
-        .filter(|s| only.as_ref().is_none_or(|o| o.contains(&s.name)))
-        .collect();
+    let scenarios: Vec<Scenario> =
+        bench_scenarios(scale).into_iter().filter(|s| only.as_ref().is_none_or(|o| o.contains(&s.name))).collect();
     let runner = loadgen::bench::Bench { config, bin_dir, out_dir: out.clone() };
     let mut results = Vec::new();
     for (i, scenario) in scenarios.iter().enumerate() {
