@@ -3,7 +3,8 @@
 //! or hundreds of records, so the database sees a few commits per second instead of
 //! two per record; when idle, a request runs alone at once (no linger).
 
-use tokio::sync::{mpsc, oneshot};
+use std::sync::Arc;
+use tokio::sync::{Mutex, mpsc, oneshot};
 
 type Reply<Resp> = oneshot::Sender<Result<Resp, String>>;
 
@@ -12,23 +13,47 @@ pub struct MicroBatcher<Req, Resp> {
 }
 
 impl<Req: Send + 'static, Resp: Send + 'static> MicroBatcher<Req, Resp> {
-    /// Starts the writer. `run` gets the queued requests (at most `max_batch`) and must
-    /// answer each, in order.
-    pub fn spawn<F, Fut>(max_batch: usize, run: F) -> Self
+    /// Starts `writers` writers. Each takes what has queued (at most `max_batch`) and
+    /// runs it; several writers let the next batch start while one is still committing.
+    /// `run` must answer each request, in order.
+    pub fn spawn<F, Fut>(writers: usize, max_batch: usize, run: F) -> Self
     where
         F: Fn(Vec<Req>) -> Fut + Send + Sync + 'static,
         Fut: std::future::Future<Output = anyhow::Result<Vec<Resp>>> + Send,
     {
-        let (tx, mut rx) = mpsc::unbounded_channel::<(Req, Reply<Resp>)>();
-        tokio::spawn(async move {
-            while let Some(first) = rx.recv().await {
-                let mut items = vec![first];
-                while items.len() < max_batch {
-                    match rx.try_recv() {
-                        Ok(item) => items.push(item),
-                        Err(_) => break,
-                    }
+        let (tx, rx) = mpsc::unbounded_channel::<(Req, Reply<Resp>)>();
+        let rx = Arc::new(Mutex::new(rx));
+        let run = Arc::new(run);
+        for _ in 0..writers.max(1) {
+            let (rx, run) = (rx.clone(), run.clone());
+            tokio::spawn(async move {
+                loop {
+                    let items = {
+                        let mut rx = rx.lock().await;
+                        let Some(first) = rx.recv().await else { return };
+                        let mut items = vec![first];
+                        while items.len() < max_batch {
+                            match rx.try_recv() {
+                                Ok(item) => items.push(item),
+                                Err(_) => break,
+                            }
+                        }
+                        items
+                    };
+                    Self::answer(items, run.as_ref()).await;
                 }
+            });
+        }
+        Self { tx }
+    }
+
+    async fn answer<F, Fut>(items: Vec<(Req, Reply<Resp>)>, run: &F)
+    where
+        F: Fn(Vec<Req>) -> Fut,
+        Fut: std::future::Future<Output = anyhow::Result<Vec<Resp>>>,
+    {
+        {
+            {
                 let (requests, replies): (Vec<Req>, Vec<Reply<Resp>>) = items.into_iter().unzip();
                 let expected = replies.len();
                 match run(requests).await {
@@ -51,8 +76,7 @@ impl<Req: Send + 'static, Resp: Send + 'static> MicroBatcher<Req, Resp> {
                     }
                 }
             }
-        });
-        Self { tx }
+        }
     }
 
     /// Queues one request and waits for its answer.
@@ -66,14 +90,13 @@ impl<Req: Send + 'static, Resp: Send + 'static> MicroBatcher<Req, Resp> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::sync::Arc;
     use std::sync::atomic::{AtomicUsize, Ordering};
 
     #[tokio::test]
     async fn concurrent_requests_share_batches_and_get_their_own_answers() {
         let batches = Arc::new(AtomicUsize::new(0));
         let seen = batches.clone();
-        let doubler = Arc::new(MicroBatcher::spawn(64, move |xs: Vec<u32>| {
+        let doubler = Arc::new(MicroBatcher::spawn(2, 64, move |xs: Vec<u32>| {
             let seen = seen.clone();
             async move {
                 seen.fetch_add(1, Ordering::SeqCst);
@@ -95,7 +118,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_failed_batch_fails_each_request_with_the_cause() {
-        let b = MicroBatcher::spawn(8, |_: Vec<u32>| async { Err::<Vec<u32>, _>(anyhow::anyhow!("db down")) });
+        let b = MicroBatcher::spawn(1, 8, |_: Vec<u32>| async { Err::<Vec<u32>, _>(anyhow::anyhow!("db down")) });
         assert!(b.call(1).await.unwrap_err().to_string().contains("db down"));
     }
 }

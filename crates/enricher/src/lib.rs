@@ -53,7 +53,9 @@ pub async fn run(settings: Settings, shutdown: CancellationToken) -> anyhow::Res
     let owner =
         settings.enricher.instance_id.clone().unwrap_or_else(|| format!("enricher-{:016x}", rand::random::<u64>()));
     let limits = scheduler::Limits {
-        max_in_flight: settings.enricher.max_in_flight,
+        // Records in progress: twice the LLM calls in flight, so storing and producing
+        // finished records never keeps a call slot idle.
+        max_in_flight: settings.enricher.max_in_flight * 2,
         max_buffered_per_partition: settings.enricher.max_buffered_per_partition,
         ordering: match settings.enricher.ordering {
             OrderingMode::Key => scheduler::Ordering::Key,
@@ -77,6 +79,7 @@ pub async fn run(settings: Settings, shutdown: CancellationToken) -> anyhow::Res
         results_topic: settings.topics.results.clone(),
         dlq_topic: settings.topics.dlq.clone(),
         metrics,
+        llm_slots: tokio::sync::Semaphore::new(settings.enricher.max_in_flight),
         shutdown: shutdown.clone(),
     });
     runtime.state.set_ready();

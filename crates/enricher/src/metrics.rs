@@ -32,7 +32,7 @@ impl EnricherMetrics {
         registry.register("enrich_llm_calls", "LLM calls by outcome", m.llm_calls.clone());
         registry.register("enrich_llm_tokens", "LLM tokens, by direction (input, output)", m.llm_tokens.clone());
         registry.register("enrich_llm_latency_seconds", "LLM call latency", m.llm_latency.clone());
-        registry.register("enrich_in_flight", "Keys being enriched now", m.in_flight.clone());
+        registry.register("enrich_in_flight", "LLM calls in flight", m.in_flight.clone());
         m
     }
 

@@ -30,6 +30,8 @@ pub struct Enricher {
     pub results_topic: String,
     pub dlq_topic: String,
     pub metrics: EnricherMetrics,
+    /// `enricher.max_in_flight` permits: LLM calls in flight.
+    pub llm_slots: tokio::sync::Semaphore,
     pub shutdown: CancellationToken,
 }
 
@@ -89,9 +91,7 @@ impl Enricher {
                     }
                 }
                 KeyState::Acquired { attempt } => {
-                    self.metrics.in_flight.inc();
                     let outcome = self.attempt(&envelope, attempt, &trace).await;
-                    self.metrics.in_flight.dec();
                     match outcome {
                         Ok((stored, tokens)) => {
                             self.emit(&envelope, &record_key, &stored, attempt, tokens, &trace).await?;
@@ -154,9 +154,17 @@ impl Enricher {
         })?;
         let prompt =
             self.prompt.render(&record).map_err(|error| AttemptError::Llm(LlmError { error, retry_after: None }))?;
-        let started = std::time::Instant::now();
-        let called = self.llm.complete(&prompt).await;
-        let elapsed = started.elapsed();
+        // The LLM slot is held for the call only: storing and producing other records
+        // overlaps with calls in flight.
+        let called = {
+            let _slot = self.llm_slots.acquire().await.map_err(|e| AttemptError::Db(e.into()))?;
+            let started = std::time::Instant::now();
+            self.metrics.in_flight.inc();
+            let called = self.llm.complete(&prompt).await;
+            self.metrics.in_flight.dec();
+            (called, started.elapsed())
+        };
+        let (called, elapsed) = called;
         self.metrics.llm_latency.observe(elapsed.as_secs_f64());
         let completion = match called {
             Ok(c) => c,

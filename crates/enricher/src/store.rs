@@ -71,6 +71,8 @@ pub struct FinishRequest {
 
 /// Most records per batched statement.
 const MAX_BATCH: usize = 256;
+/// Statements of one kind in flight at once.
+const WRITERS: usize = 4;
 
 type StateRow = (String, String, i32, Option<String>, Option<String>, Option<String>, Option<String>, Option<f64>);
 
@@ -79,11 +81,11 @@ impl Store {
         let core = Arc::new(core);
         let (a, f) = (core.clone(), core.clone());
         Self {
-            acquire: MicroBatcher::spawn(MAX_BATCH, move |reqs| {
+            acquire: MicroBatcher::spawn(WRITERS, MAX_BATCH, move |reqs| {
                 let core = a.clone();
                 async move { core.acquire_batch(reqs).await }
             }),
-            finish: MicroBatcher::spawn(MAX_BATCH, move |reqs| {
+            finish: MicroBatcher::spawn(WRITERS, MAX_BATCH, move |reqs| {
                 let core = f.clone();
                 async move { core.finish_batch(reqs).await }
             }),
