@@ -99,7 +99,7 @@ impl Enricher {
                             return Ok(());
                         }
                         Err(AttemptError::Db(e)) => {
-                            return Err(e.into());
+                            return Err(e);
                         }
                         Err(AttemptError::Llm(e)) => match e.error.class {
                             ErrorClass::Transient if attempt < self.store.max_attempts() => {

@@ -74,6 +74,7 @@ const MAX_BATCH: usize = 256;
 /// Statements of one kind in flight at once.
 const WRITERS: usize = 4;
 
+type ResultRow = (String, Option<String>, Option<String>, Option<String>, Option<String>);
 type StateRow = (String, String, i32, Option<String>, Option<String>, Option<String>, Option<String>, Option<f64>);
 
 impl Store {
@@ -324,7 +325,7 @@ impl StoreCore {
         let earlier: Vec<&str> = keys.iter().copied().filter(|k| !stored.contains(*k)).collect();
         let mut existing: HashMap<String, StoredResult> = HashMap::new();
         if !earlier.is_empty() {
-            let rows: Vec<(String, Option<String>, Option<String>, Option<String>, Option<String>)> = sqlx::query_as(
+            let rows: Vec<ResultRow> = sqlx::query_as(
                 "SELECT idempotency_key, result::text, result_hash, model, prompt_version
                  FROM enrich_state WHERE pipeline = $1 AND idempotency_key = ANY($2)",
             )

@@ -155,14 +155,14 @@ impl Bench {
         std::fs::create_dir_all(&logs)?;
         let spawn = |name: &'static str, args: &[String]| -> anyhow::Result<Child> {
             let log = std::fs::File::create(logs.join(format!("{}-{name}.log", scenario.name)))?;
-            Ok(Command::new(self.bin_dir.join(name))
+            Command::new(self.bin_dir.join(name))
                 .args(args)
                 .envs(env.iter().cloned())
                 .stdout(log.try_clone()?)
                 .stderr(log)
                 .stdin(Stdio::null())
                 .spawn()
-                .map_err(|e| anyhow::anyhow!("cannot start {}: {e}", self.bin_dir.join(name).display()))?)
+                .map_err(|e| anyhow::anyhow!("cannot start {}: {e}", self.bin_dir.join(name).display()))
         };
 
         // Backlog scenarios produce everything first: the stages then drain at full speed.
