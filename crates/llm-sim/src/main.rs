@@ -14,6 +14,9 @@ fn parse_latency(spec: &str) -> anyhow::Result<Latency> {
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
+    if let Some(code) = enrich_common::cli::probe_from_args() {
+        std::process::exit(if code == std::process::ExitCode::SUCCESS { 0 } else { 1 });
+    }
     enrich_common::telemetry::init("llm-sim");
     let mut bind = std::env::var("LLM_SIM_BIND").unwrap_or_else(|_| "0.0.0.0".into());
     let mut port: u16 = match std::env::var("LLM_SIM_PORT") {
