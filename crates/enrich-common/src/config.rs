@@ -182,6 +182,13 @@ pub struct LlmSettings {
     /// Quick in-process retries of a transient failure before the record is given up on.
     #[serde(default = "default_max_attempts")]
     pub max_attempts: u32,
+    /// Consecutive endpoint failures (timeouts, connection errors, 429, 5xx, 401/403)
+    /// that open the circuit breaker: calls pause, nothing is dead-lettered.
+    #[serde(default = "default_breaker_failures")]
+    pub breaker_failures: u32,
+    /// How long the breaker stays open before one probe call.
+    #[serde(default = "default_breaker_open_ms")]
+    pub breaker_open_ms: u64,
 }
 
 fn default_connect_timeout_ms() -> u64 {
@@ -195,6 +202,12 @@ fn default_max_output_tokens() -> u32 {
 }
 fn default_max_attempts() -> u32 {
     3
+}
+fn default_breaker_failures() -> u32 {
+    5
+}
+fn default_breaker_open_ms() -> u64 {
+    5_000
 }
 
 /// Consumer settings every stage has.
@@ -456,6 +469,12 @@ impl Settings {
         if llm.max_attempts == 0 {
             return Err(ConfigError::new("llm.max_attempts", "must be at least 1"));
         }
+        if llm.breaker_failures == 0 {
+            return Err(ConfigError::new("llm.breaker_failures", "must be at least 1"));
+        }
+        if llm.breaker_open_ms == 0 {
+            return Err(ConfigError::new("llm.breaker_open_ms", "must be greater than 0"));
+        }
         match serde_json::from_str::<serde_json::Value>(&llm.output_schema) {
             Ok(serde_json::Value::Object(_)) => {}
             Ok(_) => {
@@ -638,6 +657,7 @@ output_schema = '{"type": "object"}'
             (&[("ENRICH_INGEST__BATCH_SIZE", "0")], "ingest.batch_size"),
             (&[("ENRICH_INGEST__NO_SUCH_KEY", "1")], "ingest"),
             (&[("ENRICH_ENRICHER__ORDERING", "random")], "enricher.ordering"),
+            (&[("ENRICH_LLM__BREAKER_FAILURES", "0")], "llm.breaker_failures"),
         ];
         for (env, field) in cases {
             let err = load(env).unwrap_err();

@@ -4,6 +4,7 @@
 //! share one consumer group, and leases keep two replicas off one key.
 
 mod batch;
+pub mod breaker;
 mod consume;
 pub mod llm;
 mod metrics;
@@ -80,6 +81,11 @@ pub async fn run(settings: Settings, shutdown: CancellationToken) -> anyhow::Res
         dlq_topic: settings.topics.dlq.clone(),
         metrics,
         llm_slots: tokio::sync::Semaphore::new(settings.enricher.max_in_flight),
+        breaker: breaker::Breaker::new(
+            settings.llm.breaker_failures,
+            Duration::from_millis(settings.llm.breaker_open_ms),
+        ),
+        state: runtime.state.clone(),
         shutdown: shutdown.clone(),
     });
     runtime.state.set_ready();

@@ -16,6 +16,8 @@ pub struct EnricherMetrics {
     pub llm_tokens: Family<Labels, Counter>,
     pub llm_latency: Histogram,
     pub in_flight: Gauge,
+    /// 1 while the LLM circuit breaker is open.
+    pub breaker_open: Gauge,
 }
 
 impl EnricherMetrics {
@@ -27,12 +29,14 @@ impl EnricherMetrics {
             llm_tokens: Family::default(),
             llm_latency: Histogram::new([0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0, 10.0, 30.0]),
             in_flight: Gauge::default(),
+            breaker_open: Gauge::default(),
         };
         registry.register("enrich_enricher_records", "Requests by outcome", m.records.clone());
         registry.register("enrich_llm_calls", "LLM calls by outcome", m.llm_calls.clone());
         registry.register("enrich_llm_tokens", "LLM tokens, by direction (input, output)", m.llm_tokens.clone());
         registry.register("enrich_llm_latency_seconds", "LLM call latency", m.llm_latency.clone());
         registry.register("enrich_in_flight", "LLM calls in flight", m.in_flight.clone());
+        registry.register("enrich_llm_breaker_open", "1 while the LLM circuit breaker is open", m.breaker_open.clone());
         m
     }
 

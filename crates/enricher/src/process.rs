@@ -4,6 +4,7 @@
 use enrich_common::dead_letter::dead_letter;
 use enrich_common::envelope::{self, EnrichmentResult, Envelope, Outcome, SourceCoordinates};
 use enrich_common::error::RecordError;
+use enrich_common::http::ServiceState;
 use enrich_common::idempotency::fallback_key;
 use enrich_common::shutdown::Shutdown as CancellationToken;
 use enrich_common::{ErrorClass, TraceContext, headers};
@@ -11,8 +12,10 @@ use rdkafka::Message;
 use rdkafka::message::{OwnedHeaders, OwnedMessage};
 use rdkafka::producer::{FutureProducer, FutureRecord};
 use sha2::{Digest, Sha256};
+use std::sync::Arc;
 use std::time::Duration;
 
+use crate::breaker::{Admission, Breaker, Transition};
 use crate::llm::{LlmClient, LlmError};
 use crate::metrics::EnricherMetrics;
 use crate::prompt::PromptTemplate;
@@ -32,6 +35,9 @@ pub struct Enricher {
     pub metrics: EnricherMetrics,
     /// `enricher.max_in_flight` permits: LLM calls in flight.
     pub llm_slots: tokio::sync::Semaphore,
+    pub breaker: Breaker,
+    /// Readiness, reported not-ready while the breaker is open.
+    pub state: Arc<ServiceState>,
     pub shutdown: CancellationToken,
 }
 
@@ -62,78 +68,130 @@ impl Enricher {
         let key = envelope.idempotency_key.clone();
         let mut backoff = Duration::from_millis(200);
         loop {
-            match self.store.acquire(&envelope).await? {
-                KeyState::Enriched(stored) => {
-                    self.emit(&envelope, &record_key, &stored, 0, (0, 0), &trace).await?;
-                    self.store.record_run(&envelope, 0, "reused", &trace.trace_id_hex(), None).await?;
-                    self.metrics.outcome("reused");
-                    return Ok(());
+            // No call starts while the endpoint's breaker is open: the record waits here,
+            // before its attempt is counted.
+            let Some(admission) = self.breaker.admit(&self.shutdown).await else {
+                anyhow::bail!("shutting down while the LLM breaker is open");
+            };
+            let state = match self.store.acquire(&envelope).await {
+                Ok(state) => state,
+                Err(e) => {
+                    self.breaker.unused(admission);
+                    return Err(e);
                 }
-                KeyState::Adopted => continue,
-                KeyState::DeadLettered => {
-                    tracing::debug!(idempotency_key = %key, "already dead-lettered; skipping");
-                    return Ok(());
-                }
-                KeyState::AttemptsExhausted { attempts } => {
-                    let err = RecordError::new(
-                        ErrorClass::Permanent,
-                        "max_attempts",
-                        format!("{attempts} attempts already made (llm.max_attempts); not calling again"),
-                    );
-                    return self.give_up(envelope, &record_key, &err, attempts, &trace).await;
-                }
-                KeyState::Leased { remaining } => {
-                    // Another live replica is calling the LLM for this key: wait for it.
-                    let wait = remaining.min(Duration::from_secs(5));
-                    tokio::select! {
-                        _ = self.shutdown.cancelled() => anyhow::bail!("shutting down while {key} is leased elsewhere"),
-                        _ = tokio::time::sleep(wait) => continue,
-                    }
-                }
-                KeyState::Acquired { attempt } => {
-                    let outcome = self.attempt(&envelope, attempt, &trace).await;
-                    match outcome {
-                        Ok((stored, tokens)) => {
-                            self.emit(&envelope, &record_key, &stored, attempt, tokens, &trace).await?;
-                            self.metrics.outcome("enriched");
+            };
+            let attempt = match state {
+                KeyState::Acquired { attempt } => attempt,
+                other => {
+                    self.breaker.unused(admission);
+                    match other {
+                        KeyState::Enriched(stored) => {
+                            self.emit(&envelope, &record_key, &stored, 0, (0, 0), &trace).await?;
+                            self.store.record_run(&envelope, 0, "reused", &trace.trace_id_hex(), None).await?;
+                            self.metrics.outcome("reused");
                             return Ok(());
                         }
-                        Err(AttemptError::Db(e)) => {
-                            return Err(e);
+                        KeyState::DeadLettered => {
+                            tracing::debug!(idempotency_key = %key, "already dead-lettered; skipping");
+                            return Ok(());
                         }
-                        Err(AttemptError::Llm(e)) => match e.error.class {
-                            ErrorClass::Transient if attempt < self.store.max_attempts() => {
-                                let wait = e.retry_after.unwrap_or_else(|| jitter(backoff));
-                                backoff = (backoff * 2).min(Duration::from_secs(10));
-                                tracing::warn!(idempotency_key = %key, attempt, error = %e, wait_ms = wait.as_millis() as u64, "transient LLM failure; retrying");
-                                tokio::select! {
-                                    _ = self.shutdown.cancelled() => {
-                                        self.store.release(&key, false).await?;
-                                        anyhow::bail!("shutting down during the backoff of {key}");
-                                    }
-                                    _ = tokio::time::sleep(wait) => continue,
-                                }
+                        KeyState::AttemptsExhausted { attempts } => {
+                            let err = RecordError::new(
+                                ErrorClass::Permanent,
+                                "max_attempts",
+                                format!("{attempts} attempts already made (llm.max_attempts); not calling again"),
+                            );
+                            return self.give_up(envelope, &record_key, &err, attempts, &trace).await;
+                        }
+                        KeyState::Leased { remaining } => {
+                            // Another live replica is calling the LLM for this key: wait for it.
+                            let wait = remaining.min(Duration::from_secs(5));
+                            tokio::select! {
+                                _ = self.shutdown.cancelled() => anyhow::bail!("shutting down while {key} is leased elsewhere"),
+                                _ = tokio::time::sleep(wait) => continue,
                             }
-                            ErrorClass::Transient => {
-                                let err = RecordError::new(
-                                    ErrorClass::Transient,
-                                    "max_attempts",
-                                    format!("gave up after {attempt} attempts; last error: {}", e.error),
-                                );
-                                return self.give_up(envelope, &record_key, &err, attempt, &trace).await;
-                            }
-                            ErrorClass::InvalidInput | ErrorClass::Permanent => {
-                                return self.give_up(envelope, &record_key, &e.error, attempt, &trace).await;
-                            }
-                            ErrorClass::Outage | ErrorClass::Fatal => {
-                                // Not this record's fault: keep its attempt and its offset.
-                                self.store.release(&key, true).await?;
-                                anyhow::bail!("LLM endpoint unavailable: {}", e.error);
-                            }
-                        },
+                        }
+                        KeyState::Adopted | KeyState::Acquired { .. } => continue,
                     }
                 }
+            };
+            let outcome = self.attempt(&envelope, attempt, &trace).await;
+            let e = match outcome {
+                Ok((stored, tokens)) => {
+                    self.breaker_success(admission);
+                    self.emit(&envelope, &record_key, &stored, attempt, tokens, &trace).await?;
+                    self.metrics.outcome("enriched");
+                    return Ok(());
+                }
+                Err(AttemptError::Db(e)) => {
+                    self.breaker.unused(admission);
+                    return Err(e);
+                }
+                Err(AttemptError::Llm(e)) => e,
+            };
+            match e.error.class {
+                ErrorClass::Transient | ErrorClass::Outage | ErrorClass::Fatal => {
+                    self.breaker_failure(admission, &e.error);
+                    if self.breaker.is_open() || matches!(e.error.class, ErrorClass::Outage | ErrorClass::Fatal) {
+                        // The endpoint is down, not this record: give its attempt back and
+                        // wait for the breaker (nothing is dead-lettered during an outage).
+                        self.store.release(&key, true).await?;
+                        if !self.breaker.is_open() {
+                            let wait = e.retry_after.unwrap_or_else(|| jitter(backoff));
+                            backoff = (backoff * 2).min(Duration::from_secs(10));
+                            tokio::select! {
+                                _ = self.shutdown.cancelled() => anyhow::bail!("shutting down while the LLM endpoint is unavailable"),
+                                _ = tokio::time::sleep(wait) => {}
+                            }
+                        }
+                        continue;
+                    }
+                    if attempt < self.store.max_attempts() {
+                        let wait = e.retry_after.unwrap_or_else(|| jitter(backoff));
+                        backoff = (backoff * 2).min(Duration::from_secs(10));
+                        tracing::warn!(idempotency_key = %key, attempt, error = %e, wait_ms = wait.as_millis() as u64, "transient LLM failure; retrying");
+                        tokio::select! {
+                            _ = self.shutdown.cancelled() => {
+                                self.store.release(&key, false).await?;
+                                anyhow::bail!("shutting down during the backoff of {key}");
+                            }
+                            _ = tokio::time::sleep(wait) => continue,
+                        }
+                    }
+                    let err = RecordError::new(
+                        ErrorClass::Transient,
+                        "max_attempts",
+                        format!("gave up after {attempt} attempts; last error: {}", e.error),
+                    );
+                    return self.give_up(envelope, &record_key, &err, attempt, &trace).await;
+                }
+                ErrorClass::Permanent => {
+                    // The endpoint answered: it is up, the record is the problem.
+                    self.breaker_success(admission);
+                    return self.give_up(envelope, &record_key, &e.error, attempt, &trace).await;
+                }
+                ErrorClass::InvalidInput => {
+                    // No call was made (the payload could not become a prompt).
+                    self.breaker.unused(admission);
+                    return self.give_up(envelope, &record_key, &e.error, attempt, &trace).await;
+                }
             }
+        }
+    }
+
+    fn breaker_success(&self, admission: Admission) {
+        if self.breaker.success(admission) == Some(Transition::Closed) {
+            tracing::info!("LLM circuit breaker closed: the endpoint answers again; consumption resumes");
+            self.metrics.breaker_open.set(0);
+            self.state.set_ready();
+        }
+    }
+
+    fn breaker_failure(&self, admission: Admission, error: &RecordError) {
+        if self.breaker.failure(admission) == Some(Transition::Opened) {
+            tracing::error!(error = %error, "LLM circuit breaker opened: calls paused, offsets kept, nothing dead-lettered");
+            self.metrics.breaker_open.set(1);
+            self.state.set_not_ready(format!("LLM circuit breaker open; last error: {error}"));
         }
     }
 

@@ -67,6 +67,8 @@ mod tests {
             user_template: template.into(),
             output_schema: "{}".into(),
             max_attempts: 1,
+            breaker_failures: 5,
+            breaker_open_ms: 1000,
         }
     }
 

@@ -37,6 +37,8 @@ impl Default for SimConfig {
 struct Counters {
     completions: AtomicU64,
     rejected: AtomicU64,
+    /// Requests answered with the forced outage status.
+    failed: AtomicU64,
     prompt_tokens: AtomicU64,
     completion_tokens: AtomicU64,
 }
@@ -44,6 +46,8 @@ struct Counters {
 struct AppState {
     config: SimConfig,
     counters: Counters,
+    /// While set, every completion is answered with this HTTP status (an outage).
+    outage: std::sync::Mutex<Option<u16>>,
 }
 
 /// A running simulator.
@@ -59,6 +63,18 @@ impl RunningSim {
         self.state.counters.completions.load(Ordering::SeqCst)
     }
 
+    /// Requests answered with the outage status so far.
+    pub fn failed(&self) -> u64 {
+        self.state.counters.failed.load(Ordering::SeqCst)
+    }
+
+    /// Starts (Some(status), e.g. 503) or ends (None) an outage: every completion fails.
+    pub fn set_outage(&self, status: Option<u16>) {
+        if let Ok(mut o) = self.state.outage.lock() {
+            *o = status;
+        }
+    }
+
     /// The base URL to configure as `llm.base_url`.
     pub fn base_url(&self) -> String {
         format!("http://{}/v1", self.addr)
@@ -72,10 +88,11 @@ pub async fn start(
     config: SimConfig,
     shutdown: CancellationToken,
 ) -> anyhow::Result<RunningSim> {
-    let state = Arc::new(AppState { config, counters: Counters::default() });
+    let state = Arc::new(AppState { config, counters: Counters::default(), outage: std::sync::Mutex::new(None) });
     let router = Router::new()
         .route("/v1/chat/completions", post(chat_completions))
         .route("/v1/models", get(models))
+        .route("/admin/outage", post(outage))
         .route("/metrics", get(metrics))
         .route("/healthz", get(|| async { "ok\n" }))
         .with_state(state.clone());
@@ -114,7 +131,27 @@ fn tokens(s: &str) -> u64 {
     (s.len() as u64).div_ceil(4).max(1)
 }
 
+/// `POST /admin/outage` with `{"status": 503}` starts an outage, `{"status": null}` ends it.
+async fn outage(State(state): State<Arc<AppState>>, Json(body): Json<Value>) -> Response {
+    let status = body.get("status").and_then(Value::as_u64).and_then(|s| u16::try_from(s).ok());
+    if let Some(code) = status
+        && StatusCode::from_u16(code).is_err()
+    {
+        return openai_error(StatusCode::BAD_REQUEST, "invalid_request_error", format!("{code} is not an HTTP status"));
+    }
+    if let Ok(mut o) = state.outage.lock() {
+        *o = status;
+    }
+    Json(json!({"outage": status})).into_response()
+}
+
 async fn chat_completions(State(state): State<Arc<AppState>>, body: axum::body::Bytes) -> Response {
+    let forced = state.outage.lock().ok().and_then(|o| *o);
+    if let Some(code) = forced {
+        state.counters.failed.fetch_add(1, Ordering::SeqCst);
+        let status = StatusCode::from_u16(code).unwrap_or(StatusCode::SERVICE_UNAVAILABLE);
+        return openai_error(status, "server_error", "llm-sim outage (POST /admin/outage to end it)");
+    }
     let reject = |message: &str| {
         state.counters.rejected.fetch_add(1, Ordering::SeqCst);
         openai_error(StatusCode::BAD_REQUEST, "invalid_request_error", message)
@@ -185,6 +222,9 @@ async fn metrics(State(state): State<Arc<AppState>>) -> impl IntoResponse {
          # HELP llm_sim_rejected_total Requests rejected with 400.\n\
          # TYPE llm_sim_rejected_total counter\n\
          llm_sim_rejected_total {}\n\
+         # HELP llm_sim_failed_total Requests answered with the outage status.\n\
+         # TYPE llm_sim_failed_total counter\n\
+         llm_sim_failed_total {}\n\
          # HELP llm_sim_prompt_tokens_total Prompt tokens counted.\n\
          # TYPE llm_sim_prompt_tokens_total counter\n\
          llm_sim_prompt_tokens_total {}\n\
@@ -193,6 +233,7 @@ async fn metrics(State(state): State<Arc<AppState>>) -> impl IntoResponse {
          llm_sim_completion_tokens_total {}\n",
         c.completions.load(Ordering::SeqCst),
         c.rejected.load(Ordering::SeqCst),
+        c.failed.load(Ordering::SeqCst),
         c.prompt_tokens.load(Ordering::SeqCst),
         c.completion_tokens.load(Ordering::SeqCst),
     )
