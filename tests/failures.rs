@@ -3,10 +3,14 @@
 
 #![allow(clippy::expect_used, clippy::unwrap_used)] // a failed expectation is the test failing
 
-use enrich_e2e::loadgen::accounting::account;
-use enrich_e2e::loadgen::kafka_io::{produce_all, read_to_end};
-use enrich_e2e::loadgen::workload::{self, Spec};
+use enrich_common::envelope::Envelope;
+use enrich_common::{TraceContext, headers};
+use enrich_e2e::loadgen::accounting::{Accounting, account};
+use enrich_e2e::loadgen::kafka_io::{Produced, header, produce_all, read_to_end};
+use enrich_e2e::loadgen::tickets::ticket;
+use enrich_e2e::loadgen::workload::{self, Kind, Record, Spec};
 use enrich_e2e::{StageKind, TestEnv, count_in_states, wait_for};
+use rdkafka::Message;
 use std::time::Duration;
 
 const DEADLINE: Duration = Duration::from_secs(180);
@@ -57,6 +61,149 @@ async fn an_llm_outage_opens_the_breaker_and_dead_letters_nothing() -> anyhow::R
     assert_eq!(env.sim.completions(), N as u64, "one successful call per record");
     let dlq = read_to_end(&env.settings, &env.settings.topics.dlq, Duration::from_secs(30))?;
     assert!(dlq.is_empty(), "the DLQ stayed empty ({} records)", dlq.len());
+    env.teardown().await;
+    Ok(())
+}
+
+/// Tickets whose body carries a llm-sim marker at the chosen positions.
+fn tickets_with_markers(run: &str, n: usize, marked: &[(usize, &str)]) -> Vec<Record> {
+    (0..n)
+        .map(|i| {
+            let mut t = ticket(run, i);
+            if let Some((_, marker)) = marked.iter().find(|(at, _)| *at == i) {
+                t.body = format!("{} [[sim:{marker}]]", t.body);
+            }
+            Record {
+                kind: Kind::Unique,
+                key: Some(t.id.clone().into_bytes()),
+                value: Some(t.to_json()),
+                ticket: Some(t),
+            }
+        })
+        .collect()
+}
+
+async fn wait_accounted(env: &TestEnv, produced: &[Produced]) -> anyhow::Result<Accounting> {
+    let pipeline = env.settings.pipeline.name.clone();
+    wait_for("every record to be accounted for", DEADLINE, || async {
+        let a = account(&env.pool, &pipeline, env.source_topic(), produced).await?;
+        Ok(a.complete(produced.len()).then_some(a))
+    })
+    .await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn poison_records_reach_the_dlq_after_exactly_the_attempt_limit() -> anyhow::Result<()> {
+    const N: usize = 200;
+    let poison: Vec<(usize, &str)> = [7, 50, 99, 120, 181].iter().map(|&i| (i, "always-500")).collect();
+    let overrides = [("ENRICH_LLM__MAX_ATTEMPTS", "3".to_string())];
+    let env = TestEnv::new(llm_sim::Latency::default(), &overrides).await?;
+    let records = tickets_with_markers(&env.id, N, &poison);
+    let produced = produce_all(&env.settings, env.source_topic(), &records, |i| i % 2 == 0, |_| {}).await?;
+    let stages = [StageKind::Ingest, StageKind::Enricher, StageKind::Publisher].map(|k| env.spawn(k));
+    let acct = wait_accounted(&env, &produced).await?;
+    for s in stages {
+        s.stop().await?;
+    }
+    assert_eq!(acct.published, (N - poison.len()) as i64);
+    assert_eq!(acct.dead_lettered_at_enricher, poison.len() as i64);
+    assert_eq!(env.sim.failed(), 3 * poison.len() as u64, "each poison record was tried exactly 3 times");
+    assert_eq!(env.sim.completions(), (N - poison.len()) as u64);
+
+    let dlq = read_to_end(&env.settings, &env.settings.topics.dlq, Duration::from_secs(30))?;
+    assert_eq!(dlq.len(), poison.len());
+    for m in &dlq {
+        let h = |name: &str| header(m, name).unwrap_or_else(|| panic!("DLQ header {name}"));
+        assert_eq!(h(headers::DLQ_REASON), "max_attempts");
+        assert_eq!(h(headers::DLQ_REASON_CLASS), "transient");
+        assert_eq!(h(headers::DLQ_STAGE), "enricher");
+        assert_eq!(h(headers::DLQ_ATTEMPTS), "3");
+        assert!(h(headers::DLQ_ERROR).contains("500"));
+        // The coordinates are those of the source record, not of enrich.requests.
+        assert_eq!(h(headers::DLQ_ORIGINAL_TOPIC), env.source_topic());
+        let (p, o): (i32, i64) =
+            (h(headers::DLQ_ORIGINAL_PARTITION).parse()?, h(headers::DLQ_ORIGINAL_OFFSET).parse()?);
+        let index = produced.iter().position(|x| x.partition == p && x.offset == o).expect("a produced record");
+        assert!(poison.iter().any(|(i, _)| *i == index), "record {index} was not a poison record");
+        let key = h(headers::IDEMPOTENCY_KEY);
+        assert!(key.ends_with(&records[index].ticket.as_ref().unwrap().id));
+        assert!(TraceContext::parse(&h(headers::TRACEPARENT), None).is_some());
+        let envelope = Envelope::decode_from(m.payload().unwrap())?;
+        assert_eq!(envelope.failure().unwrap().reason, "max_attempts");
+        assert_eq!(
+            envelope.payload,
+            records[index].value.clone().unwrap(),
+            "the DLQ record carries the original payload"
+        );
+    }
+    env.teardown().await;
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn invalid_output_gets_one_repair_call_and_then_the_dlq() -> anyhow::Result<()> {
+    const N: usize = 20;
+    let marked = [
+        (2, "invalid-json-once"),
+        (5, "invalid-json-once"),
+        (9, "invalid-json-once"),
+        (12, "schema-violation"),
+        (17, "invalid-json"),
+    ];
+    let env = TestEnv::new(llm_sim::Latency::default(), &[]).await?;
+    let records = tickets_with_markers(&env.id, N, &marked);
+    let produced = produce_all(&env.settings, env.source_topic(), &records, |_| false, |_| {}).await?;
+    let stages = [StageKind::Ingest, StageKind::Enricher, StageKind::Publisher].map(|k| env.spawn(k));
+    let acct = wait_accounted(&env, &produced).await?;
+    for s in stages {
+        s.stop().await?;
+    }
+    assert_eq!(acct.published, 18, "the three repaired records are published: {acct:?}");
+    assert_eq!(acct.dead_lettered_at_enricher, 2);
+    // 15 clean calls, and two calls (answer + repair) for each of the five marked records.
+    assert_eq!(env.sim.completions(), 15 + 2 * 5);
+    let reasons: Vec<String> = read_to_end(&env.settings, &env.settings.topics.dlq, Duration::from_secs(30))?
+        .iter()
+        .filter_map(|m| header(m, headers::DLQ_REASON))
+        .collect();
+    let mut reasons = reasons;
+    reasons.sort();
+    assert_eq!(reasons, vec!["invalid_json".to_string(), "schema_violation".to_string()]);
+    let (repairs,): (i64,) = sqlx::query_as(
+        "SELECT count(*) FROM step_outcomes WHERE pipeline = $1 AND step = 'llm_repair' AND status = 'ok'",
+    )
+    .bind(&env.settings.pipeline.name)
+    .fetch_one(&env.pool)
+    .await?;
+    assert_eq!(repairs, 5, "every repair call is in the audit");
+    env.teardown().await;
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn rate_limits_and_server_errors_are_retried_until_every_record_is_published() -> anyhow::Result<()> {
+    const N: usize = 300;
+    let overrides = [
+        ("ENRICH_LLM__MAX_ATTEMPTS", "6".to_string()),
+        ("ENRICH_LLM__BREAKER_FAILURES", "20".to_string()),
+        ("ENRICH_LLM__BREAKER_OPEN_MS", "500".to_string()),
+    ];
+    let env = TestEnv::new(llm_sim::Latency::default(), &overrides).await?;
+    env.sim.set_faults(llm_sim::Faults { markers: true, rate_429: 0.2, rate_500: 0.1 });
+    let records = workload::build(&Spec { run: env.id.clone(), unique: N, duplicates: 0, malformed: 0 });
+    let produced = produce_all(&env.settings, env.source_topic(), &records, |_| false, |_| {}).await?;
+    let stages = [StageKind::Ingest, StageKind::Enricher, StageKind::Publisher].map(|k| env.spawn(k));
+    let acct = wait_accounted(&env, &produced).await?;
+    for s in stages {
+        s.stop().await?;
+    }
+    assert_eq!(acct.published, N as i64, "{acct:?}");
+    assert_eq!(acct.dead_lettered_at_enricher, 0);
+    assert!(env.sim.failed() > 30, "faults were injected ({} failed calls)", env.sim.failed());
+    assert_eq!(env.sim.completions(), N as u64, "one successful call per record");
+    let output = read_to_end(&env.settings, &env.settings.topics.output, Duration::from_secs(30))?;
+    assert_eq!(output.len(), N, "each record published exactly once");
+    assert!(read_to_end(&env.settings, &env.settings.topics.dlq, Duration::from_secs(30))?.is_empty());
     env.teardown().await;
     Ok(())
 }

@@ -21,6 +21,14 @@ pub struct LlmError {
 }
 
 impl LlmError {
+    /// Whether the failure says the endpoint as a whole is unavailable (what the circuit
+    /// breaker counts): no connection, timeouts, 429, 502/503/504/529, 401/403. A plain
+    /// 500 may be about one record (a poison input), so it is retried and, when attempts
+    /// run out, dead-lettered, without tripping the breaker.
+    pub fn endpoint_down(&self) -> bool {
+        matches!(self.error.reason, "timeout" | "connection" | "rate_limited" | "unavailable" | "unauthorized")
+    }
+
     fn new(class: ErrorClass, reason: &'static str, message: impl Into<String>) -> Self {
         Self { error: RecordError::new(class, reason, message), retry_after: None }
     }
@@ -84,12 +92,15 @@ impl LlmClient {
     }
 
     pub async fn complete(&self, prompt: &Prompt) -> Result<Completion, LlmError> {
+        let mut messages =
+            vec![json!({"role": "system", "content": prompt.system}), json!({"role": "user", "content": prompt.user})];
+        if let Some(repair) = &prompt.repair {
+            messages.push(json!({"role": "assistant", "content": repair.previous}));
+            messages.push(json!({"role": "user", "content": repair.instruction()}));
+        }
         let body = json!({
             "model": self.model,
-            "messages": [
-                {"role": "system", "content": prompt.system},
-                {"role": "user", "content": prompt.user}
-            ],
+            "messages": messages,
             "temperature": self.temperature,
             "max_tokens": self.max_output_tokens,
             "response_format": self.response_format,
@@ -131,7 +142,8 @@ pub fn classify_status(status: StatusCode, body: &str) -> LlmError {
     match status.as_u16() {
         429 => LlmError::new(ErrorClass::Transient, "rate_limited", message),
         408 => LlmError::new(ErrorClass::Transient, "timeout", message),
-        500 | 502 | 503 | 504 | 529 => LlmError::new(ErrorClass::Transient, "server_error", message),
+        500 => LlmError::new(ErrorClass::Transient, "server_error", message),
+        502 | 503 | 504 | 529 => LlmError::new(ErrorClass::Transient, "unavailable", message),
         401 | 403 => LlmError::new(ErrorClass::Outage, "unauthorized", message),
         400 | 413 | 422 if body.contains("context_length_exceeded") || body.contains("maximum context length") => {
             LlmError::new(ErrorClass::Permanent, "context_too_long", message)
@@ -255,8 +267,9 @@ mod tests {
             (e.class, e.reason)
         };
         assert_eq!(class(429, ""), (ErrorClass::Transient, "rate_limited"));
-        for code in [500, 502, 503, 504, 529] {
-            assert_eq!(class(code, ""), (ErrorClass::Transient, "server_error"));
+        assert_eq!(class(500, ""), (ErrorClass::Transient, "server_error"));
+        for code in [502, 503, 504, 529] {
+            assert_eq!(class(code, ""), (ErrorClass::Transient, "unavailable"));
         }
         assert_eq!(
             class(400, r#"{"error":{"code":"context_length_exceeded"}}"#),

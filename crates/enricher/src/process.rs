@@ -18,7 +18,7 @@ use std::time::Duration;
 use crate::breaker::{Admission, Breaker, Transition};
 use crate::llm::{LlmClient, LlmError};
 use crate::metrics::EnricherMetrics;
-use crate::prompt::PromptTemplate;
+use crate::prompt::{PromptTemplate, Repair};
 use crate::store::{KeyState, Step, Store, StoredResult};
 use crate::validate::OutputValidator;
 
@@ -131,8 +131,18 @@ impl Enricher {
             };
             match e.error.class {
                 ErrorClass::Transient | ErrorClass::Outage | ErrorClass::Fatal => {
-                    self.breaker_failure(admission, &e.error);
-                    if self.breaker.is_open() || matches!(e.error.class, ErrorClass::Outage | ErrorClass::Fatal) {
+                    if e.endpoint_down() {
+                        self.breaker_failure(admission, &e.error);
+                    } else {
+                        // A failure that may be this record's own (a plain 500): the endpoint
+                        // answered, so it counts as up.
+                        self.breaker_success(admission);
+                    }
+                    // A 429 slows the record down without spending its attempts.
+                    if (e.endpoint_down() && self.breaker.is_open())
+                        || e.error.reason == "rate_limited"
+                        || matches!(e.error.class, ErrorClass::Outage | ErrorClass::Fatal)
+                    {
                         // The endpoint is down, not this record: give its attempt back and
                         // wait for the breaker (nothing is dead-lettered during an outage).
                         self.store.release(&key, true).await?;
@@ -210,39 +220,61 @@ impl Enricher {
                 retry_after: None,
             })
         })?;
-        let prompt =
+        let mut prompt =
             self.prompt.render(&record).map_err(|error| AttemptError::Llm(LlmError { error, retry_after: None }))?;
-        // The LLM slot is held for the call only: storing and producing other records
-        // overlaps with calls in flight.
-        let called = {
-            let _slot = self.llm_slots.acquire().await.map_err(|e| AttemptError::Db(e.into()))?;
-            let started = std::time::Instant::now();
-            self.metrics.in_flight.inc();
-            let called = self.llm.complete(&prompt).await;
-            self.metrics.in_flight.dec();
-            (called, started.elapsed())
-        };
-        let (called, elapsed) = called;
-        self.metrics.llm_latency.observe(elapsed.as_secs_f64());
-        let completion = match called {
-            Ok(c) => c,
-            Err(e) => {
-                self.metrics.llm_call(e.error.reason);
-                let step = Step::llm_call(attempt, elapsed, self.llm.model()).failed(e.error.to_string());
-                self.store.record_steps(key, &[step]).await?;
-                return Err(AttemptError::Llm(e));
-            }
-        };
-        self.metrics.llm_call("ok");
-        self.metrics.tokens(completion.input_tokens, completion.output_tokens);
-        let model = if completion.model.is_empty() { self.llm.model().to_string() } else { completion.model.clone() };
-        let call = Step::llm_call(attempt, completion.latency, &model)
-            .tokens(completion.input_tokens, completion.output_tokens);
-        let value = match self.validator.validate(&completion.content) {
-            Ok(v) => v,
-            Err(error) => {
-                self.store.record_steps(key, &[call, Step::validation(attempt).failed(error.to_string())]).await?;
-                return Err(AttemptError::Llm(LlmError { error, retry_after: None }));
+        let mut steps: Vec<Step> = Vec::with_capacity(4);
+        let mut tokens = (0u32, 0u32);
+        // Output that is not JSON or breaks the schema gets one repair call that shows the
+        // model the validation error; a second failure dead-letters the record.
+        let (value, model) = loop {
+            let repairing = prompt.repair.is_some();
+            let step_name = if repairing { "llm_repair" } else { "llm_call" };
+            // The LLM slot is held for the call only: storing and producing other records
+            // overlaps with calls in flight.
+            let (called, elapsed) = {
+                let _slot = self.llm_slots.acquire().await.map_err(|e| AttemptError::Db(e.into()))?;
+                let started = std::time::Instant::now();
+                self.metrics.in_flight.inc();
+                let called = self.llm.complete(&prompt).await;
+                self.metrics.in_flight.dec();
+                (called, started.elapsed())
+            };
+            self.metrics.llm_latency.observe(elapsed.as_secs_f64());
+            let completion = match called {
+                Ok(c) => c,
+                Err(e) => {
+                    self.metrics.llm_call(e.error.reason);
+                    steps.push(
+                        Step::llm_call(attempt, elapsed, self.llm.model()).named(step_name).failed(e.error.to_string()),
+                    );
+                    self.store.record_steps(key, &steps).await?;
+                    return Err(AttemptError::Llm(e));
+                }
+            };
+            self.metrics.llm_call("ok");
+            self.metrics.tokens(completion.input_tokens, completion.output_tokens);
+            tokens = (tokens.0 + completion.input_tokens, tokens.1 + completion.output_tokens);
+            let model =
+                if completion.model.is_empty() { self.llm.model().to_string() } else { completion.model.clone() };
+            steps.push(
+                Step::llm_call(attempt, completion.latency, &model)
+                    .named(step_name)
+                    .tokens(completion.input_tokens, completion.output_tokens),
+            );
+            match self.validator.validate(&completion.content) {
+                Ok(v) => {
+                    steps.push(Step::validation(attempt));
+                    break (v, model);
+                }
+                Err(error) => {
+                    steps.push(Step::validation(attempt).failed(error.to_string()));
+                    if repairing {
+                        self.store.record_steps(key, &steps).await?;
+                        return Err(AttemptError::Llm(LlmError { error, retry_after: None }));
+                    }
+                    tracing::info!(idempotency_key = %key, reason = error.reason, "invalid output; one repair call");
+                    prompt.repair = Some(Repair { previous: completion.content, error: error.message });
+                }
             }
         };
         let json = value.to_string();
@@ -252,7 +284,6 @@ impl Enricher {
             model,
             prompt_version: self.prompt.version().to_string(),
         };
-        let steps = [call, Step::validation(attempt)];
         // The call is paid: keep trying to store its result rather than paying again.
         let mut backoff = Duration::from_millis(100);
         let stored = loop {
@@ -268,7 +299,7 @@ impl Enricher {
                 }
             }
         };
-        Ok((stored, (completion.input_tokens, completion.output_tokens)))
+        Ok((stored, tokens))
     }
 
     async fn emit(

@@ -16,6 +16,24 @@ pub struct PromptTemplate {
 pub struct Prompt {
     pub system: String,
     pub user: String,
+    /// Set for a repair call: the invalid answer and why it was refused.
+    pub repair: Option<Repair>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Repair {
+    pub previous: String,
+    pub error: String,
+}
+
+impl Repair {
+    /// The follow-up user message of a repair call.
+    pub fn instruction(&self) -> String {
+        format!(
+            "Your previous answer was not valid: {}. Answer again with only the JSON object, satisfying the schema.",
+            self.error
+        )
+    }
 }
 
 impl PromptTemplate {
@@ -46,7 +64,7 @@ impl PromptTemplate {
         let user = template
             .render(minijinja::value::Serde(record))
             .map_err(|e| RecordError::new(enrich_common::ErrorClass::Permanent, "template_error", e.to_string()))?;
-        Ok(Prompt { system: self.system.clone(), user: user.trim().to_string() })
+        Ok(Prompt { system: self.system.clone(), user: user.trim().to_string(), repair: None })
     }
 }
 

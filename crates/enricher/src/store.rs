@@ -472,6 +472,10 @@ impl Step {
         }
     }
 
+    pub fn named(self, step: &'static str) -> Self {
+        Self { step, ..self }
+    }
+
     pub fn tokens(self, input: u32, output: u32) -> Self {
         Self { input_tokens: Some(input as i32), output_tokens: Some(output as i32), ..self }
     }

@@ -2,9 +2,11 @@
 //! and benchmarks. It is not a language model: its answers are deterministic functions
 //! of the last user message (see [`rules`]), so tests can assert them.
 
+pub mod faults;
 pub mod latency;
 pub mod rules;
 
+pub use faults::Faults;
 pub use latency::Latency;
 
 use axum::extract::State;
@@ -25,11 +27,13 @@ pub struct SimConfig {
     pub latency: Latency,
     /// The model name listed by `/v1/models`.
     pub model: String,
+    /// Fault injection at start (changeable at runtime).
+    pub faults: Faults,
 }
 
 impl Default for SimConfig {
     fn default() -> Self {
-        Self { latency: Latency::default(), model: "llm-sim-support-v1".into() }
+        Self { latency: Latency::default(), model: "llm-sim-support-v1".into(), faults: Faults::default() }
     }
 }
 
@@ -48,6 +52,10 @@ struct AppState {
     counters: Counters,
     /// While set, every completion is answered with this HTTP status (an outage).
     outage: std::sync::Mutex<Option<u16>>,
+    faults: std::sync::Mutex<Faults>,
+    /// Texts seen so far, for the `-once` markers.
+    seen: std::sync::Mutex<std::collections::HashSet<u64>>,
+    rng: AtomicU64,
 }
 
 /// A running simulator.
@@ -66,6 +74,13 @@ impl RunningSim {
     /// Requests answered with the outage status so far.
     pub fn failed(&self) -> u64 {
         self.state.counters.failed.load(Ordering::SeqCst)
+    }
+
+    /// Replaces the fault injection (markers on or off, rates).
+    pub fn set_faults(&self, faults: Faults) {
+        if let Ok(mut f) = self.state.faults.lock() {
+            *f = faults;
+        }
     }
 
     /// Starts (Some(status), e.g. 503) or ends (None) an outage: every completion fails.
@@ -88,11 +103,19 @@ pub async fn start(
     config: SimConfig,
     shutdown: CancellationToken,
 ) -> anyhow::Result<RunningSim> {
-    let state = Arc::new(AppState { config, counters: Counters::default(), outage: std::sync::Mutex::new(None) });
+    let state = Arc::new(AppState {
+        faults: std::sync::Mutex::new(config.faults.clone()),
+        config,
+        counters: Counters::default(),
+        outage: std::sync::Mutex::new(None),
+        seen: std::sync::Mutex::new(std::collections::HashSet::new()),
+        rng: AtomicU64::new(0x2545_F491_4F6C_DD1D),
+    });
     let router = Router::new()
         .route("/v1/chat/completions", post(chat_completions))
         .route("/v1/models", get(models))
         .route("/admin/outage", post(outage))
+        .route("/admin/faults", post(set_faults))
         .route("/metrics", get(metrics))
         .route("/healthz", get(|| async { "ok\n" }))
         .with_state(state.clone());
@@ -114,9 +137,10 @@ fn openai_error(status: StatusCode, kind: &str, message: impl Into<String>) -> R
     (status, Json(json!({"error": {"message": message.into(), "type": kind, "code": Value::Null}}))).into_response()
 }
 
-/// Text of the last user message: a string, or the text parts of a content array.
-fn last_user_text(messages: &[Value]) -> Option<String> {
-    let message = messages.iter().rev().find(|m| m.get("role").and_then(Value::as_str) == Some("user"))?;
+/// Text of the first user message (the record; later user turns are repair
+/// instructions): a string, or the text parts of a content array.
+fn first_user_text(messages: &[Value]) -> Option<String> {
+    let message = messages.iter().find(|m| m.get("role").and_then(Value::as_str) == Some("user"))?;
     match message.get("content")? {
         Value::String(s) => Some(s.clone()),
         Value::Array(parts) => {
@@ -129,6 +153,31 @@ fn last_user_text(messages: &[Value]) -> Option<String> {
 /// Rough token count: one token per four bytes, at least one.
 fn tokens(s: &str) -> u64 {
     (s.len() as u64).div_ceil(4).max(1)
+}
+
+/// `POST /admin/faults` with `{"markers": false, "rate_429": 0.0, "rate_500": 0.0}`.
+async fn set_faults(State(state): State<Arc<AppState>>, Json(faults): Json<Faults>) -> Response {
+    if let Ok(mut f) = state.faults.lock() {
+        *f = faults.clone();
+    }
+    Json(json!({"markers": faults.markers, "rate_429": faults.rate_429, "rate_500": faults.rate_500})).into_response()
+}
+
+fn text_hash(text: &str) -> u64 {
+    use std::hash::{Hash, Hasher};
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    text.hash(&mut h);
+    h.finish()
+}
+
+/// xorshift64*: a uniform number in [0, 1) for the fault rates.
+fn next_roll(rng: &AtomicU64) -> f64 {
+    let mut x = rng.load(Ordering::Relaxed);
+    x ^= x >> 12;
+    x ^= x << 25;
+    x ^= x >> 27;
+    rng.store(x, Ordering::Relaxed);
+    (x.wrapping_mul(0x2545_F491_4F6C_DD1D) >> 11) as f64 / (1u64 << 53) as f64
 }
 
 /// `POST /admin/outage` with `{"status": 503}` starts an outage, `{"status": null}` ends it.
@@ -165,9 +214,31 @@ async fn chat_completions(State(state): State<Arc<AppState>>, body: axum::body::
     let Some(messages) = request.get("messages").and_then(Value::as_array).filter(|m| !m.is_empty()) else {
         return reject("`messages` must be a non-empty array");
     };
-    let Some(text) = last_user_text(messages) else {
+    let Some(text) = first_user_text(messages) else {
         return reject("no user message with text content");
     };
+    let repair = messages.iter().any(|m| m.get("role").and_then(Value::as_str) == Some("assistant"));
+    let first_time = state.seen.lock().map(|mut seen| seen.insert(text_hash(&text))).unwrap_or(true);
+    let faults = state.faults.lock().map(|f| f.clone()).unwrap_or_default();
+    let decision = faults::decide(&faults, &text, first_time, repair, next_roll(&state.rng));
+    match decision {
+        faults::Decision::Status { code, retry_after_secs } => {
+            state.counters.failed.fetch_add(1, Ordering::SeqCst);
+            let status = StatusCode::from_u16(code).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+            let mut response = openai_error(status, "server_error", format!("llm-sim injected {code}"));
+            if let Some(secs) = retry_after_secs
+                && let Ok(v) = axum::http::HeaderValue::from_str(&secs.to_string())
+            {
+                response.headers_mut().insert(axum::http::header::RETRY_AFTER, v);
+            }
+            return response;
+        }
+        faults::Decision::Hang => {
+            tokio::time::sleep(std::time::Duration::from_secs(3600)).await;
+            return openai_error(StatusCode::GATEWAY_TIMEOUT, "server_error", "hung");
+        }
+        _ => {}
+    }
     let latency = state.config.latency.for_text(&text);
     if !latency.is_zero() {
         tokio::time::sleep(latency).await;
@@ -180,7 +251,11 @@ async fn chat_completions(State(state): State<Arc<AppState>>, body: axum::body::
     {
         fields.retain(|k, _| props.contains_key(k));
     }
-    let content = answer.to_string();
+    let content = match decision {
+        faults::Decision::InvalidJson => format!("Sure! Here is the enrichment: {answer}"),
+        faults::Decision::SchemaViolation => json!({"category": "spaceship", "mood": "?"}).to_string(),
+        _ => answer.to_string(),
+    };
     let prompt_tokens: u64 = messages.iter().filter_map(|m| m.get("content").and_then(Value::as_str)).map(tokens).sum();
     let completion_tokens = tokens(&content);
     let n = state.counters.completions.fetch_add(1, Ordering::SeqCst) + 1;

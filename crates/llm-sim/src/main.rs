@@ -4,8 +4,10 @@
 
 use llm_sim::Latency;
 
-const HELP: &str = "llm-sim [--bind ADDR] [--port N] [--latency SPEC | --latency-ms N]
-An OpenAI-compatible simulator (not a model): deterministic answers from the last user message.
+const HELP: &str =
+    "llm-sim [--bind ADDR] [--port N] [--latency SPEC | --latency-ms N] [--rate-429 F] [--rate-500 F] [--no-markers]
+An OpenAI-compatible simulator (not a model): deterministic answers from the ticket text.
+Markers in the text such as [[sim:always-500]] inject faults (see crates/llm-sim/src/faults.rs).
 SPEC: fixed:MS | uniform:MIN-MAX | lognormal:MEDIAN,SIGMA[,SHARE:TAIL_MS]  (milliseconds)";
 
 fn parse_latency(spec: &str) -> anyhow::Result<Latency> {
@@ -28,6 +30,7 @@ async fn main() -> anyhow::Result<()> {
         (_, Ok(ms)) => parse_latency(&format!("fixed:{ms}"))?,
         _ => Latency::default(),
     };
+    let mut faults = llm_sim::Faults::default();
     let mut args = std::env::args().skip(1);
     while let Some(arg) = args.next() {
         let mut value = |name: &str| args.next().ok_or_else(|| anyhow::anyhow!("{name} needs a value"));
@@ -36,6 +39,13 @@ async fn main() -> anyhow::Result<()> {
             "--port" => port = value("--port")?.parse().map_err(|e| anyhow::anyhow!("--port: {e}"))?,
             "--latency" => latency = parse_latency(&value("--latency")?)?,
             "--latency-ms" => latency = parse_latency(&format!("fixed:{}", value("--latency-ms")?))?,
+            "--rate-429" => {
+                faults.rate_429 = value("--rate-429")?.parse().map_err(|e| anyhow::anyhow!("--rate-429: {e}"))?
+            }
+            "--rate-500" => {
+                faults.rate_500 = value("--rate-500")?.parse().map_err(|e| anyhow::anyhow!("--rate-500: {e}"))?
+            }
+            "--no-markers" => faults.markers = false,
             "-h" | "--help" => {
                 println!("{HELP}");
                 return Ok(());
@@ -45,7 +55,7 @@ async fn main() -> anyhow::Result<()> {
     }
     let shutdown = enrich_common::shutdown::on_signals();
     let mean_ms = latency.mean().as_secs_f64() * 1000.0;
-    let config = llm_sim::SimConfig { latency: latency.clone(), ..Default::default() };
+    let config = llm_sim::SimConfig { latency: latency.clone(), faults, ..Default::default() };
     let sim = llm_sim::start(&bind, port, config, shutdown).await?;
     tracing::info!(addr = %sim.addr, latency = ?latency, mean_ms, "llm-sim listening");
     sim.handle.await?;

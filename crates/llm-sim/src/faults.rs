@@ -1,0 +1,107 @@
+//! Fault injection: rates of 429s and 500s, and per-record markers in the ticket text
+//! that tests use to choose which records fail and how:
+//!
+//! | marker | effect |
+//! |---|---|
+//! | `[[sim:always-500]]` | every call answers 500 |
+//! | `[[sim:500-once]]` | the first call for this text answers 500, later ones succeed |
+//! | `[[sim:always-429]]` | every call answers 429 with `Retry-After: 1` |
+//! | `[[sim:hang]]` | no answer until the client gives up |
+//! | `[[sim:invalid-json]]` | the answer is not JSON, also on a repair request |
+//! | `[[sim:invalid-json-once]]` | the answer is not JSON; a repair request gets a valid one |
+//! | `[[sim:schema-violation]]` | valid JSON that breaks the schema, also on repair |
+//!
+//! Markers and rates can be switched off at runtime (`POST /admin/faults`), so a test
+//! can fix the cause and then replay.
+
+use serde::Deserialize;
+
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(default)]
+pub struct Faults {
+    /// Whether `[[sim:...]]` markers take effect.
+    pub markers: bool,
+    /// Share of calls answered 429 (with `Retry-After: 1`).
+    pub rate_429: f64,
+    /// Share of calls answered 500.
+    pub rate_500: f64,
+}
+
+impl Default for Faults {
+    fn default() -> Self {
+        Self { markers: true, rate_429: 0.0, rate_500: 0.0 }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Decision {
+    Answer,
+    Status { code: u16, retry_after_secs: Option<u64> },
+    Hang,
+    InvalidJson,
+    SchemaViolation,
+}
+
+/// What to do with one request. `first_time`: no earlier request had this text.
+/// `repair`: the conversation already holds an assistant answer (a repair request).
+/// `roll`: a uniform random number in [0, 1) for the rates.
+pub fn decide(faults: &Faults, text: &str, first_time: bool, repair: bool, roll: f64) -> Decision {
+    if faults.markers && text.contains("[[sim:") {
+        let has = |m: &str| text.contains(&format!("[[sim:{m}]]"));
+        if has("always-500") || (has("500-once") && first_time) {
+            return Decision::Status { code: 500, retry_after_secs: None };
+        }
+        if has("always-429") {
+            return Decision::Status { code: 429, retry_after_secs: Some(1) };
+        }
+        if has("hang") {
+            return Decision::Hang;
+        }
+        if has("invalid-json") || (has("invalid-json-once") && !repair) {
+            return Decision::InvalidJson;
+        }
+        if has("schema-violation") {
+            return Decision::SchemaViolation;
+        }
+    }
+    if roll < faults.rate_429 {
+        return Decision::Status { code: 429, retry_after_secs: Some(1) };
+    }
+    if roll < faults.rate_429 + faults.rate_500 {
+        return Decision::Status { code: 500, retry_after_secs: None };
+    }
+    Decision::Answer
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn markers_choose_the_failure() {
+        let f = Faults::default();
+        assert_eq!(
+            decide(&f, "x [[sim:always-500]]", false, false, 0.9),
+            Decision::Status { code: 500, retry_after_secs: None }
+        );
+        assert_eq!(
+            decide(&f, "x [[sim:500-once]]", true, false, 0.9),
+            Decision::Status { code: 500, retry_after_secs: None }
+        );
+        assert_eq!(decide(&f, "x [[sim:500-once]]", false, false, 0.9), Decision::Answer);
+        assert_eq!(decide(&f, "[[sim:invalid-json-once]]", true, false, 0.9), Decision::InvalidJson);
+        assert_eq!(decide(&f, "[[sim:invalid-json-once]]", false, true, 0.9), Decision::Answer);
+        assert_eq!(decide(&f, "[[sim:invalid-json]]", false, true, 0.9), Decision::InvalidJson);
+        assert_eq!(decide(&f, "[[sim:hang]]", true, false, 0.9), Decision::Hang);
+        assert_eq!(decide(&f, "plain", true, false, 0.9), Decision::Answer);
+    }
+
+    #[test]
+    fn rates_apply_and_switching_off_disables_markers() {
+        let f = Faults { markers: false, rate_429: 0.2, rate_500: 0.1 };
+        assert_eq!(decide(&f, "[[sim:always-500]]", true, false, 0.95), Decision::Answer);
+        assert_eq!(decide(&f, "x", true, false, 0.1), Decision::Status { code: 429, retry_after_secs: Some(1) });
+        assert_eq!(decide(&f, "x", true, false, 0.25), Decision::Status { code: 500, retry_after_secs: None });
+        assert_eq!(decide(&f, "x", true, false, 0.31), Decision::Answer);
+    }
+}
