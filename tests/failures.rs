@@ -3,6 +3,8 @@
 
 #![allow(clippy::expect_used, clippy::unwrap_used)] // a failed expectation is the test failing
 
+use dlq_replayer::cli::Client;
+use dlq_replayer::replay::Filter;
 use enrich_common::envelope::Envelope;
 use enrich_common::{TraceContext, headers};
 use enrich_e2e::loadgen::accounting::{Accounting, account};
@@ -204,6 +206,75 @@ async fn rate_limits_and_server_errors_are_retried_until_every_record_is_publish
     let output = read_to_end(&env.settings, &env.settings.topics.output, Duration::from_secs(30))?;
     assert_eq!(output.len(), N, "each record published exactly once");
     assert!(read_to_end(&env.settings, &env.settings.topics.dlq, Duration::from_secs(30))?.is_empty());
+    env.teardown().await;
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn dead_letters_are_listed_shown_and_replayed_once_the_cause_is_fixed() -> anyhow::Result<()> {
+    const N: usize = 30;
+    let port = enrich_e2e::free_port()?;
+    let token = "replay-token-0123456789".to_string();
+    let overrides = [
+        ("ENRICH_LLM__MAX_ATTEMPTS", "2".to_string()),
+        ("ENRICH_DLQ_REPLAYER__HTTP_PORT", port.to_string()),
+        ("ENRICH_DLQ_REPLAYER__ADMIN_TOKEN", token.clone()),
+        ("ENRICH_DLQ_REPLAYER__MAX_REPLAYS_PER_KEY", "1".to_string()),
+    ];
+    let env = TestEnv::new(llm_sim::Latency::default(), &overrides).await?;
+    let poison = [(4, "always-500"), (11, "always-500"), (23, "always-500")];
+    let records = tickets_with_markers(&env.id, N, &poison);
+    let produced = produce_all(&env.settings, env.source_topic(), &records, |i| i % 2 == 0, |_| {}).await?;
+    let stages =
+        [StageKind::Ingest, StageKind::Enricher, StageKind::Publisher, StageKind::DlqReplayer].map(|k| env.spawn(k));
+    let acct = wait_accounted(&env, &produced).await?;
+    assert_eq!((acct.published, acct.dead_lettered_at_enricher), ((N - 3) as i64, 3));
+
+    let api = format!("http://127.0.0.1:{port}");
+    let client = Client::new(api.clone(), Some(token));
+    let by_reason = Filter { reason: Some("max_attempts".into()), ..Default::default() };
+    let dead =
+        wait_for("the dlq-replayer API", DEADLINE, || async { Ok(client.list("dead", &by_reason).await.ok()) }).await?;
+    assert_eq!(dead.len(), 3);
+    assert!(dead.iter().all(|d| d.stage == "enricher" && d.attempts == 2 && d.error.contains("500")));
+    let shown = client.show(dead[0].id).await?;
+    assert!(shown["payload"].as_str().unwrap().contains("[[sim:always-500]]"));
+    let failed_calls = shown["steps"].as_array().unwrap().iter().filter(|s| s["status"] == "failed").count();
+    assert_eq!(failed_calls, 2, "the history shows both failed calls");
+
+    // Mutations need the token.
+    let anonymous = Client::new(api, None);
+    let refused = anonymous.replay(&by_reason, false, None).await.unwrap_err();
+    assert!(refused.to_string().contains("401"), "{refused}");
+
+    // Fix the cause, preview, replay.
+    env.sim.set_faults(llm_sim::Faults { markers: false, ..Default::default() });
+    let preview = client.replay(&by_reason, true, Some("sim fixed")).await?;
+    assert_eq!((preview.matched, preview.replayed.len()), (3, 3));
+    assert_eq!(client.list("dead", &by_reason).await?.len(), 3, "a dry run changes nothing");
+    let done = client.replay(&by_reason, false, Some("sim fixed")).await?;
+    assert_eq!(done.replayed.len(), 3);
+    wait_for("the replayed records to be published", DEADLINE, || async {
+        Ok((count_in_states(&env, &["published"]).await? == N as i64).then_some(()))
+    })
+    .await?;
+    let group = env.settings.group_id(enrich_common::config::Stage::Publisher);
+    wait_for("the publisher to catch up", DEADLINE, || async {
+        Ok(enrich_e2e::loadgen::kafka_io::group_caught_up(&env.settings, &group, &env.settings.topics.results)?
+            .then_some(()))
+    })
+    .await?;
+
+    // The same ids again: refused, nothing produced.
+    let ids: Vec<i64> = dead.iter().map(|d| d.id).collect();
+    let again = client.replay(&Filter { ids: Some(ids), ..Default::default() }, false, None).await?;
+    assert!(again.replayed.is_empty());
+    assert_eq!(again.refused.len(), 3, "{again:?}");
+    for s in stages {
+        s.stop().await?;
+    }
+    let output = read_to_end(&env.settings, &env.settings.topics.output, Duration::from_secs(30))?;
+    assert_eq!(output.len(), N, "every record published once, the replayed ones included");
     env.teardown().await;
     Ok(())
 }

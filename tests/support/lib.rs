@@ -35,6 +35,7 @@ pub enum StageKind {
     Ingest,
     Enricher,
     Publisher,
+    DlqReplayer,
 }
 
 pub struct RunningStage {
@@ -116,6 +117,7 @@ impl TestEnv {
             StageKind::Ingest => tokio::spawn(ingest_dedup::run(settings, t)),
             StageKind::Enricher => tokio::spawn(enricher::run(settings, t)),
             StageKind::Publisher => tokio::spawn(publisher::run(settings, t)),
+            StageKind::DlqReplayer => tokio::spawn(dlq_replayer::run(settings, t)),
         };
         RunningStage { kind, token, join }
     }
@@ -130,6 +132,11 @@ impl TestEnv {
                 .await;
         }
     }
+}
+
+/// A port nothing listens on now.
+pub fn free_port() -> anyhow::Result<u16> {
+    Ok(std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
 }
 
 /// How many keys of the pipeline are in one of `states`.

@@ -1,17 +1,32 @@
-//! dlq-replayer: will inspect and replay dead letters through an admin API. For now it
-//! starts, serves `/healthz`, `/readyz` and `/metrics`, and stops on SIGTERM; and
-//! `dlq-replayer setup` prepares a deployment (migrations, topics) and exits.
+//! dlq-replayer: the operator's tool for dead letters. An admin HTTP API (list, show with
+//! the key's history, replay by id or filter with a dry run, discard; bearer token for
+//! mutating calls) served beside `/healthz`, `/readyz` and `/metrics`; a CLI that talks to
+//! it (`dlq-replayer list|show|replay|discard`); and `dlq-replayer setup`, which prepares
+//! a deployment (migrations, topics) and exits.
+
+pub mod api;
+pub mod cli;
+pub mod replay;
 
 use enrich_common::Settings;
 use enrich_common::http::{self, ServiceState};
 use enrich_common::shutdown::Shutdown;
+use std::sync::Arc;
 
 pub async fn run(settings: Settings, shutdown: Shutdown) -> anyhow::Result<()> {
     let registry = prometheus_client::registry::Registry::default();
     let state = ServiceState::new("dlq-replayer", registry);
-    let (addr, task) =
-        http::serve("0.0.0.0", settings.dlq_replayer.http_port, http::router(state.clone()), shutdown).await?;
-    tracing::info!(%addr, "health and metrics endpoints listening");
+    let pool = enrich_common::db::connect(&settings.database).await?;
+    let producer = enrich_common::kafka::producer(&settings, "dlq-replayer")?;
+    let token = settings.dlq_replayer.admin_token.as_ref().map(|t| t.expose().to_string()).filter(|t| !t.is_empty());
+    if token.is_none() {
+        tracing::warn!("no dlq_replayer.admin_token: replay and discard are refused (401)");
+    }
+    let port = settings.dlq_replayer.http_port;
+    let api = Arc::new(api::Api { replayer: replay::Replayer { settings, pool, producer }, token });
+    let router = http::router(state.clone()).merge(api::routes(api));
+    let (addr, task) = http::serve("0.0.0.0", port, router, shutdown).await?;
+    tracing::info!(%addr, "admin API and health endpoints listening");
     state.set_ready();
     task.await?;
     Ok(())

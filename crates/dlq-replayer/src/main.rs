@@ -1,7 +1,91 @@
+//! dlq-replayer [--config PATH]                 serve the admin API
+//! dlq-replayer setup [--config PATH]           migrations and topics, then exit
+//! dlq-replayer list [--reason R] [--stage S] [--key K] [--status dead|replayed|discarded] [--api URL]
+//! dlq-replayer show ID [--api URL]
+//! dlq-replayer replay (--ids 1,2 | --reason R | --stage S | --key K) [--dry-run] [--note TEXT] [--api URL]
+//! dlq-replayer discard ID [--note TEXT] [--api URL]
+
+use dlq_replayer::cli::{Client, table};
+use dlq_replayer::replay::Filter;
+use std::process::ExitCode;
+
 #[tokio::main]
-async fn main() -> std::process::ExitCode {
-    if std::env::args().nth(1).as_deref() == Some("setup") {
-        return enrich_common::cli::run_once("dlq-replayer", dlq_replayer::setup).await;
+async fn main() -> ExitCode {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    match args.first().map(String::as_str) {
+        Some("setup") => enrich_common::cli::run_once("dlq-replayer", dlq_replayer::setup).await,
+        Some(cmd @ ("list" | "show" | "replay" | "discard")) => match client_command(cmd, &args[1..]).await {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("dlq-replayer {cmd}: {e:#}");
+                ExitCode::FAILURE
+            }
+        },
+        _ => enrich_common::cli::run_service("dlq-replayer", dlq_replayer::run).await,
     }
-    enrich_common::cli::run_service("dlq-replayer", dlq_replayer::run).await
+}
+
+async fn client_command(cmd: &str, args: &[String]) -> anyhow::Result<()> {
+    let mut filter = Filter::default();
+    let (mut api, mut note, mut dry_run, mut status, mut id) = (None, None, false, "dead".to_string(), None);
+    let mut it = args.iter();
+    while let Some(a) = it.next() {
+        let mut value = |name: &str| it.next().cloned().ok_or_else(|| anyhow::anyhow!("{name} needs a value"));
+        match a.as_str() {
+            "--api" => api = Some(value("--api")?),
+            "--reason" => filter.reason = Some(value("--reason")?),
+            "--stage" => filter.stage = Some(value("--stage")?),
+            "--key" => filter.key = Some(value("--key")?),
+            "--from" => filter.from = Some(value("--from")?),
+            "--to" => filter.to = Some(value("--to")?),
+            "--status" => status = value("--status")?,
+            "--note" => note = Some(value("--note")?),
+            "--dry-run" => dry_run = true,
+            "--ids" => {
+                let ids: Result<Vec<i64>, _> = value("--ids")?.split(',').map(|s| s.trim().parse::<i64>()).collect();
+                filter.ids = Some(ids.map_err(|e| anyhow::anyhow!("--ids: {e}"))?);
+            }
+            other if id.is_none() && !other.starts_with('-') => {
+                id = Some(other.parse::<i64>().map_err(|e| anyhow::anyhow!("id {other:?}: {e}"))?)
+            }
+            other => anyhow::bail!("unknown argument {other:?}"),
+        }
+    }
+    let client = Client::from_env(api);
+    match cmd {
+        "list" => print!("{}", table(&client.list(&status, &filter).await?)),
+        "show" => {
+            let id = id.ok_or_else(|| anyhow::anyhow!("show needs an id"))?;
+            println!("{}", serde_json::to_string_pretty(&client.show(id).await?)?);
+        }
+        "replay" => {
+            if let Some(id) = id {
+                filter.ids = Some(vec![id]);
+            }
+            // A dry run first, always: say what would happen, then do it.
+            let preview = client.replay(&filter, true, note.as_deref()).await?;
+            println!(
+                "{} matched: {} to replay, {} refused",
+                preview.matched,
+                preview.replayed.len(),
+                preview.refused.len()
+            );
+            for r in &preview.refused {
+                println!("  refused {} ({}): {}", r.id, r.idempotency_key, r.why);
+            }
+            if dry_run {
+                return Ok(());
+            }
+            eprintln!("replaying {} dead letter(s)...", preview.replayed.len());
+            let done = client.replay(&filter, false, note.as_deref()).await?;
+            println!("replayed {}, refused {}", done.replayed.len(), done.refused.len());
+        }
+        "discard" => {
+            let id = id.ok_or_else(|| anyhow::anyhow!("discard needs an id"))?;
+            client.discard(id, note.as_deref()).await?;
+            println!("discarded {id}");
+        }
+        _ => unreachable!("matched above"),
+    }
+    Ok(())
 }

@@ -315,11 +315,19 @@ impl Default for PublisherSettings {
 #[serde(default, deny_unknown_fields)]
 pub struct DlqReplayerSettings {
     pub http_port: u16,
+    /// Bearer token every mutating admin call must carry (replay, discard); at least 16
+    /// characters. Unset or empty: those calls are refused with 401. Secret: set it with
+    /// ENRICH_DLQ_REPLAYER__ADMIN_TOKEN.
+    pub admin_token: Option<Secret>,
+    /// A key is replayed at most this many times; further replays are refused.
+    pub max_replays_per_key: u32,
+    /// Replays produced per second at most.
+    pub replay_rate_per_sec: u32,
 }
 
 impl Default for DlqReplayerSettings {
     fn default() -> Self {
-        Self { http_port: 9104 }
+        Self { http_port: 9104, admin_token: None, max_replays_per_key: 3, replay_rate_per_sec: 200 }
     }
 }
 
@@ -508,6 +516,12 @@ impl Settings {
                     llm.request_timeout_ms
                 ),
             ));
+        }
+        if self.dlq_replayer.replay_rate_per_sec == 0 {
+            return Err(ConfigError::new("dlq_replayer.replay_rate_per_sec", "must be at least 1"));
+        }
+        if self.dlq_replayer.admin_token.as_ref().is_some_and(|t| !t.expose().is_empty() && t.expose().len() < 16) {
+            return Err(ConfigError::new("dlq_replayer.admin_token", "must be at least 16 characters"));
         }
         if self.publisher.transaction_timeout_ms < 1_000 {
             return Err(ConfigError::new("publisher.transaction_timeout_ms", "must be at least 1000"));

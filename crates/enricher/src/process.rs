@@ -341,6 +341,7 @@ impl Enricher {
         let snapshot = envelope.clone();
         let (dead, h) = dead_letter(envelope, error, STAGE, trace);
         self.produce(&self.dlq_topic, record_key, dead.encode_to_bytes(), h).await?;
+        enrich_common::dead_letter_store::record(&self.store.core.pool, &[(&dead, &trace.trace_id_hex())]).await?;
         self.store.mark_dead_lettered(&key).await?;
         self.store
             .record_run(&snapshot, attempts, "dead_lettered", &trace.trace_id_hex(), Some(&error.to_string()))

@@ -80,6 +80,7 @@ async fn process_batch(ingest: &Ingest, batch: &[OwnedMessage]) -> anyhow::Resul
     let mut deliveries = Vec::new();
     let mut forwarded = Vec::new();
     let mut dispositions = Vec::with_capacity(batch.len());
+    let mut dead_letters = Vec::new();
     let mut outcomes: Vec<&'static str> = Vec::with_capacity(batch.len());
     let mut claim_iter = claims.into_iter();
     for item in inspected {
@@ -122,6 +123,7 @@ async fn process_batch(ingest: &Ingest, batch: &[OwnedMessage]) -> anyhow::Resul
                 let record_key = src.key.clone().unwrap_or_else(|| key.as_str().as_bytes().to_vec());
                 let (dead, h) = dead_letter(envelope, &error, STAGE.as_str(), &trace);
                 deliveries.push(send(&ingest.producer, &topics.dlq, &record_key, dead.encode_to_bytes(), h)?);
+                dead_letters.push((dead, trace.trace_id_hex()));
                 ingest.runtime.metrics.dead_lettered(error.reason);
                 tracing::warn!(
                     idempotency_key = %key, topic = %src.topic, partition = src.partition, offset = src.offset,
@@ -145,6 +147,8 @@ async fn process_batch(ingest: &Ingest, batch: &[OwnedMessage]) -> anyhow::Resul
     }
     claims::mark_requested(&ingest.runtime.pool, &pipeline.name, &forwarded).await?;
     claims::record(&ingest.runtime.pool, &pipeline.name, &dispositions).await?;
+    let dead: Vec<(&enrich_common::Envelope, &str)> = dead_letters.iter().map(|(e, t)| (e, t.as_str())).collect();
+    enrich_common::dead_letter_store::record(&ingest.runtime.pool, &dead).await?;
 
     for m in batch {
         ingest.runtime.metrics.consumed(rdkafka::Message::topic(m));

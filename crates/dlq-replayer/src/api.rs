@@ -1,0 +1,145 @@
+//! The admin HTTP API (under `/v1`, beside `/healthz`, `/readyz`, `/metrics`). Reads are
+//! open; every mutating call needs `Authorization: Bearer <dlq_replayer.admin_token>`.
+
+use axum::extract::{Path, Query, State};
+use axum::http::{HeaderMap, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use serde::Deserialize;
+use serde_json::json;
+use std::sync::Arc;
+
+use crate::replay::{self, Filter, Replayer};
+
+pub struct Api {
+    pub replayer: Replayer,
+    pub token: Option<String>,
+}
+
+#[derive(Deserialize)]
+struct ListQuery {
+    #[serde(default = "default_status")]
+    status: String,
+    reason: Option<String>,
+    stage: Option<String>,
+    key: Option<String>,
+    from: Option<String>,
+    to: Option<String>,
+    #[serde(default)]
+    after_id: i64,
+    #[serde(default = "default_limit")]
+    limit: i64,
+}
+
+fn default_status() -> String {
+    "dead".into()
+}
+fn default_limit() -> i64 {
+    50
+}
+
+#[derive(Deserialize)]
+struct ReplayRequest {
+    #[serde(flatten)]
+    filter: Filter,
+    #[serde(default)]
+    dry_run: bool,
+    note: Option<String>,
+}
+
+#[derive(Deserialize, Default)]
+struct DiscardRequest {
+    note: Option<String>,
+}
+
+pub fn routes(api: Arc<Api>) -> Router {
+    Router::new()
+        .route("/v1/dead-letters", get(list))
+        .route("/v1/dead-letters/{id}", get(show))
+        .route("/v1/dead-letters/{id}/discard", post(discard))
+        .route("/v1/replay", post(replay))
+        .with_state(api)
+}
+
+fn error(status: StatusCode, message: impl Into<String>) -> Response {
+    (status, Json(json!({"error": message.into()}))).into_response()
+}
+
+fn authorized(api: &Api, headers: &HeaderMap) -> Result<(), Box<Response>> {
+    let Some(token) = &api.token else {
+        return Err(Box::new(error(
+            StatusCode::UNAUTHORIZED,
+            "no admin token is configured (dlq_replayer.admin_token)",
+        )));
+    };
+    let given = headers.get("authorization").and_then(|v| v.to_str().ok()).and_then(|v| v.strip_prefix("Bearer "));
+    match given {
+        Some(g) if constant_time_eq(g.as_bytes(), token.as_bytes()) => Ok(()),
+        _ => Err(Box::new(error(StatusCode::UNAUTHORIZED, "missing or wrong bearer token"))),
+    }
+}
+
+fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+async fn list(State(api): State<Arc<Api>>, Query(q): Query<ListQuery>) -> Response {
+    let filter = Filter { ids: None, reason: q.reason, stage: q.stage, key: q.key, from: q.from, to: q.to };
+    let pipeline = &api.replayer.settings.pipeline.name;
+    match replay::list(&api.replayer.pool, pipeline, &q.status, &filter, q.after_id, q.limit.clamp(1, 1000)).await {
+        Ok(items) => {
+            let next = if items.len() as i64 == q.limit { items.last().map(|d| d.id) } else { None };
+            Json(json!({"items": items, "next_after_id": next})).into_response()
+        }
+        Err(e) => error(StatusCode::BAD_REQUEST, e.to_string()),
+    }
+}
+
+async fn show(State(api): State<Arc<Api>>, Path(id): Path<i64>) -> Response {
+    match replay::show(&api.replayer.pool, &api.replayer.settings.pipeline.name, id).await {
+        Ok(Some(v)) => Json(v).into_response(),
+        Ok(None) => error(StatusCode::NOT_FOUND, format!("no dead letter {id}")),
+        Err(e) => error(StatusCode::INTERNAL_SERVER_ERROR, format!("{e:#}")),
+    }
+}
+
+async fn replay(State(api): State<Arc<Api>>, headers: HeaderMap, Json(req): Json<ReplayRequest>) -> Response {
+    if let Err(r) = authorized(&api, &headers) {
+        return *r;
+    }
+    let f = &req.filter;
+    if f.ids.is_none()
+        && f.reason.is_none()
+        && f.stage.is_none()
+        && f.key.is_none()
+        && f.from.is_none()
+        && f.to.is_none()
+    {
+        return error(StatusCode::BAD_REQUEST, "give ids or a filter (reason, stage, key, from, to)");
+    }
+    match api.replayer.replay(f, req.dry_run, req.note.as_deref()).await {
+        Ok(outcome) => {
+            tracing::info!(dry_run = req.dry_run, matched = outcome.matched, replayed = outcome.replayed.len(), refused = outcome.refused.len(), note = ?req.note, "replay");
+            Json(outcome).into_response()
+        }
+        Err(e) => error(StatusCode::INTERNAL_SERVER_ERROR, format!("{e:#}")),
+    }
+}
+
+async fn discard(
+    State(api): State<Arc<Api>>,
+    headers: HeaderMap,
+    Path(id): Path<i64>,
+    body: Option<Json<DiscardRequest>>,
+) -> Response {
+    if let Err(r) = authorized(&api, &headers) {
+        return *r;
+    }
+    let note = body.and_then(|Json(b)| b.note);
+    match api.replayer.discard(id, note.as_deref()).await {
+        Ok(true) => Json(json!({"discarded": id})).into_response(),
+        Ok(false) => error(StatusCode::NOT_FOUND, format!("no dead letter {id} waiting")),
+        Err(e) => error(StatusCode::INTERNAL_SERVER_ERROR, format!("{e:#}")),
+    }
+}

@@ -1,0 +1,291 @@
+//! The dead-letter operations, against PostgreSQL and Kafka: list, show, replay, discard.
+
+use enrich_common::envelope::Envelope;
+use enrich_common::{Settings, TraceContext, headers};
+use rdkafka::message::{Header as KafkaHeader, OwnedHeaders};
+use rdkafka::producer::{FutureProducer, FutureRecord};
+use serde::{Deserialize, Serialize};
+use sqlx::PgPool;
+use std::time::Duration;
+
+#[derive(Debug, Clone, Default, Deserialize, Serialize)]
+pub struct Filter {
+    #[serde(default)]
+    pub ids: Option<Vec<i64>>,
+    #[serde(default)]
+    pub reason: Option<String>,
+    #[serde(default)]
+    pub stage: Option<String>,
+    #[serde(default)]
+    pub key: Option<String>,
+    /// RFC 3339 bounds on when the record was dead-lettered.
+    #[serde(default)]
+    pub from: Option<String>,
+    #[serde(default)]
+    pub to: Option<String>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, sqlx::FromRow)]
+pub struct DeadLetter {
+    pub id: i64,
+    pub idempotency_key: String,
+    pub stage: String,
+    pub reason_class: String,
+    pub reason: String,
+    pub error: String,
+    pub attempts: i32,
+    pub source_topic: Option<String>,
+    pub source_partition: Option<i32>,
+    pub source_offset: Option<i64>,
+    pub trace_id: Option<String>,
+    pub status: String,
+    pub created_at: String,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Refused {
+    pub id: i64,
+    pub idempotency_key: String,
+    pub why: String,
+}
+
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct ReplayOutcome {
+    pub dry_run: bool,
+    pub matched: usize,
+    pub replayed: Vec<i64>,
+    pub refused: Vec<Refused>,
+}
+
+const COLUMNS: &str = "id, idempotency_key, stage, reason_class, reason, error, attempts, source_topic, source_partition,
+                       source_offset, trace_id, status, to_char(created_at AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS.MS\"Z\"') AS created_at";
+
+/// Dead letters matching the filter with `status`, oldest first, after `after_id`.
+pub async fn list(
+    pool: &PgPool,
+    pipeline: &str,
+    status: &str,
+    filter: &Filter,
+    after_id: i64,
+    limit: i64,
+) -> sqlx::Result<Vec<DeadLetter>> {
+    sqlx::query_as(sqlx::AssertSqlSafe(format!(
+        "SELECT {COLUMNS} FROM dead_letters
+         WHERE pipeline = $1 AND status = $2 AND id > $3
+           AND ($4::bigint[] IS NULL OR id = ANY($4))
+           AND ($5::text IS NULL OR reason = $5)
+           AND ($6::text IS NULL OR stage = $6)
+           AND ($7::text IS NULL OR idempotency_key = $7)
+           AND ($8::timestamptz IS NULL OR created_at >= $8::timestamptz)
+           AND ($9::timestamptz IS NULL OR created_at < $9::timestamptz)
+         ORDER BY id LIMIT $10"
+    )))
+    .bind(pipeline)
+    .bind(status)
+    .bind(after_id)
+    .bind(&filter.ids)
+    .bind(&filter.reason)
+    .bind(&filter.stage)
+    .bind(&filter.key)
+    .bind(filter.from.as_deref().map(|s| s.to_string()))
+    .bind(filter.to.as_deref().map(|s| s.to_string()))
+    .bind(limit)
+    .fetch_all(pool)
+    .await
+}
+
+type RunRow = (String, i32, String, Option<String>, Option<String>, String);
+type StepRow = (String, i32, String, Option<f64>, Option<i32>, Option<i32>, Option<String>);
+
+/// One dead letter with its payload and the key's whole history.
+pub async fn show(pool: &PgPool, pipeline: &str, id: i64) -> anyhow::Result<Option<serde_json::Value>> {
+    let row: Option<DeadLetter> = sqlx::query_as(sqlx::AssertSqlSafe(format!(
+        "SELECT {COLUMNS} FROM dead_letters WHERE pipeline = $1 AND id = $2"
+    )))
+    .bind(pipeline)
+    .bind(id)
+    .fetch_optional(pool)
+    .await?;
+    let Some(row) = row else { return Ok(None) };
+    let (bytes,): (Vec<u8>,) =
+        sqlx::query_as("SELECT envelope FROM dead_letters WHERE id = $1").bind(id).fetch_one(pool).await?;
+    let payload =
+        Envelope::decode_from(&bytes).map(|e| String::from_utf8_lossy(&e.payload).into_owned()).unwrap_or_default();
+    let runs: Vec<RunRow> = sqlx::query_as(
+        "SELECT stage, attempt, status, detail, worker, to_char(recorded_at AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS.MS\"Z\"')
+         FROM run_history WHERE pipeline = $1 AND idempotency_key = $2 ORDER BY recorded_at, id",
+    )
+    .bind(pipeline)
+    .bind(&row.idempotency_key)
+    .fetch_all(pool)
+    .await?;
+    let steps: Vec<StepRow> = sqlx::query_as(
+        "SELECT step, attempt, status, duration_ms, input_tokens, output_tokens, error
+         FROM step_outcomes WHERE pipeline = $1 AND idempotency_key = $2 ORDER BY recorded_at, id",
+    )
+    .bind(pipeline)
+    .bind(&row.idempotency_key)
+    .fetch_all(pool)
+    .await?;
+    Ok(Some(serde_json::json!({
+        "dead_letter": row,
+        "payload": payload,
+        "runs": runs.iter().map(|r| serde_json::json!({"stage": r.0, "attempt": r.1, "status": r.2, "detail": r.3, "worker": r.4, "at": r.5})).collect::<Vec<_>>(),
+        "steps": steps.iter().map(|s| serde_json::json!({"step": s.0, "attempt": s.1, "status": s.2, "duration_ms": s.3, "input_tokens": s.4, "output_tokens": s.5, "error": s.6})).collect::<Vec<_>>(),
+    })))
+}
+
+pub struct Replayer {
+    pub settings: Settings,
+    pub pool: PgPool,
+    pub producer: FutureProducer,
+}
+
+impl Replayer {
+    /// Replays the dead letters the filter selects (dry run: says what would happen and
+    /// changes nothing). A key replayed `max_replays_per_key` times already is refused.
+    pub async fn replay(&self, filter: &Filter, dry_run: bool, note: Option<&str>) -> anyhow::Result<ReplayOutcome> {
+        let pipeline = &self.settings.pipeline.name;
+        let mut outcome = ReplayOutcome { dry_run, ..Default::default() };
+        let interval = Duration::from_secs_f64(1.0 / f64::from(self.settings.dlq_replayer.replay_rate_per_sec));
+        let mut ticker = tokio::time::interval(interval);
+        let mut after = 0;
+        loop {
+            let page = list(&self.pool, pipeline, "dead", filter, after, 500).await?;
+            let Some(last) = page.last() else { break };
+            after = last.id;
+            for dead in page {
+                outcome.matched += 1;
+                let (replays,): (i64,) = sqlx::query_as(
+                    "SELECT count(*) FROM replay_log WHERE pipeline = $1 AND idempotency_key = $2 AND outcome = 'replayed'",
+                )
+                .bind(pipeline)
+                .bind(&dead.idempotency_key)
+                .fetch_one(&self.pool)
+                .await?;
+                let max = i64::from(self.settings.dlq_replayer.max_replays_per_key);
+                if replays >= max {
+                    let why = format!("replayed {replays} times already (dlq_replayer.max_replays_per_key = {max})");
+                    if !dry_run {
+                        self.log(dead.id, &dead.idempotency_key, "refused", Some(&why)).await?;
+                    }
+                    outcome.refused.push(Refused { id: dead.id, idempotency_key: dead.idempotency_key, why });
+                    continue;
+                }
+                if !dry_run {
+                    ticker.tick().await;
+                    self.replay_one(&dead).await?;
+                    self.log(dead.id, &dead.idempotency_key, "replayed", note).await?;
+                }
+                outcome.replayed.push(dead.id);
+            }
+        }
+        // Ids asked for by name that are not waiting in the DLQ are refused, with why.
+        if let Some(ids) = &filter.ids {
+            let seen: std::collections::HashSet<i64> =
+                outcome.replayed.iter().copied().chain(outcome.refused.iter().map(|r| r.id)).collect();
+            let missing: Vec<i64> = ids.iter().copied().filter(|id| !seen.contains(id)).collect();
+            let rows: Vec<(i64, String, String)> = sqlx::query_as(
+                "SELECT id, idempotency_key, status FROM dead_letters WHERE pipeline = $1 AND id = ANY($2)",
+            )
+            .bind(pipeline)
+            .bind(&missing)
+            .fetch_all(&self.pool)
+            .await?;
+            for id in missing {
+                let (key, why) = match rows.iter().find(|r| r.0 == id) {
+                    Some((_, key, status)) => (key.clone(), format!("already {status}")),
+                    None => (String::new(), "no such dead letter".to_string()),
+                };
+                outcome.refused.push(Refused { id, idempotency_key: key, why });
+            }
+        }
+        Ok(outcome)
+    }
+
+    async fn replay_one(&self, dead: &DeadLetter) -> anyhow::Result<()> {
+        let (bytes,): (Vec<u8>,) = sqlx::query_as("SELECT envelope FROM dead_letters WHERE id = $1")
+            .bind(dead.id)
+            .fetch_one(&self.pool)
+            .await?;
+        let mut envelope = Envelope::decode_from(&bytes)?;
+        envelope.outcome = None;
+        envelope.attempt = 0;
+        // The replay continues the record's trace.
+        let trace = dead
+            .trace_id
+            .as_deref()
+            .and_then(|t| TraceContext::parse(&format!("00-{t}-{}-01", "0000000000000001"), None))
+            .map(|t| t.child())
+            .unwrap_or_else(TraceContext::new_root);
+        let src = envelope.source.clone().unwrap_or_default();
+        if dead.stage == "ingest-dedup" {
+            // A malformed source record goes back to its source topic, as it was, for ingest
+            // to read again (its cause, such as a key strategy, fixed meanwhile).
+            let mut h = OwnedHeaders::new();
+            for header in &envelope.headers {
+                h = h.insert(KafkaHeader { key: &header.key, value: header.value.as_deref() });
+            }
+            let mut record = FutureRecord::to(&src.topic).payload(&envelope.payload).headers(h);
+            if let Some(k) = &src.key {
+                record = record.key(k);
+            }
+            self.producer.send(record, Duration::from_secs(30)).await.map_err(|(e, _)| e)?;
+        } else {
+            // The key gets one fresh attempt budget and goes back to the enricher.
+            sqlx::query(
+                "UPDATE enrich_state SET state = 'requested', attempts = 0, lease_owner = NULL, lease_until = NULL, updated_at = now()
+                 WHERE pipeline = $1 AND idempotency_key = $2 AND state = 'dead_lettered'",
+            )
+            .bind(&self.settings.pipeline.name)
+            .bind(&dead.idempotency_key)
+            .execute(&self.pool)
+            .await?;
+            let h = trace.inject(headers::owned(&[
+                (headers::IDEMPOTENCY_KEY, &dead.idempotency_key),
+                ("replay-of", &dead.id.to_string()),
+            ]));
+            let key = src.key.clone().unwrap_or_else(|| dead.idempotency_key.as_bytes().to_vec());
+            let payload = envelope.encode_to_bytes();
+            self.producer
+                .send(
+                    FutureRecord::to(&self.settings.topics.requests).key(&key).payload(&payload).headers(h),
+                    Duration::from_secs(30),
+                )
+                .await
+                .map_err(|(e, _)| e)?;
+        }
+        sqlx::query("UPDATE dead_letters SET status = 'replayed', updated_at = now() WHERE id = $1")
+            .bind(dead.id)
+            .execute(&self.pool)
+            .await?;
+        Ok(())
+    }
+
+    /// Marks a dead letter discarded (nothing is produced).
+    pub async fn discard(&self, id: i64, note: Option<&str>) -> anyhow::Result<bool> {
+        let key: Option<(String,)> = sqlx::query_as(
+            "UPDATE dead_letters SET status = 'discarded', updated_at = now()
+             WHERE pipeline = $1 AND id = $2 AND status = 'dead' RETURNING idempotency_key",
+        )
+        .bind(&self.settings.pipeline.name)
+        .bind(id)
+        .fetch_optional(&self.pool)
+        .await?;
+        let Some((key,)) = key else { return Ok(false) };
+        self.log(id, &key, "discarded", note).await?;
+        Ok(true)
+    }
+
+    async fn log(&self, id: i64, key: &str, outcome: &str, note: Option<&str>) -> sqlx::Result<()> {
+        sqlx::query("INSERT INTO replay_log (pipeline, dead_letter_id, idempotency_key, outcome, note) VALUES ($1, $2, $3, $4, $5)")
+            .bind(&self.settings.pipeline.name)
+            .bind(id)
+            .bind(key)
+            .bind(outcome)
+            .bind(note)
+            .execute(&self.pool)
+            .await?;
+        Ok(())
+    }
+}

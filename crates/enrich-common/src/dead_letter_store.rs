@@ -1,0 +1,63 @@
+//! Dead letters recorded in PostgreSQL beside the DLQ topic, for the dlq-replayer.
+
+use sqlx::PgPool;
+
+use crate::envelope::Envelope;
+
+/// Records dead letters (envelopes carrying their failure), in one statement. A
+/// malformed source record redelivered to ingest is recorded once.
+pub async fn record(pool: &PgPool, dead: &[(&Envelope, &str)]) -> sqlx::Result<()> {
+    if dead.is_empty() {
+        return Ok(());
+    }
+    let mut pipeline = Vec::new();
+    let mut key = Vec::new();
+    let mut stage = Vec::new();
+    let mut class = Vec::new();
+    let mut reason = Vec::new();
+    let mut error = Vec::new();
+    let mut attempts = Vec::new();
+    let mut topic = Vec::new();
+    let mut partition = Vec::new();
+    let mut offset = Vec::new();
+    let mut trace = Vec::new();
+    let mut bytes = Vec::new();
+    for (envelope, trace_id) in dead {
+        let failure = envelope.failure().cloned().unwrap_or_default();
+        let src = envelope.source.clone().unwrap_or_default();
+        pipeline.push(envelope.pipeline.clone());
+        key.push(envelope.idempotency_key.clone());
+        stage.push(failure.stage);
+        class.push(failure.reason_class);
+        reason.push(failure.reason);
+        error.push(failure.message);
+        attempts.push(envelope.attempt as i32);
+        topic.push(src.topic);
+        partition.push(src.partition);
+        offset.push(src.offset);
+        trace.push(trace_id.to_string());
+        bytes.push(envelope.encode_to_bytes());
+    }
+    sqlx::query(
+        "INSERT INTO dead_letters (pipeline, idempotency_key, stage, reason_class, reason, error, attempts,
+                                   source_topic, source_partition, source_offset, trace_id, envelope)
+         SELECT * FROM UNNEST($1::text[], $2::text[], $3::text[], $4::text[], $5::text[], $6::text[], $7::int[],
+                              $8::text[], $9::int[], $10::bigint[], $11::text[], $12::bytea[])
+         ON CONFLICT (pipeline, source_topic, source_partition, source_offset) WHERE stage = 'ingest-dedup' DO NOTHING",
+    )
+    .bind(&pipeline)
+    .bind(&key)
+    .bind(&stage)
+    .bind(&class)
+    .bind(&reason)
+    .bind(&error)
+    .bind(&attempts)
+    .bind(&topic)
+    .bind(&partition)
+    .bind(&offset)
+    .bind(&trace)
+    .bind(&bytes)
+    .execute(pool)
+    .await?;
+    Ok(())
+}
