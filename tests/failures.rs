@@ -20,11 +20,14 @@ const DEADLINE: Duration = Duration::from_secs(180);
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn an_llm_outage_opens_the_breaker_and_dead_letters_nothing() -> anyhow::Result<()> {
     const N: usize = 60;
+    let enrichers_port = enrich_e2e::free_port()?;
+    let endpoint = |path: &str| format!("http://127.0.0.1:{enrichers_port}{path}");
     let overrides = [
         ("ENRICH_LLM__MAX_ATTEMPTS", "3".to_string()),
         ("ENRICH_LLM__BREAKER_FAILURES", "5".to_string()),
         ("ENRICH_LLM__BREAKER_OPEN_MS", "300".to_string()),
         ("ENRICH_ENRICHER__MAX_IN_FLIGHT", "4".to_string()),
+        ("ENRICH_ENRICHER__HTTP_PORT", enrichers_port.to_string()),
     ];
     let env = TestEnv::new(llm_sim::Latency::default(), &overrides).await?;
     env.sim.set_outage(Some(503));
@@ -49,6 +52,13 @@ async fn an_llm_outage_opens_the_breaker_and_dead_letters_nothing() -> anyhow::R
         "calls paused while the breaker was open ({failed_during_outage} failed calls for {N} records)"
     );
 
+    // The operator sees why: /readyz and the breaker metric.
+    let ready = reqwest::get(endpoint("/readyz")).await?;
+    assert_eq!(ready.status().as_u16(), 503);
+    assert!(ready.text().await?.contains("breaker open"));
+    let metrics = reqwest::get(endpoint("/metrics")).await?.text().await?;
+    assert!(metrics.lines().any(|l| l == "enrich_llm_breaker_open 1"), "breaker metric:\n{metrics}");
+
     env.sim.set_outage(None);
     let pipeline = env.settings.pipeline.name.clone();
     wait_for("every record to be published after the outage", DEADLINE, || async {
@@ -56,6 +66,9 @@ async fn an_llm_outage_opens_the_breaker_and_dead_letters_nothing() -> anyhow::R
         Ok(a.complete(N).then_some(a))
     })
     .await?;
+    let metrics = reqwest::get(endpoint("/metrics")).await?.text().await?;
+    assert!(metrics.lines().any(|l| l == "enrich_llm_breaker_open 0"), "the breaker closed again");
+    assert_eq!(reqwest::get(endpoint("/readyz")).await?.status().as_u16(), 200);
     for s in stages {
         s.stop().await?;
     }
@@ -275,6 +288,66 @@ async fn dead_letters_are_listed_shown_and_replayed_once_the_cause_is_fixed() ->
     }
     let output = read_to_end(&env.settings, &env.settings.topics.output, Duration::from_secs(30))?;
     assert_eq!(output.len(), N, "every record published once, the replayed ones included");
+    env.teardown().await;
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_record_that_crashes_the_enricher_is_dead_lettered_after_the_attempt_limit() -> anyhow::Result<()> {
+    const N: usize = 20;
+    let overrides = [
+        ("ENRICH_LLM__MAX_ATTEMPTS", "2".to_string()),
+        ("ENRICH_ENRICHER__FAILPOINTS", "true".to_string()),
+        // Each process is a new lease owner: a dead one's leases run out after 1.5 s.
+        ("ENRICH_ENRICHER__LEASE_MS", "1500".to_string()),
+        ("ENRICH_LLM__REQUEST_TIMEOUT_MS", "1000".to_string()),
+        // A crashed consumer leaves the group after the session timeout.
+        ("ENRICH_KAFKA__CLIENT__SESSION.TIMEOUT.MS", "6000".to_string()),
+        ("ENRICH_KAFKA__CLIENT__HEARTBEAT.INTERVAL.MS", "500".to_string()),
+        ("ENRICH_ENRICHER__HTTP_PORT", enrich_e2e::free_port()?.to_string()),
+    ];
+    let env = TestEnv::new(llm_sim::Latency::default(), &overrides).await?;
+    let mut records = tickets_with_markers(&env.id, N, &[]);
+    let crasher = 7;
+    let mut t = records[crasher].ticket.clone().unwrap();
+    t.body = format!("{} [[enricher:abort]]", t.body);
+    records[crasher].value = Some(t.to_json());
+    let produced = produce_all(&env.settings, env.source_topic(), &records, |_| false, |_| {}).await?;
+    let stages = [StageKind::Ingest, StageKind::Publisher].map(|k| env.spawn(k));
+
+    // A supervisor, as Kubernetes would be: restart the enricher whenever it dies.
+    let pipeline = env.settings.pipeline.name.clone();
+    let mut enricher = env.spawn_process("enricher")?;
+    let mut crashes = 0;
+    let started = std::time::Instant::now();
+    let acct = loop {
+        if let Some(status) = enricher.try_wait()? {
+            assert!(!status.success(), "the enricher only stops by crashing here");
+            crashes += 1;
+            assert!(crashes <= 5, "the crash loop did not end");
+            enricher = env.spawn_process("enricher")?;
+        }
+        let a = account(&env.pool, &pipeline, env.source_topic(), &produced).await?;
+        if a.complete(N) {
+            break a;
+        }
+        assert!(started.elapsed() < DEADLINE, "not finished: {a:?}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    assert!(enricher.try_wait()?.is_none(), "the enricher keeps running once the record is dead-lettered");
+    let _ = enricher.kill();
+    let _ = enricher.wait();
+    for s in stages {
+        s.stop().await?;
+    }
+    assert_eq!(crashes, 2, "one crash per counted attempt (llm.max_attempts = 2), then the DLQ");
+    assert_eq!((acct.published, acct.dead_lettered_at_enricher), ((N - 1) as i64, 1));
+    let dlq = read_to_end(&env.settings, &env.settings.topics.dlq, Duration::from_secs(30))?;
+    assert_eq!(dlq.len(), 1);
+    assert_eq!(header(&dlq[0], headers::DLQ_REASON).as_deref(), Some("max_attempts"));
+    assert_eq!(header(&dlq[0], headers::DLQ_ATTEMPTS).as_deref(), Some("2"));
+    let offset: i64 = header(&dlq[0], headers::DLQ_ORIGINAL_OFFSET).unwrap().parse()?;
+    assert_eq!(offset, produced[crasher].offset);
     env.teardown().await;
     Ok(())
 }

@@ -25,6 +25,9 @@ pub struct TestEnv {
     pub settings: Settings,
     pub pool: PgPool,
     pub sim: llm_sim::RunningSim,
+    /// The `ENRICH_*` variables that make `settings` from config/pipeline.toml, for
+    /// stages run as processes.
+    pub env_vars: Vec<(String, String)>,
     db_name: String,
     sim_shutdown: Shutdown,
 }
@@ -55,6 +58,8 @@ impl RunningStage {
 impl TestEnv {
     /// `overrides` are extra `ENRICH_*` settings for this test.
     pub async fn new(sim_latency: llm_sim::Latency, overrides: &[(&str, String)]) -> anyhow::Result<Self> {
+        // reqwest is built without a bundled crypto provider.
+        let _ = rustls::crypto::ring::default_provider().install_default();
         let id = format!("{:08x}", rand::random::<u32>());
         let db_name = format!("enrich_test_{id}");
         let admin_url = admin_database_url();
@@ -93,10 +98,10 @@ impl TestEnv {
             ("ENRICH_DLQ_REPLAYER__HTTP_PORT".into(), "0".into()),
         ];
         env.extend(overrides.iter().map(|(k, v)| (k.to_string(), v.clone())));
-        let settings = Settings::from_toml(include_str!("../../config/pipeline.toml"), env)?;
+        let settings = Settings::from_toml(include_str!("../../config/pipeline.toml"), env.clone())?;
         let pool = enrich_common::db::connect(&settings.database).await?;
         kafka::ensure_topics(&settings, &[&format!("{p}.raw")]).await?;
-        Ok(Self { id, settings, pool, sim, db_name, sim_shutdown })
+        Ok(Self { id, settings, pool, sim, env_vars: env, db_name, sim_shutdown })
     }
 
     pub fn source_topic(&self) -> &str {
@@ -120,6 +125,28 @@ impl TestEnv {
             StageKind::DlqReplayer => tokio::spawn(dlq_replayer::run(settings, t)),
         };
         RunningStage { kind, token, join }
+    }
+
+    /// Starts a stage's binary (built by `cargo test --workspace` beside this test) as a
+    /// process with this test's settings.
+    pub fn spawn_process(&self, binary: &str) -> anyhow::Result<std::process::Child> {
+        let exe = std::env::current_exe()?;
+        let dir = exe.parent().and_then(|deps| deps.parent()).ok_or_else(|| anyhow::anyhow!("no target directory"))?;
+        let path = dir.join(binary);
+        anyhow::ensure!(
+            path.exists(),
+            "{} is not built: run `cargo test --workspace` (or `cargo build --bins`)",
+            path.display()
+        );
+        let config = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../config/pipeline.toml");
+        Ok(std::process::Command::new(path)
+            .arg("--config")
+            .arg(config)
+            .envs(self.env_vars.iter().cloned())
+            .env("RUST_LOG", "warn")
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::null())
+            .spawn()?)
     }
 
     /// Drops the test's database (best effort) and stops llm-sim.

@@ -257,6 +257,9 @@ pub struct EnricherSettings {
     pub lease_ms: u64,
     /// Replica identity recorded as the lease owner. Default: a random id per process.
     pub instance_id: Option<String>,
+    /// Testing only: a record whose payload contains `[[enricher:abort]]` aborts the
+    /// process right after its attempt is counted (to prove crash loops end in the DLQ).
+    pub failpoints: bool,
 }
 
 impl Default for EnricherSettings {
@@ -271,6 +274,7 @@ impl Default for EnricherSettings {
             ordering: OrderingMode::Key,
             lease_ms: 60_000,
             instance_id: None,
+            failpoints: false,
         }
     }
 }

@@ -64,6 +64,11 @@ pub async fn run(settings: Settings, shutdown: CancellationToken) -> anyhow::Res
         },
     };
     tracing::info!(group, owner, model = llm.model(), prompt_version = prompt.version(), ?limits, "consuming");
+    if settings.enricher.failpoints {
+        tracing::warn!(
+            "enricher.failpoints is on: records marked [[enricher:abort]] abort this process (testing only)"
+        );
+    }
 
     let enricher = Arc::new(Enricher {
         store: store::Store::new(store::StoreCore {
@@ -86,6 +91,9 @@ pub async fn run(settings: Settings, shutdown: CancellationToken) -> anyhow::Res
             Duration::from_millis(settings.llm.breaker_open_ms),
         ),
         state: runtime.state.clone(),
+        failpoints: settings.enricher.failpoints,
+        isolation: tokio::sync::Semaphore::new(1),
+        keys_in_progress: Default::default(),
         shutdown: shutdown.clone(),
     });
     runtime.state.set_ready();

@@ -23,6 +23,8 @@ use crate::store::{KeyState, Step, Store, StoredResult};
 use crate::validate::OutputValidator;
 
 const STAGE: &str = "enricher";
+/// See `enricher.failpoints`.
+const ABORT_MARKER: &[u8] = b"[[enricher:abort]]";
 
 pub struct Enricher {
     pub store: Store,
@@ -36,6 +38,12 @@ pub struct Enricher {
     /// `enricher.max_in_flight` permits: LLM calls in flight.
     pub llm_slots: tokio::sync::Semaphore,
     pub breaker: Breaker,
+    /// `enricher.failpoints`: testing only.
+    pub failpoints: bool,
+    /// One permit: records whose previous attempt died with its process run one at a time.
+    pub isolation: tokio::sync::Semaphore,
+    /// Idempotency keys being handled in this process.
+    pub keys_in_progress: std::sync::Mutex<std::collections::HashSet<String>>,
     /// Readiness, reported not-ready while the breaker is open.
     pub state: Arc<ServiceState>,
     pub shutdown: CancellationToken,
@@ -66,14 +74,26 @@ impl Enricher {
         };
         let record_key = record_key.unwrap_or_else(|| envelope.idempotency_key.as_bytes().to_vec());
         let key = envelope.idempotency_key.clone();
+        // One record per idempotency key at a time in this process (two requests for one
+        // key can arrive under different Kafka keys, e.g. after a replay).
+        let _key_guard = loop {
+            if let Some(guard) = KeyGuard::enter(&self.keys_in_progress, &key) {
+                break guard;
+            }
+            tokio::select! {
+                _ = self.shutdown.cancelled() => anyhow::bail!("shutting down while {key} is in progress here"),
+                _ = tokio::time::sleep(Duration::from_millis(20)) => {}
+            }
+        };
         let mut backoff = Duration::from_millis(200);
+        let mut isolated = None;
         loop {
             // No call starts while the endpoint's breaker is open: the record waits here,
             // before its attempt is counted.
             let Some(admission) = self.breaker.admit(&self.shutdown).await else {
                 anyhow::bail!("shutting down while the LLM breaker is open");
             };
-            let state = match self.store.acquire(&envelope).await {
+            let state = match self.store.acquire(&envelope, isolated.is_some()).await {
                 Ok(state) => state,
                 Err(e) => {
                     self.breaker.unused(admission);
@@ -81,6 +101,14 @@ impl Enricher {
                 }
             };
             let attempt = match state {
+                KeyState::Suspect => {
+                    // The previous attempt died with its process. Run this record alone, so
+                    // if it is the one that crashes the process, it is the only one charged.
+                    self.breaker.unused(admission);
+                    tracing::warn!(idempotency_key = %key, "previous attempt never finished: retrying it in isolation");
+                    isolated = Some(self.isolation.acquire().await.map_err(anyhow::Error::from)?);
+                    continue;
+                }
                 KeyState::Acquired { attempt } => attempt,
                 other => {
                     self.breaker.unused(admission);
@@ -111,10 +139,14 @@ impl Enricher {
                                 _ = tokio::time::sleep(wait) => continue,
                             }
                         }
-                        KeyState::Adopted | KeyState::Acquired { .. } => continue,
+                        KeyState::Adopted | KeyState::Acquired { .. } | KeyState::Suspect => continue,
                     }
                 }
             };
+            if self.failpoints && envelope.payload.windows(ABORT_MARKER.len()).any(|w| w == ABORT_MARKER) {
+                tracing::error!(idempotency_key = %key, attempt, "failpoint: aborting the process (enricher.failpoints)");
+                std::process::abort();
+            }
             let outcome = self.attempt(&envelope, attempt, &trace).await;
             let e = match outcome {
                 Ok((stored, tokens)) => {
@@ -160,11 +192,11 @@ impl Enricher {
                         let wait = e.retry_after.unwrap_or_else(|| jitter(backoff));
                         backoff = (backoff * 2).min(Duration::from_secs(10));
                         tracing::warn!(idempotency_key = %key, attempt, error = %e, wait_ms = wait.as_millis() as u64, "transient LLM failure; retrying");
+                        // Give the lease back (the attempt stays spent): a lease left set
+                        // marks an attempt that died with its process.
+                        self.store.release(&key, false).await?;
                         tokio::select! {
-                            _ = self.shutdown.cancelled() => {
-                                self.store.release(&key, false).await?;
-                                anyhow::bail!("shutting down during the backoff of {key}");
-                            }
+                            _ = self.shutdown.cancelled() => anyhow::bail!("shutting down during the backoff of {key}"),
                             _ = tokio::time::sleep(wait) => continue,
                         }
                     }
@@ -384,6 +416,27 @@ impl Enricher {
             .await
             .map_err(|(e, _)| anyhow::anyhow!("cannot produce to {topic}: {e}"))?;
         Ok(())
+    }
+}
+
+/// Holds a key in `keys_in_progress` until dropped.
+struct KeyGuard<'a> {
+    set: &'a std::sync::Mutex<std::collections::HashSet<String>>,
+    key: String,
+}
+
+impl<'a> KeyGuard<'a> {
+    fn enter(set: &'a std::sync::Mutex<std::collections::HashSet<String>>, key: &str) -> Option<Self> {
+        let inserted = set.lock().map(|mut s| s.insert(key.to_string())).unwrap_or(true);
+        inserted.then(|| Self { set, key: key.to_string() })
+    }
+}
+
+impl Drop for KeyGuard<'_> {
+    fn drop(&mut self) {
+        if let Ok(mut s) = self.set.lock() {
+            s.remove(&self.key);
+        }
     }
 }
 

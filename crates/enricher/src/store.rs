@@ -21,6 +21,10 @@ pub enum KeyState {
     Leased { remaining: Duration },
     /// The lease is ours; this is attempt number `attempt`.
     Acquired { attempt: i32 },
+    /// The key's previous attempt never finished (its process died holding the lease):
+    /// this record may be the one that crashed it. Nothing was charged; acquire again
+    /// with `isolated` to run it alone.
+    Suspect,
     /// The key had no row (removed since ingest); one was made: ask again.
     Adopted,
 }
@@ -52,6 +56,8 @@ pub struct Store {
 
 pub struct AcquireRequest {
     key: String,
+    /// The caller runs this record alone, so a suspect may be charged.
+    isolated: bool,
     topic: String,
     partition: i32,
     offset: i64,
@@ -75,7 +81,8 @@ const MAX_BATCH: usize = 256;
 const WRITERS: usize = 4;
 
 type ResultRow = (String, Option<String>, Option<String>, Option<String>, Option<String>);
-type StateRow = (String, String, i32, Option<String>, Option<String>, Option<String>, Option<String>, Option<f64>);
+type StateRow =
+    (String, String, i32, Option<String>, Option<String>, Option<String>, Option<String>, Option<f64>, Option<String>);
 
 impl Store {
     pub fn new(core: StoreCore) -> Self {
@@ -104,11 +111,12 @@ impl Store {
 
     /// Takes the lease and counts the attempt *before* the call, so a record that crashes
     /// its consumer cannot loop; or says why not.
-    pub async fn acquire(&self, envelope: &Envelope) -> anyhow::Result<KeyState> {
+    pub async fn acquire(&self, envelope: &Envelope, isolated: bool) -> anyhow::Result<KeyState> {
         let src = envelope.source.clone().unwrap_or_default();
         self.acquire
             .call(AcquireRequest {
                 key: envelope.idempotency_key.clone(),
+                isolated,
                 topic: src.topic,
                 partition: src.partition,
                 offset: src.offset,
@@ -169,14 +177,19 @@ impl Store {
 impl StoreCore {
     async fn acquire_batch(&self, reqs: Vec<AcquireRequest>) -> anyhow::Result<Vec<KeyState>> {
         let keys: Vec<&str> = reqs.iter().map(|r| r.key.as_str()).collect();
+        let isolated: Vec<bool> = reqs.iter().map(|r| r.isolated).collect();
+        // A lease still set (expired, or ours from a previous incarnation) means the
+        // previous attempt died with its process: such a key is charged only when its
+        // caller runs it alone.
         let acquired: Vec<(String, i32)> = sqlx::query_as(
             "UPDATE enrich_state s
              SET state = 'enriching', attempts = s.attempts + 1, lease_owner = $3,
                  lease_until = now() + make_interval(secs => $4), updated_at = now()
-             FROM (SELECT DISTINCT k FROM UNNEST($2::text[]) AS u(k)) AS u
+             FROM (SELECT k, bool_or(iso) AS iso FROM UNNEST($2::text[], $6::bool[]) AS u(k, iso) GROUP BY k) AS u
              WHERE s.pipeline = $1 AND s.idempotency_key = u.k
                AND s.state IN ('received', 'requested', 'enriching', 'retry_scheduled')
                AND s.attempts < $5
+               AND (s.lease_owner IS NULL OR u.iso)
                AND (s.lease_until IS NULL OR s.lease_until < now() OR s.lease_owner = $3)
              RETURNING s.idempotency_key, s.attempts",
         )
@@ -185,6 +198,7 @@ impl StoreCore {
         .bind(&self.owner)
         .bind(self.lease.as_secs_f64())
         .bind(self.max_attempts)
+        .bind(&isolated)
         .fetch_all(&self.pool)
         .await?;
         let mut acquired: HashMap<String, i32> = acquired.into_iter().collect();
@@ -194,7 +208,7 @@ impl StoreCore {
         if !others.is_empty() {
             let rows: Vec<StateRow> = sqlx::query_as(
                 "SELECT idempotency_key, state, attempts, result::text, result_hash, model, prompt_version,
-                        EXTRACT(EPOCH FROM (lease_until - now()))::float8
+                        EXTRACT(EPOCH FROM (lease_until - now()))::float8, lease_owner
                  FROM enrich_state WHERE pipeline = $1 AND idempotency_key = ANY($2)",
             )
             .bind(&self.pipeline)
@@ -220,19 +234,28 @@ impl StoreCore {
                         missing.push(r);
                         KeyState::Adopted
                     }
-                    Some((_, state, attempts, json, hash, model, version, lease_left)) => match state.as_str() {
-                        "enriched" | "published" => KeyState::Enriched(StoredResult {
-                            json: json.clone().unwrap_or_default(),
-                            result_hash: hash.clone().unwrap_or_default(),
-                            model: model.clone().unwrap_or_default(),
-                            prompt_version: version.clone().unwrap_or_default(),
-                        }),
-                        "dead_lettered" => KeyState::DeadLettered,
-                        _ if *attempts >= self.max_attempts => KeyState::AttemptsExhausted { attempts: *attempts },
-                        _ => KeyState::Leased {
-                            remaining: Duration::from_secs_f64(lease_left.unwrap_or(0.0).clamp(0.05, 3600.0)),
-                        },
-                    },
+                    Some((_, state, attempts, json, hash, model, version, lease_left, lease_owner)) => {
+                        match state.as_str() {
+                            "enriched" | "published" => KeyState::Enriched(StoredResult {
+                                json: json.clone().unwrap_or_default(),
+                                result_hash: hash.clone().unwrap_or_default(),
+                                model: model.clone().unwrap_or_default(),
+                                prompt_version: version.clone().unwrap_or_default(),
+                            }),
+                            "dead_lettered" => KeyState::DeadLettered,
+                            _ if *attempts >= self.max_attempts => KeyState::AttemptsExhausted { attempts: *attempts },
+                            // A lease left behind by a dead process (expired, or ours from a
+                            // previous incarnation of this replica).
+                            _ if lease_owner.as_deref() == Some(self.owner.as_str())
+                                || lease_left.is_some_and(|l| l <= 0.0) =>
+                            {
+                                KeyState::Suspect
+                            }
+                            _ => KeyState::Leased {
+                                remaining: Duration::from_secs_f64(lease_left.unwrap_or(0.0).clamp(0.05, 3600.0)),
+                            },
+                        }
+                    }
                 }
             })
             .collect();
