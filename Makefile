@@ -40,6 +40,7 @@ demo: stack-up build ## From a fresh clone: stack, stages, ~1,000 sample tickets
 
 .PHONY: test
 test: stack-up ## Run every test (unit and end to end against the real stack)
+	$(CARGO) build --workspace --bins
 	$(CARGO) test --workspace
 
 .PHONY: bench

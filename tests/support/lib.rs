@@ -127,15 +127,16 @@ impl TestEnv {
         RunningStage { kind, token, join }
     }
 
-    /// Starts a stage's binary (built by `cargo test --workspace` beside this test) as a
-    /// process with this test's settings.
+    /// Starts a stage's binary (built by `cargo build --workspace --bins`, which `make test`
+    /// runs first, into the target directory of this test) as a process with this test's
+    /// settings.
     pub fn spawn_process(&self, binary: &str) -> anyhow::Result<std::process::Child> {
         let exe = std::env::current_exe()?;
         let dir = exe.parent().and_then(|deps| deps.parent()).ok_or_else(|| anyhow::anyhow!("no target directory"))?;
         let path = dir.join(binary);
         anyhow::ensure!(
             path.exists(),
-            "{} is not built: run `cargo test --workspace` (or `cargo build --bins`)",
+            "{} is not built: run `cargo build --workspace --bins` first (`make test` does)",
             path.display()
         );
         let config = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../config/pipeline.toml");
