@@ -76,17 +76,8 @@ impl TestEnv {
         let sim = llm_sim::start("127.0.0.1", 0, sim_config, sim_shutdown.clone()).await?;
 
         let p = format!("t{id}");
-        let mut env: Vec<(String, String)> = vec![
-            ("ENRICH_PIPELINE__NAME".into(), p.clone()),
-            (
-                "ENRICH_PIPELINE__SOURCES".into(),
-                format!(r#"[{{topic = "{p}.raw", key = {{strategy = "json_pointer", pointers = ["/id"]}}}}]"#),
-            ),
-            ("ENRICH_TOPICS__REQUESTS".into(), format!("{p}.requests")),
-            ("ENRICH_TOPICS__RETRY".into(), format!("{p}.retry")),
-            ("ENRICH_TOPICS__RESULTS".into(), format!("{p}.results")),
-            ("ENRICH_TOPICS__OUTPUT".into(), format!("{p}.enriched")),
-            ("ENRICH_TOPICS__DLQ".into(), format!("{p}.dlq")),
+        let mut env: Vec<(String, String)> = loadgen::isolated_pipeline_env(&p);
+        env.extend([
             ("ENRICH_KAFKA__BOOTSTRAP_SERVERS".into(), bootstrap_servers()),
             ("ENRICH_KAFKA__PARTITIONS".into(), "4".into()),
             ("ENRICH_DATABASE__URL".into(), db_url),
@@ -96,7 +87,7 @@ impl TestEnv {
             ("ENRICH_ENRICHER__HTTP_PORT".into(), "0".into()),
             ("ENRICH_PUBLISHER__HTTP_PORT".into(), "0".into()),
             ("ENRICH_DLQ_REPLAYER__HTTP_PORT".into(), "0".into()),
-        ];
+        ]);
         env.extend(overrides.iter().map(|(k, v)| (k.to_string(), v.clone())));
         let settings = Settings::from_toml(include_str!("../../config/pipeline.toml"), env.clone())?;
         let pool = enrich_common::db::connect(&settings.database).await?;

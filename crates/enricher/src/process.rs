@@ -188,7 +188,7 @@ impl Enricher {
                         }
                         continue;
                     }
-                    if attempt < self.store.max_attempts() {
+                    if attempt < self.store.max_attempts {
                         let wait = e.retry_after.unwrap_or_else(|| jitter(backoff));
                         backoff = (backoff * 2).min(Duration::from_secs(10));
                         tracing::warn!(idempotency_key = %key, attempt, error = %e, wait_ms = wait.as_millis() as u64, "transient LLM failure; retrying");
@@ -373,7 +373,7 @@ impl Enricher {
         let snapshot = envelope.clone();
         let (dead, h) = dead_letter(envelope, error, STAGE, trace);
         self.produce(&self.dlq_topic, record_key, dead.encode_to_bytes(), h).await?;
-        enrich_common::dead_letter_store::record(&self.store.core.pool, &[(&dead, &trace.trace_id_hex())]).await?;
+        enrich_common::dead_letter_store::record(&self.store.pool, &[(&dead, &trace.trace_id_hex())]).await?;
         self.store.mark_dead_lettered(&key).await?;
         self.store
             .record_run(&snapshot, attempts, "dead_lettered", &trace.trace_id_hex(), Some(&error.to_string()))
@@ -386,10 +386,10 @@ impl Enricher {
 
     /// A record on the requests topic that is not an envelope: dead-letter it as it is.
     async fn reject_foreign(&self, message: &OwnedMessage, trace: &TraceContext, reason: String) -> anyhow::Result<()> {
-        let key = fallback_key(self.store.pipeline(), message.key(), message.payload());
+        let key = fallback_key(&self.store.pipeline, message.key(), message.payload());
         let envelope = Envelope {
             schema: envelope::SCHEMA.into(),
-            pipeline: self.store.pipeline().to_string(),
+            pipeline: self.store.pipeline.clone(),
             idempotency_key: key.to_string(),
             source: Some(SourceCoordinates {
                 topic: message.topic().to_string(),

@@ -101,14 +101,6 @@ impl Store {
         }
     }
 
-    pub fn pipeline(&self) -> &str {
-        &self.core.pipeline
-    }
-
-    pub fn max_attempts(&self) -> i32 {
-        self.core.max_attempts
-    }
-
     /// Takes the lease and counts the attempt *before* the call, so a record that crashes
     /// its consumer cannot loop; or says why not.
     pub async fn acquire(&self, envelope: &Envelope, isolated: bool) -> anyhow::Result<KeyState> {
@@ -149,28 +141,13 @@ impl Store {
             })
             .await
     }
+}
 
-    pub async fn release(&self, key: &str, refund_attempt: bool) -> sqlx::Result<()> {
-        self.core.release(key, refund_attempt).await
-    }
-
-    pub async fn mark_dead_lettered(&self, key: &str) -> sqlx::Result<()> {
-        self.core.mark_dead_lettered(key).await
-    }
-
-    pub async fn record_steps(&self, key: &str, steps: &[Step]) -> sqlx::Result<()> {
-        self.core.record_steps(key, steps).await
-    }
-
-    pub async fn record_run(
-        &self,
-        envelope: &Envelope,
-        attempt: i32,
-        status: &str,
-        trace_id: &str,
-        detail: Option<&str>,
-    ) -> sqlx::Result<()> {
-        self.core.record_run(envelope, attempt, status, trace_id, detail).await
+/// The single-record operations (release, dead-lettering, audit rows) are the core's own.
+impl std::ops::Deref for Store {
+    type Target = StoreCore;
+    fn deref(&self) -> &StoreCore {
+        &self.core
     }
 }
 

@@ -115,17 +115,8 @@ impl Bench {
         let db_url = format!("{}/{db_name}", &admin_url[..admin_url.rfind('/').unwrap_or(admin_url.len())]);
 
         let sim_port = free_port()?;
-        let mut env: Vec<(String, String)> = vec![
-            ("ENRICH_PIPELINE__NAME".into(), p.clone()),
-            (
-                "ENRICH_PIPELINE__SOURCES".into(),
-                format!(r#"[{{topic = "{p}.raw", key = {{strategy = "json_pointer", pointers = ["/id"]}}}}]"#),
-            ),
-            ("ENRICH_TOPICS__REQUESTS".into(), format!("{p}.requests")),
-            ("ENRICH_TOPICS__RETRY".into(), format!("{p}.retry")),
-            ("ENRICH_TOPICS__RESULTS".into(), format!("{p}.results")),
-            ("ENRICH_TOPICS__OUTPUT".into(), format!("{p}.enriched")),
-            ("ENRICH_TOPICS__DLQ".into(), format!("{p}.dlq")),
+        let mut env: Vec<(String, String)> = crate::isolated_pipeline_env(&p);
+        env.extend([
             ("ENRICH_KAFKA__PARTITIONS".into(), scenario.partitions.to_string()),
             ("ENRICH_DATABASE__URL".into(), db_url),
             ("ENRICH_DATABASE__MAX_CONNECTIONS".into(), "24".into()),
@@ -134,7 +125,7 @@ impl Bench {
             ("ENRICH_ENRICHER__ORDERING".into(), scenario.ordering.to_string()),
             ("ENRICH_ENRICHER__MAX_BUFFERED_PER_PARTITION".into(), (scenario.in_flight * 2).max(1000).to_string()),
             ("RUST_LOG".into(), "warn".into()),
-        ];
+        ]);
         let ports: Vec<(&'static str, String, u16)> = vec![
             ("ingest-dedup", "ENRICH_INGEST__HTTP_PORT".into(), free_port()?),
             ("enricher", "ENRICH_ENRICHER__HTTP_PORT".into(), free_port()?),
