@@ -351,3 +351,38 @@ async fn a_record_that_crashes_the_enricher_is_dead_lettered_after_the_attempt_l
     env.teardown().await;
     Ok(())
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_stage_about_to_dead_letter_most_of_a_topic_pauses_instead() -> anyhow::Result<()> {
+    let port = enrich_e2e::free_port()?;
+    let overrides = [
+        ("ENRICH_INGEST__HTTP_PORT", port.to_string()),
+        ("ENRICH_DLQ_LIMIT__WINDOW", "50".to_string()),
+        ("ENRICH_DLQ_LIMIT__MIN_RECORDS", "10".to_string()),
+        ("ENRICH_DLQ_LIMIT__MAX_SHARE", "0.5".to_string()),
+        ("ENRICH_DLQ_LIMIT__MAX_CONSECUTIVE", "20".to_string()),
+    ];
+    let env = TestEnv::new(llm_sim::Latency::default(), &overrides).await?;
+    // A "bad deploy": 10 tickets, then 60 records the key strategy cannot read.
+    let records = workload::build(&Spec { run: env.id.clone(), unique: 10, duplicates: 0, malformed: 60 });
+    produce_all(&env.settings, env.source_topic(), &records, |_| false, |_| {}).await?;
+    let ingest = env.spawn(StageKind::Ingest);
+    let readyz = format!("http://127.0.0.1:{port}/readyz");
+    let reason = wait_for("ingest to pause on the DLQ limit", DEADLINE, || async {
+        let Ok(r) = reqwest::get(&readyz).await else { return Ok(None) };
+        let body = r.text().await?;
+        Ok(body.contains("DLQ limit").then_some(body))
+    })
+    .await?;
+    assert!(reason.contains("dead letters"), "{reason}");
+    let metrics = reqwest::get(format!("http://127.0.0.1:{port}/metrics")).await?.text().await?;
+    assert!(metrics.lines().any(|l| l == "enrich_dlq_limit_tripped 1"), "{metrics}");
+    // Nothing was dead-lettered and nothing committed: the records wait for a fix.
+    let dlq = read_to_end(&env.settings, &env.settings.topics.dlq, Duration::from_secs(30))?;
+    assert!(dlq.len() <= 20, "the limit held the flood back ({} dead letters)", dlq.len());
+    let group = env.settings.group_id(enrich_common::config::Stage::Ingest);
+    assert!(!enrich_e2e::loadgen::kafka_io::group_caught_up(&env.settings, &group, env.source_topic())?);
+    ingest.stop().await?;
+    env.teardown().await;
+    Ok(())
+}

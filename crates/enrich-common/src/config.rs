@@ -62,6 +62,28 @@ pub struct Settings {
     pub publisher: PublisherSettings,
     #[serde(default)]
     pub dlq_replayer: DlqReplayerSettings,
+    #[serde(default)]
+    pub dlq_limit: DlqLimitSettings,
+}
+
+/// When a stage stops dead-lettering (see enrich_common::dlq_limit).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct DlqLimitSettings {
+    /// How many recent records the share is computed over.
+    pub window: usize,
+    /// Largest share of dead letters among them.
+    pub max_share: f64,
+    /// Most dead letters in a row.
+    pub max_consecutive: u32,
+    /// The share is judged only once the window holds this many records.
+    pub min_records: usize,
+}
+
+impl Default for DlqLimitSettings {
+    fn default() -> Self {
+        Self { window: 500, max_share: 0.5, max_consecutive: 100, min_records: 50 }
+    }
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -521,6 +543,19 @@ impl Settings {
                 ),
             ));
         }
+        let limit = &self.dlq_limit;
+        if limit.window == 0 || limit.min_records > limit.window {
+            return Err(ConfigError::new(
+                "dlq_limit.min_records",
+                "must be at most dlq_limit.window (and the window at least 1)",
+            ));
+        }
+        if !(limit.max_share > 0.0 && limit.max_share <= 1.0) {
+            return Err(ConfigError::new("dlq_limit.max_share", "must be in (0, 1]"));
+        }
+        if limit.max_consecutive == 0 {
+            return Err(ConfigError::new("dlq_limit.max_consecutive", "must be at least 1"));
+        }
         if self.dlq_replayer.replay_rate_per_sec == 0 {
             return Err(ConfigError::new("dlq_replayer.replay_rate_per_sec", "must be at least 1"));
         }
@@ -676,6 +711,7 @@ output_schema = '{"type": "object"}'
             (&[("ENRICH_INGEST__NO_SUCH_KEY", "1")], "ingest"),
             (&[("ENRICH_ENRICHER__ORDERING", "random")], "enricher.ordering"),
             (&[("ENRICH_LLM__BREAKER_FAILURES", "0")], "llm.breaker_failures"),
+            (&[("ENRICH_DLQ_LIMIT__MAX_SHARE", "1.5")], "dlq_limit.max_share"),
         ];
         for (env, field) in cases {
             let err = load(env).unwrap_err();

@@ -8,6 +8,7 @@ pub mod config;
 pub mod db;
 pub mod dead_letter;
 pub mod dead_letter_store;
+pub mod dlq_limit;
 pub mod envelope;
 pub mod error;
 pub mod headers;

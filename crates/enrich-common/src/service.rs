@@ -26,6 +26,8 @@ pub struct StageMetrics {
     pub dead_letters: Family<Labels, Counter>,
     /// Batches that failed and were retried.
     pub batch_retries: Counter,
+    /// 1 while the DLQ limit holds records back.
+    pub dlq_limit_tripped: prometheus_client::metrics::gauge::Gauge,
 }
 
 impl StageMetrics {
@@ -34,6 +36,11 @@ impl StageMetrics {
         registry.register("enrich_records_consumed", "Records read from Kafka, per topic", m.consumed.clone());
         registry.register("enrich_dead_letters", "Records sent to the DLQ, by reason", m.dead_letters.clone());
         registry.register("enrich_batch_retries", "Batches that failed and were retried", m.batch_retries.clone());
+        registry.register(
+            "enrich_dlq_limit_tripped",
+            "1 while the DLQ limit holds records back",
+            m.dlq_limit_tripped.clone(),
+        );
         m
     }
 

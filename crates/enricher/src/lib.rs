@@ -94,6 +94,7 @@ pub async fn run(settings: Settings, shutdown: CancellationToken) -> anyhow::Res
         failpoints: settings.enricher.failpoints,
         isolation: tokio::sync::Semaphore::new(1),
         keys_in_progress: Default::default(),
+        dlq_limit: std::sync::Mutex::new(enrich_common::dlq_limit::DlqLimit::new(settings.dlq_limit.clone())),
         shutdown: shutdown.clone(),
     });
     runtime.state.set_ready();

@@ -42,6 +42,7 @@ pub struct Enricher {
     pub failpoints: bool,
     /// One permit: records whose previous attempt died with its process run one at a time.
     pub isolation: tokio::sync::Semaphore,
+    pub dlq_limit: std::sync::Mutex<enrich_common::dlq_limit::DlqLimit>,
     /// Idempotency keys being handled in this process.
     pub keys_in_progress: std::sync::Mutex<std::collections::HashSet<String>>,
     /// Readiness, reported not-ready while the breaker is open.
@@ -153,6 +154,10 @@ impl Enricher {
                     self.breaker_success(admission);
                     self.emit(&envelope, &record_key, &stored, attempt, tokens, &trace).await?;
                     self.metrics.outcome("enriched");
+                    if let Ok(mut limit) = self.dlq_limit.lock() {
+                        limit.record(0, 1);
+                    }
+                    self.metrics.stage.dlq_limit_tripped.set(0);
                     return Ok(());
                 }
                 Err(AttemptError::Db(e)) => {
@@ -370,6 +375,21 @@ impl Enricher {
     ) -> anyhow::Result<()> {
         envelope.attempt = attempts.max(0) as u32;
         let key = envelope.idempotency_key.clone();
+        // Past the DLQ limit the record is held here (its offset waits, no new call is made)
+        // until the limit allows it again or the stage stops; the stage says why meanwhile.
+        loop {
+            let verdict = self.dlq_limit.lock().map_err(|_| anyhow::anyhow!("DLQ limit lock poisoned"))?.check(1, 0);
+            let Err(why) = verdict else { break };
+            if self.metrics.stage.dlq_limit_tripped.get() == 0 {
+                tracing::error!(reason = %why, "DLQ limit reached: holding dead letters");
+            }
+            self.metrics.stage.dlq_limit_tripped.set(1);
+            self.state.set_not_ready(why.clone());
+            tokio::select! {
+                _ = self.shutdown.cancelled() => anyhow::bail!(why),
+                _ = tokio::time::sleep(Duration::from_secs(5)) => {}
+            }
+        }
         let snapshot = envelope.clone();
         let (dead, h) = dead_letter(envelope, error, STAGE, trace);
         self.produce(&self.dlq_topic, record_key, dead.encode_to_bytes(), h).await?;
@@ -379,6 +399,9 @@ impl Enricher {
             .record_run(&snapshot, attempts, "dead_lettered", &trace.trace_id_hex(), Some(&error.to_string()))
             .await?;
         self.metrics.outcome("dead_lettered");
+        if let Ok(mut limit) = self.dlq_limit.lock() {
+            limit.record(1, 0);
+        }
         self.metrics.stage.dead_lettered(error.reason);
         tracing::warn!(idempotency_key = %key, reason = error.reason, error = %error.message, attempts, "dead-lettered");
         Ok(())

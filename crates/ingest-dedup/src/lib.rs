@@ -26,6 +26,7 @@ const MAX_BACKOFF: Duration = Duration::from_secs(10);
 
 struct Ingest {
     settings: Settings,
+    dlq_limit: std::sync::Mutex<enrich_common::dlq_limit::DlqLimit>,
     runtime: StageRuntime,
     producer: FutureProducer,
     metrics: IngestMetrics,
@@ -46,7 +47,8 @@ pub async fn run(settings: Settings, shutdown: CancellationToken) -> anyhow::Res
     tracing::info!(group, topics = ?settings.source_topics(), "consuming");
     runtime.state.set_ready();
 
-    let ingest = Ingest { settings, runtime, producer, metrics };
+    let dlq_limit = std::sync::Mutex::new(enrich_common::dlq_limit::DlqLimit::new(settings.dlq_limit.clone()));
+    let ingest = Ingest { settings, dlq_limit, runtime, producer, metrics };
     let tuning = ingest.settings.ingest.tuning();
     loop {
         let batch = kafka::next_batch(&consumer, tuning, &shutdown).await;
@@ -75,6 +77,13 @@ async fn process_batch(ingest: &Ingest, batch: &[OwnedMessage]) -> anyhow::Resul
             Inspected::Invalid { .. } => None,
         })
         .collect();
+    // A batch that would pass the DLQ limit is held whole (the stage pauses on it).
+    let (n_dead, n_ok) = (inspected.len() - sightings.len(), sightings.len());
+    let verdict = ingest.dlq_limit.lock().map_err(|_| anyhow::anyhow!("DLQ limit lock poisoned"))?.check(n_dead, n_ok);
+    if let Err(why) = verdict {
+        ingest.runtime.metrics.dlq_limit_tripped.set(1);
+        anyhow::bail!(why);
+    }
     let claims = claims::claim(&ingest.runtime.pool, &pipeline.name, &sightings).await?;
 
     let mut deliveries = Vec::new();
@@ -156,6 +165,10 @@ async fn process_batch(ingest: &Ingest, batch: &[OwnedMessage]) -> anyhow::Resul
     for o in outcomes {
         ingest.metrics.outcome(o);
     }
+    if let Ok(mut limit) = ingest.dlq_limit.lock() {
+        limit.record(n_dead, n_ok);
+    }
+    ingest.runtime.metrics.dlq_limit_tripped.set(0);
     Ok(())
 }
 
