@@ -125,6 +125,25 @@ async fn poison_records_reach_the_dlq_after_exactly_the_attempt_limit() -> anyho
     assert_eq!(env.sim.failed(), 3 * poison.len() as u64, "each poison record was tried exactly 3 times");
     assert_eq!(env.sim.completions(), (N - poison.len()) as u64);
 
+    // Two attempts in process (llm.quick_retries = 1), the third after a delayed retry
+    // through the retry topic.
+    let retries = read_to_end(&env.settings, &env.settings.topics.retry, Duration::from_secs(30))?;
+    assert_eq!(retries.len(), poison.len(), "one delayed retry per poison record");
+    for m in &retries {
+        assert_eq!(header(m, headers::RETRY_COUNT).as_deref(), Some("1"));
+        let due: i64 = header(m, headers::RETRY_DUE_MS).expect("a due time").parse()?;
+        let written = m.timestamp().to_millis().expect("a timestamp");
+        assert!(due >= written + 300, "due about llm.retry_delay_ms after it was written ({due} vs {written})");
+        assert_eq!(Envelope::decode_from(m.payload().unwrap())?.attempt, 2);
+    }
+    let (scheduled,): (i64,) = sqlx::query_as(
+        "SELECT count(*) FROM run_history WHERE pipeline = $1 AND stage = 'enricher' AND status = 'retry_scheduled'",
+    )
+    .bind(&env.settings.pipeline.name)
+    .fetch_one(&env.pool)
+    .await?;
+    assert_eq!(scheduled, poison.len() as i64, "each delayed retry is in the run history");
+
     let dlq = read_to_end(&env.settings, &env.settings.topics.dlq, Duration::from_secs(30))?;
     assert_eq!(dlq.len(), poison.len());
     for m in &dlq {

@@ -201,9 +201,21 @@ pub struct LlmSettings {
     pub user_template: String,
     /// The JSON schema the answer must satisfy (JSON text).
     pub output_schema: String,
-    /// Quick in-process retries of a transient failure before the record is given up on.
+    /// Paid attempts per key over all deliveries, counted in PostgreSQL before each
+    /// call; then the record is dead-lettered (`max_attempts`).
     #[serde(default = "default_max_attempts")]
     pub max_attempts: u32,
+    /// Quick in-process retries of a transient failure within one delivery (exponential
+    /// backoff, full jitter, `Retry-After` honoured). After them the record goes to the
+    /// retry topic, due `retry_delay_ms` later.
+    #[serde(default = "default_quick_retries")]
+    pub quick_retries: u32,
+    /// Delay of the first delayed retry through the retry topic; doubled for each later
+    /// one, up to `retry_max_delay_ms`.
+    #[serde(default = "default_retry_delay_ms")]
+    pub retry_delay_ms: u64,
+    #[serde(default = "default_retry_max_delay_ms")]
+    pub retry_max_delay_ms: u64,
     /// Consecutive endpoint failures (timeouts, connection errors, 429, 5xx, 401/403)
     /// that open the circuit breaker: calls pause, nothing is dead-lettered.
     #[serde(default = "default_breaker_failures")]
@@ -223,7 +235,16 @@ fn default_max_output_tokens() -> u32 {
     512
 }
 fn default_max_attempts() -> u32 {
-    3
+    4
+}
+fn default_quick_retries() -> u32 {
+    1
+}
+fn default_retry_delay_ms() -> u64 {
+    30_000
+}
+fn default_retry_max_delay_ms() -> u64 {
+    600_000
 }
 fn default_breaker_failures() -> u32 {
     5
@@ -270,7 +291,11 @@ pub struct EnricherSettings {
     /// A partition holding this many unfinished records is paused until it drains to
     /// half: the bound on memory whatever the backlog.
     pub max_buffered_per_partition: usize,
-    /// `key`: records of one Kafka key run in order, different keys concurrently.
+    /// `key`: records of one Kafka key run in order, different keys concurrently; a
+    /// delayed retry may be overtaken by later records of its key.
+    /// `strict-key`: as `key`, and later records of a key whose earlier record waits for
+    /// a delayed retry or sits in the DLQ are parked, and released in order once it is
+    /// enriched (after a retry or a replay) or discarded.
     /// `partition`: one record at a time per partition (the classic consumer).
     pub ordering: OrderingMode,
     /// How long a replica holds a key for one LLM call; must exceed the request timeout
@@ -306,6 +331,8 @@ impl Default for EnricherSettings {
 #[serde(rename_all = "snake_case")]
 pub enum OrderingMode {
     Key,
+    #[serde(rename = "strict-key", alias = "strict_key")]
+    StrictKey,
     Partition,
 }
 
@@ -506,6 +533,12 @@ impl Settings {
         if llm.breaker_failures == 0 {
             return Err(ConfigError::new("llm.breaker_failures", "must be at least 1"));
         }
+        if llm.retry_delay_ms == 0 {
+            return Err(ConfigError::new("llm.retry_delay_ms", "must be greater than 0"));
+        }
+        if llm.retry_max_delay_ms < llm.retry_delay_ms {
+            return Err(ConfigError::new("llm.retry_max_delay_ms", "must be at least llm.retry_delay_ms"));
+        }
         if llm.breaker_open_ms == 0 {
             return Err(ConfigError::new("llm.breaker_open_ms", "must be greater than 0"));
         }
@@ -678,6 +711,12 @@ output_schema = '{"type": "object"}'
     }
 
     #[test]
+    fn strict_key_ordering_is_spelled_as_documented() {
+        let s = load(&[("ENRICH_ENRICHER__ORDERING", "strict-key")]).unwrap();
+        assert_eq!(s.enricher.ordering, OrderingMode::StrictKey);
+    }
+
+    #[test]
     fn environment_overrides_any_key() {
         let s = load(&[
             ("ENRICH_TOPICS__OUTPUT", "out.v2"),
@@ -710,6 +749,8 @@ output_schema = '{"type": "object"}'
             (&[("ENRICH_INGEST__BATCH_SIZE", "0")], "ingest.batch_size"),
             (&[("ENRICH_INGEST__NO_SUCH_KEY", "1")], "ingest"),
             (&[("ENRICH_ENRICHER__ORDERING", "random")], "enricher.ordering"),
+            (&[("ENRICH_LLM__RETRY_DELAY_MS", "0")], "llm.retry_delay_ms"),
+            (&[("ENRICH_LLM__RETRY_MAX_DELAY_MS", "10")], "llm.retry_max_delay_ms"),
             (&[("ENRICH_LLM__BREAKER_FAILURES", "0")], "llm.breaker_failures"),
             (&[("ENRICH_DLQ_LIMIT__MAX_SHARE", "1.5")], "dlq_limit.max_share"),
         ];

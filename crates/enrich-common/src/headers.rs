@@ -16,6 +16,11 @@ pub const DLQ_ORIGINAL_TOPIC: &str = "dlq-original-topic";
 pub const DLQ_ORIGINAL_PARTITION: &str = "dlq-original-partition";
 pub const DLQ_ORIGINAL_OFFSET: &str = "dlq-original-offset";
 
+/// Delayed retries on the retry topic: when the record is due (Unix milliseconds), and
+/// how many delayed retries it has had (this one included).
+pub const RETRY_DUE_MS: &str = "retry-due-ms";
+pub const RETRY_COUNT: &str = "retry-count";
+
 /// Longest error message put in a header; the full text stays in the envelope.
 const MAX_HEADER_TEXT: usize = 1024;
 

@@ -7,11 +7,13 @@ use enrich_common::service::{StageRuntime, until_done};
 use enrich_common::shutdown::Shutdown;
 use rdkafka::ClientContext;
 use rdkafka::consumer::{BaseConsumer, Consumer, ConsumerContext, Rebalance, StreamConsumer};
+use rdkafka::message::OwnedMessage;
 use rdkafka::{Message, TopicPartitionList};
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::sync::mpsc;
 
+use crate::delay::{Delays, Offer};
 use crate::process::Enricher;
 use crate::scheduler::{Action, ChainId, Limits, PartitionId, Scheduler};
 
@@ -63,9 +65,11 @@ pub async fn run(
     enricher: Arc<Enricher>,
     runtime: &StageRuntime,
     limits: Limits,
+    retry_topic: &str,
     shutdown: &Shutdown,
 ) {
     let mut scheduler = Scheduler::new(limits);
+    let mut delays: Delays<OwnedMessage> = Delays::default();
     let (done_tx, mut done_rx) = mpsc::unbounded_channel::<Done>();
     let mut draining = false;
     loop {
@@ -80,8 +84,10 @@ pub async fn run(
                     let offset = job.message.offset();
                     // A failure of the database or Kafka is retried here; the record keeps
                     // its place, and its partition's position waits for it.
-                    let finished =
-                        until_done(&state, &metrics, &shutdown, MAX_BACKOFF, || enricher.handle(&job.message)).await;
+                    let finished = until_done(&state, &metrics, &shutdown, MAX_BACKOFF, || async {
+                        enricher.handle(&job.message).await.map(drop)
+                    })
+                    .await;
                     let _ = done_tx.send(Done { chain: job.chain, generation: job.generation, offset, finished });
                 });
             }
@@ -93,9 +99,26 @@ pub async fn run(
             biased;
             Some(done) = done_rx.recv() => {
                 let actions = scheduler.complete(&done.chain, done.generation, done.offset, done.finished);
-                apply(consumer, actions);
+                apply(consumer, &delays, &scheduler, actions);
             }
-            Some(partitions) = revoked.recv() => scheduler.revoke(&partitions),
+            Some(partitions) = revoked.recv() => {
+                scheduler.revoke(&partitions);
+                delays.revoke(&partitions);
+                enricher.metrics.retries_waiting.set(delays.len() as i64);
+            }
+            _ = sleep_until_due(delays.next_due()), if !draining && delays.next_due().is_some() => {
+                let (due, emptied) = delays.release(now_ms());
+                for m in due {
+                    let actions = scheduler.admit(m);
+                    apply(consumer, &delays, &scheduler, actions);
+                }
+                for p in emptied {
+                    if !scheduler.is_paused(&p) {
+                        apply(consumer, &delays, &scheduler, vec![Action::Resume(p)]);
+                    }
+                }
+                enricher.metrics.retries_waiting.set(delays.len() as i64);
+            }
             _ = shutdown.cancelled(), if !draining => {
                 tracing::info!(in_flight = scheduler.running(), "draining: finishing in-flight records");
                 draining = true;
@@ -103,8 +126,27 @@ pub async fn run(
             received = consumer.recv(), if !draining => match received {
                 Ok(m) => {
                     runtime.metrics.consumed(m.topic());
-                    let actions = scheduler.admit(m.detach());
-                    apply(consumer, actions);
+                    let m = m.detach();
+                    if m.topic() == retry_topic {
+                        let partition = (m.topic().to_string(), m.partition());
+                        let due = due_ms(&m);
+                        match delays.offer(&partition, due, m, now_ms()) {
+                            Offer::Admit(m) => {
+                                let actions = scheduler.admit(m);
+                                apply(consumer, &delays, &scheduler, actions);
+                            }
+                            Offer::Held { pause } => {
+                                if pause {
+                                    tracing::debug!(topic = %partition.0, partition = partition.1, due, "holding a retry partition until its next record is due");
+                                    set_flow(consumer, &partition, true);
+                                }
+                                enricher.metrics.retries_waiting.set(delays.len() as i64);
+                            }
+                        }
+                    } else {
+                        let actions = scheduler.admit(m);
+                        apply(consumer, &delays, &scheduler, actions);
+                    }
                 }
                 Err(e) => tracing::warn!(error = %e, "kafka consumer error"),
             },
@@ -112,9 +154,13 @@ pub async fn run(
     }
 }
 
-fn apply(consumer: &StreamConsumer<RebalanceEvents>, actions: Vec<Action>) {
+fn apply(
+    consumer: &StreamConsumer<RebalanceEvents>,
+    delays: &Delays<OwnedMessage>,
+    scheduler: &Scheduler,
+    actions: Vec<Action>,
+) {
     for action in actions {
-        let pause = matches!(action, Action::Pause(_));
         match action {
             Action::Store((topic, partition), position) => {
                 // store_offset takes the last finished offset and stores the one after it.
@@ -122,15 +168,37 @@ fn apply(consumer: &StreamConsumer<RebalanceEvents>, actions: Vec<Action>) {
                     tracing::debug!(%topic, partition, error = %e, "offset not stored (partition revoked?)");
                 }
             }
-            Action::Pause((topic, partition)) | Action::Resume((topic, partition)) => {
-                let mut list = TopicPartitionList::new();
-                list.add_partition(&topic, partition);
-                let result = if pause { consumer.pause(&list) } else { consumer.resume(&list) };
-                match result {
-                    Ok(()) => tracing::debug!(%topic, partition, pause, "partition flow changed"),
-                    Err(e) => tracing::warn!(%topic, partition, pause, error = %e, "cannot pause or resume"),
-                }
-            }
+            Action::Pause(p) => set_flow(consumer, &p, true),
+            // A retry partition waiting for its next record's due time stays paused.
+            Action::Resume(p) if !delays.is_held(&p) && !scheduler.is_paused(&p) => set_flow(consumer, &p, false),
+            Action::Resume(_) => {}
         }
     }
+}
+
+fn set_flow(consumer: &StreamConsumer<RebalanceEvents>, (topic, partition): &PartitionId, pause: bool) {
+    let mut list = TopicPartitionList::new();
+    list.add_partition(topic, *partition);
+    let result = if pause { consumer.pause(&list) } else { consumer.resume(&list) };
+    match result {
+        Ok(()) => tracing::debug!(%topic, partition, pause, "partition flow changed"),
+        Err(e) => tracing::warn!(%topic, partition, pause, error = %e, "cannot pause or resume"),
+    }
+}
+
+/// When a retry-topic record is due; a record without the header is due now.
+fn due_ms(message: &OwnedMessage) -> i64 {
+    let headers = enrich_common::headers::collect(message.headers());
+    enrich_common::headers::find(&headers, enrich_common::headers::RETRY_DUE_MS)
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0)
+}
+
+pub fn now_ms() -> i64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_millis() as i64).unwrap_or(0)
+}
+
+async fn sleep_until_due(due_ms: Option<i64>) {
+    let wait = due_ms.map(|d| (d - now_ms()).max(0) as u64).unwrap_or(0);
+    tokio::time::sleep(Duration::from_millis(wait)).await;
 }

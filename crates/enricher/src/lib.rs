@@ -6,12 +6,14 @@
 mod batch;
 pub mod breaker;
 mod consume;
+mod delay;
 pub mod llm;
 mod metrics;
 pub mod process;
 pub mod prompt;
 pub mod scheduler;
 pub mod store;
+pub mod strict;
 pub mod validate;
 
 use enrich_common::config::{OrderingMode, Stage};
@@ -33,7 +35,12 @@ pub async fn run(settings: Settings, shutdown: CancellationToken) -> anyhow::Res
     let validator = validate::OutputValidator::new(&settings.llm.output_schema)?;
     let prompt = prompt::PromptTemplate::new(&settings.llm)?;
     let llm = llm::LlmClient::new(&settings.llm, &validator.schema)?;
-    let topics = [settings.topics.requests.as_str(), settings.topics.results.as_str(), settings.topics.dlq.as_str()];
+    let topics = [
+        settings.topics.requests.as_str(),
+        settings.topics.retry.as_str(),
+        settings.topics.results.as_str(),
+        settings.topics.dlq.as_str(),
+    ];
     let (runtime, mut metrics) = StageRuntime::start(
         &settings,
         STAGE,
@@ -50,7 +57,8 @@ pub async fn run(settings: Settings, shutdown: CancellationToken) -> anyhow::Res
     let (rebalances, rebalance_rx) = consume::RebalanceEvents::new();
     let consumer =
         kafka::consumer_with_context(&settings, &group, STAGE.as_str(), kafka::OffsetCommit::Stored, rebalances)?;
-    consumer.subscribe(&[&settings.topics.requests])?;
+    // The retry topic's partitions are held, one by one, until their next record is due.
+    consumer.subscribe(&[&settings.topics.requests, &settings.topics.retry])?;
     let owner =
         settings.enricher.instance_id.clone().unwrap_or_else(|| format!("enricher-{:016x}", rand::random::<u64>()));
     let limits = scheduler::Limits {
@@ -59,7 +67,7 @@ pub async fn run(settings: Settings, shutdown: CancellationToken) -> anyhow::Res
         max_in_flight: settings.enricher.max_in_flight * 2,
         max_buffered_per_partition: settings.enricher.max_buffered_per_partition,
         ordering: match settings.enricher.ordering {
-            OrderingMode::Key => scheduler::Ordering::Key,
+            OrderingMode::Key | OrderingMode::StrictKey => scheduler::Ordering::Key,
             OrderingMode::Partition => scheduler::Ordering::Partition,
         },
     };
@@ -96,10 +104,57 @@ pub async fn run(settings: Settings, shutdown: CancellationToken) -> anyhow::Res
         keys_in_progress: Default::default(),
         dlq_limit: std::sync::Mutex::new(enrich_common::dlq_limit::DlqLimit::new(settings.dlq_limit.clone())),
         shutdown: shutdown.clone(),
+        retry: process::RetryPolicy {
+            topic: settings.topics.retry.clone(),
+            quick_retries: settings.llm.quick_retries,
+            delay: Duration::from_millis(settings.llm.retry_delay_ms),
+            max_delay: Duration::from_millis(settings.llm.retry_max_delay_ms),
+        },
+        strict: (settings.enricher.ordering == OrderingMode::StrictKey)
+            .then(|| strict::Blocks { pool: runtime.pool.clone(), pipeline: settings.pipeline.name.clone() }),
+    });
+    let sweeper = enricher.strict.is_some().then(|| {
+        tokio::spawn(sweep_blocks(
+            enricher.clone(),
+            Duration::from_millis(settings.enricher.lease_ms),
+            shutdown.clone(),
+        ))
     });
     runtime.state.set_ready();
-    consume::run(&consumer, rebalance_rx, enricher.clone(), &runtime, limits, &shutdown).await;
+    consume::run(&consumer, rebalance_rx, enricher.clone(), &runtime, limits, &settings.topics.retry, &shutdown).await;
+    if let Some(sweeper) = sweeper {
+        let _ = sweeper.await;
+    }
     kafka::drain(&consumer, &enricher.producer);
     runtime.finish(&shutdown).await;
     Ok(())
+}
+
+/// `strict-key`: releases the records parked behind a blocker that was resolved where no
+/// release followed (a discard in the dlq-replayer, a process that died mid-release).
+async fn sweep_blocks(enricher: Arc<Enricher>, stale: Duration, shutdown: CancellationToken) {
+    let Some(blocks) = &enricher.strict else { return };
+    loop {
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+        }
+        let stalled = match blocks.stalled(stale).await {
+            Ok(s) => s,
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot look for stalled key blocks");
+                continue;
+            }
+        };
+        for s in stalled {
+            let done = if s.resolved {
+                enricher.release_parked(&s.kafka_key, s.blocker.clone()).await
+            } else {
+                enricher.rerun_parked(&s.kafka_key, &s.blocker).await
+            };
+            if let Err(e) = done {
+                tracing::warn!(blocker = %s.blocker, error = %e, "cannot release parked records");
+            }
+        }
+    }
 }

@@ -18,6 +18,12 @@ pub struct EnricherMetrics {
     pub in_flight: Gauge,
     /// 1 while the LLM circuit breaker is open.
     pub breaker_open: Gauge,
+    /// Records read from the retry topic and held until they are due.
+    pub retries_waiting: Gauge,
+    /// Delayed retries sent to the retry topic.
+    pub retries_scheduled: Counter,
+    /// Records parked behind an earlier record of their key (`ordering = "strict-key"`).
+    pub parked: Counter,
 }
 
 impl EnricherMetrics {
@@ -30,6 +36,9 @@ impl EnricherMetrics {
             llm_latency: Histogram::new([0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0, 10.0, 30.0]),
             in_flight: Gauge::default(),
             breaker_open: Gauge::default(),
+            retries_waiting: Gauge::default(),
+            retries_scheduled: Counter::default(),
+            parked: Counter::default(),
         };
         registry.register("enrich_enricher_records", "Requests by outcome", m.records.clone());
         registry.register("enrich_llm_calls", "LLM calls by outcome", m.llm_calls.clone());
@@ -37,6 +46,21 @@ impl EnricherMetrics {
         registry.register("enrich_llm_latency_seconds", "LLM call latency", m.llm_latency.clone());
         registry.register("enrich_in_flight", "LLM calls in flight", m.in_flight.clone());
         registry.register("enrich_llm_breaker_open", "1 while the LLM circuit breaker is open", m.breaker_open.clone());
+        registry.register(
+            "enrich_retries_waiting",
+            "Records read from the retry topic, held until due",
+            m.retries_waiting.clone(),
+        );
+        registry.register(
+            "enrich_retries_scheduled",
+            "Delayed retries sent to the retry topic",
+            m.retries_scheduled.clone(),
+        );
+        registry.register(
+            "enrich_parked",
+            "Records parked behind an earlier record of their key (strict-key)",
+            m.parked.clone(),
+        );
         m
     }
 

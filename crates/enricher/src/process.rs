@@ -20,6 +20,7 @@ use crate::llm::{LlmClient, LlmError};
 use crate::metrics::EnricherMetrics;
 use crate::prompt::{PromptTemplate, Repair};
 use crate::store::{KeyState, Step, Store, StoredResult};
+use crate::strict::BlockCheck;
 use crate::validate::OutputValidator;
 
 const STAGE: &str = "enricher";
@@ -48,6 +49,48 @@ pub struct Enricher {
     /// Readiness, reported not-ready while the breaker is open.
     pub state: Arc<ServiceState>,
     pub shutdown: CancellationToken,
+    pub retry: RetryPolicy,
+    /// `ordering = "strict-key"`: the blocks and parked records.
+    pub strict: Option<crate::strict::Blocks>,
+}
+
+/// What became of a record.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Handled {
+    Enriched,
+    /// Enriched earlier: the stored result was emitted again.
+    Reused,
+    DeadLettered,
+    /// Sent to the retry topic, due later.
+    RetryScheduled,
+    /// Parked behind an earlier record of its Kafka key (`strict-key`).
+    Parked,
+    /// Dead-lettered earlier: nothing to do.
+    Skipped,
+}
+
+impl Handled {
+    /// The record has its result: records parked behind it may go.
+    fn resolved(self) -> bool {
+        matches!(self, Handled::Enriched | Handled::Reused)
+    }
+}
+
+/// Delayed retries through the retry topic.
+pub struct RetryPolicy {
+    pub topic: String,
+    /// In-process retries within one delivery before the retry topic.
+    pub quick_retries: u32,
+    pub delay: Duration,
+    pub max_delay: Duration,
+}
+
+impl RetryPolicy {
+    /// The delay before delayed retry number `n` (1-based): doubled each time, capped.
+    pub fn delay_for(&self, n: u32) -> Duration {
+        let factor = 2u32.saturating_pow(n.saturating_sub(1).min(20));
+        self.delay.saturating_mul(factor).min(self.max_delay)
+    }
 }
 
 /// Why an attempt did not produce a stored result.
@@ -65,15 +108,77 @@ impl From<sqlx::Error> for AttemptError {
 impl Enricher {
     /// Handles one request. `Err` means the infrastructure (database, Kafka) failed or
     /// the LLM endpoint is down: the record was not finished and must be read again.
-    pub async fn handle(&self, message: &OwnedMessage) -> anyhow::Result<()> {
+    pub async fn handle(&self, message: &OwnedMessage) -> anyhow::Result<Handled> {
         let headers = headers::collect(message.headers());
         let trace = TraceContext::extract(&headers).map(|t| t.child()).unwrap_or_else(TraceContext::new_root);
         let record_key = message.key().map(<[u8]>::to_vec);
         let envelope = match Envelope::decode_from(message.payload().unwrap_or_default()) {
             Ok(e) => e,
-            Err(e) => return self.reject_foreign(message, &trace, e.to_string()).await,
+            Err(e) => {
+                self.reject_foreign(message, &trace, e.to_string()).await?;
+                return Ok(Handled::DeadLettered);
+            }
         };
         let record_key = record_key.unwrap_or_else(|| envelope.idempotency_key.as_bytes().to_vec());
+        let retries: u32 = headers::find(&headers, headers::RETRY_COUNT).and_then(|v| v.parse().ok()).unwrap_or(0);
+        let key = envelope.idempotency_key.clone();
+        let (handled, own_block) = self.handle_envelope(envelope, &record_key, &trace, retries).await?;
+        if own_block && handled.resolved() {
+            self.release_parked(&record_key, key).await?;
+        }
+        Ok(handled)
+    }
+
+    /// Runs the records parked behind `blocker` (now resolved), one at a time in arrival
+    /// order, until one of them has to wait in its turn or none is left.
+    pub async fn release_parked(&self, kafka_key: &[u8], mut blocker: String) -> anyhow::Result<()> {
+        let Some(blocks) = &self.strict else { return Ok(()) };
+        while let Some(next) = blocks.advance(kafka_key, &blocker).await? {
+            let key = next.envelope.idempotency_key.clone();
+            tracing::info!(idempotency_key = %key, after = %blocker, "released from parking");
+            let trace = next
+                .traceparent
+                .as_deref()
+                .and_then(|t| TraceContext::parse(t, None))
+                .map(|t| t.child())
+                .unwrap_or_else(TraceContext::new_root);
+            let (handled, _) = Box::pin(self.handle_envelope(next.envelope, kafka_key, &trace, 0)).await?;
+            if !handled.resolved() {
+                break; // it waits for a retry or sits in the DLQ: the key stays blocked by it
+            }
+            blocker = key;
+        }
+        Ok(())
+    }
+
+    /// A released record whose process died before it finished: run it again (its key
+    /// state makes this idempotent), then the records behind it.
+    pub async fn rerun_parked(&self, kafka_key: &[u8], blocker: &str) -> anyhow::Result<()> {
+        let Some(blocks) = &self.strict else { return Ok(()) };
+        let Some(parked) = blocks.parked(kafka_key, blocker).await? else { return Ok(()) };
+        let trace = parked
+            .traceparent
+            .as_deref()
+            .and_then(|t| TraceContext::parse(t, None))
+            .map(|t| t.child())
+            .unwrap_or_else(TraceContext::new_root);
+        let (handled, own_block) = Box::pin(self.handle_envelope(parked.envelope, kafka_key, &trace, 0)).await?;
+        if own_block && handled.resolved() {
+            self.release_parked(kafka_key, blocker.to_string()).await?;
+        }
+        Ok(())
+    }
+
+    /// Handles one request; says whether the record held its Kafka key's block
+    /// (`strict-key`), so the records parked behind it may be released.
+    async fn handle_envelope(
+        &self,
+        envelope: Envelope,
+        record_key: &[u8],
+        trace: &TraceContext,
+        retries: u32,
+    ) -> anyhow::Result<(Handled, bool)> {
+        let record_key = record_key.to_vec();
         let key = envelope.idempotency_key.clone();
         // One record per idempotency key at a time in this process (two requests for one
         // key can arrive under different Kafka keys, e.g. after a replay).
@@ -86,8 +191,27 @@ impl Enricher {
                 _ = tokio::time::sleep(Duration::from_millis(20)) => {}
             }
         };
+        let mut own_block = false;
+        if let Some(blocks) = &self.strict {
+            match blocks.check(&record_key, &envelope, &trace.traceparent()).await? {
+                BlockCheck::Free => {}
+                BlockCheck::Own => own_block = true,
+                BlockCheck::Parked { blocker } => {
+                    let why = format!("parked behind {blocker} (ordering = strict-key)");
+                    self.store.record_run(&envelope, 0, "parked", &trace.trace_id_hex(), Some(&why)).await?;
+                    self.metrics.parked.inc();
+                    self.metrics.outcome("parked");
+                    tracing::info!(idempotency_key = %key, %blocker, "parked behind an earlier record of its key");
+                    return Ok((Handled::Parked, false));
+                }
+            }
+        }
+        let handled = |h: Handled| Ok((h, own_block));
         let mut backoff = Duration::from_millis(200);
         let mut isolated = None;
+        // Attempts made in this delivery: the first plus `quick_retries` run here, the
+        // next go through the retry topic.
+        let mut tries = 0u32;
         loop {
             // No call starts while the endpoint's breaker is open: the record waits here,
             // before its attempt is counted.
@@ -110,19 +234,22 @@ impl Enricher {
                     isolated = Some(self.isolation.acquire().await.map_err(anyhow::Error::from)?);
                     continue;
                 }
-                KeyState::Acquired { attempt } => attempt,
+                KeyState::Acquired { attempt } => {
+                    tries += 1;
+                    attempt
+                }
                 other => {
                     self.breaker.unused(admission);
                     match other {
                         KeyState::Enriched(stored) => {
-                            self.emit(&envelope, &record_key, &stored, 0, (0, 0), &trace).await?;
+                            self.emit(&envelope, &record_key, &stored, 0, (0, 0), trace).await?;
                             self.store.record_run(&envelope, 0, "reused", &trace.trace_id_hex(), None).await?;
                             self.metrics.outcome("reused");
-                            return Ok(());
+                            return handled(Handled::Reused);
                         }
                         KeyState::DeadLettered => {
                             tracing::debug!(idempotency_key = %key, "already dead-lettered; skipping");
-                            return Ok(());
+                            return handled(Handled::Skipped);
                         }
                         KeyState::AttemptsExhausted { attempts } => {
                             let err = RecordError::new(
@@ -130,7 +257,8 @@ impl Enricher {
                                 "max_attempts",
                                 format!("{attempts} attempts already made (llm.max_attempts); not calling again"),
                             );
-                            return self.give_up(envelope, &record_key, &err, attempts, &trace).await;
+                            self.give_up(envelope, &record_key, &err, attempts, trace).await?;
+                            return handled(Handled::DeadLettered);
                         }
                         KeyState::Leased { remaining } => {
                             // Another live replica is calling the LLM for this key: wait for it.
@@ -148,17 +276,17 @@ impl Enricher {
                 tracing::error!(idempotency_key = %key, attempt, "failpoint: aborting the process (enricher.failpoints)");
                 std::process::abort();
             }
-            let outcome = self.attempt(&envelope, attempt, &trace).await;
+            let outcome = self.attempt(&envelope, attempt, trace).await;
             let e = match outcome {
                 Ok((stored, tokens)) => {
                     self.breaker_success(admission);
-                    self.emit(&envelope, &record_key, &stored, attempt, tokens, &trace).await?;
+                    self.emit(&envelope, &record_key, &stored, attempt, tokens, trace).await?;
                     self.metrics.outcome("enriched");
                     if let Ok(mut limit) = self.dlq_limit.lock() {
                         limit.record(0, 1);
                     }
                     self.metrics.stage.dlq_limit_tripped.set(0);
-                    return Ok(());
+                    return handled(Handled::Enriched);
                 }
                 Err(AttemptError::Db(e)) => {
                     self.breaker.unused(admission);
@@ -183,6 +311,7 @@ impl Enricher {
                         // The endpoint is down, not this record: give its attempt back and
                         // wait for the breaker (nothing is dead-lettered during an outage).
                         self.store.release(&key, true).await?;
+                        tries = tries.saturating_sub(1);
                         if !self.breaker.is_open() {
                             let wait = e.retry_after.unwrap_or_else(|| jitter(backoff));
                             backoff = (backoff * 2).min(Duration::from_secs(10));
@@ -192,6 +321,10 @@ impl Enricher {
                             }
                         }
                         continue;
+                    }
+                    if attempt < self.store.max_attempts && tries > self.retry.quick_retries {
+                        self.schedule_retry(&envelope, &record_key, attempt, retries + 1, &e, trace).await?;
+                        return handled(Handled::RetryScheduled);
                     }
                     if attempt < self.store.max_attempts {
                         let wait = e.retry_after.unwrap_or_else(|| jitter(backoff));
@@ -210,17 +343,20 @@ impl Enricher {
                         "max_attempts",
                         format!("gave up after {attempt} attempts; last error: {}", e.error),
                     );
-                    return self.give_up(envelope, &record_key, &err, attempt, &trace).await;
+                    self.give_up(envelope, &record_key, &err, attempt, trace).await?;
+                    return handled(Handled::DeadLettered);
                 }
                 ErrorClass::Permanent => {
                     // The endpoint answered: it is up, the record is the problem.
                     self.breaker_success(admission);
-                    return self.give_up(envelope, &record_key, &e.error, attempt, &trace).await;
+                    self.give_up(envelope, &record_key, &e.error, attempt, trace).await?;
+                    return handled(Handled::DeadLettered);
                 }
                 ErrorClass::InvalidInput => {
                     // No call was made (the payload could not become a prompt).
                     self.breaker.unused(admission);
-                    return self.give_up(envelope, &record_key, &e.error, attempt, &trace).await;
+                    self.give_up(envelope, &record_key, &e.error, attempt, trace).await?;
+                    return handled(Handled::DeadLettered);
                 }
             }
         }
@@ -364,6 +500,39 @@ impl Enricher {
         self.produce(&self.results_topic, record_key, out.encode_to_bytes(), h).await
     }
 
+    /// Sends the record to the retry topic, due after the policy's delay (or the
+    /// endpoint's `Retry-After`, when longer); its attempt stays spent.
+    async fn schedule_retry(
+        &self,
+        envelope: &Envelope,
+        record_key: &[u8],
+        attempt: i32,
+        retry: u32,
+        error: &LlmError,
+        trace: &TraceContext,
+    ) -> anyhow::Result<()> {
+        let key = &envelope.idempotency_key;
+        let delay = self.retry.delay_for(retry).max(error.retry_after.unwrap_or_default());
+        let due = crate::consume::now_ms() + delay.as_millis() as i64;
+        if let Some(blocks) = &self.strict {
+            blocks.block(record_key, key).await?;
+        }
+        let out = Envelope { attempt: attempt.max(0) as u32, ..envelope.clone() };
+        let h = trace.inject(headers::owned(&[
+            (headers::IDEMPOTENCY_KEY, key),
+            (headers::RETRY_DUE_MS, &due.to_string()),
+            (headers::RETRY_COUNT, &retry.to_string()),
+        ]));
+        self.produce(&self.retry.topic, record_key, out.encode_to_bytes(), h).await?;
+        self.store.schedule_retry(key).await?;
+        let detail = format!("delayed retry {retry} due in {} ms; last error: {}", delay.as_millis(), error.error);
+        self.store.record_run(envelope, attempt, "retry_scheduled", &trace.trace_id_hex(), Some(&detail)).await?;
+        self.metrics.retries_scheduled.inc();
+        self.metrics.outcome("retry_scheduled");
+        tracing::warn!(idempotency_key = %key, attempt, retry, delay_ms = delay.as_millis() as u64, error = %error, "transient LLM failure; delayed retry scheduled");
+        Ok(())
+    }
+
     /// Dead-letters the record (the DLQ record first, then the state), never to be called again.
     async fn give_up(
         &self,
@@ -389,6 +558,9 @@ impl Enricher {
                 _ = self.shutdown.cancelled() => anyhow::bail!(why),
                 _ = tokio::time::sleep(Duration::from_secs(5)) => {}
             }
+        }
+        if let Some(blocks) = &self.strict {
+            blocks.block(record_key, &key).await?;
         }
         let snapshot = envelope.clone();
         let (dead, h) = dead_letter(envelope, error, STAGE, trace);
@@ -466,4 +638,23 @@ impl Drop for KeyGuard<'_> {
 /// Full jitter: a random wait between zero and `cap`.
 fn jitter(cap: Duration) -> Duration {
     cap.mul_f64(rand::random::<f64>())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::RetryPolicy;
+    use std::time::Duration;
+
+    #[test]
+    fn delayed_retries_double_up_to_the_cap() {
+        let p = RetryPolicy {
+            topic: "retry".into(),
+            quick_retries: 1,
+            delay: Duration::from_secs(30),
+            max_delay: Duration::from_secs(100),
+        };
+        let delays: Vec<u64> = (1..=4).map(|n| p.delay_for(n).as_secs()).collect();
+        assert_eq!(delays, vec![30, 60, 100, 100]);
+        assert_eq!(p.delay_for(1000), Duration::from_secs(100), "no overflow on a long retry history");
+    }
 }

@@ -85,6 +85,9 @@ mod tests {
             user_template: template.into(),
             output_schema: "{}".into(),
             max_attempts: 1,
+            quick_retries: 0,
+            retry_delay_ms: 1000,
+            retry_max_delay_ms: 1000,
             breaker_failures: 5,
             breaker_open_ms: 1000,
         }

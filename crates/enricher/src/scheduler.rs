@@ -185,6 +185,11 @@ impl Scheduler {
         actions
     }
 
+    /// Whether the partition is paused because it holds too many unfinished records.
+    pub fn is_paused(&self, partition: &PartitionId) -> bool {
+        self.trackers.get(partition).is_some_and(|t| t.paused)
+    }
+
     /// The partitions are no longer ours.
     pub fn revoke(&mut self, partitions: &[PartitionId]) {
         for p in partitions {

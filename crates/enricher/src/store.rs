@@ -367,6 +367,19 @@ impl StoreCore {
         Ok(())
     }
 
+    /// The record went to the retry topic: its attempt stays spent, its lease is given back.
+    pub async fn schedule_retry(&self, key: &str) -> sqlx::Result<()> {
+        sqlx::query(
+            "UPDATE enrich_state SET state = 'retry_scheduled', lease_owner = NULL, lease_until = NULL, updated_at = now()
+             WHERE pipeline = $1 AND idempotency_key = $2 AND state NOT IN ('enriched', 'published', 'dead_lettered')",
+        )
+        .bind(&self.pipeline)
+        .bind(key)
+        .execute(&self.pool)
+        .await?;
+        Ok(())
+    }
+
     pub async fn mark_dead_lettered(&self, key: &str) -> sqlx::Result<()> {
         sqlx::query(
             "UPDATE enrich_state SET state = 'dead_lettered', lease_owner = NULL, lease_until = NULL, updated_at = now()
