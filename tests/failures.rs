@@ -405,3 +405,89 @@ async fn a_stage_about_to_dead_letter_most_of_a_topic_pauses_instead() -> anyhow
     env.teardown().await;
     Ok(())
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn strict_key_ordering_parks_a_key_behind_its_dead_letter_and_releases_it_in_order() -> anyhow::Result<()> {
+    const OTHERS: usize = 10;
+    let port = enrich_e2e::free_port()?;
+    let token = "strict-token-0123456789".to_string();
+    let overrides = [
+        ("ENRICH_ENRICHER__ORDERING", "strict-key".to_string()),
+        ("ENRICH_LLM__MAX_ATTEMPTS", "3".to_string()),
+        ("ENRICH_DLQ_REPLAYER__HTTP_PORT", port.to_string()),
+        ("ENRICH_DLQ_REPLAYER__ADMIN_TOKEN", token.clone()),
+    ];
+    let env = TestEnv::new(llm_sim::Latency::default(), &overrides).await?;
+    // Three tickets of one customer (one Kafka key), the first one poison; and tickets
+    // of other customers.
+    let customer = format!("customer-{}", env.id);
+    let mut records = tickets_with_markers(&env.id, 3 + OTHERS, &[(0, "always-500")]);
+    for r in records.iter_mut().take(3) {
+        r.key = Some(customer.clone().into_bytes());
+    }
+    let ids: Vec<String> = records.iter().take(3).map(|r| r.ticket.as_ref().unwrap().id.clone()).collect();
+    let produced = produce_all(&env.settings, env.source_topic(), &records, |_| false, |_| {}).await?;
+    let stages =
+        [StageKind::Ingest, StageKind::Enricher, StageKind::Publisher, StageKind::DlqReplayer].map(|k| env.spawn(k));
+
+    // The first is dead-lettered (two quick attempts, a delayed retry, the third); the
+    // other two wait behind it; other customers are not held up.
+    let pipeline = env.settings.pipeline.name.clone();
+    wait_for("the poison ticket in the DLQ and the others published", DEADLINE, || async {
+        let a = account(&env.pool, &pipeline, env.source_topic(), &produced).await?;
+        Ok((a.published == OTHERS as i64 && a.dead_lettered_at_enricher == 1).then_some(a))
+    })
+    .await?;
+    let parked: Vec<(String,)> =
+        sqlx::query_as("SELECT idempotency_key FROM parked WHERE pipeline = $1 AND kafka_key = $2 ORDER BY seq")
+            .bind(&pipeline)
+            .bind(customer.as_bytes())
+            .fetch_all(&env.pool)
+            .await?;
+    let parked: Vec<&str> = parked.iter().map(|(k,)| k.rsplit(':').next().unwrap_or_default()).collect();
+    assert_eq!(parked, vec![ids[1].as_str(), ids[2].as_str()], "the later two are parked, in order");
+    assert_eq!(count_in_states(&env, &["enriched", "published"]).await?, OTHERS as i64);
+
+    // Fix the cause and replay the dead letter: all three are published, in source order.
+    env.sim.set_faults(llm_sim::Faults { markers: false, ..Default::default() });
+    let client = Client::new(format!("http://127.0.0.1:{port}"), Some(token));
+    let by_reason = Filter { reason: Some("max_attempts".into()), ..Default::default() };
+    let done = wait_for("the dlq-replayer API", DEADLINE, || async {
+        Ok(client.replay(&by_reason, false, Some("sim fixed")).await.ok())
+    })
+    .await?;
+    assert_eq!(done.replayed.len(), 1);
+    wait_for("the customer's three tickets to be published", DEADLINE, || async {
+        Ok((count_in_states(&env, &["published"]).await? == (3 + OTHERS) as i64).then_some(()))
+    })
+    .await?;
+    let group = env.settings.group_id(enrich_common::config::Stage::Publisher);
+    wait_for("the publisher to catch up", DEADLINE, || async {
+        Ok(enrich_e2e::loadgen::kafka_io::group_caught_up(&env.settings, &group, &env.settings.topics.results)?
+            .then_some(()))
+    })
+    .await?;
+    for s in stages {
+        s.stop().await?;
+    }
+    let output = read_to_end(&env.settings, &env.settings.topics.output, Duration::from_secs(30))?;
+    assert_eq!(output.len(), 3 + OTHERS, "each ticket published once");
+    let in_order: Vec<String> = output
+        .iter()
+        .filter(|m| m.key() == Some(customer.as_bytes()))
+        .map(|m| {
+            serde_json::from_slice::<serde_json::Value>(m.payload().unwrap()).unwrap()["id"]
+                .as_str()
+                .unwrap()
+                .to_string()
+        })
+        .collect();
+    assert_eq!(in_order, ids, "the customer's tickets come out in source order");
+    let (blocks,): (i64,) = sqlx::query_as("SELECT count(*) FROM key_blocks WHERE pipeline = $1")
+        .bind(&pipeline)
+        .fetch_one(&env.pool)
+        .await?;
+    assert_eq!(blocks, 0, "the block is lifted once nothing waits behind it");
+    env.teardown().await;
+    Ok(())
+}
