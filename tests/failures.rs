@@ -1,5 +1,6 @@
 //! Failure semantics on the real stack: an LLM outage pauses enrichment instead of
-//! dead-lettering healthy events, and everything completes once the endpoint is back.
+//! dead-lettering healthy events, and everything completes once the endpoint is back;
+//! poison records, crash loops, repairs, replays and strict-key ordering.
 
 #![allow(clippy::expect_used, clippy::unwrap_used)] // a failed expectation is the test failing
 
@@ -29,37 +30,53 @@ async fn an_llm_outage_opens_the_breaker_and_dead_letters_nothing() -> anyhow::R
         ("ENRICH_ENRICHER__MAX_IN_FLIGHT", "4".to_string()),
         ("ENRICH_ENRICHER__HTTP_PORT", enrichers_port.to_string()),
     ];
-    let env = TestEnv::new(llm_sim::Latency::default(), &overrides).await?;
-    env.sim.set_outage(Some(503));
+    // Each call takes 100 ms, so the run is still going when llm-sim stops.
+    let latency = llm_sim::Latency::Fixed(Duration::from_millis(100));
+    let mut env = TestEnv::new(latency, &overrides).await?;
     let records = workload::build(&Spec { run: env.id.clone(), unique: N, duplicates: 0, malformed: 0 });
     let produced = produce_all(&env.settings, env.source_topic(), &records, |_| false, |_| {}).await?;
     let stages = [StageKind::Ingest, StageKind::Enricher, StageKind::Publisher].map(|k| env.spawn(k));
 
-    // Without a breaker, 60 records × 3 attempts would all be dead-lettered here.
-    wait_for("the breaker to open and probe", DEADLINE, || async { Ok((env.sim.failed() >= 12).then_some(())) })
+    // Mid-run, llm-sim stops for 20 s: connections are refused.
+    wait_for("the first records to be enriched", DEADLINE, || async { Ok((env.sim.completions() >= 4).then_some(())) })
         .await?;
-    let failed_during_outage = env.sim.failed();
+    env.sim.stop().await;
+    let stopped_at = tokio::time::Instant::now();
+    let before_outage = env.sim.completions();
+    assert!(before_outage < N as u64, "the outage starts mid-run ({before_outage} calls done)");
+
+    // The operator sees why: /readyz and the breaker metric.
+    let reason = wait_for("the breaker to open", DEADLINE, || async {
+        let Ok(r) = reqwest::get(endpoint("/readyz")).await else { return Ok(None) };
+        Ok((r.status().as_u16() == 503).then_some(r.text().await?))
+    })
+    .await?;
+    assert!(reason.contains("breaker open"), "{reason}");
+    let metrics = reqwest::get(endpoint("/metrics")).await?.text().await?;
+    assert!(metrics.lines().any(|l| l == "enrich_llm_breaker_open 1"), "breaker metric:\n{metrics}");
+
+    // The outage lasts its 20 s; without a breaker, the records in flight would have
+    // used up their 3 attempts and been dead-lettered long before.
+    tokio::time::sleep_until(stopped_at + Duration::from_secs(20)).await;
     assert_eq!(count_in_states(&env, &["dead_lettered"]).await?, 0, "nothing dead-lettered during the outage");
-    assert_eq!(count_in_states(&env, &["enriched", "published"]).await?, 0);
+    assert_eq!(env.sim.completions(), before_outage, "llm-sim answered nothing while stopped");
     let (max_attempts,): (i32,) =
         sqlx::query_as("SELECT COALESCE(max(attempts), 0) FROM enrich_state WHERE pipeline = $1")
             .bind(&env.settings.pipeline.name)
             .fetch_one(&env.pool)
             .await?;
-    assert!(max_attempts <= 3, "failed calls during an outage do not use up attempts ({max_attempts})");
-    assert!(
-        failed_during_outage < N as u64,
-        "calls paused while the breaker was open ({failed_during_outage} failed calls for {N} records)"
-    );
+    assert!(max_attempts < 3, "failed calls during an outage do not use up attempts ({max_attempts})");
+    let (failed_calls,): (i64,) = sqlx::query_as(
+        "SELECT count(*) FROM step_outcomes WHERE pipeline = $1 AND step = 'llm_call' AND status = 'failed'",
+    )
+    .bind(&env.settings.pipeline.name)
+    .fetch_one(&env.pool)
+    .await?;
+    // 20 s at one probe every 300 ms is about 67 probes; a consumer without a breaker
+    // would have tried every record in flight over and over.
+    assert!(failed_calls < 150, "calls paused while the breaker was open ({failed_calls} failed calls in 20 s)");
 
-    // The operator sees why: /readyz and the breaker metric.
-    let ready = reqwest::get(endpoint("/readyz")).await?;
-    assert_eq!(ready.status().as_u16(), 503);
-    assert!(ready.text().await?.contains("breaker open"));
-    let metrics = reqwest::get(endpoint("/metrics")).await?.text().await?;
-    assert!(metrics.lines().any(|l| l == "enrich_llm_breaker_open 1"), "breaker metric:\n{metrics}");
-
-    env.sim.set_outage(None);
+    env.sim.restart().await?;
     let pipeline = env.settings.pipeline.name.clone();
     wait_for("every record to be published after the outage", DEADLINE, || async {
         let a = account(&env.pool, &pipeline, env.source_topic(), &produced).await?;

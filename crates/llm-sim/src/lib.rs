@@ -63,6 +63,10 @@ pub struct RunningSim {
     pub addr: SocketAddr,
     state: Arc<AppState>,
     pub handle: tokio::task::JoinHandle<()>,
+    router: Router,
+    shutdown: CancellationToken,
+    /// Stops this incarnation of the server (see `stop` and `restart`).
+    serving: CancellationToken,
 }
 
 impl RunningSim {
@@ -88,6 +92,23 @@ impl RunningSim {
         if let Ok(mut o) = self.state.outage.lock() {
             *o = status;
         }
+    }
+
+    /// Stops serving, as a process that exits would: the listener closes, requests in
+    /// flight finish, idle connections are closed, new connections are refused.
+    pub async fn stop(&mut self) {
+        self.serving.cancel();
+        let _ = (&mut self.handle).await;
+    }
+
+    /// Serves again on the same address, with the same counters and faults.
+    pub async fn restart(&mut self) -> anyhow::Result<()> {
+        let listener = tokio::net::TcpListener::bind(self.addr)
+            .await
+            .map_err(|e| anyhow::anyhow!("cannot listen on {} again: {e}", self.addr))?;
+        self.serving = self.shutdown.child_token();
+        self.handle = serve(listener, self.router.clone(), self.serving.clone());
+        Ok(())
     }
 
     /// The base URL to configure as `llm.base_url`.
@@ -123,14 +144,18 @@ pub async fn start(
         .await
         .map_err(|e| anyhow::anyhow!("cannot listen on {bind}:{port}: {e}"))?;
     let addr = listener.local_addr()?;
-    let handle = tokio::spawn(async move {
-        let served =
-            axum::serve(listener, router).with_graceful_shutdown(async move { shutdown.cancelled().await }).await;
+    let serving = shutdown.child_token();
+    let handle = serve(listener, router.clone(), serving.clone());
+    Ok(RunningSim { addr, state, handle, router, shutdown, serving })
+}
+
+fn serve(listener: tokio::net::TcpListener, router: Router, stop: CancellationToken) -> tokio::task::JoinHandle<()> {
+    tokio::spawn(async move {
+        let served = axum::serve(listener, router).with_graceful_shutdown(async move { stop.cancelled().await }).await;
         if let Err(e) = served {
             tracing::error!(error = %e, "llm-sim server failed");
         }
-    });
-    Ok(RunningSim { addr, state, handle })
+    })
 }
 
 fn openai_error(status: StatusCode, kind: &str, message: impl Into<String>) -> Response {
