@@ -508,3 +508,71 @@ async fn strict_key_ordering_parks_a_key_behind_its_dead_letter_and_releases_it_
     env.teardown().await;
     Ok(())
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn the_grpc_admin_api_lists_shows_discards_and_replays_with_the_token() -> anyhow::Result<()> {
+    use dlq_replayer::grpc::DeadLettersClient;
+    use dlq_replayer::grpc::pb;
+    const N: usize = 12;
+    let grpc_port = enrich_e2e::free_port()?;
+    let token = "grpc-token-0123456789".to_string();
+    let overrides = [
+        ("ENRICH_LLM__MAX_ATTEMPTS", "2".to_string()),
+        ("ENRICH_DLQ_REPLAYER__GRPC_PORT", grpc_port.to_string()),
+        ("ENRICH_DLQ_REPLAYER__ADMIN_TOKEN", token.clone()),
+    ];
+    let env = TestEnv::new(llm_sim::Latency::default(), &overrides).await?;
+    let records = tickets_with_markers(&env.id, N, &[(3, "always-500"), (8, "always-500")]);
+    let produced = produce_all(&env.settings, env.source_topic(), &records, |_| false, |_| {}).await?;
+    let stages =
+        [StageKind::Ingest, StageKind::Enricher, StageKind::Publisher, StageKind::DlqReplayer].map(|k| env.spawn(k));
+    let acct = wait_accounted(&env, &produced).await?;
+    assert_eq!((acct.published, acct.dead_lettered_at_enricher), ((N - 2) as i64, 2));
+
+    let endpoint = format!("http://127.0.0.1:{grpc_port}");
+    let mut client = wait_for("the gRPC admin API", DEADLINE, || async {
+        Ok(DeadLettersClient::connect(endpoint.clone()).await.ok())
+    })
+    .await?;
+    let by_reason = || Some(pb::Filter { reason: Some("max_attempts".into()), ..Default::default() });
+    let list = |status: &str| pb::ListRequest { status: status.into(), filter: by_reason(), after_id: 0, limit: 10 };
+    let dead = client.list(list("dead")).await?.into_inner().items;
+    assert_eq!(dead.len(), 2);
+    assert!(dead.iter().all(|d| d.stage == "enricher" && d.attempts == 2 && d.reason_class == "transient"));
+    let shown = client.show(pb::ShowRequest { id: dead[0].id }).await?.into_inner();
+    assert!(String::from_utf8(shown.payload)?.contains("[[sim:always-500]]"));
+    assert_eq!(shown.steps.iter().filter(|s| s.step == "llm_call" && s.status == "failed").count(), 2);
+    assert!(shown.runs.iter().any(|r| r.stage == "enricher" && r.status == "dead_lettered"));
+
+    // Mutations without the token are refused, and change nothing.
+    let anonymous = client.replay(pb::ReplayRequest { filter: by_reason(), dry_run: false, note: String::new() }).await;
+    assert_eq!(anonymous.unwrap_err().code(), tonic::Code::Unauthenticated);
+    fn with_token<T>(message: T, token: &str) -> tonic::Request<T> {
+        let mut r = tonic::Request::new(message);
+        r.metadata_mut().insert("authorization", format!("Bearer {token}").parse().unwrap());
+        r
+    }
+    // Discard one, replay the other once the cause is fixed.
+    let discarded = client
+        .discard(with_token(pb::DiscardRequest { id: dead[0].id, note: "not needed".into() }, &token))
+        .await?
+        .into_inner();
+    assert!(discarded.discarded);
+    assert_eq!(client.list(list("discarded")).await?.into_inner().items.len(), 1);
+    env.sim.set_faults(llm_sim::Faults { markers: false, ..Default::default() });
+    let request = |dry_run| pb::ReplayRequest { filter: by_reason(), dry_run, note: "sim fixed".into() };
+    let preview = client.replay(with_token(request(true), &token)).await?.into_inner();
+    assert_eq!((preview.matched, preview.replayed.len()), (1, 1));
+    let done = client.replay(with_token(request(false), &token)).await?.into_inner();
+    assert_eq!(done.replayed, vec![dead[1].id]);
+    wait_for("the replayed record to be published", DEADLINE, || async {
+        Ok((count_in_states(&env, &["published"]).await? == (N - 1) as i64).then_some(()))
+    })
+    .await?;
+    assert!(client.list(list("dead")).await?.into_inner().items.is_empty());
+    for s in stages {
+        s.stop().await?;
+    }
+    env.teardown().await;
+    Ok(())
+}

@@ -87,6 +87,7 @@ impl TestEnv {
             ("ENRICH_ENRICHER__HTTP_PORT".into(), "0".into()),
             ("ENRICH_PUBLISHER__HTTP_PORT".into(), "0".into()),
             ("ENRICH_DLQ_REPLAYER__HTTP_PORT".into(), "0".into()),
+            ("ENRICH_DLQ_REPLAYER__GRPC_PORT".into(), "0".into()),
             // Delayed retries come back quickly in tests.
             ("ENRICH_LLM__RETRY_DELAY_MS".into(), "400".into()),
         ]);

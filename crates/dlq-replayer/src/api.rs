@@ -67,16 +67,18 @@ fn error(status: StatusCode, message: impl Into<String>) -> Response {
 }
 
 fn authorized(api: &Api, headers: &HeaderMap) -> Result<(), Box<Response>> {
-    let Some(token) = &api.token else {
-        return Err(Box::new(error(
-            StatusCode::UNAUTHORIZED,
-            "no admin token is configured (dlq_replayer.admin_token)",
-        )));
+    let given = headers.get("authorization").and_then(|v| v.to_str().ok());
+    check_bearer(api.token.as_deref(), given).map_err(|why| Box::new(error(StatusCode::UNAUTHORIZED, why)))
+}
+
+/// Checks an `Authorization` value against the configured token (HTTP and gRPC alike).
+pub fn check_bearer(token: Option<&str>, authorization: Option<&str>) -> Result<(), &'static str> {
+    let Some(token) = token else {
+        return Err("no admin token is configured (dlq_replayer.admin_token)");
     };
-    let given = headers.get("authorization").and_then(|v| v.to_str().ok()).and_then(|v| v.strip_prefix("Bearer "));
-    match given {
+    match authorization.and_then(|v| v.strip_prefix("Bearer ")) {
         Some(g) if constant_time_eq(g.as_bytes(), token.as_bytes()) => Ok(()),
-        _ => Err(Box::new(error(StatusCode::UNAUTHORIZED, "missing or wrong bearer token"))),
+        _ => Err("missing or wrong bearer token"),
     }
 }
 
@@ -109,13 +111,7 @@ async fn replay(State(api): State<Arc<Api>>, headers: HeaderMap, Json(req): Json
         return *r;
     }
     let f = &req.filter;
-    if f.ids.is_none()
-        && f.reason.is_none()
-        && f.stage.is_none()
-        && f.key.is_none()
-        && f.from.is_none()
-        && f.to.is_none()
-    {
+    if f.is_empty() {
         return error(StatusCode::BAD_REQUEST, "give ids or a filter (reason, stage, key, from, to)");
     }
     match api.replayer.replay(f, req.dry_run, req.note.as_deref()).await {

@@ -6,6 +6,7 @@
 
 pub mod api;
 pub mod cli;
+pub mod grpc;
 pub mod replay;
 
 use enrich_common::Settings;
@@ -23,12 +24,24 @@ pub async fn run(settings: Settings, shutdown: Shutdown) -> anyhow::Result<()> {
         tracing::warn!("no dlq_replayer.admin_token: replay and discard are refused (401)");
     }
     let port = settings.dlq_replayer.http_port;
+    let grpc_port = settings.dlq_replayer.grpc_port;
     let api = Arc::new(api::Api { replayer: replay::Replayer { settings, pool, producer }, token });
-    let router = http::router(state.clone()).merge(api::routes(api));
-    let (addr, task) = http::serve("0.0.0.0", port, router, shutdown).await?;
-    tracing::info!(%addr, "admin API and health endpoints listening");
+    let grpc_listener = tokio::net::TcpListener::bind(("0.0.0.0", grpc_port))
+        .await
+        .map_err(|e| anyhow::anyhow!("cannot listen on 0.0.0.0:{grpc_port} (dlq_replayer.grpc_port): {e}"))?;
+    let grpc_addr = grpc_listener.local_addr()?;
+    let router = http::router(state.clone()).merge(api::routes(api.clone()));
+    let (addr, task) = http::serve("0.0.0.0", port, router, shutdown.clone()).await?;
+    let grpc = tonic::transport::Server::builder()
+        .add_service(grpc::service(api))
+        .serve_with_incoming_shutdown(tonic::transport::server::TcpIncoming::from(grpc_listener), async move {
+            shutdown.cancelled().await
+        });
+    tracing::info!(%addr, %grpc_addr, "admin API (HTTP and gRPC) and health endpoints listening");
     state.set_ready();
-    task.await?;
+    let (served, grpc_served) = tokio::join!(task, grpc);
+    served?;
+    grpc_served.map_err(|e| anyhow::anyhow!("gRPC admin API: {e}"))?;
     Ok(())
 }
 

@@ -25,6 +25,18 @@ pub struct Filter {
     pub to: Option<String>,
 }
 
+impl Filter {
+    /// Selects nothing narrower than everything: refused for replays.
+    pub fn is_empty(&self) -> bool {
+        self.ids.is_none()
+            && self.reason.is_none()
+            && self.stage.is_none()
+            && self.key.is_none()
+            && self.from.is_none()
+            && self.to.is_none()
+    }
+}
+
 #[derive(Debug, Clone, Serialize, Deserialize, sqlx::FromRow)]
 pub struct DeadLetter {
     pub id: i64,
@@ -94,11 +106,41 @@ pub async fn list(
     .await
 }
 
-type RunRow = (String, i32, String, Option<String>, Option<String>, String);
-type StepRow = (String, i32, String, Option<f64>, Option<i32>, Option<i32>, Option<String>);
+/// A stage's run at the key, from the run history.
+#[derive(Debug, Clone, Serialize, Deserialize, sqlx::FromRow)]
+pub struct RunEntry {
+    pub stage: String,
+    pub attempt: i32,
+    pub status: String,
+    pub detail: Option<String>,
+    pub worker: Option<String>,
+    pub at: String,
+}
+
+/// One step's outcome (a call, a validation), from the audit.
+#[derive(Debug, Clone, Serialize, Deserialize, sqlx::FromRow)]
+pub struct StepEntry {
+    pub step: String,
+    pub attempt: i32,
+    pub status: String,
+    pub duration_ms: Option<f64>,
+    pub input_tokens: Option<i32>,
+    pub output_tokens: Option<i32>,
+    pub error: Option<String>,
+}
 
 /// One dead letter with its payload and the key's whole history.
-pub async fn show(pool: &PgPool, pipeline: &str, id: i64) -> anyhow::Result<Option<serde_json::Value>> {
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Shown {
+    pub dead_letter: DeadLetter,
+    /// The original payload (as UTF-8 text, lossy).
+    pub payload: String,
+    pub runs: Vec<RunEntry>,
+    pub steps: Vec<StepEntry>,
+}
+
+/// One dead letter with its payload and the key's whole history.
+pub async fn show(pool: &PgPool, pipeline: &str, id: i64) -> anyhow::Result<Option<Shown>> {
     let row: Option<DeadLetter> = sqlx::query_as(sqlx::AssertSqlSafe(format!(
         "SELECT {COLUMNS} FROM dead_letters WHERE pipeline = $1 AND id = $2"
     )))
@@ -111,15 +153,16 @@ pub async fn show(pool: &PgPool, pipeline: &str, id: i64) -> anyhow::Result<Opti
         sqlx::query_as("SELECT envelope FROM dead_letters WHERE id = $1").bind(id).fetch_one(pool).await?;
     let payload =
         Envelope::decode_from(&bytes).map(|e| String::from_utf8_lossy(&e.payload).into_owned()).unwrap_or_default();
-    let runs: Vec<RunRow> = sqlx::query_as(
-        "SELECT stage, attempt, status, detail, worker, to_char(recorded_at AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS.MS\"Z\"')
+    let runs: Vec<RunEntry> = sqlx::query_as(
+        "SELECT stage, attempt, status, detail, worker,
+                to_char(recorded_at AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS.MS\"Z\"') AS at
          FROM run_history WHERE pipeline = $1 AND idempotency_key = $2 ORDER BY recorded_at, id",
     )
     .bind(pipeline)
     .bind(&row.idempotency_key)
     .fetch_all(pool)
     .await?;
-    let steps: Vec<StepRow> = sqlx::query_as(
+    let steps: Vec<StepEntry> = sqlx::query_as(
         "SELECT step, attempt, status, duration_ms, input_tokens, output_tokens, error
          FROM step_outcomes WHERE pipeline = $1 AND idempotency_key = $2 ORDER BY recorded_at, id",
     )
@@ -127,12 +170,7 @@ pub async fn show(pool: &PgPool, pipeline: &str, id: i64) -> anyhow::Result<Opti
     .bind(&row.idempotency_key)
     .fetch_all(pool)
     .await?;
-    Ok(Some(serde_json::json!({
-        "dead_letter": row,
-        "payload": payload,
-        "runs": runs.iter().map(|r| serde_json::json!({"stage": r.0, "attempt": r.1, "status": r.2, "detail": r.3, "worker": r.4, "at": r.5})).collect::<Vec<_>>(),
-        "steps": steps.iter().map(|s| serde_json::json!({"step": s.0, "attempt": s.1, "status": s.2, "duration_ms": s.3, "input_tokens": s.4, "output_tokens": s.5, "error": s.6})).collect::<Vec<_>>(),
-    })))
+    Ok(Some(Shown { dead_letter: row, payload, runs, steps }))
 }
 
 pub struct Replayer {

@@ -368,6 +368,8 @@ impl Default for PublisherSettings {
 #[serde(default, deny_unknown_fields)]
 pub struct DlqReplayerSettings {
     pub http_port: u16,
+    /// The same admin API over gRPC (`enrichment.admin.v1.DeadLetters`).
+    pub grpc_port: u16,
     /// Bearer token every mutating admin call must carry (replay, discard); at least 16
     /// characters. Unset or empty: those calls are refused with 401. Secret: set it with
     /// ENRICH_DLQ_REPLAYER__ADMIN_TOKEN.
@@ -380,7 +382,7 @@ pub struct DlqReplayerSettings {
 
 impl Default for DlqReplayerSettings {
     fn default() -> Self {
-        Self { http_port: 9104, admin_token: None, max_replays_per_key: 3, replay_rate_per_sec: 200 }
+        Self { http_port: 9104, grpc_port: 9105, admin_token: None, max_replays_per_key: 3, replay_rate_per_sec: 200 }
     }
 }
 
