@@ -7,14 +7,14 @@ pub const TRACEPARENT: &str = "traceparent";
 pub const TRACESTATE: &str = "tracestate";
 
 /// DLQ headers, readable with any Kafka tool.
-pub const DLQ_REASON_CLASS: &str = "dlq-reason-class";
-pub const DLQ_REASON: &str = "dlq-reason";
-pub const DLQ_ERROR: &str = "dlq-error";
-pub const DLQ_STAGE: &str = "dlq-stage";
-pub const DLQ_ATTEMPTS: &str = "dlq-attempts";
-pub const DLQ_ORIGINAL_TOPIC: &str = "dlq-original-topic";
-pub const DLQ_ORIGINAL_PARTITION: &str = "dlq-original-partition";
-pub const DLQ_ORIGINAL_OFFSET: &str = "dlq-original-offset";
+pub const DLQ_REASON_CLASS: &str = "dlq.reason.class";
+pub const DLQ_REASON: &str = "dlq.reason";
+pub const DLQ_ERROR: &str = "dlq.error";
+pub const DLQ_STAGE: &str = "dlq.stage";
+pub const DLQ_ATTEMPTS: &str = "dlq.attempts";
+pub const DLQ_ORIGINAL_TOPIC: &str = "dlq.original.topic";
+pub const DLQ_ORIGINAL_PARTITION: &str = "dlq.original.partition";
+pub const DLQ_ORIGINAL_OFFSET: &str = "dlq.original.offset";
 
 /// Delayed retries on the retry topic: when the record is due (Unix milliseconds), and
 /// how many delayed retries it has had (this one included).

@@ -8,37 +8,68 @@ use axum::http::{StatusCode, header};
 use axum::response::IntoResponse;
 use axum::routing::get;
 use prometheus_client::registry::Registry;
+use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::sync::{Arc, RwLock};
 use tokio_util::sync::CancellationToken;
 
 /// Shared between a service's work loop and its HTTP endpoints.
+///
+/// Readiness is a set of named conditions, each with its reason: the stage is ready when
+/// none holds. Separate causes (work failing, an open circuit breaker, the DLQ limit)
+/// come and go independently, so one clearing never hides another.
 pub struct ServiceState {
     pub service: &'static str,
     registry: Registry,
-    /// None when ready; otherwise why not.
-    not_ready: RwLock<Option<String>>,
+    not_ready: RwLock<BTreeMap<&'static str, String>>,
 }
+
+/// The condition `set_ready` / `set_not_ready` drive: the stage's work failing.
+const WORK: &str = "work";
+const STARTING: &str = "starting";
 
 impl ServiceState {
     pub fn new(service: &'static str, registry: Registry) -> Arc<Self> {
-        Arc::new(Self { service, registry, not_ready: RwLock::new(Some("starting".into())) })
+        let not_ready = BTreeMap::from([(STARTING, "starting".to_string())]);
+        Arc::new(Self { service, registry, not_ready: RwLock::new(not_ready) })
     }
 
+    /// Started, and the work succeeds (again).
     pub fn set_ready(&self) {
-        if let Ok(mut r) = self.not_ready.write() {
-            *r = None;
+        if let Ok(mut r) = self.not_ready.write()
+            && !r.is_empty()
+        {
+            r.remove(STARTING);
+            r.remove(WORK);
         }
     }
 
+    /// The work fails, for this reason.
     pub fn set_not_ready(&self, reason: impl Into<String>) {
+        self.set_condition(WORK, Some(reason.into()));
+    }
+
+    /// Sets (Some) or clears (None) a named cause of unreadiness.
+    pub fn set_condition(&self, name: &'static str, reason: Option<String>) {
         if let Ok(mut r) = self.not_ready.write() {
-            *r = Some(reason.into());
+            match reason {
+                Some(reason) => {
+                    r.insert(name, reason);
+                }
+                None => {
+                    r.remove(name);
+                }
+            }
         }
     }
 
+    /// None when ready; otherwise every reason, "; "-separated.
     pub fn not_ready_reason(&self) -> Option<String> {
-        self.not_ready.read().map(|r| r.clone()).unwrap_or_else(|_| Some("poisoned".into()))
+        match self.not_ready.read() {
+            Ok(r) if r.is_empty() => None,
+            Ok(r) => Some(r.values().cloned().collect::<Vec<_>>().join("; ")),
+            Err(_) => Some("poisoned".into()),
+        }
     }
 
     pub fn encode_metrics(&self) -> String {
@@ -89,4 +120,23 @@ pub async fn serve(
         }
     });
     Ok((addr, handle))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn one_cause_clearing_does_not_hide_another() {
+        let s = ServiceState::new("t", Registry::default());
+        assert_eq!(s.not_ready_reason().as_deref(), Some("starting"));
+        s.set_ready();
+        assert_eq!(s.not_ready_reason(), None);
+        s.set_condition("llm_breaker", Some("breaker open".into()));
+        s.set_not_ready("database down");
+        s.set_ready();
+        assert_eq!(s.not_ready_reason().as_deref(), Some("breaker open"), "work recovered, the breaker is still open");
+        s.set_condition("llm_breaker", None);
+        assert_eq!(s.not_ready_reason(), None);
+    }
 }

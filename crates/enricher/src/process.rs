@@ -286,6 +286,7 @@ impl Enricher {
                         limit.record(0, 1);
                     }
                     self.metrics.stage.dlq_limit_tripped.set(0);
+                    self.state.set_condition("dlq_limit", None);
                     return handled(Handled::Enriched);
                 }
                 Err(AttemptError::Db(e)) => {
@@ -366,7 +367,7 @@ impl Enricher {
         if self.breaker.success(admission) == Some(Transition::Closed) {
             tracing::info!("LLM circuit breaker closed: the endpoint answers again; consumption resumes");
             self.metrics.breaker_open.set(0);
-            self.state.set_ready();
+            self.state.set_condition("llm_breaker", None);
         }
     }
 
@@ -374,7 +375,7 @@ impl Enricher {
         if self.breaker.failure(admission) == Some(Transition::Opened) {
             tracing::error!(error = %error, "LLM circuit breaker opened: calls paused, offsets kept, nothing dead-lettered");
             self.metrics.breaker_open.set(1);
-            self.state.set_not_ready(format!("LLM circuit breaker open; last error: {error}"));
+            self.state.set_condition("llm_breaker", Some(format!("LLM circuit breaker open; last error: {error}")));
         }
     }
 
@@ -553,7 +554,7 @@ impl Enricher {
                 tracing::error!(reason = %why, "DLQ limit reached: holding dead letters");
             }
             self.metrics.stage.dlq_limit_tripped.set(1);
-            self.state.set_not_ready(why.clone());
+            self.state.set_condition("dlq_limit", Some(why.clone()));
             tokio::select! {
                 _ = self.shutdown.cancelled() => anyhow::bail!(why),
                 _ = tokio::time::sleep(Duration::from_secs(5)) => {}
