@@ -56,7 +56,14 @@ where
     if let Some(code) = probe_from_args() {
         return code;
     }
-    crate::telemetry::init(service);
+    let telemetry = match crate::telemetry::init(service) {
+        Ok(t) => t,
+        Err(e) => {
+            tracing::error!(error = %format!("{e:#}"), "cannot start");
+            eprintln!("{service}: {e:#}");
+            return std::process::ExitCode::from(2);
+        }
+    };
     let settings = match load_settings() {
         Ok(s) => s,
         Err(e) => {
@@ -65,7 +72,7 @@ where
             return std::process::ExitCode::from(2);
         }
     };
-    match run(settings, crate::shutdown::on_signals()).await {
+    let code = match run(settings, crate::shutdown::on_signals()).await {
         Ok(()) => {
             tracing::info!("stopped");
             std::process::ExitCode::SUCCESS
@@ -75,7 +82,10 @@ where
             eprintln!("{service}: {e:#}");
             std::process::ExitCode::FAILURE
         }
-    }
+    };
+    // The spans of the last records leave before the process does.
+    telemetry.shutdown();
+    code
 }
 
 /// `SERVICE --probe http://127.0.0.1:PORT/PATH`: a health check for containers that have
@@ -119,7 +129,7 @@ where
     F: FnOnce(Settings) -> Fut,
     Fut: std::future::Future<Output = anyhow::Result<()>>,
 {
-    crate::telemetry::init(service);
+    crate::telemetry::init_logs(service);
     let settings = match load_settings_from(std::env::args().skip(2)) {
         Ok(s) => s,
         Err(e) => {

@@ -17,6 +17,7 @@ pub mod idempotency;
 pub mod kafka;
 pub mod service;
 pub mod shutdown;
+pub mod spans;
 pub mod telemetry;
 pub mod trace_context;
 

@@ -19,7 +19,7 @@ async fn main() -> anyhow::Result<()> {
     if let Some(code) = enrich_common::cli::probe_from_args() {
         std::process::exit(if code == std::process::ExitCode::SUCCESS { 0 } else { 1 });
     }
-    enrich_common::telemetry::init("llm-sim");
+    enrich_common::telemetry::init_logs("llm-sim");
     let mut bind = std::env::var("LLM_SIM_BIND").unwrap_or_else(|_| "0.0.0.0".into());
     let mut port: u16 = match std::env::var("LLM_SIM_PORT") {
         Ok(v) => v.parse().map_err(|e| anyhow::anyhow!("LLM_SIM_PORT={v:?}: {e}"))?,
