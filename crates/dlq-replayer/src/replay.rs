@@ -1,7 +1,10 @@
 //! The dead-letter operations, against PostgreSQL and Kafka: list, show, replay, discard.
 
 use enrich_common::envelope::Envelope;
+use enrich_common::spans::{RecordSpan, attr};
 use enrich_common::{Settings, TraceContext, headers};
+use opentelemetry::KeyValue;
+use opentelemetry::trace::SpanKind;
 use rdkafka::message::{Header as KafkaHeader, OwnedHeaders};
 use rdkafka::producer::{FutureProducer, FutureRecord};
 use serde::{Deserialize, Serialize};
@@ -50,6 +53,8 @@ pub struct DeadLetter {
     pub source_partition: Option<i32>,
     pub source_offset: Option<i64>,
     pub trace_id: Option<String>,
+    /// The context of the span that wrote the dead letter; a replay continues from it.
+    pub traceparent: Option<String>,
     pub status: String,
     pub created_at: String,
 }
@@ -70,7 +75,7 @@ pub struct ReplayOutcome {
 }
 
 const COLUMNS: &str = "id, idempotency_key, stage, reason_class, reason, error, attempts, source_topic, source_partition,
-                       source_offset, trace_id, status, to_char(created_at AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS.MS\"Z\"') AS created_at";
+                       source_offset, trace_id, traceparent, status, to_char(created_at AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS.MS\"Z\"') AS created_at";
 
 /// Dead letters matching the filter with `status`, oldest first, after `after_id`.
 pub async fn list(
@@ -249,21 +254,28 @@ impl Replayer {
         let mut envelope = Envelope::decode_from(&bytes)?;
         envelope.outcome = None;
         envelope.attempt = 0;
-        // The replay continues the record's trace.
-        let trace = dead
-            .trace_id
-            .as_deref()
-            .and_then(|t| TraceContext::parse(&format!("00-{t}-{}-01", "0000000000000001"), None))
-            .map(|t| t.child())
-            .unwrap_or_else(TraceContext::new_root);
+        // The replay continues the record's trace, from the span that dead-lettered it
+        // (its parent, and a link).
+        let incoming = dead.traceparent.as_deref().and_then(|t| TraceContext::parse(t, None));
+        let span = RecordSpan::resume("dlq-replayer", "replay", SpanKind::Internal, incoming.as_ref());
+        span.set([
+            KeyValue::new(attr::IDEMPOTENCY_KEY, dead.idempotency_key.clone()),
+            KeyValue::new("enrich.dead_letter.id", dead.id),
+        ]);
         let src = envelope.source.clone().unwrap_or_default();
         if dead.stage == "ingest-dedup" {
             // A malformed source record goes back to its source topic, as it was, for ingest
             // to read again (its cause, such as a key strategy, fixed meanwhile).
+            let send = span.producer(&src.topic);
             let mut h = OwnedHeaders::new();
             for header in &envelope.headers {
+                // The record's trace continues from this replay.
+                if header.key == headers::TRACEPARENT || header.key == headers::TRACESTATE {
+                    continue;
+                }
                 h = h.insert(KafkaHeader { key: &header.key, value: header.value.as_deref() });
             }
+            let h = send.ids().inject(h);
             let mut record = FutureRecord::to(&src.topic).payload(&envelope.payload).headers(h);
             if let Some(k) = &src.key {
                 record = record.key(k);
@@ -279,7 +291,8 @@ impl Replayer {
             .bind(&dead.idempotency_key)
             .execute(&self.pool)
             .await?;
-            let h = trace.inject(headers::owned(&[
+            let send = span.producer(&self.settings.topics.requests);
+            let h = send.ids().inject(headers::owned(&[
                 (headers::IDEMPOTENCY_KEY, &dead.idempotency_key),
                 ("replay-of", &dead.id.to_string()),
             ]));

@@ -64,6 +64,37 @@ pub struct Settings {
     pub dlq_replayer: DlqReplayerSettings,
     #[serde(default)]
     pub dlq_limit: DlqLimitSettings,
+    #[serde(default)]
+    pub telemetry: TelemetrySettings,
+    #[serde(default)]
+    pub audit: AuditSettings,
+}
+
+/// What the spans may carry (export itself is configured by the standard `OTEL_*`
+/// variables).
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct TelemetrySettings {
+    /// Put prompts and completions on the LLM call spans (`gen_ai.input.messages`,
+    /// `gen_ai.output.messages`). Off by default: event contents stay out of traces.
+    pub capture_content: bool,
+}
+
+/// The run history and step outcomes.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct AuditSettings {
+    /// Audit rows older than this many days are deleted by the dlq-replayer's retention
+    /// job. 0 keeps them forever.
+    pub retention_days: u32,
+    /// How often the retention job runs.
+    pub retention_interval_secs: u64,
+}
+
+impl Default for AuditSettings {
+    fn default() -> Self {
+        Self { retention_days: 30, retention_interval_secs: 3600 }
+    }
 }
 
 /// When a stage stops dead-lettering (see enrich_common::dlq_limit).
@@ -223,6 +254,12 @@ pub struct LlmSettings {
     /// How long the breaker stays open before one probe call.
     #[serde(default = "default_breaker_open_ms")]
     pub breaker_open_ms: u64,
+    /// Prices in USD per million tokens, for the cost recorded per call (audit, metrics,
+    /// spans). 0: cost not tracked.
+    #[serde(default)]
+    pub input_usd_per_mtok: f64,
+    #[serde(default)]
+    pub output_usd_per_mtok: f64,
 }
 
 fn default_connect_timeout_ms() -> u64 {

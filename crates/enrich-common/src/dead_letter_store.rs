@@ -2,11 +2,13 @@
 
 use sqlx::PgPool;
 
+use crate::TraceContext;
 use crate::envelope::Envelope;
 
 /// Records dead letters (envelopes carrying their failure), in one statement. A
 /// malformed source record redelivered to ingest is recorded once.
-pub async fn record(pool: &PgPool, dead: &[(&Envelope, &str)]) -> sqlx::Result<()> {
+/// `trace` is the context of the span that produced the DLQ record.
+pub async fn record(pool: &PgPool, dead: &[(&Envelope, &TraceContext)]) -> sqlx::Result<()> {
     if dead.is_empty() {
         return Ok(());
     }
@@ -21,8 +23,9 @@ pub async fn record(pool: &PgPool, dead: &[(&Envelope, &str)]) -> sqlx::Result<(
     let mut partition = Vec::new();
     let mut offset = Vec::new();
     let mut trace = Vec::new();
+    let mut traceparent = Vec::new();
     let mut bytes = Vec::new();
-    for (envelope, trace_id) in dead {
+    for (envelope, context) in dead {
         let failure = envelope.failure().cloned().unwrap_or_default();
         let src = envelope.source.clone().unwrap_or_default();
         pipeline.push(envelope.pipeline.clone());
@@ -35,14 +38,15 @@ pub async fn record(pool: &PgPool, dead: &[(&Envelope, &str)]) -> sqlx::Result<(
         topic.push(src.topic);
         partition.push(src.partition);
         offset.push(src.offset);
-        trace.push(trace_id.to_string());
+        trace.push(context.trace_id_hex());
+        traceparent.push(context.traceparent());
         bytes.push(envelope.encode_to_bytes());
     }
     sqlx::query(
         "INSERT INTO dead_letters (pipeline, idempotency_key, stage, reason_class, reason, error, attempts,
-                                   source_topic, source_partition, source_offset, trace_id, envelope)
+                                   source_topic, source_partition, source_offset, trace_id, envelope, traceparent)
          SELECT * FROM UNNEST($1::text[], $2::text[], $3::text[], $4::text[], $5::text[], $6::text[], $7::int[],
-                              $8::text[], $9::int[], $10::bigint[], $11::text[], $12::bytea[])
+                              $8::text[], $9::int[], $10::bigint[], $11::text[], $12::bytea[], $13::text[])
          ON CONFLICT (pipeline, source_topic, source_partition, source_offset) WHERE stage = 'ingest-dedup' DO NOTHING",
     )
     .bind(&pipeline)
@@ -57,6 +61,7 @@ pub async fn record(pool: &PgPool, dead: &[(&Envelope, &str)]) -> sqlx::Result<(
     .bind(&offset)
     .bind(&trace)
     .bind(&bytes)
+    .bind(&traceparent)
     .execute(pool)
     .await?;
     Ok(())

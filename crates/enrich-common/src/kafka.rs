@@ -2,6 +2,7 @@
 
 use rdkafka::ClientConfig;
 use rdkafka::Message;
+use rdkafka::Offset;
 use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
 use rdkafka::client::DefaultClientContext;
 use rdkafka::consumer::{Consumer, StreamConsumer};
@@ -182,4 +183,52 @@ pub fn drain<C: rdkafka::consumer::ConsumerContext + 'static>(consumer: &StreamC
         Ok(()) => tracing::info!("offsets committed on shutdown"),
         Err(e) => tracing::info!(error = %e, "no offsets to commit on shutdown"),
     }
+}
+
+/// Reports each assigned partition's lag (end of the partition minus the group's
+/// committed offset, as `kafka-consumer-groups` shows it) into `enrich_consumer_lag`
+/// every `every`, until `shutdown`. Off the consumer loop, on a blocking thread: a few
+/// small requests to the broker per interval.
+pub fn spawn_lag_reporter<C>(
+    consumer: std::sync::Arc<rdkafka::consumer::StreamConsumer<C>>,
+    metrics: crate::service::StageMetrics,
+    every: Duration,
+    shutdown: crate::shutdown::Shutdown,
+) -> tokio::task::JoinHandle<()>
+where
+    C: rdkafka::consumer::ConsumerContext + 'static,
+{
+    tokio::spawn(async move {
+        loop {
+            tokio::select! {
+                _ = shutdown.cancelled() => return,
+                _ = tokio::time::sleep(every) => {}
+            }
+            let c = consumer.clone();
+            let lags = tokio::task::spawn_blocking(move || -> KafkaResult<Vec<(String, i32, i64)>> {
+                let timeout = Duration::from_secs(5);
+                let committed = c.committed(timeout)?;
+                let mut lags = Vec::new();
+                for e in committed.elements() {
+                    let (low, high) = c.fetch_watermarks(e.topic(), e.partition(), timeout)?;
+                    // Nothing committed yet: the whole partition is ahead.
+                    let position = match e.offset() {
+                        Offset::Offset(o) => o,
+                        _ => low,
+                    };
+                    lags.push((e.topic().to_string(), e.partition(), (high - position).max(0)));
+                }
+                Ok(lags)
+            })
+            .await;
+            let Ok(Ok(lags)) = lags else { continue };
+            metrics.consumer_lag.clear();
+            for (topic, partition, lag) in lags {
+                metrics
+                    .consumer_lag
+                    .get_or_create(&vec![("topic", topic), ("partition", partition.to_string())])
+                    .set(lag);
+            }
+        }
+    })
 }

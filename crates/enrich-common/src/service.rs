@@ -22,6 +22,10 @@ pub type Labels = Vec<(&'static str, String)>;
 pub struct StageMetrics {
     /// Records read from Kafka, per topic.
     pub consumed: Family<Labels, Counter>,
+    /// Records written to Kafka and acknowledged, per topic.
+    pub produced: Family<Labels, Counter>,
+    /// Records between the consumer's position and the end of each assigned partition.
+    pub consumer_lag: Family<Labels, prometheus_client::metrics::gauge::Gauge>,
     /// Records sent to the DLQ, per reason.
     pub dead_letters: Family<Labels, Counter>,
     /// Batches that failed and were retried.
@@ -34,6 +38,12 @@ impl StageMetrics {
     fn register(registry: &mut Registry) -> Self {
         let m = Self::default();
         registry.register("enrich_records_consumed", "Records read from Kafka, per topic", m.consumed.clone());
+        registry.register("enrich_records_produced", "Records written to Kafka, per topic", m.produced.clone());
+        registry.register(
+            "enrich_consumer_lag",
+            "Records from the consumer's position to the end of the partition",
+            m.consumer_lag.clone(),
+        );
         registry.register("enrich_dead_letters", "Records sent to the DLQ, by reason", m.dead_letters.clone());
         registry.register("enrich_batch_retries", "Batches that failed and were retried", m.batch_retries.clone());
         registry.register(
@@ -46,6 +56,12 @@ impl StageMetrics {
 
     pub fn consumed(&self, topic: &str) {
         inc(&self.consumed, "topic", topic);
+    }
+
+    pub fn produced(&self, topic: &str, n: u64) {
+        if n > 0 {
+            self.produced.get_or_create(&vec![("topic", topic.to_string())]).inc_by(n);
+        }
     }
 
     pub fn dead_lettered(&self, reason: &str) {

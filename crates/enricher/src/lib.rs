@@ -55,8 +55,14 @@ pub async fn run(settings: Settings, shutdown: CancellationToken) -> anyhow::Res
     let producer = kafka::producer(&settings, STAGE.as_str())?;
     let group = settings.group_id(STAGE);
     let (rebalances, rebalance_rx) = consume::RebalanceEvents::new();
-    let consumer =
-        kafka::consumer_with_context(&settings, &group, STAGE.as_str(), kafka::OffsetCommit::Stored, rebalances)?;
+    let consumer = Arc::new(kafka::consumer_with_context(
+        &settings,
+        &group,
+        STAGE.as_str(),
+        kafka::OffsetCommit::Stored,
+        rebalances,
+    )?);
+    kafka::spawn_lag_reporter(consumer.clone(), runtime.metrics.clone(), Duration::from_secs(5), shutdown.clone());
     // The retry topic's partitions are held, one by one, until their next record is due.
     consumer.subscribe(&[&settings.topics.requests, &settings.topics.retry])?;
     let owner =
@@ -104,6 +110,8 @@ pub async fn run(settings: Settings, shutdown: CancellationToken) -> anyhow::Res
         keys_in_progress: Default::default(),
         dlq_limit: std::sync::Mutex::new(enrich_common::dlq_limit::DlqLimit::new(settings.dlq_limit.clone())),
         shutdown: shutdown.clone(),
+        group: group.clone(),
+        capture_content: settings.telemetry.capture_content,
         retry: process::RetryPolicy {
             topic: settings.topics.retry.clone(),
             quick_retries: settings.llm.quick_retries,

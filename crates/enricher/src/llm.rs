@@ -52,6 +52,8 @@ pub struct LlmClient {
     temperature: f32,
     max_output_tokens: u32,
     response_format: Value,
+    /// USD per million tokens, in and out.
+    price: (f64, f64),
 }
 
 impl LlmClient {
@@ -84,11 +86,22 @@ impl LlmClient {
                 "type": "json_schema",
                 "json_schema": {"name": "enrichment", "strict": true, "schema": schema}
             }),
+            price: (llm.input_usd_per_mtok, llm.output_usd_per_mtok),
         })
     }
 
     pub fn model(&self) -> &str {
         &self.model
+    }
+
+    /// `gen_ai.provider.name` of the API spoken.
+    pub fn provider(&self) -> &'static str {
+        "openai"
+    }
+
+    /// What a call with these token counts costs, at the configured prices.
+    pub fn cost_usd(&self, input_tokens: u32, output_tokens: u32) -> f64 {
+        (f64::from(input_tokens) * self.price.0 + f64::from(output_tokens) * self.price.1) / 1_000_000.0
     }
 
     pub async fn complete(&self, prompt: &Prompt) -> Result<Completion, LlmError> {

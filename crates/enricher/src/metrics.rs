@@ -14,6 +14,8 @@ pub struct EnricherMetrics {
     /// LLM calls by outcome (ok, or the failure reason).
     pub llm_calls: Family<Labels, Counter>,
     pub llm_tokens: Family<Labels, Counter>,
+    /// USD spent on LLM calls, at the configured prices.
+    pub llm_cost: Counter<f64, std::sync::atomic::AtomicU64>,
     pub llm_latency: Histogram,
     pub in_flight: Gauge,
     /// 1 while the LLM circuit breaker is open.
@@ -33,6 +35,7 @@ impl EnricherMetrics {
             records: Family::default(),
             llm_calls: Family::default(),
             llm_tokens: Family::default(),
+            llm_cost: Counter::default(),
             llm_latency: Histogram::new([0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0, 10.0, 30.0]),
             in_flight: Gauge::default(),
             breaker_open: Gauge::default(),
@@ -43,6 +46,11 @@ impl EnricherMetrics {
         registry.register("enrich_enricher_records", "Requests by outcome", m.records.clone());
         registry.register("enrich_llm_calls", "LLM calls by outcome", m.llm_calls.clone());
         registry.register("enrich_llm_tokens", "LLM tokens, by direction (input, output)", m.llm_tokens.clone());
+        registry.register(
+            "enrich_llm_cost_usd",
+            "USD spent on LLM calls, at the configured prices",
+            m.llm_cost.clone(),
+        );
         registry.register("enrich_llm_latency_seconds", "LLM call latency", m.llm_latency.clone());
         registry.register("enrich_in_flight", "LLM calls in flight", m.in_flight.clone());
         registry.register("enrich_llm_breaker_open", "1 while the LLM circuit breaker is open", m.breaker_open.clone());
@@ -71,6 +79,10 @@ impl EnricherMetrics {
     pub fn tokens(&self, input: u32, output: u32) {
         self.llm_tokens.get_or_create(&vec![("direction", "input".to_string())]).inc_by(u64::from(input));
         self.llm_tokens.get_or_create(&vec![("direction", "output".to_string())]).inc_by(u64::from(output));
+    }
+
+    pub fn cost(&self, usd: f64) {
+        self.llm_cost.inc_by(usd);
     }
 
     pub fn llm_call(&self, outcome: &str) {

@@ -22,6 +22,10 @@ use crate::prompt::{PromptTemplate, Repair};
 use crate::store::{KeyState, Step, Store, StoredResult};
 use crate::strict::BlockCheck;
 use crate::validate::OutputValidator;
+use enrich_common::spans::{RecordSpan, attr};
+use opentelemetry::KeyValue;
+use opentelemetry::trace::SpanKind;
+use tracing::Instrument;
 
 const STAGE: &str = "enricher";
 /// See `enricher.failpoints`.
@@ -50,6 +54,10 @@ pub struct Enricher {
     pub state: Arc<ServiceState>,
     pub shutdown: CancellationToken,
     pub retry: RetryPolicy,
+    /// The consumer group, for the spans.
+    pub group: String,
+    /// `telemetry.capture_content`: prompts and completions go on the LLM call's span.
+    pub capture_content: bool,
     /// `ordering = "strict-key"`: the blocks and parked records.
     pub strict: Option<crate::strict::Blocks>,
 }
@@ -70,6 +78,17 @@ pub enum Handled {
 }
 
 impl Handled {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Handled::Enriched => "enriched",
+            Handled::Reused => "reused",
+            Handled::DeadLettered => "dead_lettered",
+            Handled::RetryScheduled => "retry_scheduled",
+            Handled::Parked => "parked",
+            Handled::Skipped => "skipped",
+        }
+    }
+
     /// The record has its result: records parked behind it may go.
     fn resolved(self) -> bool {
         matches!(self, Handled::Enriched | Handled::Reused)
@@ -110,21 +129,30 @@ impl Enricher {
     /// the LLM endpoint is down: the record was not finished and must be read again.
     pub async fn handle(&self, message: &OwnedMessage) -> anyhow::Result<Handled> {
         let headers = headers::collect(message.headers());
-        let trace = TraceContext::extract(&headers).map(|t| t.child()).unwrap_or_else(TraceContext::new_root);
+        let incoming = TraceContext::extract(&headers);
+        let span = RecordSpan::consume(STAGE, &self.group, message, incoming.as_ref());
         let record_key = message.key().map(<[u8]>::to_vec);
         let envelope = match Envelope::decode_from(message.payload().unwrap_or_default()) {
             Ok(e) => e,
             Err(e) => {
-                self.reject_foreign(message, &trace, e.to_string()).await?;
+                self.reject_foreign(message, &span, e.to_string()).await?;
                 return Ok(Handled::DeadLettered);
             }
         };
         let record_key = record_key.unwrap_or_else(|| envelope.idempotency_key.as_bytes().to_vec());
         let retries: u32 = headers::find(&headers, headers::RETRY_COUNT).and_then(|v| v.parse().ok()).unwrap_or(0);
         let key = envelope.idempotency_key.clone();
-        let (handled, own_block) = self.handle_envelope(envelope, &record_key, &trace, retries).await?;
+        span.set([KeyValue::new(attr::IDEMPOTENCY_KEY, key.clone())]);
+        let log = span.log_span();
+        let (handled, own_block) =
+            self.handle_envelope(envelope, &record_key, &span, retries).instrument(log.clone()).await?;
+        span.set([KeyValue::new(attr::OUTCOME, handled.as_str())]);
+        if handled == Handled::DeadLettered {
+            span.fail("dead-lettered");
+        }
+        drop(span);
         if own_block && handled.resolved() {
-            self.release_parked(&record_key, key).await?;
+            self.release_parked(&record_key, key).instrument(log).await?;
         }
         Ok(handled)
     }
@@ -136,13 +164,10 @@ impl Enricher {
         while let Some(next) = blocks.advance(kafka_key, &blocker).await? {
             let key = next.envelope.idempotency_key.clone();
             tracing::info!(idempotency_key = %key, after = %blocker, "released from parking");
-            let trace = next
-                .traceparent
-                .as_deref()
-                .and_then(|t| TraceContext::parse(t, None))
-                .map(|t| t.child())
-                .unwrap_or_else(TraceContext::new_root);
-            let (handled, _) = Box::pin(self.handle_envelope(next.envelope, kafka_key, &trace, 0)).await?;
+            let incoming = next.traceparent.as_deref().and_then(|t| TraceContext::parse(t, None));
+            let span = RecordSpan::resume(STAGE, "process parked", SpanKind::Consumer, incoming.as_ref());
+            span.set([KeyValue::new(attr::IDEMPOTENCY_KEY, key.clone())]);
+            let (handled, _) = Box::pin(self.handle_envelope(next.envelope, kafka_key, &span, 0)).await?;
             if !handled.resolved() {
                 break; // it waits for a retry or sits in the DLQ: the key stays blocked by it
             }
@@ -156,13 +181,9 @@ impl Enricher {
     pub async fn rerun_parked(&self, kafka_key: &[u8], blocker: &str) -> anyhow::Result<()> {
         let Some(blocks) = &self.strict else { return Ok(()) };
         let Some(parked) = blocks.parked(kafka_key, blocker).await? else { return Ok(()) };
-        let trace = parked
-            .traceparent
-            .as_deref()
-            .and_then(|t| TraceContext::parse(t, None))
-            .map(|t| t.child())
-            .unwrap_or_else(TraceContext::new_root);
-        let (handled, own_block) = Box::pin(self.handle_envelope(parked.envelope, kafka_key, &trace, 0)).await?;
+        let incoming = parked.traceparent.as_deref().and_then(|t| TraceContext::parse(t, None));
+        let span = RecordSpan::resume(STAGE, "process parked", SpanKind::Consumer, incoming.as_ref());
+        let (handled, own_block) = Box::pin(self.handle_envelope(parked.envelope, kafka_key, &span, 0)).await?;
         if own_block && handled.resolved() {
             self.release_parked(kafka_key, blocker.to_string()).await?;
         }
@@ -175,7 +196,7 @@ impl Enricher {
         &self,
         envelope: Envelope,
         record_key: &[u8],
-        trace: &TraceContext,
+        span: &RecordSpan,
         retries: u32,
     ) -> anyhow::Result<(Handled, bool)> {
         let record_key = record_key.to_vec();
@@ -193,12 +214,12 @@ impl Enricher {
         };
         let mut own_block = false;
         if let Some(blocks) = &self.strict {
-            match blocks.check(&record_key, &envelope, &trace.traceparent()).await? {
+            match blocks.check(&record_key, &envelope, &span.ids().traceparent()).await? {
                 BlockCheck::Free => {}
                 BlockCheck::Own => own_block = true,
                 BlockCheck::Parked { blocker } => {
                     let why = format!("parked behind {blocker} (ordering = strict-key)");
-                    self.store.record_run(&envelope, 0, "parked", &trace.trace_id_hex(), Some(&why)).await?;
+                    self.store.record_run(&envelope, 0, "parked", &span.ids().trace_id_hex(), Some(&why)).await?;
                     self.metrics.parked.inc();
                     self.metrics.outcome("parked");
                     tracing::info!(idempotency_key = %key, %blocker, "parked behind an earlier record of its key");
@@ -242,8 +263,8 @@ impl Enricher {
                     self.breaker.unused(admission);
                     match other {
                         KeyState::Enriched(stored) => {
-                            self.emit(&envelope, &record_key, &stored, 0, (0, 0), trace).await?;
-                            self.store.record_run(&envelope, 0, "reused", &trace.trace_id_hex(), None).await?;
+                            self.emit(&envelope, &record_key, &stored, 0, (0, 0), span).await?;
+                            self.store.record_run(&envelope, 0, "reused", &span.ids().trace_id_hex(), None).await?;
                             self.metrics.outcome("reused");
                             return handled(Handled::Reused);
                         }
@@ -257,7 +278,7 @@ impl Enricher {
                                 "max_attempts",
                                 format!("{attempts} attempts already made (llm.max_attempts); not calling again"),
                             );
-                            self.give_up(envelope, &record_key, &err, attempts, trace).await?;
+                            self.give_up(envelope, &record_key, &err, attempts, span).await?;
                             return handled(Handled::DeadLettered);
                         }
                         KeyState::Leased { remaining } => {
@@ -276,11 +297,12 @@ impl Enricher {
                 tracing::error!(idempotency_key = %key, attempt, "failpoint: aborting the process (enricher.failpoints)");
                 std::process::abort();
             }
-            let outcome = self.attempt(&envelope, attempt, trace).await;
+            span.set([KeyValue::new(attr::ATTEMPT, i64::from(attempt))]);
+            let outcome = self.attempt(&envelope, attempt, span).await;
             let e = match outcome {
                 Ok((stored, tokens)) => {
                     self.breaker_success(admission);
-                    self.emit(&envelope, &record_key, &stored, attempt, tokens, trace).await?;
+                    self.emit(&envelope, &record_key, &stored, attempt, tokens, span).await?;
                     self.metrics.outcome("enriched");
                     if let Ok(mut limit) = self.dlq_limit.lock() {
                         limit.record(0, 1);
@@ -324,7 +346,7 @@ impl Enricher {
                         continue;
                     }
                     if attempt < self.store.max_attempts && tries > self.retry.quick_retries {
-                        self.schedule_retry(&envelope, &record_key, attempt, retries + 1, &e, trace).await?;
+                        self.schedule_retry(&envelope, &record_key, attempt, retries + 1, &e, span).await?;
                         return handled(Handled::RetryScheduled);
                     }
                     if attempt < self.store.max_attempts {
@@ -344,19 +366,19 @@ impl Enricher {
                         "max_attempts",
                         format!("gave up after {attempt} attempts; last error: {}", e.error),
                     );
-                    self.give_up(envelope, &record_key, &err, attempt, trace).await?;
+                    self.give_up(envelope, &record_key, &err, attempt, span).await?;
                     return handled(Handled::DeadLettered);
                 }
                 ErrorClass::Permanent => {
                     // The endpoint answered: it is up, the record is the problem.
                     self.breaker_success(admission);
-                    self.give_up(envelope, &record_key, &e.error, attempt, trace).await?;
+                    self.give_up(envelope, &record_key, &e.error, attempt, span).await?;
                     return handled(Handled::DeadLettered);
                 }
                 ErrorClass::InvalidInput => {
                     // No call was made (the payload could not become a prompt).
                     self.breaker.unused(admission);
-                    self.give_up(envelope, &record_key, &e.error, attempt, trace).await?;
+                    self.give_up(envelope, &record_key, &e.error, attempt, span).await?;
                     return handled(Handled::DeadLettered);
                 }
             }
@@ -385,7 +407,7 @@ impl Enricher {
         &self,
         envelope: &Envelope,
         attempt: i32,
-        trace: &TraceContext,
+        span: &RecordSpan,
     ) -> Result<(StoredResult, (u32, u32)), AttemptError> {
         let key = &envelope.idempotency_key;
         let record: serde_json::Value = serde_json::from_slice(&envelope.payload).map_err(|e| {
@@ -407,10 +429,43 @@ impl Enricher {
             // overlaps with calls in flight.
             let (called, elapsed) = {
                 let _slot = self.llm_slots.acquire().await.map_err(|e| AttemptError::Db(e.into()))?;
+                let mut call = span.child(
+                    format!("chat {}", self.llm.model()),
+                    SpanKind::Client,
+                    vec![
+                        KeyValue::new(attr::GEN_AI_OPERATION, "chat"),
+                        KeyValue::new(attr::GEN_AI_PROVIDER, self.llm.provider()),
+                        KeyValue::new(attr::GEN_AI_REQUEST_MODEL, self.llm.model().to_string()),
+                        KeyValue::new(attr::IDEMPOTENCY_KEY, key.clone()),
+                        KeyValue::new(attr::ATTEMPT, i64::from(attempt)),
+                    ],
+                );
+                if self.capture_content {
+                    let messages = serde_json::json!([
+                        {"role": "system", "content": prompt.system},
+                        {"role": "user", "content": prompt.user},
+                    ]);
+                    call.set([KeyValue::new(attr::GEN_AI_INPUT_MESSAGES, messages.to_string())]);
+                }
                 let started = std::time::Instant::now();
                 self.metrics.in_flight.inc();
-                let called = self.llm.complete(&prompt).await;
+                let called = self.llm.complete(&prompt).instrument(call.log_span()).await;
                 self.metrics.in_flight.dec();
+                match &called {
+                    Ok(c) => {
+                        call.set([
+                            KeyValue::new(attr::GEN_AI_RESPONSE_MODEL, c.model.clone()),
+                            KeyValue::new(attr::GEN_AI_INPUT_TOKENS, i64::from(c.input_tokens)),
+                            KeyValue::new(attr::GEN_AI_OUTPUT_TOKENS, i64::from(c.output_tokens)),
+                            KeyValue::new(attr::COST_USD, self.llm.cost_usd(c.input_tokens, c.output_tokens)),
+                        ]);
+                        if self.capture_content {
+                            let messages = serde_json::json!([{"role": "assistant", "content": c.content}]);
+                            call.set([KeyValue::new(attr::GEN_AI_OUTPUT_MESSAGES, messages.to_string())]);
+                        }
+                    }
+                    Err(e) => call.fail(e.error.to_string()),
+                }
                 (called, started.elapsed())
             };
             self.metrics.llm_latency.observe(elapsed.as_secs_f64());
@@ -427,13 +482,16 @@ impl Enricher {
             };
             self.metrics.llm_call("ok");
             self.metrics.tokens(completion.input_tokens, completion.output_tokens);
+            let cost = self.llm.cost_usd(completion.input_tokens, completion.output_tokens);
+            self.metrics.cost(cost);
             tokens = (tokens.0 + completion.input_tokens, tokens.1 + completion.output_tokens);
             let model =
                 if completion.model.is_empty() { self.llm.model().to_string() } else { completion.model.clone() };
             steps.push(
                 Step::llm_call(attempt, completion.latency, &model)
                     .named(step_name)
-                    .tokens(completion.input_tokens, completion.output_tokens),
+                    .tokens(completion.input_tokens, completion.output_tokens)
+                    .cost(cost),
             );
             match self.validator.validate(&completion.content) {
                 Ok(v) => {
@@ -461,7 +519,7 @@ impl Enricher {
         // The call is paid: keep trying to store its result rather than paying again.
         let mut backoff = Duration::from_millis(100);
         let stored = loop {
-            match self.store.finish(envelope, attempt, &result, &steps, &trace.trace_id_hex()).await {
+            match self.store.finish(envelope, attempt, &result, &steps, &span.ids().trace_id_hex()).await {
                 Ok(stored) => break stored,
                 Err(e) => {
                     tracing::error!(idempotency_key = %key, error = %e, "cannot store a paid result; retrying");
@@ -483,7 +541,7 @@ impl Enricher {
         stored: &StoredResult,
         attempt: i32,
         (input_tokens, output_tokens): (u32, u32),
-        trace: &TraceContext,
+        span: &RecordSpan,
     ) -> anyhow::Result<()> {
         let out = Envelope {
             attempt: attempt.max(0) as u32,
@@ -497,7 +555,8 @@ impl Enricher {
             })),
             ..envelope.clone()
         };
-        let h = trace.inject(headers::owned(&[(headers::IDEMPOTENCY_KEY, &envelope.idempotency_key)]));
+        let send = span.producer(&self.results_topic);
+        let h = send.ids().inject(headers::owned(&[(headers::IDEMPOTENCY_KEY, &envelope.idempotency_key)]));
         self.produce(&self.results_topic, record_key, out.encode_to_bytes(), h).await
     }
 
@@ -510,7 +569,7 @@ impl Enricher {
         attempt: i32,
         retry: u32,
         error: &LlmError,
-        trace: &TraceContext,
+        span: &RecordSpan,
     ) -> anyhow::Result<()> {
         let key = &envelope.idempotency_key;
         let delay = self.retry.delay_for(retry).max(error.retry_after.unwrap_or_default());
@@ -519,7 +578,8 @@ impl Enricher {
             blocks.block(record_key, key).await?;
         }
         let out = Envelope { attempt: attempt.max(0) as u32, ..envelope.clone() };
-        let h = trace.inject(headers::owned(&[
+        let send = span.producer(&self.retry.topic);
+        let h = send.ids().inject(headers::owned(&[
             (headers::IDEMPOTENCY_KEY, key),
             (headers::RETRY_DUE_MS, &due.to_string()),
             (headers::RETRY_COUNT, &retry.to_string()),
@@ -527,7 +587,7 @@ impl Enricher {
         self.produce(&self.retry.topic, record_key, out.encode_to_bytes(), h).await?;
         self.store.schedule_retry(key).await?;
         let detail = format!("delayed retry {retry} due in {} ms; last error: {}", delay.as_millis(), error.error);
-        self.store.record_run(envelope, attempt, "retry_scheduled", &trace.trace_id_hex(), Some(&detail)).await?;
+        self.store.record_run(envelope, attempt, "retry_scheduled", &span.ids().trace_id_hex(), Some(&detail)).await?;
         self.metrics.retries_scheduled.inc();
         self.metrics.outcome("retry_scheduled");
         tracing::warn!(idempotency_key = %key, attempt, retry, delay_ms = delay.as_millis() as u64, error = %error, "transient LLM failure; delayed retry scheduled");
@@ -541,7 +601,7 @@ impl Enricher {
         record_key: &[u8],
         error: &RecordError,
         attempts: i32,
-        trace: &TraceContext,
+        span: &RecordSpan,
     ) -> anyhow::Result<()> {
         envelope.attempt = attempts.max(0) as u32;
         let key = envelope.idempotency_key.clone();
@@ -564,12 +624,14 @@ impl Enricher {
             blocks.block(record_key, &key).await?;
         }
         let snapshot = envelope.clone();
-        let (dead, h) = dead_letter(envelope, error, STAGE, trace);
+        let send = span.producer(&self.dlq_topic);
+        let (dead, h) = dead_letter(envelope, error, STAGE, send.ids());
         self.produce(&self.dlq_topic, record_key, dead.encode_to_bytes(), h).await?;
-        enrich_common::dead_letter_store::record(&self.store.pool, &[(&dead, &trace.trace_id_hex())]).await?;
+        enrich_common::dead_letter_store::record(&self.store.pool, &[(&dead, send.ids())]).await?;
+        drop(send);
         self.store.mark_dead_lettered(&key).await?;
         self.store
-            .record_run(&snapshot, attempts, "dead_lettered", &trace.trace_id_hex(), Some(&error.to_string()))
+            .record_run(&snapshot, attempts, "dead_lettered", &span.ids().trace_id_hex(), Some(&error.to_string()))
             .await?;
         self.metrics.outcome("dead_lettered");
         if let Ok(mut limit) = self.dlq_limit.lock() {
@@ -581,7 +643,7 @@ impl Enricher {
     }
 
     /// A record on the requests topic that is not an envelope: dead-letter it as it is.
-    async fn reject_foreign(&self, message: &OwnedMessage, trace: &TraceContext, reason: String) -> anyhow::Result<()> {
+    async fn reject_foreign(&self, message: &OwnedMessage, span: &RecordSpan, reason: String) -> anyhow::Result<()> {
         let key = fallback_key(&self.store.pipeline, message.key(), message.payload());
         let envelope = Envelope {
             schema: envelope::SCHEMA.into(),
@@ -598,7 +660,8 @@ impl Enricher {
             ..Default::default()
         };
         let error = RecordError::invalid("invalid_envelope", reason);
-        let (dead, h) = dead_letter(envelope, &error, STAGE, trace);
+        let send = span.producer(&self.dlq_topic);
+        let (dead, h) = dead_letter(envelope, &error, STAGE, send.ids());
         let record_key = message.key().unwrap_or(key.as_str().as_bytes()).to_vec();
         self.produce(&self.dlq_topic, &record_key, dead.encode_to_bytes(), h).await?;
         self.metrics.stage.dead_lettered(error.reason);
@@ -611,6 +674,7 @@ impl Enricher {
             .send(FutureRecord::to(topic).key(key).payload(&payload).headers(headers), Duration::from_secs(30))
             .await
             .map_err(|(e, _)| anyhow::anyhow!("cannot produce to {topic}: {e}"))?;
+        self.metrics.stage.produced(topic, 1);
         Ok(())
     }
 }

@@ -90,6 +90,8 @@ mod tests {
             retry_max_delay_ms: 1000,
             breaker_failures: 5,
             breaker_open_ms: 1000,
+            input_usd_per_mtok: 0.0,
+            output_usd_per_mtok: 0.0,
         }
     }
 

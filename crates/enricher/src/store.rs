@@ -285,10 +285,10 @@ impl StoreCore {
                WHERE s.pipeline = $1 AND s.idempotency_key = i.k AND s.state NOT IN ('enriched', 'published')
                RETURNING s.idempotency_key
              ), steps AS (
-               INSERT INTO step_outcomes (pipeline, idempotency_key, stage, step, attempt, status, duration_ms, model, input_tokens, output_tokens, error)
-               SELECT $1, k, 'enricher', s, a, st, d, m, it, ot, e
-               FROM UNNEST($7::text[], $8::text[], $9::int[], $10::text[], $11::float8[], $12::text[], $13::int[], $14::int[], $15::text[])
-                    AS u(k, s, a, st, d, m, it, ot, e)
+               INSERT INTO step_outcomes (pipeline, idempotency_key, stage, step, attempt, status, duration_ms, model, input_tokens, output_tokens, error, cost_usd)
+               SELECT $1, k, 'enricher', s, a, st, d, m, it, ot, e, c
+               FROM UNNEST($7::text[], $8::text[], $9::int[], $10::text[], $11::float8[], $12::text[], $13::int[], $14::int[], $15::text[], $22::float8[])
+                    AS u(k, s, a, st, d, m, it, ot, e, c)
              ), runs AS (
                INSERT INTO run_history (pipeline, idempotency_key, stage, attempt, status, source_topic, source_partition, source_offset, trace_id, worker)
                SELECT $1, k, 'enricher', a, 'enriched', t, p, o, tr, $16
@@ -317,6 +317,7 @@ impl StoreCore {
         .bind(&partitions)
         .bind(&offsets)
         .bind(&traces)
+        .bind(&cols.cost_usd)
         .fetch_all(&self.pool)
         .await?;
         let stored: std::collections::HashSet<String> = stored.into_iter().map(|(k,)| k).collect();
@@ -396,9 +397,9 @@ impl StoreCore {
     pub async fn record_steps(&self, key: &str, steps: &[Step]) -> sqlx::Result<()> {
         let cols = StepColumns::from(steps);
         sqlx::query(
-            "INSERT INTO step_outcomes (pipeline, idempotency_key, stage, step, attempt, status, duration_ms, model, input_tokens, output_tokens, error)
-             SELECT $1, $2, 'enricher', s, a, st, d, m, i, o, e
-             FROM UNNEST($3::text[], $4::int[], $5::text[], $6::float8[], $7::text[], $8::int[], $9::int[], $10::text[]) AS u(s, a, st, d, m, i, o, e)",
+            "INSERT INTO step_outcomes (pipeline, idempotency_key, stage, step, attempt, status, duration_ms, model, input_tokens, output_tokens, error, cost_usd)
+             SELECT $1, $2, 'enricher', s, a, st, d, m, i, o, e, c
+             FROM UNNEST($3::text[], $4::int[], $5::text[], $6::float8[], $7::text[], $8::int[], $9::int[], $10::text[], $11::float8[]) AS u(s, a, st, d, m, i, o, e, c)",
         )
         .bind(&self.pipeline)
         .bind(key)
@@ -410,6 +411,7 @@ impl StoreCore {
         .bind(&cols.input_tokens)
         .bind(&cols.output_tokens)
         .bind(&cols.error)
+        .bind(&cols.cost_usd)
         .execute(&self.pool)
         .await?;
         Ok(())
@@ -455,6 +457,7 @@ pub struct Step {
     pub model: Option<String>,
     pub input_tokens: Option<i32>,
     pub output_tokens: Option<i32>,
+    pub cost_usd: Option<f64>,
     pub error: Option<String>,
 }
 
@@ -468,6 +471,7 @@ impl Step {
             model: Some(model.to_string()),
             input_tokens: None,
             output_tokens: None,
+            cost_usd: None,
             error: None,
         }
     }
@@ -481,6 +485,7 @@ impl Step {
             model: None,
             input_tokens: None,
             output_tokens: None,
+            cost_usd: None,
             error: None,
         }
     }
@@ -491,6 +496,10 @@ impl Step {
 
     pub fn tokens(self, input: u32, output: u32) -> Self {
         Self { input_tokens: Some(input as i32), output_tokens: Some(output as i32), ..self }
+    }
+
+    pub fn cost(self, usd: f64) -> Self {
+        Self { cost_usd: Some(usd), ..self }
     }
 
     pub fn failed(self, error: String) -> Self {
@@ -507,6 +516,7 @@ struct StepColumns<'a> {
     model: Vec<Option<&'a str>>,
     input_tokens: Vec<Option<i32>>,
     output_tokens: Vec<Option<i32>>,
+    cost_usd: Vec<Option<f64>>,
     error: Vec<Option<&'a str>>,
 }
 
@@ -520,6 +530,7 @@ impl<'a> From<&'a [Step]> for StepColumns<'a> {
             model: steps.iter().map(|s| s.model.as_deref()).collect(),
             input_tokens: steps.iter().map(|s| s.input_tokens).collect(),
             output_tokens: steps.iter().map(|s| s.output_tokens).collect(),
+            cost_usd: steps.iter().map(|s| s.cost_usd).collect(),
             error: steps.iter().map(|s| s.error.as_deref()).collect(),
         }
     }

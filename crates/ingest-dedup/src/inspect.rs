@@ -5,7 +5,7 @@ use enrich_common::config::PipelineSettings;
 use enrich_common::envelope::{self, Envelope, Header, SourceCoordinates};
 use enrich_common::error::RecordError;
 use enrich_common::idempotency::{RecordView, fallback_key};
-use enrich_common::{IdempotencyKey, TraceContext, headers};
+use enrich_common::{IdempotencyKey, headers};
 use rdkafka::Message;
 use rdkafka::message::OwnedMessage;
 
@@ -14,8 +14,6 @@ use rdkafka::message::OwnedMessage;
 pub struct Sighting {
     pub key: IdempotencyKey,
     pub envelope: Envelope,
-    /// The trace the record belongs to (the source's, or a new one), as written by ingest.
-    pub trace: TraceContext,
 }
 
 /// What ingest makes of one source record.
@@ -27,7 +25,6 @@ pub enum Inspected {
     Invalid {
         key: IdempotencyKey,
         envelope: Envelope,
-        trace: TraceContext,
         error: RecordError,
     },
 }
@@ -43,7 +40,6 @@ impl Inspected {
 
 pub fn inspect(pipeline: &PipelineSettings, message: &OwnedMessage) -> Inspected {
     let headers = headers::collect(message.headers());
-    let trace = TraceContext::extract(&headers).map(|t| t.child()).unwrap_or_else(TraceContext::new_root);
     let value = message.payload();
     let key_bytes = message.key();
     let envelope = Envelope {
@@ -76,19 +72,12 @@ pub fn inspect(pipeline: &PipelineSettings, message: &OwnedMessage) -> Inspected
         }
     };
     match derived {
-        Ok(key) => Inspected::Valid(Sighting {
-            envelope: Envelope { idempotency_key: key.to_string(), ..envelope },
-            key,
-            trace,
-        }),
+        Ok(key) => {
+            Inspected::Valid(Sighting { envelope: Envelope { idempotency_key: key.to_string(), ..envelope }, key })
+        }
         Err(error) => {
             let key = fallback_key(&pipeline.name, key_bytes, value);
-            Inspected::Invalid {
-                envelope: Envelope { idempotency_key: key.to_string(), ..envelope },
-                key,
-                trace,
-                error,
-            }
+            Inspected::Invalid { envelope: Envelope { idempotency_key: key.to_string(), ..envelope }, key, error }
         }
     }
 }
@@ -174,10 +163,7 @@ mod tests {
         let src = s.envelope.source.as_ref().unwrap();
         assert_eq!((src.topic.as_str(), src.partition, src.offset, src.timestamp_ms), ("raw", 2, 40, 1_000));
         assert_eq!(src.key.as_deref(), Some(&b"k"[..]));
-        assert_eq!(s.envelope.headers.len(), 2);
-        // Same trace as the source, new span.
-        assert_eq!(s.trace.trace_id_hex(), "4bf92f3577b34da6a3ce929d0e0e4736");
-        assert_ne!(s.trace.traceparent(), tp);
+        assert_eq!(s.envelope.headers.len(), 2, "the source headers travel in the envelope");
     }
 
     #[test]

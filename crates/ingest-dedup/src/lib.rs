@@ -11,7 +11,10 @@ use enrich_common::config::Stage;
 use enrich_common::dead_letter::dead_letter;
 use enrich_common::service::StageRuntime;
 use enrich_common::shutdown::Shutdown as CancellationToken;
-use enrich_common::{Settings, headers, kafka};
+use enrich_common::spans::{ChildSpan, RecordSpan, attr};
+use enrich_common::{Settings, TraceContext, headers, kafka};
+use opentelemetry::KeyValue;
+use opentelemetry::trace::SpanKind;
 use rdkafka::consumer::Consumer;
 use rdkafka::message::{OwnedHeaders, OwnedMessage};
 use rdkafka::producer::{FutureProducer, FutureRecord};
@@ -23,9 +26,11 @@ pub use metrics::IngestMetrics;
 
 const STAGE: Stage = Stage::Ingest;
 const MAX_BACKOFF: Duration = Duration::from_secs(10);
+const LAG_EVERY: Duration = Duration::from_secs(5);
 
 struct Ingest {
     settings: Settings,
+    group: String,
     dlq_limit: std::sync::Mutex<enrich_common::dlq_limit::DlqLimit>,
     runtime: StageRuntime,
     producer: FutureProducer,
@@ -42,13 +47,15 @@ pub async fn run(settings: Settings, shutdown: CancellationToken) -> anyhow::Res
             .await?;
     let producer = kafka::producer(&settings, STAGE.as_str())?;
     let group = settings.group_id(STAGE);
-    let consumer = kafka::consumer(&settings, &group, STAGE.as_str(), kafka::OffsetCommit::Stored)?;
+    let consumer =
+        std::sync::Arc::new(kafka::consumer(&settings, &group, STAGE.as_str(), kafka::OffsetCommit::Stored)?);
+    kafka::spawn_lag_reporter(consumer.clone(), runtime.metrics.clone(), LAG_EVERY, shutdown.clone());
     consumer.subscribe(&settings.source_topics())?;
     tracing::info!(group, topics = ?settings.source_topics(), "consuming");
     runtime.state.set_ready();
 
     let dlq_limit = std::sync::Mutex::new(enrich_common::dlq_limit::DlqLimit::new(settings.dlq_limit.clone()));
-    let ingest = Ingest { settings, dlq_limit, runtime, producer, metrics };
+    let ingest = Ingest { settings, group, dlq_limit, runtime, producer, metrics };
     let tuning = ingest.settings.ingest.tuning();
     loop {
         let batch = kafka::next_batch(&consumer, tuning, &shutdown).await;
@@ -69,6 +76,14 @@ pub async fn run(settings: Settings, shutdown: CancellationToken) -> anyhow::Res
 async fn process_batch(ingest: &Ingest, batch: &[OwnedMessage]) -> anyhow::Result<()> {
     let pipeline = &ingest.settings.pipeline;
     let topics = &ingest.settings.topics;
+    // One CONSUMER span per record, in the trace its `traceparent` names (or a new one).
+    let spans: Vec<RecordSpan> = batch
+        .iter()
+        .map(|m| {
+            let incoming = TraceContext::extract(&headers::collect(rdkafka::Message::headers(m)));
+            RecordSpan::consume(STAGE.as_str(), &ingest.group, m, incoming.as_ref())
+        })
+        .collect();
     let inspected: Vec<Inspected> = batch.iter().map(|m| inspect(pipeline, m)).collect();
     let sightings: Vec<_> = inspected
         .iter()
@@ -84,7 +99,17 @@ async fn process_batch(ingest: &Ingest, batch: &[OwnedMessage]) -> anyhow::Resul
         ingest.runtime.metrics.dlq_limit_tripped.set(1);
         anyhow::bail!(why);
     }
+    let claim_spans: Vec<ChildSpan> = inspected
+        .iter()
+        .zip(&spans)
+        .filter(|(i, _)| matches!(i, Inspected::Valid(_)))
+        .map(|(i, span)| {
+            let key = KeyValue::new(attr::IDEMPOTENCY_KEY, i.key().to_string());
+            span.child("dedup claim", SpanKind::Internal, vec![key])
+        })
+        .collect();
     let claims = claims::claim(&ingest.runtime.pool, &pipeline.name, &sightings).await?;
+    drop(claim_spans);
 
     let mut deliveries = Vec::new();
     let mut forwarded = Vec::new();
@@ -92,7 +117,10 @@ async fn process_batch(ingest: &Ingest, batch: &[OwnedMessage]) -> anyhow::Resul
     let mut dead_letters = Vec::new();
     let mut outcomes: Vec<&'static str> = Vec::with_capacity(batch.len());
     let mut claim_iter = claims.into_iter();
-    for item in inspected {
+    // Each PRODUCER span ends once its record is acknowledged.
+    let mut sends: Vec<ChildSpan> = Vec::new();
+    for (item, span) in inspected.into_iter().zip(&spans) {
+        span.set([KeyValue::new(attr::IDEMPOTENCY_KEY, item.key().to_string())]);
         match item {
             Inspected::Valid(s) => {
                 let claim = claim_iter.next().unwrap_or(Claim::Duplicate);
@@ -100,7 +128,9 @@ async fn process_batch(ingest: &Ingest, batch: &[OwnedMessage]) -> anyhow::Resul
                 let status = match claim {
                     Claim::Forward => {
                         let record_key = src.key.clone().unwrap_or_else(|| s.key.as_str().as_bytes().to_vec());
-                        let h = s.trace.inject(headers::owned(&[(headers::IDEMPOTENCY_KEY, s.key.as_str())]));
+                        let forward = span.producer(&topics.requests);
+                        let h = forward.ids().inject(headers::owned(&[(headers::IDEMPOTENCY_KEY, s.key.as_str())]));
+                        sends.push(forward);
                         deliveries.push(send(
                             &ingest.producer,
                             &topics.requests,
@@ -115,6 +145,7 @@ async fn process_batch(ingest: &Ingest, batch: &[OwnedMessage]) -> anyhow::Resul
                     Claim::Duplicate => "duplicate",
                 };
                 outcomes.push(status);
+                span.set([KeyValue::new(attr::OUTCOME, status)]);
                 // A redelivered owner is recorded as forwarded again: the insert is
                 // idempotent, and it fills the row if a crash came before the first one.
                 dispositions.push(Disposition {
@@ -123,16 +154,20 @@ async fn process_batch(ingest: &Ingest, batch: &[OwnedMessage]) -> anyhow::Resul
                     topic: src.topic,
                     partition: src.partition,
                     offset: src.offset,
-                    trace_id: s.trace.trace_id_hex(),
+                    trace_id: span.ids().trace_id_hex(),
                     detail: None,
                 });
             }
-            Inspected::Invalid { key, envelope, trace, error } => {
+            Inspected::Invalid { key, envelope, error } => {
                 let src = envelope.source.clone().unwrap_or_default();
                 let record_key = src.key.clone().unwrap_or_else(|| key.as_str().as_bytes().to_vec());
-                let (dead, h) = dead_letter(envelope, &error, STAGE.as_str(), &trace);
+                let dlq_send = span.producer(&topics.dlq);
+                let (dead, h) = dead_letter(envelope, &error, STAGE.as_str(), dlq_send.ids());
                 deliveries.push(send(&ingest.producer, &topics.dlq, &record_key, dead.encode_to_bytes(), h)?);
-                dead_letters.push((dead, trace.trace_id_hex()));
+                dead_letters.push((dead, dlq_send.ids().clone()));
+                sends.push(dlq_send);
+                span.set([KeyValue::new(attr::OUTCOME, "dead_lettered")]);
+                span.fail(format!("{}: {}", error.reason, error.message));
                 ingest.runtime.metrics.dead_lettered(error.reason);
                 tracing::warn!(
                     idempotency_key = %key, topic = %src.topic, partition = src.partition, offset = src.offset,
@@ -145,7 +180,7 @@ async fn process_batch(ingest: &Ingest, batch: &[OwnedMessage]) -> anyhow::Resul
                     topic: src.topic,
                     partition: src.partition,
                     offset: src.offset,
-                    trace_id: trace.trace_id_hex(),
+                    trace_id: span.ids().trace_id_hex(),
                     detail: Some(format!("{}: {}", error.reason, error.message)),
                 });
             }
@@ -154,9 +189,12 @@ async fn process_batch(ingest: &Ingest, batch: &[OwnedMessage]) -> anyhow::Resul
     for delivery in deliveries {
         delivery.await.map_err(|_| anyhow::anyhow!("producer dropped a delivery"))?.map_err(|(e, _)| e)?;
     }
+    drop(sends);
+    ingest.runtime.metrics.produced(&topics.requests, forwarded.len() as u64);
+    ingest.runtime.metrics.produced(&topics.dlq, dead_letters.len() as u64);
     claims::mark_requested(&ingest.runtime.pool, &pipeline.name, &forwarded).await?;
     claims::record(&ingest.runtime.pool, &pipeline.name, &dispositions).await?;
-    let dead: Vec<(&enrich_common::Envelope, &str)> = dead_letters.iter().map(|(e, t)| (e, t.as_str())).collect();
+    let dead: Vec<(&enrich_common::Envelope, &TraceContext)> = dead_letters.iter().map(|(e, t)| (e, t)).collect();
     enrich_common::dead_letter_store::record(&ingest.runtime.pool, &dead).await?;
 
     for m in batch {

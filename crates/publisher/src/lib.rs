@@ -13,7 +13,9 @@ use enrich_common::envelope::Envelope;
 use enrich_common::error::{RecordError, chain};
 use enrich_common::service::StageRuntime;
 use enrich_common::shutdown::Shutdown as CancellationToken;
+use enrich_common::spans::{ChildSpan, RecordSpan, attr};
 use enrich_common::{Settings, TraceContext, headers, kafka};
+use opentelemetry::KeyValue;
 use rdkafka::consumer::{Consumer, StreamConsumer};
 use rdkafka::message::{Message, OwnedHeaders, OwnedMessage};
 use rdkafka::producer::{DeliveryFuture, FutureProducer, FutureRecord, Producer};
@@ -30,6 +32,7 @@ const MAX_BACKOFF: Duration = Duration::from_secs(30);
 
 struct Publisher {
     settings: Settings,
+    group: String,
     runtime: StageRuntime,
     producer: FutureProducer,
     metrics: PublisherMetrics,
@@ -56,12 +59,14 @@ pub async fn run(settings: Settings, shutdown: CancellationToken) -> anyhow::Res
     tokio::task::block_in_place(|| producer.init_transactions(TXN_TIMEOUT))
         .map_err(|e| anyhow::anyhow!("init_transactions ({transactional_id}): {e}"))?;
     let group = settings.group_id(STAGE);
-    let consumer = kafka::consumer(&settings, &group, STAGE.as_str(), kafka::OffsetCommit::Transactional)?;
+    let consumer =
+        std::sync::Arc::new(kafka::consumer(&settings, &group, STAGE.as_str(), kafka::OffsetCommit::Transactional)?);
+    kafka::spawn_lag_reporter(consumer.clone(), runtime.metrics.clone(), Duration::from_secs(5), shutdown.clone());
     consumer.subscribe(&[&settings.topics.results])?;
     tracing::info!(group, transactional_id, "consuming");
     runtime.state.set_ready();
 
-    let publisher = Publisher { settings, runtime, producer, metrics };
+    let publisher = Publisher { settings, group: group.clone(), runtime, producer, metrics };
     consume(&publisher, &consumer, &shutdown).await;
     publisher.runtime.finish(&shutdown).await;
     Ok(())
@@ -152,9 +157,11 @@ async fn publish_batch(publisher: &Publisher, consumer: &StreamConsumer, batch: 
     let mut rejects = Vec::new();
     for m in batch {
         let hdrs = headers::collect(m.headers());
-        let trace = TraceContext::extract(&hdrs).map(|t| t.child()).unwrap_or_else(TraceContext::new_root);
+        let incoming = TraceContext::extract(&hdrs);
+        let trace = RecordSpan::consume(STAGE.as_str(), &publisher.group, m, incoming.as_ref());
         match Envelope::decode_from(m.payload().unwrap_or_default()) {
             Ok(env) if env.result().is_some() => {
+                trace.set([KeyValue::new(attr::IDEMPOTENCY_KEY, env.idempotency_key.clone())]);
                 if seen.insert(env.idempotency_key.clone()) {
                     candidates.push((env, trace));
                 } else {
@@ -193,6 +200,8 @@ async fn publish_batch(publisher: &Publisher, consumer: &StreamConsumer, batch: 
     let claimed: HashSet<String> = claimed.into_iter().map(|(k,)| k).collect();
 
     tokio::task::block_in_place(|| publisher.producer.begin_transaction())?;
+    // PRODUCER spans end when the transaction is over.
+    let mut sends: Vec<ChildSpan> = Vec::new();
     let in_transaction = async {
         let mut deliveries: Vec<DeliveryFuture> = Vec::new();
         let mut published = Vec::new();
@@ -203,13 +212,18 @@ async fn publish_batch(publisher: &Publisher, consumer: &StreamConsumer, batch: 
             }
             match merge_output(env) {
                 Ok(value) => {
-                    let h = trace.inject(headers::owned(&[(headers::IDEMPOTENCY_KEY, &env.idempotency_key)]));
+                    let out = trace.producer(&topics.output);
+                    let h = out.ids().inject(headers::owned(&[(headers::IDEMPOTENCY_KEY, &env.idempotency_key)]));
+                    sends.push(out);
                     let key = env.source.as_ref().and_then(|s| s.key.as_deref());
                     deliveries.push(send(&publisher.producer, &topics.output, key, &value, h)?);
                     published.push((env, trace));
                 }
                 Err(error) => {
-                    let (dead, h) = dead_letter(env.clone(), &error, STAGE.as_str(), trace);
+                    let dlq = trace.producer(&topics.dlq);
+                    let (dead, h) = dead_letter(env.clone(), &error, STAGE.as_str(), dlq.ids());
+                    sends.push(dlq);
+                    trace.fail(error.to_string());
                     let key = env.source.as_ref().and_then(|s| s.key.clone());
                     deliveries.push(send(
                         &publisher.producer,
@@ -223,7 +237,10 @@ async fn publish_batch(publisher: &Publisher, consumer: &StreamConsumer, batch: 
             }
         }
         for (env, trace, error) in &rejects {
-            let (dead, h) = dead_letter(env.clone(), error, STAGE.as_str(), trace);
+            let dlq = trace.producer(&topics.dlq);
+            let (dead, h) = dead_letter(env.clone(), error, STAGE.as_str(), dlq.ids());
+            sends.push(dlq);
+            trace.fail(error.to_string());
             deliveries.push(send(&publisher.producer, &topics.dlq, None, &dead.encode_to_bytes(), h)?);
             publisher.runtime.metrics.dead_lettered(error.reason);
         }
@@ -253,11 +270,13 @@ async fn publish_batch(publisher: &Publisher, consumer: &StreamConsumer, batch: 
             return Err(e);
         }
     };
+    publisher.runtime.metrics.produced(&topics.output, published.len() as u64);
+    publisher.runtime.metrics.produced(&topics.dlq, sends.len().saturating_sub(published.len()) as u64);
 
     // The output is committed. Record it; a crash right here leaves the key `enriched`
     // in the database although it was published (see README, "Guarantees").
     let (audit_keys, audit_traces): (Vec<String>, Vec<String>) =
-        published.iter().map(|(e, t)| (e.idempotency_key.clone(), t.trace_id_hex())).unzip();
+        published.iter().map(|(e, t)| (e.idempotency_key.clone(), t.ids().trace_id_hex())).unzip();
     sqlx::query(
         "INSERT INTO run_history (pipeline, idempotency_key, stage, attempt, status, trace_id)
          SELECT $1, k, 'publisher', 0, 'published', t FROM UNNEST($2::text[], $3::text[]) AS u(k, t)",
@@ -271,9 +290,17 @@ async fn publish_batch(publisher: &Publisher, consumer: &StreamConsumer, batch: 
         tracing::error!(error = %e, keys = audit_keys.len(), "output committed but the published marks were not stored");
         return Ok(());
     }
-    for _ in &published {
+    let now_ms =
+        std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_millis() as i64).unwrap_or(0);
+    for (env, span) in &published {
         publisher.metrics.outcome("published");
+        span.set([KeyValue::new(attr::OUTCOME, "published")]);
+        let source_ms = env.source.as_ref().map(|s| s.timestamp_ms).unwrap_or(0);
+        if source_ms > 0 && now_ms >= source_ms {
+            publisher.metrics.end_to_end.observe((now_ms - source_ms) as f64 / 1000.0);
+        }
     }
+    drop(sends);
     Ok(())
 }
 
