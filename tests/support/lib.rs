@@ -123,8 +123,17 @@ impl TestEnv {
 
     /// Starts a stage's binary (built by `cargo build --workspace --bins`, which `make test`
     /// runs first, into the target directory of this test) as a process with this test's
-    /// settings.
+    /// settings; warnings only, output discarded.
     pub fn spawn_process(&self, binary: &str) -> anyhow::Result<std::process::Child> {
+        self.process(binary, "warn", std::process::Stdio::null())
+    }
+
+    /// As [`Self::spawn_process`], with `RUST_LOG=info` and its stdout (the JSON log lines) piped.
+    pub fn spawn_process_logged(&self, binary: &str) -> anyhow::Result<std::process::Child> {
+        self.process(binary, "info", std::process::Stdio::piped())
+    }
+
+    fn process(&self, binary: &str, log: &str, stdout: std::process::Stdio) -> anyhow::Result<std::process::Child> {
         let exe = std::env::current_exe()?;
         let dir = exe.parent().and_then(|deps| deps.parent()).ok_or_else(|| anyhow::anyhow!("no target directory"))?;
         let path = dir.join(binary);
@@ -138,9 +147,9 @@ impl TestEnv {
             .arg("--config")
             .arg(config)
             .envs(self.env_vars.iter().cloned())
-            .env("RUST_LOG", "warn")
+            .env("RUST_LOG", log)
             .stdin(std::process::Stdio::null())
-            .stdout(std::process::Stdio::null())
+            .stdout(stdout)
             .spawn()?)
     }
 

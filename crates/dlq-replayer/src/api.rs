@@ -59,6 +59,7 @@ pub fn routes(api: Arc<Api>) -> Router {
         .route("/v1/dead-letters/{id}", get(show))
         .route("/v1/dead-letters/{id}/discard", post(discard))
         .route("/v1/replay", post(replay))
+        .route("/v1/messages/{key}", get(history))
         .with_state(api)
 }
 
@@ -102,6 +103,15 @@ async fn show(State(api): State<Arc<Api>>, Path(id): Path<i64>) -> Response {
     match replay::show(&api.replayer.pool, &api.replayer.settings.pipeline.name, id).await {
         Ok(Some(v)) => Json(v).into_response(),
         Ok(None) => error(StatusCode::NOT_FOUND, format!("no dead letter {id}")),
+        Err(e) => error(StatusCode::INTERNAL_SERVER_ERROR, format!("{e:#}")),
+    }
+}
+
+/// The whole timeline of one idempotency key across stages, with its trace ids.
+async fn history(State(api): State<Arc<Api>>, Path(key): Path<String>) -> Response {
+    match replay::history(&api.replayer.pool, &api.replayer.settings.pipeline.name, &key).await {
+        Ok(Some(h)) => Json(h).into_response(),
+        Ok(None) => error(StatusCode::NOT_FOUND, format!("nothing is known of key {key}")),
         Err(e) => error(StatusCode::INTERNAL_SERVER_ERROR, format!("{e:#}")),
     }
 }

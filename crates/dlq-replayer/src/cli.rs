@@ -4,7 +4,7 @@
 
 use serde_json::Value;
 
-use crate::replay::{DeadLetter, Filter, ReplayOutcome};
+use crate::replay::{DeadLetter, Filter, History, ReplayOutcome};
 
 pub struct Client {
     pub api: String,
@@ -63,6 +63,16 @@ impl Client {
         }
     }
 
+    /// A key's timeline across stages (`GET /v1/messages/{key}`).
+    pub async fn history(&self, key: &str) -> anyhow::Result<History> {
+        let mut url = reqwest::Url::parse(&self.api)?;
+        url.path_segments_mut()
+            .map_err(|()| anyhow::anyhow!("{} cannot be a base URL", self.api))?
+            .pop_if_empty()
+            .extend(["v1", "messages", key]);
+        Ok(serde_json::from_value(Self::answer(self.http.get(url).send().await?).await?)?)
+    }
+
     pub async fn show(&self, id: i64) -> anyhow::Result<Value> {
         Self::answer(self.http.get(format!("{}/v1/dead-letters/{id}", self.api)).send().await?).await
     }
@@ -106,5 +116,62 @@ pub fn table(items: &[DeadLetter]) -> String {
         ));
     }
     out.push_str(&format!("{} dead letter(s)\n", items.len()));
+    out
+}
+
+/// A key's history for the terminal: what is known of it, then every run and step in
+/// time order.
+pub fn timeline(h: &History) -> String {
+    let mut out = format!("key       {}\n", h.idempotency_key);
+    out.push_str(&format!(
+        "state     {} (attempts: {})\n",
+        h.state.as_deref().unwrap_or("unknown"),
+        h.attempts.map(|a| a.to_string()).unwrap_or_else(|| "-".into())
+    ));
+    if let (Some(t), Some(p), Some(o)) = (&h.source_topic, h.source_partition, h.source_offset) {
+        out.push_str(&format!("source    {t}/{p}@{o}\n"));
+    }
+    out.push_str(&format!("traces    {}\n", h.trace_ids.join(", ")));
+    out.push_str(&format!("tokens    {} in, {} out, ${:.6}\n\n", h.tokens.input, h.tokens.output, h.tokens.cost_usd));
+    let mut rows: Vec<(String, String)> = h
+        .runs
+        .iter()
+        .map(|r| {
+            let line = format!(
+                "{:<13}  {:<15}  {:>3}  {}",
+                r.stage,
+                format!("run:{}", r.status),
+                r.attempt,
+                r.detail.as_deref().unwrap_or("")
+            );
+            (r.at.clone(), line)
+        })
+        .chain(h.steps.iter().map(|s| {
+            let mut detail = String::new();
+            if let Some(ms) = s.duration_ms {
+                detail.push_str(&format!("{ms:.0} ms "));
+            }
+            if let (Some(i), Some(o)) = (s.input_tokens, s.output_tokens) {
+                detail.push_str(&format!("{i}+{o} tokens "));
+            }
+            if let Some(m) = &s.model {
+                detail.push_str(&format!("{m} "));
+            }
+            if let Some(e) = &s.error {
+                detail.push_str(e);
+            }
+            let line =
+                format!("{:<13}  {:<15}  {:>3}  {}", s.stage, format!("{}:{}", s.step, s.status), s.attempt, detail);
+            (s.at.clone(), line)
+        }))
+        .collect();
+    rows.sort_by(|a, b| a.0.cmp(&b.0));
+    out.push_str(&format!("{:<24}  {:<13}  {:<15}  {:>3}  {}\n", "WHEN", "STAGE", "EVENT", "ATT", "DETAIL"));
+    for (at, line) in rows {
+        out.push_str(&format!("{at:<24}  {line}\n"));
+    }
+    for d in &h.dead_letters {
+        out.push_str(&format!("\ndead letter {} ({}): {} — {}\n", d.id, d.status, d.reason, d.error));
+    }
     out
 }

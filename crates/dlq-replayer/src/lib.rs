@@ -8,6 +8,7 @@ pub mod api;
 pub mod cli;
 pub mod grpc;
 pub mod replay;
+pub mod retention;
 
 use enrich_common::Settings;
 use enrich_common::http::{self, ServiceState};
@@ -23,6 +24,13 @@ pub async fn run(settings: Settings, shutdown: Shutdown) -> anyhow::Result<()> {
     if token.is_none() {
         tracing::warn!("no dlq_replayer.admin_token: replay and discard are refused (401)");
     }
+    retention::spawn(
+        pool.clone(),
+        settings.pipeline.name.clone(),
+        settings.audit.retention_days,
+        std::time::Duration::from_secs(settings.audit.retention_interval_secs.max(1)),
+        shutdown.clone(),
+    );
     let port = settings.dlq_replayer.http_port;
     let grpc_port = settings.dlq_replayer.grpc_port;
     let api = Arc::new(api::Api { replayer: replay::Replayer { settings, pool, producer }, token });

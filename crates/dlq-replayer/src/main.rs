@@ -4,8 +4,9 @@
 //! dlq-replayer show ID [--api URL]
 //! dlq-replayer replay (--ids 1,2 | --reason R | --stage S | --key K) [--dry-run] [--note TEXT] [--api URL]
 //! dlq-replayer discard ID [--note TEXT] [--api URL]
+//! dlq-replayer history KEY [--api URL] [--json]
 
-use dlq_replayer::cli::{Client, table};
+use dlq_replayer::cli::{Client, table, timeline};
 use dlq_replayer::replay::Filter;
 use std::process::ExitCode;
 
@@ -14,7 +15,8 @@ async fn main() -> ExitCode {
     let args: Vec<String> = std::env::args().skip(1).collect();
     match args.first().map(String::as_str) {
         Some("setup") => enrich_common::cli::run_once("dlq-replayer", dlq_replayer::setup).await,
-        Some(cmd @ ("list" | "show" | "replay" | "discard")) => match client_command(cmd, &args[1..]).await {
+        Some(cmd @ ("list" | "show" | "replay" | "discard" | "history")) => match client_command(cmd, &args[1..]).await
+        {
             Ok(()) => ExitCode::SUCCESS,
             Err(e) => {
                 eprintln!("dlq-replayer {cmd}: {e:#}");
@@ -28,6 +30,7 @@ async fn main() -> ExitCode {
 async fn client_command(cmd: &str, args: &[String]) -> anyhow::Result<()> {
     let mut filter = Filter::default();
     let (mut api, mut note, mut dry_run, mut status, mut id) = (None, None, false, "dead".to_string(), None);
+    let (mut key, mut json) = (None, false);
     let mut it = args.iter();
     while let Some(a) = it.next() {
         let mut value = |name: &str| it.next().cloned().ok_or_else(|| anyhow::anyhow!("{name} needs a value"));
@@ -41,6 +44,8 @@ async fn client_command(cmd: &str, args: &[String]) -> anyhow::Result<()> {
             "--status" => status = value("--status")?,
             "--note" => note = Some(value("--note")?),
             "--dry-run" => dry_run = true,
+            "--json" => json = true,
+            other if cmd == "history" && key.is_none() && !other.starts_with('-') => key = Some(other.to_string()),
             "--ids" => {
                 let ids: Result<Vec<i64>, _> = value("--ids")?.split(',').map(|s| s.trim().parse::<i64>()).collect();
                 filter.ids = Some(ids.map_err(|e| anyhow::anyhow!("--ids: {e}"))?);
@@ -76,9 +81,28 @@ async fn client_command(cmd: &str, args: &[String]) -> anyhow::Result<()> {
             if dry_run {
                 return Ok(());
             }
-            eprintln!("replaying {} dead letter(s)...", preview.replayed.len());
-            let done = client.replay(&filter, false, note.as_deref()).await?;
-            println!("replayed {}, refused {}", done.replayed.len(), done.refused.len());
+            // The previewed ids, a chunk at a time, with progress.
+            let total = preview.replayed.len();
+            let started = std::time::Instant::now();
+            let (mut replayed, mut refused) = (0usize, preview.refused.len());
+            for chunk in preview.replayed.chunks(200) {
+                let by_id = dlq_replayer::replay::Filter { ids: Some(chunk.to_vec()), ..Default::default() };
+                let done = client.replay(&by_id, false, note.as_deref()).await?;
+                replayed += done.replayed.len();
+                refused += done.refused.len();
+                let rate = replayed as f64 / started.elapsed().as_secs_f64().max(0.001);
+                eprintln!("replayed {replayed}/{total} ({rate:.0}/s)");
+            }
+            println!("replayed {replayed}, refused {refused}");
+        }
+        "history" => {
+            let key = key.ok_or_else(|| anyhow::anyhow!("history needs an idempotency key"))?;
+            let h = client.history(&key).await?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&h)?);
+            } else {
+                print!("{}", timeline(&h));
+            }
         }
         "discard" => {
             let id = id.ok_or_else(|| anyhow::anyhow!("discard needs an id"))?;

@@ -119,19 +119,24 @@ pub struct RunEntry {
     pub status: String,
     pub detail: Option<String>,
     pub worker: Option<String>,
+    pub trace_id: Option<String>,
     pub at: String,
 }
 
 /// One step's outcome (a call, a validation), from the audit.
 #[derive(Debug, Clone, Serialize, Deserialize, sqlx::FromRow)]
 pub struct StepEntry {
+    pub stage: String,
     pub step: String,
     pub attempt: i32,
     pub status: String,
     pub duration_ms: Option<f64>,
+    pub model: Option<String>,
     pub input_tokens: Option<i32>,
     pub output_tokens: Option<i32>,
+    pub cost_usd: Option<f64>,
     pub error: Option<String>,
+    pub at: String,
 }
 
 /// One dead letter with its payload and the key's whole history.
@@ -158,24 +163,118 @@ pub async fn show(pool: &PgPool, pipeline: &str, id: i64) -> anyhow::Result<Opti
         sqlx::query_as("SELECT envelope FROM dead_letters WHERE id = $1").bind(id).fetch_one(pool).await?;
     let payload =
         Envelope::decode_from(&bytes).map(|e| String::from_utf8_lossy(&e.payload).into_owned()).unwrap_or_default();
-    let runs: Vec<RunEntry> = sqlx::query_as(
-        "SELECT stage, attempt, status, detail, worker,
-                to_char(recorded_at AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS.MS\"Z\"') AS at
-         FROM run_history WHERE pipeline = $1 AND idempotency_key = $2 ORDER BY recorded_at, id",
-    )
-    .bind(pipeline)
-    .bind(&row.idempotency_key)
-    .fetch_all(pool)
-    .await?;
-    let steps: Vec<StepEntry> = sqlx::query_as(
-        "SELECT step, attempt, status, duration_ms, input_tokens, output_tokens, error
-         FROM step_outcomes WHERE pipeline = $1 AND idempotency_key = $2 ORDER BY recorded_at, id",
-    )
-    .bind(pipeline)
-    .bind(&row.idempotency_key)
-    .fetch_all(pool)
-    .await?;
+    let runs = runs_of(pool, pipeline, &row.idempotency_key).await?;
+    let steps = steps_of(pool, pipeline, &row.idempotency_key).await?;
     Ok(Some(Shown { dead_letter: row, payload, runs, steps }))
+}
+
+const AT: &str = "to_char(recorded_at AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS.MS\"Z\"') AS at";
+
+/// Every stage's runs at a key, oldest first.
+pub async fn runs_of(pool: &PgPool, pipeline: &str, key: &str) -> sqlx::Result<Vec<RunEntry>> {
+    sqlx::query_as(sqlx::AssertSqlSafe(format!(
+        "SELECT stage, attempt, status, detail, worker, trace_id, {AT}
+         FROM run_history WHERE pipeline = $1 AND idempotency_key = $2 ORDER BY recorded_at, id"
+    )))
+    .bind(pipeline)
+    .bind(key)
+    .fetch_all(pool)
+    .await
+}
+
+/// Every step outcome at a key, oldest first.
+pub async fn steps_of(pool: &PgPool, pipeline: &str, key: &str) -> sqlx::Result<Vec<StepEntry>> {
+    sqlx::query_as(sqlx::AssertSqlSafe(format!(
+        "SELECT stage, step, attempt, status, duration_ms, model, input_tokens, output_tokens,
+                cost_usd::float8 AS cost_usd, error, {AT}
+         FROM step_outcomes WHERE pipeline = $1 AND idempotency_key = $2 ORDER BY recorded_at, id"
+    )))
+    .bind(pipeline)
+    .bind(key)
+    .fetch_all(pool)
+    .await
+}
+
+/// A key's whole timeline across stages.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct History {
+    pub idempotency_key: String,
+    /// The state machine's state (absent when the key was never seen).
+    pub state: Option<String>,
+    pub attempts: Option<i32>,
+    pub source_topic: Option<String>,
+    pub source_partition: Option<i32>,
+    pub source_offset: Option<i64>,
+    /// The traces the key's records were processed in (one, unless it was replayed
+    /// from a trace of its own).
+    pub trace_ids: Vec<String>,
+    pub runs: Vec<RunEntry>,
+    pub steps: Vec<StepEntry>,
+    pub dead_letters: Vec<DeadLetter>,
+    pub tokens: Tokens,
+}
+
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct Tokens {
+    pub input: i64,
+    pub output: i64,
+    pub cost_usd: f64,
+}
+
+type StateRow = (String, i32, String, i32, i64);
+
+/// The history of one idempotency key; None when nothing is known of it.
+pub async fn history(pool: &PgPool, pipeline: &str, key: &str) -> anyhow::Result<Option<History>> {
+    let state: Option<StateRow> = sqlx::query_as(
+        "SELECT state, attempts, source_topic, source_partition, source_offset
+         FROM enrich_state WHERE pipeline = $1 AND idempotency_key = $2",
+    )
+    .bind(pipeline)
+    .bind(key)
+    .fetch_optional(pool)
+    .await?;
+    let runs = runs_of(pool, pipeline, key).await?;
+    let steps = steps_of(pool, pipeline, key).await?;
+    let dead_letters: Vec<DeadLetter> = sqlx::query_as(sqlx::AssertSqlSafe(format!(
+        "SELECT {COLUMNS} FROM dead_letters WHERE pipeline = $1 AND idempotency_key = $2 ORDER BY id"
+    )))
+    .bind(pipeline)
+    .bind(key)
+    .fetch_all(pool)
+    .await?;
+    if state.is_none() && runs.is_empty() && dead_letters.is_empty() {
+        return Ok(None);
+    }
+    let mut trace_ids: Vec<String> = Vec::new();
+    for t in
+        runs.iter().filter_map(|r| r.trace_id.clone()).chain(dead_letters.iter().filter_map(|d| d.trace_id.clone()))
+    {
+        if !t.is_empty() && !trace_ids.contains(&t) {
+            trace_ids.push(t);
+        }
+    }
+    let tokens = Tokens {
+        input: steps.iter().filter_map(|s| s.input_tokens).map(i64::from).sum(),
+        output: steps.iter().filter_map(|s| s.output_tokens).map(i64::from).sum(),
+        cost_usd: steps.iter().filter_map(|s| s.cost_usd).sum(),
+    };
+    let (state, attempts, topic, partition, offset) = match state {
+        Some((s, a, t, p, o)) => (Some(s), Some(a), Some(t), Some(p), Some(o)),
+        None => (None, None, None, None, None),
+    };
+    Ok(Some(History {
+        idempotency_key: key.to_string(),
+        state,
+        attempts,
+        source_topic: topic,
+        source_partition: partition,
+        source_offset: offset,
+        trace_ids,
+        runs,
+        steps,
+        dead_letters,
+        tokens,
+    }))
 }
 
 pub struct Replayer {

@@ -70,6 +70,13 @@ pub struct Telemetry {
 }
 
 impl Telemetry {
+    /// Exports the spans buffered so far (blocks until the exporter answered).
+    pub fn flush(&self) {
+        if let Err(e) = self.provider.force_flush() {
+            tracing::warn!(error = %e, "spans not flushed");
+        }
+    }
+
     pub fn shutdown(self) {
         if let Err(e) = self.provider.force_flush() {
             tracing::warn!(error = %e, "spans not flushed");

@@ -75,6 +75,14 @@ impl RunningSim {
         self.state.counters.completions.load(Ordering::SeqCst)
     }
 
+    /// Tokens reported in the `usage` of successful completions so far: (prompt, completion).
+    pub fn tokens(&self) -> (u64, u64) {
+        (
+            self.state.counters.prompt_tokens.load(Ordering::SeqCst),
+            self.state.counters.completion_tokens.load(Ordering::SeqCst),
+        )
+    }
+
     /// Requests answered with the outage status so far.
     pub fn failed(&self) -> u64 {
         self.state.counters.failed.load(Ordering::SeqCst)
