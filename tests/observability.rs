@@ -12,15 +12,13 @@ use enrich_common::{TraceContext, headers};
 use enrich_e2e::loadgen::accounting::account;
 use enrich_e2e::loadgen::kafka_io::{Produced, header, produce_all, read_to_end};
 use enrich_e2e::loadgen::tickets::ticket;
+use enrich_e2e::loadgen::traces::{Received, Store, attr, render, serve_otlp};
 use enrich_e2e::loadgen::workload::{self, Kind, Record, Spec};
 use enrich_e2e::{StageKind, TestEnv, count_in_states, wait_for};
-use opentelemetry_proto::tonic::collector::trace::v1::trace_service_server::{TraceService, TraceServiceServer};
-use opentelemetry_proto::tonic::collector::trace::v1::{ExportTraceServiceRequest, ExportTraceServiceResponse};
-use opentelemetry_proto::tonic::common::v1::any_value::Value as AnyValue;
 use opentelemetry_proto::tonic::trace::v1::Span;
 use rdkafka::Message;
 use std::collections::HashMap;
-use std::sync::{Arc, Mutex, OnceLock};
+use std::sync::OnceLock;
 use std::time::Duration;
 
 const DEADLINE: Duration = Duration::from_secs(180);
@@ -28,38 +26,10 @@ const CONSUMER: i32 = 5;
 const PRODUCER: i32 = 4;
 const CLIENT: i32 = 3;
 
-/// A span as received, with the instrumentation scope (the stage) that made it.
-#[derive(Clone)]
-struct Received {
-    scope: String,
-    span: Span,
-}
-
-struct Receiver {
-    spans: Arc<Mutex<Vec<Received>>>,
-}
-
-#[tonic::async_trait]
-impl TraceService for Receiver {
-    async fn export(
-        &self,
-        request: tonic::Request<ExportTraceServiceRequest>,
-    ) -> Result<tonic::Response<ExportTraceServiceResponse>, tonic::Status> {
-        let mut spans = self.spans.lock().unwrap();
-        for resource in request.into_inner().resource_spans {
-            for scoped in resource.scope_spans {
-                let scope = scoped.scope.map(|s| s.name).unwrap_or_default();
-                spans.extend(scoped.spans.into_iter().map(|span| Received { scope: scope.clone(), span }));
-            }
-        }
-        Ok(tonic::Response::new(ExportTraceServiceResponse { partial_success: None }))
-    }
-}
-
 /// The OTLP receiver and the process's tracer provider exporting to it, alive for the
 /// whole test binary (on a runtime of their own: each test has its own).
 struct Collector {
-    spans: Arc<Mutex<Vec<Received>>>,
+    spans: Store,
     telemetry: Telemetry,
 }
 
@@ -70,15 +40,10 @@ fn collector() -> &'static Collector {
         std::thread::spawn(move || {
             let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(1).enable_all().build().unwrap();
             rt.block_on(async move {
-                let spans = Arc::new(Mutex::new(Vec::new()));
+                let spans = Store::new(1_000_000);
                 let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
                 let addr = listener.local_addr().unwrap();
-                let service = TraceServiceServer::new(Receiver { spans: spans.clone() });
-                tokio::spawn(
-                    tonic::transport::Server::builder()
-                        .add_service(service)
-                        .serve_with_incoming(tonic::transport::server::TcpIncoming::from(listener)),
-                );
+                let _receiver = serve_otlp(listener, spans.clone());
                 let export = TraceExport { endpoint: format!("http://{addr}"), protocol: Protocol::Grpc };
                 let telemetry = enrich_common::telemetry::install_tracer("enrich-e2e", Some(&export)).unwrap();
                 tx.send(Collector { spans, telemetry }).unwrap();
@@ -93,19 +58,8 @@ impl Collector {
     /// Exports what the batch processor holds, then returns the spans of `trace`.
     async fn trace(&'static self, trace: [u8; 16]) -> Vec<Received> {
         tokio::task::spawn_blocking(move || self.telemetry.flush()).await.unwrap();
-        self.spans.lock().unwrap().iter().filter(|r| r.span.trace_id == trace).cloned().collect()
+        self.spans.trace(&trace)
     }
-}
-
-fn attr(span: &Span, key: &str) -> Option<String> {
-    let v = span.attributes.iter().find(|kv| kv.key == key)?.value.as_ref()?.value.as_ref()?;
-    Some(match v {
-        AnyValue::StringValue(s) => s.clone(),
-        AnyValue::IntValue(i) => i.to_string(),
-        AnyValue::DoubleValue(d) => d.to_string(),
-        AnyValue::BoolValue(b) => b.to_string(),
-        _ => return None,
-    })
 }
 
 /// The one span of `trace` made by `scope` with this kind and parent, if exactly one.
@@ -225,9 +179,14 @@ async fn each_event_is_one_trace_from_ingest_through_enricher_to_publisher() -> 
         assert_eq!(written.trace_id, source.trace_id);
         assert_eq!(written.span_id.to_vec(), out.span_id);
     }
+    // `loadgen traces` draws the same trace as a tree, stage after stage.
+    let first = produced[0].trace.clone().unwrap();
+    let drawn = render(&collector.trace(first.trace_id).await);
+    let position = |what: &str| drawn.find(what).unwrap_or_else(|| panic!("{what} in\n{drawn}"));
+    assert!(position("ingest-dedup") < position("enricher") && position("enricher") < position("publisher"), "{drawn}");
+    assert!(drawn.contains(&format!("trace {}", first.trace_id_hex())));
     // Only the product's spans: none from the exporter's own gRPC traffic.
-    let scopes: std::collections::BTreeSet<String> =
-        collector.spans.lock().unwrap().iter().map(|r| r.scope.clone()).collect();
+    let scopes: std::collections::BTreeSet<String> = collector.spans.all().iter().map(|r| r.scope.clone()).collect();
     assert!(
         scopes.iter().all(|s| ["ingest-dedup", "enricher", "publisher", "dlq-replayer"].contains(&s.as_str())),
         "{scopes:?}"

@@ -6,6 +6,7 @@ pub mod accounting;
 pub mod bench;
 pub mod kafka_io;
 pub mod tickets;
+pub mod traces;
 pub mod workload;
 
 /// `ENRICH_*` overrides that give a pipeline named `p` its own source topic (`p.raw`, key

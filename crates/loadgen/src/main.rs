@@ -1,4 +1,5 @@
 //! `loadgen demo [--config PATH] [--unique N] [--duplicates N] [--malformed N] [--timeout-secs N]`
+//! `loadgen traces [--otlp ADDR] [--http ADDR]`: a local OTLP receiver and text trace viewer.
 //!
 //! Produces a sample of support tickets (with duplicates and malformed records) to the
 //! pipeline's source topic, follows the running stages until every record is accounted
@@ -58,7 +59,8 @@ fn parse_args() -> anyhow::Result<Args> {
 
 const USAGE: &str = "usage:
   loadgen demo  [--config PATH] [--unique N] [--duplicates N] [--malformed N] [--timeout-secs N]
-  loadgen bench [--config PATH] [--bin-dir DIR] [--out DIR] [--only NAME,NAME] [--scale F]";
+  loadgen bench [--config PATH] [--bin-dir DIR] [--out DIR] [--only NAME,NAME] [--scale F]
+  loadgen traces [--otlp 127.0.0.1:4317] [--http 127.0.0.1:16687]   a local OTLP receiver and trace viewer";
 
 /// The benchmark scenarios of `make bench` (issue targets: 20,000 tickets, 16 partitions,
 /// 20% duplicates, in-flight 256).
@@ -142,6 +144,19 @@ async fn main() -> anyhow::Result<()> {
     let _ = rustls::crypto::ring::default_provider().install_default();
     if std::env::args().nth(1).as_deref() == Some("bench") {
         return bench(std::env::args().skip(2)).await;
+    }
+    if std::env::args().nth(1).as_deref() == Some("traces") {
+        let mut args = std::env::args().skip(2);
+        let (mut otlp, mut http) = ("127.0.0.1:4317".to_string(), "127.0.0.1:16687".to_string());
+        while let Some(flag) = args.next() {
+            let value = args.next().ok_or_else(|| anyhow::anyhow!("{flag} needs a value"))?;
+            match flag.as_str() {
+                "--otlp" => otlp = value,
+                "--http" => http = value,
+                other => anyhow::bail!("unknown flag {other:?} (try --help)"),
+            }
+        }
+        return loadgen::traces::run(otlp.parse()?, http.parse()?).await;
     }
     let args = parse_args()?;
     let settings = Settings::load(&args.config)?;
