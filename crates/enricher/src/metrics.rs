@@ -24,6 +24,8 @@ pub struct EnricherMetrics {
     pub retries_waiting: Gauge,
     /// Delayed retries sent to the retry topic.
     pub retries_scheduled: Counter,
+    /// LLM calls avoided because a stored result for the key was re-emitted.
+    pub cache_hits: Counter,
     /// Records parked behind an earlier record of their key (`ordering = "strict-key"`).
     pub parked: Counter,
 }
@@ -42,6 +44,7 @@ impl EnricherMetrics {
             retries_waiting: Gauge::default(),
             retries_scheduled: Counter::default(),
             parked: Counter::default(),
+            cache_hits: Counter::default(),
         };
         registry.register("enrich_enricher_records", "Requests by outcome", m.records.clone());
         registry.register("enrich_llm_calls", "LLM calls by outcome", m.llm_calls.clone());

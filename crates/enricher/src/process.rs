@@ -266,6 +266,7 @@ impl Enricher {
                             self.emit(&envelope, &record_key, &stored, 0, (0, 0), span).await?;
                             self.store.record_run(&envelope, 0, "reused", &span.ids().trace_id_hex(), None).await?;
                             self.metrics.outcome("reused");
+                            self.metrics.cache_hits.inc();
                             return handled(Handled::Reused);
                         }
                         KeyState::DeadLettered => {

@@ -134,18 +134,18 @@ pub fn render(spans: &[Received]) -> String {
         let at_ms = s.start_time_unix_nano.saturating_sub(start) as f64 / 1e6;
         let took_ms = s.end_time_unix_nano.saturating_sub(s.start_time_unix_nano) as f64 / 1e6;
         let mut notes = Vec::new();
-        for key in [
-            "enrich.idempotency_key",
-            "messaging.destination.partition.id",
-            "messaging.kafka.offset",
-            "enrich.attempt",
-            "gen_ai.usage.input_tokens",
-            "gen_ai.usage.output_tokens",
-            "enrich.cost_usd",
-            "enrich.outcome",
+        for (key, label) in [
+            ("enrich.idempotency_key", "key"),
+            ("messaging.destination.partition.id", "partition"),
+            ("messaging.kafka.offset", "offset"),
+            ("enrich.attempt", "attempt"),
+            ("gen_ai.usage.input_tokens", "tokens_in"),
+            ("gen_ai.usage.output_tokens", "tokens_out"),
+            ("enrich.cost_usd", "cost_usd"),
+            ("enrich.outcome", "outcome"),
         ] {
             if let Some(v) = attr(s, key) {
-                notes.push(format!("{}={v}", key.rsplit('.').next().unwrap_or(key)));
+                notes.push(format!("{label}={v}"));
             }
         }
         if let Some(status) = &s.status
