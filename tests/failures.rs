@@ -280,7 +280,7 @@ async fn dead_letters_are_listed_shown_and_replayed_once_the_cause_is_fixed() ->
     assert_eq!((acct.published, acct.dead_lettered_at_enricher), ((N - 3) as i64, 3));
 
     let api = format!("http://127.0.0.1:{port}");
-    let client = Client::new(api.clone(), Some(token));
+    let client = Client::new(api.clone(), Some(token.clone()));
     let by_reason = Filter { reason: Some("max_attempts".into()), ..Default::default() };
     let dead =
         wait_for("the dlq-replayer API", DEADLINE, || async { Ok(client.list("dead", &by_reason).await.ok()) }).await?;
@@ -291,18 +291,24 @@ async fn dead_letters_are_listed_shown_and_replayed_once_the_cause_is_fixed() ->
     let failed_calls = shown["steps"].as_array().unwrap().iter().filter(|s| s["status"] == "failed").count();
     assert_eq!(failed_calls, 2, "the history shows both failed calls");
 
-    // Mutations need the token.
-    let anonymous = Client::new(api, None);
-    let refused = anonymous.replay(&by_reason, false, None).await.unwrap_err();
-    assert!(refused.to_string().contains("401"), "{refused}");
+    // The operator's CLI: the table, then a replay by reason. Mutations need the token.
+    let cli_env = [("ENRICH_ADMIN_API", api.as_str())];
+    let (ok, table, _) = enrich_e2e::run_cli("dlq-replayer", &["list", "--reason", "max_attempts"], &cli_env).await?;
+    assert!(ok && table.contains("3 dead letter(s)"), "{table}");
+    let by_reason_args = ["replay", "--reason", "max_attempts", "--note", "sim fixed"];
+    let (ok, _, err) = enrich_e2e::run_cli("dlq-replayer", &by_reason_args, &cli_env).await?;
+    assert!(!ok && err.contains("401"), "refused without the token: {err}");
 
     // Fix the cause, preview, replay.
     env.sim.set_faults(llm_sim::Faults { markers: false, ..Default::default() });
     let preview = client.replay(&by_reason, true, Some("sim fixed")).await?;
     assert_eq!((preview.matched, preview.replayed.len()), (3, 3));
     assert_eq!(client.list("dead", &by_reason).await?.len(), 3, "a dry run changes nothing");
-    let done = client.replay(&by_reason, false, Some("sim fixed")).await?;
-    assert_eq!(done.replayed.len(), 3);
+    let with_token = [("ENRICH_ADMIN_API", api.as_str()), ("ENRICH_ADMIN_TOKEN", token.as_str())];
+    let (ok, out, progress) = enrich_e2e::run_cli("dlq-replayer", &by_reason_args, &with_token).await?;
+    assert!(ok, "{out}{progress}");
+    assert!(out.contains("3 matched: 3 to replay, 0 refused") && out.contains("replayed 3, refused 0"), "{out}");
+    assert!(progress.contains("replayed 3/3"), "progress is shown: {progress}");
     wait_for("the replayed records to be published", DEADLINE, || async {
         Ok((count_in_states(&env, &["published"]).await? == N as i64).then_some(()))
     })

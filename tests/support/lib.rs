@@ -134,14 +134,7 @@ impl TestEnv {
     }
 
     fn process(&self, binary: &str, log: &str, stdout: std::process::Stdio) -> anyhow::Result<std::process::Child> {
-        let exe = std::env::current_exe()?;
-        let dir = exe.parent().and_then(|deps| deps.parent()).ok_or_else(|| anyhow::anyhow!("no target directory"))?;
-        let path = dir.join(binary);
-        anyhow::ensure!(
-            path.exists(),
-            "{} is not built: run `cargo build --workspace --bins` first (`make test` does)",
-            path.display()
-        );
+        let path = binary_path(binary)?;
         let config = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../config/pipeline.toml");
         Ok(std::process::Command::new(path)
             .arg("--config")
@@ -163,6 +156,36 @@ impl TestEnv {
                 .await;
         }
     }
+}
+
+/// Where `cargo build --workspace --bins` (which `make test` runs first) put a binary: the
+/// target directory of this test.
+pub fn binary_path(binary: &str) -> anyhow::Result<std::path::PathBuf> {
+    let exe = std::env::current_exe()?;
+    let dir = exe.parent().and_then(|deps| deps.parent()).ok_or_else(|| anyhow::anyhow!("no target directory"))?;
+    let path = dir.join(binary);
+    anyhow::ensure!(
+        path.exists(),
+        "{} is not built: run `cargo build --workspace --bins` first (`make test` does)",
+        path.display()
+    );
+    Ok(path)
+}
+
+/// Runs a command-line tool of the workspace to its end: (exit success, stdout, stderr).
+pub async fn run_cli(binary: &str, args: &[&str], env: &[(&str, &str)]) -> anyhow::Result<(bool, String, String)> {
+    let mut command = std::process::Command::new(binary_path(binary)?);
+    // Only what the caller gives: not a token from the test's own environment.
+    command.args(args).env_remove("ENRICH_ADMIN_TOKEN").stdin(std::process::Stdio::null());
+    for (k, v) in env {
+        command.env(k, v);
+    }
+    let out = tokio::task::spawn_blocking(move || command.output()).await??;
+    Ok((
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    ))
 }
 
 /// A port nothing listens on now.
