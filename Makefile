@@ -49,6 +49,11 @@ bench: stack-up ## Benchmark the topology with llm-sim (release build); results 
 	./target/release/loadgen bench --config config/pipeline.toml --bin-dir target/release --out bench-results $(BENCH_ARGS)
 	@deploy/bench/plot.sh bench-results
 
+.PHONY: chaos
+chaos: stack-up ## Kill stages, the broker and the database under load and check every record (CHAOS_ARGS=--short for the CI form)
+	$(CARGO) build --workspace --bins
+	./target/debug/loadgen chaos --config config/pipeline.toml --bin-dir target/debug --out chaos-results $(CHAOS_ARGS)
+
 .PHONY: fmt
 fmt: ## Format the code
 	$(CARGO) fmt --all

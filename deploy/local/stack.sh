@@ -5,6 +5,7 @@
 #   deploy/local/stack.sh up       start what is not running, wait until ready
 #   deploy/local/stack.sh down     stop both
 #   deploy/local/stack.sh status   say what runs
+#   deploy/local/stack.sh restart-kafka | restart-postgres   (the chaos suite's broker and database restarts)
 #
 # Environment: ENRICH_STACK_DIR (state and logs, default .stack/ in the repository),
 # KAFKA_HEAP_OPTS (default -Xms256m -Xmx768m), KAFKA_PORT (9092), PG_PORT (5432).
@@ -189,5 +190,11 @@ case "${1:-}" in
   status)
     if kafka_running; then say "Kafka: running (pid $(cat "$kafka_pidfile"))"; else say "Kafka: stopped"; fi
     if pg_ready 2>/dev/null; then say "PostgreSQL: running"; else say "PostgreSQL: stopped"; fi ;;
-  *) echo "usage: $0 up|down|status" >&2; exit 2 ;;
+  # For the chaos suite: a broker or database restart under load.
+  restart-kafka) kafka_down; kafka_up ;;
+  restart-postgres)
+    say "restarting PostgreSQL"
+    pg_ctlcluster "$pg_version" main restart -m fast || die "PostgreSQL did not restart"
+    wait_for "PostgreSQL on 127.0.0.1:$pg_port" 60 pg_ready || die "PostgreSQL is not accepting connections" ;;
+  *) echo "usage: $0 up|down|status|restart-kafka|restart-postgres" >&2; exit 2 ;;
 esac

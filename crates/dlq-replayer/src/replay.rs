@@ -314,6 +314,13 @@ impl Replayer {
                     outcome.refused.push(Refused { id: dead.id, idempotency_key: dead.idempotency_key, why });
                     continue;
                 }
+                if let Some(why) = self.not_replayable(&dead).await? {
+                    if !dry_run {
+                        self.log(dead.id, &dead.idempotency_key, "refused", Some(&why)).await?;
+                    }
+                    outcome.refused.push(Refused { id: dead.id, idempotency_key: dead.idempotency_key, why });
+                    continue;
+                }
                 if !dry_run {
                     ticker.tick().await;
                     self.replay_one(&dead).await?;
@@ -343,6 +350,25 @@ impl Replayer {
             }
         }
         Ok(outcome)
+    }
+
+    /// Why a dead letter cannot be replayed from the DLQ's copy, if it cannot.
+    async fn not_replayable(&self, dead: &DeadLetter) -> anyhow::Result<Option<String>> {
+        let (bytes,): (Vec<u8>,) = sqlx::query_as("SELECT envelope FROM dead_letters WHERE id = $1")
+            .bind(dead.id)
+            .fetch_one(&self.pool)
+            .await?;
+        let envelope = Envelope::decode_from(&bytes)?;
+        let truncated = envelope.failure().map_or(0, |f| f.payload_truncated_from);
+        Ok((truncated > 0).then(|| {
+            format!(
+                "the DLQ holds only the first {} of {truncated} bytes; the whole record is at {}/{}@{}",
+                envelope.payload.len(),
+                dead.source_topic.as_deref().unwrap_or("?"),
+                dead.source_partition.unwrap_or(-1),
+                dead.source_offset.unwrap_or(-1)
+            )
+        }))
     }
 
     async fn replay_one(&self, dead: &DeadLetter) -> anyhow::Result<()> {

@@ -8,18 +8,38 @@ use crate::error::RecordError;
 use crate::headers::{self, header_text};
 use crate::trace_context::TraceContext;
 
+/// The most payload (and source headers) a DLQ record carries: a Kafka record must stay
+/// under the broker's `message.max.bytes` (1 MB by default) whatever came in.
+pub const MAX_DLQ_PAYLOAD: usize = 256 * 1024;
+
 /// Marks `envelope` as failed by `stage` and returns it with the DLQ record's headers.
+/// A record rejected as `too_large` keeps at most [`MAX_DLQ_PAYLOAD`] bytes of payload
+/// (and no source headers when they are that large): the cut is recorded in the failure
+/// and a header, and the original stays at its source coordinates. Every other record
+/// already fits (ingest let it in), so it is carried whole.
 pub fn dead_letter(
     mut envelope: Envelope,
     error: &RecordError,
     stage: &str,
     trace: &TraceContext,
 ) -> (Envelope, OwnedHeaders) {
+    let original_len = envelope.payload.len();
+    let mut truncated_from = 0u64;
+    let oversized = error.reason == "too_large";
+    if oversized && original_len > MAX_DLQ_PAYLOAD {
+        envelope.payload.truncate(MAX_DLQ_PAYLOAD);
+        truncated_from = original_len as u64;
+    }
+    let header_bytes: usize = envelope.headers.iter().map(|h| h.key.len() + h.value.as_ref().map_or(0, Vec::len)).sum();
+    if oversized && header_bytes > MAX_DLQ_PAYLOAD {
+        envelope.headers.clear();
+    }
     envelope.outcome = Some(Outcome::Failure(Failure {
         reason_class: error.class.as_str().to_string(),
         reason: error.reason.to_string(),
         message: error.message.clone(),
         stage: stage.to_string(),
+        payload_truncated_from: truncated_from,
     }));
     let source = envelope.source.clone().unwrap_or_default();
     let attempts = envelope.attempt.to_string();
@@ -36,7 +56,11 @@ pub fn dead_letter(
         (headers::DLQ_ORIGINAL_PARTITION, partition.as_str()),
         (headers::DLQ_ORIGINAL_OFFSET, offset.as_str()),
     ];
-    let h = trace.inject(headers::owned(&pairs));
+    let mut h = trace.inject(headers::owned(&pairs));
+    if truncated_from > 0 {
+        let len = truncated_from.to_string();
+        h = h.insert(rdkafka::message::Header { key: headers::DLQ_PAYLOAD_TRUNCATED, value: Some(len.as_bytes()) });
+    }
     (envelope, h)
 }
 
@@ -74,5 +98,17 @@ mod tests {
         assert_eq!(find(&pairs, headers::IDEMPOTENCY_KEY), Some("p:7"));
         assert_eq!(TraceContext::extract(&pairs), Some(trace));
         assert_eq!(env.failure().unwrap().reason, "invalid_json");
+        assert!(find(&pairs, headers::DLQ_PAYLOAD_TRUNCATED).is_none());
+    }
+
+    #[test]
+    fn a_huge_payload_is_cut_to_fit_a_kafka_record() {
+        let envelope = Envelope { payload: vec![b'x'; 10 * 1024 * 1024], ..Default::default() };
+        let err = RecordError::invalid("too_large", "the value is 10485760 bytes");
+        let (env, h) = dead_letter(envelope, &err, "ingest-dedup", &TraceContext::new_root());
+        assert_eq!(env.payload.len(), MAX_DLQ_PAYLOAD);
+        assert_eq!(env.failure().unwrap().payload_truncated_from, 10 * 1024 * 1024);
+        assert_eq!(find(&collect(Some(&h)), headers::DLQ_PAYLOAD_TRUNCATED), Some("10485760"));
+        assert!(env.encode_to_bytes().len() < 300 * 1024);
     }
 }

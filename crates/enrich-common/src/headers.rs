@@ -15,6 +15,8 @@ pub const DLQ_ATTEMPTS: &str = "dlq.attempts";
 pub const DLQ_ORIGINAL_TOPIC: &str = "dlq.original.topic";
 pub const DLQ_ORIGINAL_PARTITION: &str = "dlq.original.partition";
 pub const DLQ_ORIGINAL_OFFSET: &str = "dlq.original.offset";
+/// Present when the DLQ record's payload was cut to fit: the original length in bytes.
+pub const DLQ_PAYLOAD_TRUNCATED: &str = "dlq.payload.truncated";
 
 /// Delayed retries on the retry topic: when the record is due (Unix milliseconds), and
 /// how many delayed retries it has had (this one included).

@@ -38,6 +38,10 @@ impl Inspected {
     }
 }
 
+/// The longest idempotency key accepted (PostgreSQL indexes the keys; a btree entry must
+/// stay well under a page).
+pub const MAX_KEY_BYTES: usize = 512;
+
 pub fn inspect(pipeline: &PipelineSettings, message: &OwnedMessage) -> Inspected {
     let headers = headers::collect(message.headers());
     let value = message.payload();
@@ -59,7 +63,20 @@ pub fn inspect(pipeline: &PipelineSettings, message: &OwnedMessage) -> Inspected
         outcome: None,
     };
 
-    let parsed = validate_payload(pipeline, value);
+    let header_bytes: usize = headers.iter().map(|(k, v)| k.len() + v.as_ref().map_or(0, Vec::len)).sum();
+    let parsed = validate_payload(pipeline, value).and_then(|json| {
+        let total = value.map_or(0, <[u8]>::len) + header_bytes;
+        if total > pipeline.max_record_bytes {
+            return Err(RecordError::invalid(
+                "too_large",
+                format!(
+                    "the record is {total} bytes with its headers ({header_bytes} bytes of headers); the limit (pipeline.max_record_bytes) is {}",
+                    pipeline.max_record_bytes
+                ),
+            ));
+        }
+        Ok(json)
+    });
     let strategy = pipeline.sources.iter().find(|s| s.topic == message.topic()).map(|s| &s.key);
     let derived = match (&parsed, strategy) {
         (_, None) => {
@@ -71,6 +88,16 @@ pub fn inspect(pipeline: &PipelineSettings, message: &OwnedMessage) -> Inspected
             strategy.derive(&pipeline.name, &view)
         }
     };
+    // Keys index the state table: a key longer than any sane id is bad input.
+    let derived = derived.and_then(|key| {
+        if key.as_str().len() > MAX_KEY_BYTES {
+            return Err(RecordError::invalid(
+                "key_too_long",
+                format!("the idempotency key is {} bytes; at most {MAX_KEY_BYTES} are accepted", key.as_str().len()),
+            ));
+        }
+        Ok(key)
+    });
     match derived {
         Ok(key) => {
             Inspected::Valid(Sighting { envelope: Envelope { idempotency_key: key.to_string(), ..envelope }, key })
@@ -128,7 +155,7 @@ mod tests {
                 topic: "raw".into(),
                 key: KeyStrategy::JsonPointer { pointers: vec!["/id".into()] },
             }],
-            max_record_bytes: 64,
+            max_record_bytes: 16 * 1024,
         }
     }
 
@@ -170,11 +197,24 @@ mod tests {
     fn malformed_records_get_readable_reasons() {
         assert_eq!(reason(None), "empty_value");
         assert_eq!(reason(Some(b"")), "empty_value");
-        assert_eq!(reason(Some(&[b'{'; 65])), "too_large");
+        assert_eq!(reason(Some(&[b'{'; 16 * 1024 + 1])), "too_large");
         assert_eq!(reason(Some(&[0xff, 0xfe])), "invalid_utf8");
         assert_eq!(reason(Some(b"{nope")), "invalid_json");
         assert_eq!(reason(Some(b"[1,2]")), "not_an_object");
         assert_eq!(reason(Some(br#"{"subject":"no id"}"#)), "missing_key_field");
+        let long_id = format!(r#"{{"id":"{}"}}"#, "x".repeat(10_000));
+        assert_eq!(reason(Some(long_id.as_bytes())), "key_too_long");
+    }
+
+    #[test]
+    fn headers_count_toward_the_size_limit() {
+        let big = "h".repeat(16 * 1024);
+        let h = headers::owned(&[("big", big.as_str())]);
+        let Inspected::Invalid { error, .. } = inspect(&pipeline(), &message(Some(br#"{"id":"T1"}"#), Some(h))) else {
+            panic!("valid")
+        };
+        assert_eq!(error.reason, "too_large");
+        assert!(error.message.contains("headers"), "{}", error.message);
     }
 
     #[test]

@@ -25,11 +25,13 @@ pub struct Faults {
     pub rate_429: f64,
     /// Share of calls answered 500.
     pub rate_500: f64,
+    /// Share of calls that never answer (the client times out).
+    pub rate_hang: f64,
 }
 
 impl Default for Faults {
     fn default() -> Self {
-        Self { markers: true, rate_429: 0.0, rate_500: 0.0 }
+        Self { markers: true, rate_429: 0.0, rate_500: 0.0, rate_hang: 0.0 }
     }
 }
 
@@ -70,6 +72,9 @@ pub fn decide(faults: &Faults, text: &str, first_time: bool, repair: bool, roll:
     if roll < faults.rate_429 + faults.rate_500 {
         return Decision::Status { code: 500, retry_after_secs: None };
     }
+    if roll < faults.rate_429 + faults.rate_500 + faults.rate_hang {
+        return Decision::Hang;
+    }
     Decision::Answer
 }
 
@@ -98,10 +103,11 @@ mod tests {
 
     #[test]
     fn rates_apply_and_switching_off_disables_markers() {
-        let f = Faults { markers: false, rate_429: 0.2, rate_500: 0.1 };
+        let f = Faults { markers: false, rate_429: 0.2, rate_500: 0.1, rate_hang: 0.05 };
         assert_eq!(decide(&f, "[[sim:always-500]]", true, false, 0.95), Decision::Answer);
         assert_eq!(decide(&f, "x", true, false, 0.1), Decision::Status { code: 429, retry_after_secs: Some(1) });
         assert_eq!(decide(&f, "x", true, false, 0.25), Decision::Status { code: 500, retry_after_secs: None });
-        assert_eq!(decide(&f, "x", true, false, 0.31), Decision::Answer);
+        assert_eq!(decide(&f, "x", true, false, 0.31), Decision::Hang);
+        assert_eq!(decide(&f, "x", true, false, 0.36), Decision::Answer);
     }
 }

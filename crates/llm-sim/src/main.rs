@@ -5,7 +5,7 @@
 use llm_sim::Latency;
 
 const HELP: &str =
-    "llm-sim [--bind ADDR] [--port N] [--latency SPEC | --latency-ms N] [--rate-429 F] [--rate-500 F] [--no-markers]
+    "llm-sim [--bind ADDR] [--port N] [--latency SPEC | --latency-ms N] [--rate-429 F] [--rate-500 F] [--rate-hang F] [--no-markers]
 An OpenAI-compatible simulator (not a model): deterministic answers from the ticket text.
 Markers in the text such as [[sim:always-500]] inject faults (see crates/llm-sim/src/faults.rs).
 SPEC: fixed:MS | uniform:MIN-MAX | lognormal:MEDIAN,SIGMA[,SHARE:TAIL_MS]  (milliseconds)";
@@ -39,6 +39,9 @@ async fn main() -> anyhow::Result<()> {
             "--port" => port = value("--port")?.parse().map_err(|e| anyhow::anyhow!("--port: {e}"))?,
             "--latency" => latency = parse_latency(&value("--latency")?)?,
             "--latency-ms" => latency = parse_latency(&format!("fixed:{}", value("--latency-ms")?))?,
+            "--rate-hang" => {
+                faults.rate_hang = value("--rate-hang")?.parse().map_err(|e| anyhow::anyhow!("--rate-hang: {e}"))?
+            }
             "--rate-429" => {
                 faults.rate_429 = value("--rate-429")?.parse().map_err(|e| anyhow::anyhow!("--rate-429: {e}"))?
             }

@@ -108,11 +108,22 @@ pub async fn produce_paced(
 /// Reads every committed record of `topic` (all partitions, from the start) until the
 /// consumer reaches the end of each partition.
 pub fn read_to_end(settings: &Settings, topic: &str, deadline: Duration) -> anyhow::Result<Vec<OwnedMessage>> {
+    read_to_end_with(settings, topic, deadline, "read_committed")
+}
+
+/// [`read_to_end`] with a chosen `isolation.level` (`read_uncommitted` also sees records
+/// of aborted transactions).
+pub fn read_to_end_with(
+    settings: &Settings,
+    topic: &str,
+    deadline: Duration,
+    isolation: &str,
+) -> anyhow::Result<Vec<OwnedMessage>> {
     let mut config = kafka::base_config(settings);
     config
         .set("group.id", format!("loadgen-reader-{:x}", rand_suffix()))
         .set("enable.auto.commit", "false")
-        .set("isolation.level", "read_committed")
+        .set("isolation.level", isolation)
         .set("enable.partition.eof", "false");
     kafka::override_from(&mut config, settings);
     let consumer: BaseConsumer = config.create()?;

@@ -4,6 +4,7 @@
 
 pub mod accounting;
 pub mod bench;
+pub mod chaos;
 pub mod kafka_io;
 pub mod tickets;
 pub mod traces;

@@ -60,6 +60,7 @@ fn parse_args() -> anyhow::Result<Args> {
 const USAGE: &str = "usage:
   loadgen demo  [--config PATH] [--unique N] [--duplicates N] [--malformed N] [--timeout-secs N]
   loadgen bench [--config PATH] [--bin-dir DIR] [--out DIR] [--only NAME,NAME] [--scale F]
+  loadgen chaos [--short] [--records N] [--seed N] [--only NAME,NAME] [--bin-dir DIR] [--out DIR]
   loadgen traces [--otlp 127.0.0.1:4317] [--http 127.0.0.1:16687]   a local OTLP receiver and trace viewer";
 
 /// The benchmark scenarios of `make bench` (issue targets: 20,000 tickets, 16 partitions,
@@ -139,11 +140,84 @@ async fn bench(mut args: impl Iterator<Item = String>) -> anyhow::Result<()> {
     Ok(())
 }
 
+async fn chaos(mut args: impl Iterator<Item = String>) -> anyhow::Result<()> {
+    let mut runner = loadgen::chaos::Chaos {
+        config: PathBuf::from("config/pipeline.toml"),
+        bin_dir: PathBuf::from("target/debug"),
+        out_dir: PathBuf::from("chaos-results"),
+        stack_script: PathBuf::from("deploy/local/stack.sh"),
+        seed: 7,
+    };
+    let (mut records, mut short, mut only) = (None, false, None::<Vec<String>>);
+    while let Some(flag) = args.next() {
+        if flag == "--short" {
+            short = true;
+            continue;
+        }
+        let value = args.next().ok_or_else(|| anyhow::anyhow!("{flag} needs a value"))?;
+        match flag.as_str() {
+            "--config" => runner.config = value.into(),
+            "--bin-dir" => runner.bin_dir = value.into(),
+            "--out" => runner.out_dir = value.into(),
+            "--seed" => runner.seed = value.parse().map_err(|e| anyhow::anyhow!("--seed {value:?}: {e}"))?,
+            "--records" => {
+                records = Some(value.parse::<usize>().map_err(|e| anyhow::anyhow!("--records {value:?}: {e}"))?)
+            }
+            "--only" => only = Some(value.split(',').map(str::to_string).collect()),
+            other => anyhow::bail!("unknown flag {other:?} (try --help)"),
+        }
+    }
+    let scenarios = if short {
+        vec![loadgen::chaos::Scenario::short(records.unwrap_or(3_000))]
+    } else {
+        loadgen::chaos::Scenario::catalogue(records.unwrap_or(20_000))
+            .into_iter()
+            .filter(|s| only.as_ref().is_none_or(|o| o.contains(&s.name)))
+            .collect()
+    };
+    std::fs::create_dir_all(&runner.out_dir)?;
+    let mut results = Vec::new();
+    for (i, scenario) in scenarios.iter().enumerate() {
+        println!(
+            "[chaos] {}/{}: {} ({} records, seed {}, faults: {})",
+            i + 1,
+            scenarios.len(),
+            scenario.name,
+            scenario.records,
+            runner.seed.wrapping_add(i as u64),
+            scenario.faults.len()
+        );
+        let started = Instant::now();
+        let result = runner.run(scenario, i).await?;
+        let violations = result["report"]["violations"].as_array().cloned().unwrap_or_default();
+        println!(
+            "[chaos] {}: {} violation(s) in {:.0} s",
+            scenario.name,
+            violations.len(),
+            started.elapsed().as_secs_f64()
+        );
+        for v in &violations {
+            println!("[chaos]   {v}");
+        }
+        results.push(result);
+        std::fs::write(runner.out_dir.join("chaos.json"), serde_json::to_string_pretty(&results)?)?;
+    }
+    let table = loadgen::chaos::markdown(&results);
+    std::fs::write(runner.out_dir.join("chaos.md"), &table)?;
+    println!("\n{table}");
+    let broken: usize = results.iter().map(|r| r["report"]["violations"].as_array().map_or(0, Vec::len)).sum();
+    anyhow::ensure!(broken == 0, "{broken} guarantee violation(s); details in {}/chaos.json", runner.out_dir.display());
+    Ok(())
+}
+
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let _ = rustls::crypto::ring::default_provider().install_default();
     if std::env::args().nth(1).as_deref() == Some("bench") {
         return bench(std::env::args().skip(2)).await;
+    }
+    if std::env::args().nth(1).as_deref() == Some("chaos") {
+        return chaos(std::env::args().skip(2)).await;
     }
     if std::env::args().nth(1).as_deref() == Some("traces") {
         let mut args = std::env::args().skip(2);

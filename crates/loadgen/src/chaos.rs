@@ -1,0 +1,804 @@
+//! `loadgen chaos`: drives the whole topology (llm-sim and the stages as processes) on
+//! the real local stack under load, injects faults at seeded random times (SIGKILL of a
+//! stage, SIGSTOP of an enricher past its session timeout, a kill during a rebalance, a
+//! broker restart, a PostgreSQL restart, an LLM outage), and checks the guarantees
+//! against its own log of what it sent: the output and DLQ topics are read back and
+//! every record is accounted for.
+
+use enrich_common::{Settings, headers, kafka};
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
+use rdkafka::Message;
+use serde_json::{Value, json};
+use sqlx::{Connection, PgConnection, PgPool};
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use crate::kafka_io::{Pace, Produced, header, produce_paced, read_to_end_with};
+use crate::workload::{Kind, Record, Spec, build};
+
+/// One injected fault.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Fault {
+    /// SIGKILL a stage; it is restarted a second later (as a supervisor would).
+    Kill(&'static str),
+    /// SIGSTOP the first enricher for this long (past its session timeout), then SIGCONT.
+    Freeze(u64),
+    /// Start another enricher and SIGKILL the first while the group rebalances.
+    KillDuringRebalance,
+    BrokerRestart,
+    PostgresRestart,
+    /// llm-sim stopped for this many seconds.
+    LlmOutage(u64),
+}
+
+impl Fault {
+    fn label(&self) -> String {
+        match self {
+            Fault::Kill(stage) => format!("kill {stage}"),
+            Fault::Freeze(s) => format!("freeze enricher {s}s"),
+            Fault::KillDuringRebalance => "kill enricher during rebalance".into(),
+            Fault::BrokerRestart => "restart broker".into(),
+            Fault::PostgresRestart => "restart PostgreSQL".into(),
+            Fault::LlmOutage(s) => format!("LLM outage {s}s"),
+        }
+    }
+
+    /// Whether the fault can cut an enricher off between a paid call and storing its answer.
+    fn can_lose_a_paid_call(&self) -> bool {
+        matches!(
+            self,
+            Fault::Kill("enricher")
+                | Fault::KillDuringRebalance
+                | Fault::Freeze(_)
+                | Fault::PostgresRestart
+                | Fault::LlmOutage(_)
+        )
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct Scenario {
+    pub name: String,
+    pub records: usize,
+    pub faults: Vec<Fault>,
+    /// `key` or `strict-key`.
+    pub ordering: &'static str,
+    /// Records per second while producing (the faults land under load).
+    pub rate: f64,
+}
+
+impl Scenario {
+    /// The scenarios of `make chaos`: each fault alone, then all of them mixed.
+    pub fn catalogue(records: usize) -> Vec<Scenario> {
+        let s = |name: &str, faults: Vec<Fault>| Scenario {
+            name: name.into(),
+            records,
+            faults,
+            ordering: "key",
+            rate: 400.0,
+        };
+        vec![
+            s(
+                "kill-stages",
+                vec![
+                    Fault::Kill("ingest-dedup"),
+                    Fault::Kill("enricher"),
+                    Fault::Kill("publisher"),
+                    Fault::Kill("enricher"),
+                    Fault::Kill("publisher"),
+                    Fault::Kill("ingest-dedup"),
+                ],
+            ),
+            s("zombie-enricher", vec![Fault::Freeze(12)]),
+            s("kill-during-rebalance", vec![Fault::KillDuringRebalance]),
+            s("broker-restart", vec![Fault::BrokerRestart]),
+            s("postgres-restart", vec![Fault::PostgresRestart]),
+            s("llm-outage", vec![Fault::LlmOutage(30)]),
+            s(
+                "soak",
+                vec![
+                    Fault::Kill("enricher"),
+                    Fault::PostgresRestart,
+                    Fault::Kill("publisher"),
+                    Fault::Freeze(12),
+                    Fault::LlmOutage(30),
+                    Fault::Kill("ingest-dedup"),
+                    Fault::BrokerRestart,
+                    Fault::KillDuringRebalance,
+                    Fault::Kill("publisher"),
+                ],
+            ),
+        ]
+    }
+
+    /// The short form CI runs: a few thousand records, several faults mixed.
+    pub fn short(records: usize) -> Scenario {
+        Scenario {
+            name: "short".into(),
+            records,
+            faults: vec![
+                Fault::Kill("enricher"),
+                Fault::Kill("publisher"),
+                Fault::PostgresRestart,
+                Fault::Kill("ingest-dedup"),
+                Fault::LlmOutage(10),
+                Fault::Freeze(10),
+            ],
+            ordering: "key",
+            rate: 300.0,
+        }
+    }
+}
+
+pub struct Chaos {
+    pub config: PathBuf,
+    pub bin_dir: PathBuf,
+    pub out_dir: PathBuf,
+    pub stack_script: PathBuf,
+    pub seed: u64,
+}
+
+/// What the runner sent, and how each record should end.
+struct Sent {
+    records: Vec<Record>,
+    produced: Vec<Produced>,
+    poison: HashSet<String>,
+}
+
+struct Proc {
+    name: &'static str,
+    child: Child,
+    port: u16,
+    args: Vec<String>,
+    env: Vec<(String, String)>,
+}
+
+fn free_port() -> anyhow::Result<u16> {
+    Ok(std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
+}
+
+fn signal(pid: u32, sig: &str) {
+    let _ = Command::new("kill").arg(format!("-{sig}")).arg(pid.to_string()).status();
+}
+
+impl Chaos {
+    fn spawn(&self, name: &'static str, args: &[String], env: &[(String, String)], log: &str) -> anyhow::Result<Child> {
+        let logs = self.out_dir.join("logs");
+        std::fs::create_dir_all(&logs)?;
+        let file = std::fs::OpenOptions::new().create(true).append(true).open(logs.join(format!("{log}.log")))?;
+        Command::new(self.bin_dir.join(name))
+            .args(args)
+            .envs(env.iter().cloned())
+            .stdout(file.try_clone()?)
+            .stderr(file)
+            .stdin(Stdio::null())
+            .spawn()
+            .map_err(|e| anyhow::anyhow!("cannot start {}: {e}", self.bin_dir.join(name).display()))
+    }
+
+    async fn start(
+        &self,
+        name: &'static str,
+        port: u16,
+        args: Vec<String>,
+        env: Vec<(String, String)>,
+        log: &str,
+    ) -> anyhow::Result<Proc> {
+        let child = self.spawn(name, &args, &env, log)?;
+        let mut p = Proc { name, child, port, args, env };
+        wait_healthy(&mut p).await?;
+        Ok(p)
+    }
+
+    async fn restart(&self, p: &mut Proc, log: &str) -> anyhow::Result<()> {
+        let _ = p.child.wait();
+        p.child = self.spawn(p.name, &p.args, &p.env, log)?;
+        wait_healthy(p).await
+    }
+
+    fn stack(&self, command: &str) -> anyhow::Result<()> {
+        let status = Command::new(&self.stack_script).arg(command).stdout(Stdio::null()).status()?;
+        anyhow::ensure!(status.success(), "{} {command} failed", self.stack_script.display());
+        Ok(())
+    }
+
+    pub async fn run(&self, scenario: &Scenario, index: usize) -> anyhow::Result<Value> {
+        let mut rng = StdRng::seed_from_u64(self.seed.wrapping_add(index as u64));
+        let stamp = crate::kafka_io::now_ms();
+        let p = format!("chaos{stamp}x{index}");
+        let base = Settings::load(&self.config)?;
+        let admin_url = base.database.url.expose().to_string();
+        let db_name = format!("enrich_chaos_{stamp}_{index}");
+        let mut admin = PgConnection::connect(&admin_url).await?;
+        sqlx::query(sqlx::AssertSqlSafe(format!("CREATE DATABASE {db_name}"))).execute(&mut admin).await?;
+        admin.close().await?;
+        let db_url = format!("{}/{db_name}", &admin_url[..admin_url.rfind('/').unwrap_or(admin_url.len())]);
+
+        let sim_port = free_port()?;
+        let mut env: Vec<(String, String)> = crate::isolated_pipeline_env(&p);
+        env.extend(
+            [
+                ("ENRICH_KAFKA__PARTITIONS", "6".to_string()),
+                ("ENRICH_DATABASE__URL", db_url),
+                ("ENRICH_DATABASE__MAX_CONNECTIONS", "10".into()),
+                ("ENRICH_LLM__BASE_URL", format!("http://127.0.0.1:{sim_port}/v1")),
+                // A hung call gives up after 2 s; leases outlive it.
+                ("ENRICH_LLM__REQUEST_TIMEOUT_MS", "2000".into()),
+                ("ENRICH_ENRICHER__LEASE_MS", "4000".into()),
+                ("ENRICH_LLM__MAX_ATTEMPTS", "8".into()),
+                ("ENRICH_LLM__QUICK_RETRIES", "2".into()),
+                ("ENRICH_LLM__RETRY_DELAY_MS", "1000".into()),
+                ("ENRICH_LLM__BREAKER_OPEN_MS", "1000".into()),
+                ("ENRICH_ENRICHER__MAX_IN_FLIGHT", "32".into()),
+                ("ENRICH_ENRICHER__ORDERING", scenario.ordering.into()),
+                // A frozen or killed consumer leaves the group quickly.
+                ("ENRICH_KAFKA__CLIENT__SESSION.TIMEOUT.MS", "6000".into()),
+                ("ENRICH_KAFKA__CLIENT__HEARTBEAT.INTERVAL.MS", "1000".into()),
+                ("RUST_LOG", "warn".into()),
+            ]
+            .map(|(k, v)| (k.to_string(), v)),
+        );
+        let port_of = |stage: &str| -> anyhow::Result<(String, u16)> {
+            let var = match stage {
+                "ingest-dedup" => "ENRICH_INGEST__HTTP_PORT",
+                "enricher" => "ENRICH_ENRICHER__HTTP_PORT",
+                _ => "ENRICH_PUBLISHER__HTTP_PORT",
+            };
+            Ok((var.to_string(), free_port()?))
+        };
+        let process_env: Vec<(String, String)> = std::env::vars().filter(|(k, _)| k.starts_with("ENRICH_")).collect();
+        let settings =
+            Settings::from_toml(&std::fs::read_to_string(&self.config)?, process_env.into_iter().chain(env.clone()))?;
+        let source = format!("{p}.raw");
+        kafka::ensure_topics(&settings, &[&source]).await?;
+        let pool = enrich_common::db::connect(&settings.database).await?;
+        enrich_common::db::migrate(&pool).await?;
+
+        let sent_records = workload(&p, scenario.records, &mut rng);
+        let log = format!("{}-{}", scenario.name, index);
+        let sim_args: Vec<String> = [
+            "--port",
+            &sim_port.to_string(),
+            "--latency",
+            "lognormal:40,0.6,0.01:1500",
+            "--rate-429",
+            "0.05",
+            "--rate-500",
+            "0.02",
+            "--rate-hang",
+            "0.01",
+        ]
+        .map(str::to_string)
+        .to_vec();
+        let mut procs: Vec<Proc> = Vec::new();
+        procs.push(self.start("llm-sim", sim_port, sim_args, Vec::new(), &log).await?);
+        let config_arg = vec!["--config".to_string(), self.config.display().to_string()];
+        for stage in ["ingest-dedup", "enricher", "publisher"] {
+            let (var, port) = port_of(stage)?;
+            let mut stage_env = env.clone();
+            stage_env.push((var, port.to_string()));
+            procs.push(self.start(stage, port, config_arg.clone(), stage_env, &log).await?);
+        }
+
+        // Produce under load while the faults land.
+        let producing = {
+            let settings = settings.clone();
+            let source = source.clone();
+            let records = sent_records.records.clone();
+            let rate = scenario.rate;
+            tokio::spawn(async move {
+                produce_paced(&settings, &source, &records, |i| i % 2 == 0, Pace::PerSecond(rate), |_| {}).await
+            })
+        };
+        let produce_secs = scenario.records as f64 / scenario.rate;
+        let mut times: Vec<f64> =
+            (0..scenario.faults.len()).map(|_| rng.random_range(1.0..produce_secs.max(2.0))).collect();
+        times.sort_by(f64::total_cmp);
+        let started = Instant::now();
+        let mut injected = Vec::new();
+        // Calls answered by llm-sim incarnations stopped by an outage.
+        let mut earlier_sim_calls = 0;
+        for (fault, at) in scenario.faults.iter().zip(times) {
+            let wait = Duration::from_secs_f64(at).saturating_sub(started.elapsed());
+            tokio::time::sleep(wait).await;
+            println!("[chaos] {}: {:>5.1} s  {}", scenario.name, started.elapsed().as_secs_f64(), fault.label());
+            earlier_sim_calls += self.inject(fault, &mut procs, &env, &config_arg, &log).await?;
+            injected.push(fault.clone());
+        }
+        let produced = producing.await??;
+        let sent = Sent { produced, ..sent_records };
+
+        // Wait until every record is accounted for, or give up and report what is missing.
+        let wait_started = Instant::now();
+        let mut finished = false;
+        while wait_started.elapsed() < Duration::from_secs(300) {
+            let a = crate::accounting::account(&pool, &p, &source, &sent.produced).await;
+            if let Ok(a) = a
+                && a.complete(sent.produced.len())
+            {
+                finished = true;
+                break;
+            }
+            tokio::time::sleep(Duration::from_secs(1)).await;
+        }
+        // Let the publisher's last transaction settle before reading back.
+        let group = settings.group_id(enrich_common::config::Stage::Publisher);
+        let settle = Instant::now();
+        while settle.elapsed() < Duration::from_secs(60)
+            && !crate::kafka_io::group_caught_up(&settings, &group, &settings.topics.results).unwrap_or(false)
+        {
+            tokio::time::sleep(Duration::from_millis(500)).await;
+        }
+        let sim_calls = earlier_sim_calls + sim_completions(procs[0].port).await.unwrap_or(0);
+        stop(procs);
+
+        let report = verify(&settings, &pool, &p, &source, &sent, &injected, sim_calls, finished).await?;
+        pool.close().await;
+        if report["violations"].as_array().is_some_and(Vec::is_empty) {
+            let mut admin = PgConnection::connect(&admin_url).await?;
+            let _ = sqlx::query(sqlx::AssertSqlSafe(format!("DROP DATABASE IF EXISTS {db_name} WITH (FORCE)")))
+                .execute(&mut admin)
+                .await;
+        } else {
+            println!("[chaos] {}: database {db_name} kept for inspection", scenario.name);
+        }
+        Ok(json!({"scenario": scenario.name, "seed": self.seed.wrapping_add(index as u64), "report": report}))
+    }
+
+    async fn inject(
+        &self,
+        fault: &Fault,
+        procs: &mut Vec<Proc>,
+        env: &[(String, String)],
+        config_arg: &[String],
+        log: &str,
+    ) -> anyhow::Result<u64> {
+        let mut sim_calls = 0;
+        match fault {
+            Fault::Kill(stage) => {
+                let p = procs.iter_mut().find(|p| p.name == *stage).ok_or_else(|| anyhow::anyhow!("no {stage}"))?;
+                signal(p.child.id(), "KILL");
+                tokio::time::sleep(Duration::from_secs(1)).await;
+                self.restart(p, log).await?;
+            }
+            Fault::Freeze(secs) => {
+                let p =
+                    procs.iter_mut().find(|p| p.name == "enricher").ok_or_else(|| anyhow::anyhow!("no enricher"))?;
+                signal(p.child.id(), "STOP");
+                tokio::time::sleep(Duration::from_secs(*secs)).await;
+                signal(p.child.id(), "CONT");
+            }
+            Fault::KillDuringRebalance => {
+                let port = free_port()?;
+                let mut second_env = env.to_vec();
+                second_env.push(("ENRICH_ENRICHER__HTTP_PORT".into(), port.to_string()));
+                let second = self.start("enricher", port, config_arg.to_vec(), second_env, log).await?;
+                // The second replica has joined: the group is rebalancing now.
+                tokio::time::sleep(Duration::from_millis(300)).await;
+                let first =
+                    procs.iter_mut().find(|p| p.name == "enricher").ok_or_else(|| anyhow::anyhow!("no enricher"))?;
+                signal(first.child.id(), "KILL");
+                tokio::time::sleep(Duration::from_secs(1)).await;
+                self.restart(first, log).await?;
+                procs.push(second);
+            }
+            Fault::BrokerRestart => self.stack("restart-kafka")?,
+            Fault::PostgresRestart => self.stack("restart-postgres")?,
+            Fault::LlmOutage(secs) => {
+                let sim =
+                    procs.iter_mut().find(|p| p.name == "llm-sim").ok_or_else(|| anyhow::anyhow!("no llm-sim"))?;
+                // Its count so far; the restarted one counts from zero. A call answered in
+                // the instant between this scrape and the kill is counted by nobody.
+                sim_calls = sim_completions(sim.port).await.unwrap_or(0);
+                signal(sim.child.id(), "KILL");
+                tokio::time::sleep(Duration::from_secs(*secs)).await;
+                self.restart(sim, log).await?;
+            }
+        }
+        Ok(sim_calls)
+    }
+}
+
+/// The workload: tickets with 20% duplicates, 1% poison, 1% malformed, and Kafka keys
+/// (customers) skewed so that a few keys carry many records.
+fn workload(run: &str, records: usize, rng: &mut StdRng) -> Sent {
+    let malformed = (records / 100).max(1);
+    let duplicates = records / 5;
+    let unique = records - duplicates - malformed;
+    let mut built = build(&Spec { run: run.to_string(), unique, duplicates, malformed });
+    let mut customer: HashMap<String, Vec<u8>> = HashMap::new();
+    let mut poison = HashSet::new();
+    for r in built.iter_mut().filter(|r| r.kind == Kind::Unique) {
+        let Some(t) = r.ticket.as_mut() else { continue };
+        let key = if rng.random_bool(0.3) {
+            format!("{run}-hot-{}", rng.random_range(0..3))
+        } else {
+            format!("{run}-cust-{}", rng.random_range(0..(unique / 4).max(1)))
+        };
+        customer.insert(t.id.clone(), key.clone().into_bytes());
+        r.key = Some(key.into_bytes());
+        if rng.random_bool(0.01) {
+            t.body = format!("{} [[sim:always-500]]", t.body);
+            r.value = Some(t.to_json());
+            poison.insert(t.id.clone());
+        }
+    }
+    // A repeat carries the same payload as its original (poison included), and half of
+    // them its Kafka key.
+    let originals: HashMap<String, Vec<u8>> = built
+        .iter()
+        .filter(|r| r.kind == Kind::Unique)
+        .filter_map(|r| Some((r.ticket.as_ref()?.id.clone(), r.value.clone()?)))
+        .collect();
+    for (d, r) in built.iter_mut().filter(|r| matches!(r.kind, Kind::Duplicate { .. })).enumerate() {
+        let Some(id) = r.ticket.as_ref().map(|t| t.id.clone()) else { continue };
+        r.value = originals.get(&id).cloned();
+        if d % 2 == 0 {
+            r.key = customer.get(&id).cloned();
+        }
+    }
+    Sent { records: built, produced: Vec::new(), poison }
+}
+
+async fn wait_healthy(p: &mut Proc) -> anyhow::Result<()> {
+    let url = format!("http://127.0.0.1:{}/healthz", p.port);
+    let started = Instant::now();
+    loop {
+        if let Ok(r) = reqwest::get(&url).await
+            && r.status().is_success()
+        {
+            return Ok(());
+        }
+        if let Some(status) = p.child.try_wait()? {
+            anyhow::bail!("{} exited ({status}) before it was up", p.name);
+        }
+        if started.elapsed() > Duration::from_secs(90) {
+            anyhow::bail!("{} not up on {url} after 90 s", p.name);
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+fn stop(procs: Vec<Proc>) {
+    for p in procs.iter().rev() {
+        signal(p.child.id(), "TERM");
+    }
+    for mut p in procs {
+        let started = Instant::now();
+        while matches!(p.child.try_wait(), Ok(None)) {
+            if started.elapsed() > Duration::from_secs(30) {
+                let _ = p.child.kill();
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        let _ = p.child.wait();
+    }
+}
+
+async fn sim_completions(port: u16) -> Option<u64> {
+    let text = reqwest::get(format!("http://127.0.0.1:{port}/metrics")).await.ok()?.text().await.ok()?;
+    text.lines().find_map(|l| l.strip_prefix("llm_sim_completions_total ")).and_then(|v| v.trim().parse().ok())
+}
+
+/// A broken guarantee, with the keys that show it (at most a few listed).
+fn violation(what: &str, keys: &[String]) -> Value {
+    json!({"violation": what, "count": keys.len(), "keys": keys.iter().take(10).collect::<Vec<_>>()})
+}
+
+type RunRow = (String, String, String, Option<String>, Option<i32>, Option<i64>);
+/// A DLQ record's (reason, stage, idempotency key).
+type DeadAt = (String, String, String);
+
+#[allow(clippy::too_many_arguments)]
+async fn verify(
+    settings: &Settings,
+    pool: &PgPool,
+    p: &str,
+    source: &str,
+    sent: &Sent,
+    faults: &[Fault],
+    sim_calls: u64,
+    finished: bool,
+) -> anyhow::Result<Value> {
+    let topics = &settings.topics;
+    let key_of = |id: &str| format!("{p}:{id}");
+    let mut violations: Vec<Value> = Vec::new();
+    if !finished {
+        violations.push(json!({"violation": "not every record was accounted for within 300 s"}));
+    }
+
+    // The output, read back as a read_committed consumer would (and read_uncommitted).
+    let output = read_to_end_with(settings, &topics.output, Duration::from_secs(120), "read_committed")?;
+    let uncommitted = read_to_end_with(settings, &topics.output, Duration::from_secs(120), "read_uncommitted")?;
+    let mut published: BTreeMap<String, usize> = BTreeMap::new();
+    let mut order: HashMap<Vec<u8>, Vec<String>> = HashMap::new();
+    for m in &output {
+        let key = header(m, headers::IDEMPOTENCY_KEY).unwrap_or_default();
+        *published.entry(key.clone()).or_default() += 1;
+        order.entry(m.key().unwrap_or_default().to_vec()).or_default().push(key);
+    }
+    let mut seen_uncommitted: HashMap<String, usize> = HashMap::new();
+    for m in &uncommitted {
+        *seen_uncommitted.entry(header(m, headers::IDEMPOTENCY_KEY).unwrap_or_default()).or_default() += 1;
+    }
+    let uncommitted_repeats = seen_uncommitted.values().filter(|n| **n > 1).count();
+
+    // What should have come out: each ticket once, except the poison ones.
+    let tickets: Vec<(&Record, &Produced)> = sent.records.iter().zip(&sent.produced).collect();
+    let unique_ids: HashSet<String> = tickets
+        .iter()
+        .filter(|(r, _)| r.kind == Kind::Unique)
+        .filter_map(|(r, _)| r.ticket.as_ref())
+        .map(|t| t.id.clone())
+        .collect();
+    let mut missing = Vec::new();
+    let mut twice = Vec::new();
+    let mut poison_published = Vec::new();
+    for id in &unique_ids {
+        let key = key_of(id);
+        let n = published.get(&key).copied().unwrap_or(0);
+        if sent.poison.contains(id) {
+            if n > 0 {
+                poison_published.push(key);
+            }
+        } else if n == 0 {
+            missing.push(key);
+        } else if n > 1 {
+            twice.push(key);
+        }
+    }
+    let unexpected: Vec<String> = published
+        .keys()
+        .filter(|k| k.strip_prefix(&format!("{p}:")).is_none_or(|id| !unique_ids.contains(id)))
+        .cloned()
+        .collect();
+    for (what, keys) in [
+        ("sent and never published", &missing),
+        ("published more than once (read_committed)", &twice),
+        ("poison record published", &poison_published),
+        ("published but never sent", &unexpected),
+    ] {
+        if !keys.is_empty() {
+            violations.push(violation(what, keys));
+        }
+    }
+
+    // The DLQ: exactly the poison and the malformed records, with their headers.
+    let dlq = read_to_end_with(settings, &topics.dlq, Duration::from_secs(120), "read_committed")?;
+    let mut dead_coordinates: HashMap<(i32, i64), Vec<DeadAt>> = HashMap::new();
+    let mut dead_keys: HashMap<String, usize> = HashMap::new();
+    for m in &dlq {
+        let h = |n: &str| header(m, n).unwrap_or_default();
+        let at = (
+            h(headers::DLQ_ORIGINAL_PARTITION).parse().unwrap_or(-1),
+            h(headers::DLQ_ORIGINAL_OFFSET).parse().unwrap_or(-1),
+        );
+        if h(headers::DLQ_ORIGINAL_TOPIC) != source {
+            violations.push(violation("DLQ record without the source coordinates", &[h(headers::IDEMPOTENCY_KEY)]));
+        }
+        dead_coordinates.entry(at).or_default().push((
+            h(headers::DLQ_REASON),
+            h(headers::DLQ_STAGE),
+            h(headers::IDEMPOTENCY_KEY),
+        ));
+        *dead_keys.entry(h(headers::IDEMPOTENCY_KEY)).or_default() += 1;
+    }
+    let mut wrong_dlq = Vec::new();
+    for (r, at) in &tickets {
+        if let Kind::Malformed { reason } = r.kind {
+            let found = dead_coordinates.get(&(at.partition, at.offset));
+            let ok = found.is_some_and(|d| d.iter().any(|(why, stage, _)| why == reason && stage == "ingest-dedup"));
+            if !ok {
+                wrong_dlq.push(format!("malformed {}@{} ({reason}): {found:?}", at.partition, at.offset));
+            }
+        }
+    }
+    for id in &sent.poison {
+        let key = key_of(id);
+        let ours: HashSet<(i32, i64)> = tickets
+            .iter()
+            .filter(|(r, _)| r.ticket.as_ref().is_some_and(|t| &t.id == id))
+            .map(|(_, at)| (at.partition, at.offset))
+            .collect();
+        let ok = dead_coordinates.iter().any(|(at, d)| {
+            ours.contains(at)
+                && d.iter().any(|(why, stage, k)| why == "max_attempts" && stage == "enricher" && *k == key)
+        });
+        if !ok {
+            wrong_dlq.push(format!("poison {key} not dead-lettered with its source coordinates"));
+        }
+    }
+    let malformed_count = tickets.iter().filter(|(r, _)| matches!(r.kind, Kind::Malformed { .. })).count();
+    let expected_dead = malformed_count + sent.poison.len();
+    let extra_dead: Vec<String> = dead_keys
+        .iter()
+        .filter(|(k, n)| {
+            **n > 1
+                || k.strip_prefix(&format!("{p}:"))
+                    .is_some_and(|id| unique_ids.contains(id) && !sent.poison.contains(id))
+        })
+        .map(|(k, n)| format!("{k} ({n}x)"))
+        .collect();
+    if !wrong_dlq.is_empty() {
+        violations.push(violation("DLQ misses a record or has the wrong reason", &wrong_dlq));
+    }
+    if !extra_dead.is_empty() {
+        violations.push(violation("DLQ holds a record that is not poison or malformed, or one twice", &extra_dead));
+    }
+
+    // Each sent record ends as exactly one of published / dead-lettered / duplicate,
+    // as recorded by ingest, and each key is forwarded once.
+    let partitions: Vec<i32> = sent.produced.iter().map(|x| x.partition).collect();
+    let offsets: Vec<i64> = sent.produced.iter().map(|x| x.offset).collect();
+    let dispositions: Vec<(i32, i64, i64, Option<String>)> = sqlx::query_as(
+        "SELECT s.p, s.o, count(r.id), min(r.status)
+         FROM UNNEST($3::int[], $4::bigint[]) AS s(p, o)
+         LEFT JOIN run_history r ON r.pipeline = $1 AND r.stage = 'ingest-dedup' AND r.source_topic = $2
+                                 AND r.source_partition = s.p AND r.source_offset = s.o
+         GROUP BY s.p, s.o",
+    )
+    .bind(p)
+    .bind(source)
+    .bind(&partitions)
+    .bind(&offsets)
+    .fetch_all(pool)
+    .await?;
+    let not_once: Vec<String> =
+        dispositions.iter().filter(|d| d.2 != 1).map(|d| format!("{}@{}: {} dispositions", d.0, d.1, d.2)).collect();
+    if !not_once.is_empty() {
+        violations.push(violation("a sent record without exactly one ingest disposition", &not_once));
+    }
+    let duplicates = dispositions.iter().filter(|d| d.3.as_deref() == Some("duplicate")).count();
+    let expected_duplicates = tickets.len() - malformed_count - unique_ids.len();
+    if duplicates != expected_duplicates {
+        violations.push(json!({"violation": "recorded duplicates differ from the duplicates sent",
+                               "recorded": duplicates, "sent": expected_duplicates}));
+    }
+
+    // Order per Kafka key, for keys none of whose records went through a delayed retry.
+    let retried: HashSet<String> = sqlx::query_as::<_, (String,)>(
+        "SELECT DISTINCT idempotency_key FROM run_history WHERE pipeline = $1 AND status = 'retry_scheduled'",
+    )
+    .bind(p)
+    .fetch_all(pool)
+    .await?
+    .into_iter()
+    .map(|(k,)| k)
+    .collect();
+    let mut source_order: HashMap<Vec<u8>, Vec<String>> = HashMap::new();
+    for (r, _) in &tickets {
+        if r.kind == Kind::Unique
+            && let (Some(t), Some(k)) = (&r.ticket, &r.key)
+        {
+            source_order.entry(k.clone()).or_default().push(key_of(&t.id));
+        }
+    }
+    let mut out_of_order = Vec::new();
+    let mut keys_checked = 0;
+    for (k, expected) in &source_order {
+        if expected.iter().any(|key| retried.contains(key)) {
+            continue;
+        }
+        keys_checked += 1;
+        let got: Vec<&String> =
+            order.get(k).map(|v| v.iter().filter(|key| expected.contains(key)).collect()).unwrap_or_default();
+        let want: Vec<&String> = expected.iter().filter(|key| got.contains(key)).collect();
+        if got != want {
+            out_of_order.push(String::from_utf8_lossy(k).into_owned());
+        }
+    }
+    if !out_of_order.is_empty() {
+        violations.push(violation("output order differs from source order for a key", &out_of_order));
+    }
+
+    // Paid calls: at most one successful call per unique key, from llm-sim's count
+    // (llm-sim restarted by an outage counts from zero, so only without one).
+    let expected_calls = (unique_ids.len() - sent.poison.len()) as u64;
+    let excess = sim_calls.saturating_sub(expected_calls);
+    let lost_paid_call_possible = faults.iter().any(Fault::can_lose_a_paid_call);
+    let excess_cause = if excess == 0 {
+        Value::Null
+    } else if lost_paid_call_possible {
+        json!(
+            "answers that never reached a stored result: the enricher was killed, frozen or cut from the database mid-call, or llm-sim was stopped while answering (the attempt counter made the retry)"
+        )
+    } else {
+        violations.push(json!({"violation": "more successful LLM calls than unique keys", "excess": excess}));
+        json!("unexplained")
+    };
+    let (audit_calls,): (i64,) = sqlx::query_as(
+        "SELECT count(*) FROM (SELECT idempotency_key FROM step_outcomes WHERE pipeline = $1 AND step = 'llm_call' AND status = 'ok'
+                               GROUP BY idempotency_key HAVING count(*) > 1) x",
+    )
+    .bind(p)
+    .fetch_one(pool)
+    .await?;
+    if audit_calls > 0 {
+        violations.push(json!({"violation": "keys with more than one stored successful call", "count": audit_calls}));
+    }
+
+    // Every published key: a complete audit history in one connected trace.
+    let runs: Vec<RunRow> = sqlx::query_as(
+        "SELECT idempotency_key, stage, status, trace_id, source_partition, source_offset
+         FROM run_history WHERE pipeline = $1 AND status IN ('forwarded', 'enriched', 'reused', 'published')",
+    )
+    .bind(p)
+    .fetch_all(pool)
+    .await?;
+    let mut by_key: HashMap<&str, Vec<&RunRow>> = HashMap::new();
+    for r in &runs {
+        by_key.entry(r.0.as_str()).or_default().push(r);
+    }
+    let mut incomplete = Vec::new();
+    let mut disconnected = Vec::new();
+    for key in published.keys() {
+        let rows = by_key.get(key.as_str()).cloned().unwrap_or_default();
+        let has =
+            |stage: &str, statuses: &[&str]| rows.iter().any(|r| r.1 == stage && statuses.contains(&r.2.as_str()));
+        if !(has("ingest-dedup", &["forwarded"])
+            && has("enricher", &["enriched", "reused"])
+            && has("publisher", &["published"]))
+        {
+            incomplete.push(key.clone());
+            continue;
+        }
+        let owner = rows.iter().find(|r| r.1 == "ingest-dedup" && r.2 == "forwarded").and_then(|r| r.3.clone());
+        if rows.iter().filter(|r| r.1 != "ingest-dedup").any(|r| r.3 != owner) {
+            disconnected.push(key.clone());
+        }
+    }
+    if !incomplete.is_empty() {
+        violations.push(violation("published key without a complete audit history", &incomplete));
+    }
+    if !disconnected.is_empty() {
+        violations.push(violation("published key whose stages are not in one trace", &disconnected));
+    }
+
+    Ok(json!({
+        "sent": sent.produced.len(),
+        "unique": unique_ids.len(),
+        "published": published.len(),
+        "outputs": output.len(),
+        "dead_lettered": dlq.len(),
+        "dead_letters_expected": expected_dead,
+        "duplicates": duplicates,
+        "llm_calls": sim_calls,
+        "llm_calls_expected": expected_calls,
+        "llm_calls_excess_cause": excess_cause,
+        "uncommitted_repeats": uncommitted_repeats,
+        "keys_order_checked": keys_checked,
+        "faults": faults.iter().map(Fault::label).collect::<Vec<_>>(),
+        "violations": violations,
+    }))
+}
+
+/// The markdown table of a chaos run.
+pub fn markdown(results: &[Value]) -> String {
+    let mut out = String::from(
+        "| scenario | sent | published | dead-lettered | duplicates | LLM calls (expected) | faults | violations |\n|---|---:|---:|---:|---:|---|---|---:|\n",
+    );
+    for r in results {
+        let rep = &r["report"];
+        out.push_str(&format!(
+            "| {} | {} | {} | {} (expected {}) | {} | {} ({}) | {} | {} |\n",
+            r["scenario"].as_str().unwrap_or(""),
+            rep["sent"],
+            rep["published"],
+            rep["dead_lettered"],
+            rep["dead_letters_expected"],
+            rep["duplicates"],
+            rep["llm_calls"],
+            rep["llm_calls_expected"],
+            rep["faults"]
+                .as_array()
+                .map(|f| f.iter().filter_map(Value::as_str).collect::<Vec<_>>().join(", "))
+                .unwrap_or_default(),
+            rep["violations"].as_array().map_or(0, Vec::len),
+        ));
+    }
+    out
+}
