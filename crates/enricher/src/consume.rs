@@ -19,15 +19,30 @@ use crate::scheduler::{Action, ChainId, Limits, PartitionId, Scheduler};
 
 const MAX_BACKOFF: Duration = Duration::from_secs(30);
 
+/// A revocation: the partitions, and the rebalance epoch it opened.
+pub type Revoked = (u64, Vec<PartitionId>);
+
 /// Tells the loop which partitions were revoked, from librdkafka's rebalance callback.
+/// The callback runs inside a read, so the read may return a record of the new
+/// assignment before the loop hears of the revocation: the epoch counter and the epoch
+/// of each partition's last revocation let the loop tell old state from new.
 pub struct RebalanceEvents {
-    tx: mpsc::UnboundedSender<Vec<PartitionId>>,
+    tx: mpsc::UnboundedSender<Revoked>,
+    epoch: std::sync::atomic::AtomicU64,
+    revoked_at: std::sync::Mutex<std::collections::HashMap<PartitionId, u64>>,
 }
 
 impl RebalanceEvents {
-    pub fn new() -> (Self, mpsc::UnboundedReceiver<Vec<PartitionId>>) {
+    pub fn new() -> (Self, mpsc::UnboundedReceiver<Revoked>) {
         let (tx, rx) = mpsc::unbounded_channel();
-        (Self { tx }, rx)
+        (Self { tx, epoch: Default::default(), revoked_at: Default::default() }, rx)
+    }
+
+    /// The current epoch, and the epoch of `partition`'s last revocation.
+    fn epochs(&self, partition: &PartitionId) -> (u64, u64) {
+        let epoch = self.epoch.load(std::sync::atomic::Ordering::SeqCst);
+        let revoked = self.revoked_at.lock().map(|m| m.get(partition).copied().unwrap_or(0)).unwrap_or(0);
+        (epoch, revoked)
     }
 }
 
@@ -38,16 +53,27 @@ impl ConsumerContext for RebalanceEvents {
         if let Rebalance::Revoke(list) = rebalance {
             let revoked: Vec<PartitionId> =
                 list.elements().iter().map(|e| (e.topic().to_string(), e.partition())).collect();
-            tracing::info!(?revoked, "partitions revoked");
-            let _ = self.tx.send(revoked);
+            let epoch = self.epoch.fetch_add(1, std::sync::atomic::Ordering::SeqCst) + 1;
+            if let Ok(mut at) = self.revoked_at.lock() {
+                for p in &revoked {
+                    at.insert(p.clone(), epoch);
+                }
+            }
+            tracing::info!(?revoked, epoch, "partitions revoked");
+            let _ = self.tx.send((epoch, revoked));
         }
     }
 
-    fn post_rebalance(&self, _consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
+    fn post_rebalance(&self, consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
         if let Rebalance::Assign(list) = rebalance {
             let assigned: Vec<PartitionId> =
                 list.elements().iter().map(|e| (e.topic().to_string(), e.partition())).collect();
             tracing::info!(?assigned, "partitions assigned");
+            // A partition comes with no state here: whatever paused it before (a held
+            // retry, a full buffer) was dropped with its revocation.
+            if let Err(e) = consumer.resume(list) {
+                tracing::warn!(error = %e, "cannot resume the assigned partitions");
+            }
         }
     }
 }
@@ -61,7 +87,7 @@ struct Done {
 
 pub async fn run(
     consumer: &StreamConsumer<RebalanceEvents>,
-    mut revoked: mpsc::UnboundedReceiver<Vec<PartitionId>>,
+    mut revoked: mpsc::UnboundedReceiver<Revoked>,
     enricher: Arc<Enricher>,
     runtime: &StageRuntime,
     limits: Limits,
@@ -69,7 +95,8 @@ pub async fn run(
     shutdown: &Shutdown,
 ) {
     let mut scheduler = Scheduler::new(limits);
-    let mut delays: Delays<OwnedMessage> = Delays::default();
+    // Held retry records, with the epoch they were read at.
+    let mut delays: Delays<(u64, OwnedMessage)> = Delays::default();
     let (done_tx, mut done_rx) = mpsc::unbounded_channel::<Done>();
     let mut draining = false;
     loop {
@@ -101,15 +128,17 @@ pub async fn run(
                 let actions = scheduler.complete(&done.chain, done.generation, done.offset, done.finished);
                 apply(consumer, &delays, &scheduler, actions);
             }
-            Some(partitions) = revoked.recv() => {
-                scheduler.revoke(&partitions);
-                delays.revoke(&partitions);
+            Some((epoch, partitions)) = revoked.recv() => {
+                scheduler.revoke_at(&partitions, epoch);
+                delays.revoke_where(&partitions, |(read_at, _)| *read_at < epoch);
                 enricher.metrics.retries_waiting.set(delays.len() as i64);
             }
             _ = sleep_until_due(delays.next_due()), if !draining && delays.next_due().is_some() => {
                 let (due, emptied) = delays.release(now_ms());
-                for m in due {
-                    let actions = scheduler.admit(m);
+                for (read_at, m) in due {
+                    let partition = (m.topic().to_string(), m.partition());
+                    let (_, revoked_at) = consumer.context().epochs(&partition);
+                    let actions = scheduler.admit_at(m, read_at, revoked_at);
                     apply(consumer, &delays, &scheduler, actions);
                 }
                 for p in emptied {
@@ -127,12 +156,15 @@ pub async fn run(
                 Ok(m) => {
                     runtime.metrics.consumed(m.topic());
                     let m = m.detach();
+                    let partition = (m.topic().to_string(), m.partition());
+                    let (epoch, revoked_at) = consumer.context().epochs(&partition);
                     if m.topic() == retry_topic {
-                        let partition = (m.topic().to_string(), m.partition());
+                        // Records held from before the partition's last revocation are stale.
+                        delays.revoke_where(std::slice::from_ref(&partition), |(read_at, _)| *read_at < revoked_at);
                         let due = due_ms(&m);
-                        match delays.offer(&partition, due, m, now_ms()) {
-                            Offer::Admit(m) => {
-                                let actions = scheduler.admit(m);
+                        match delays.offer(&partition, due, (epoch, m), now_ms()) {
+                            Offer::Admit((_, m)) => {
+                                let actions = scheduler.admit_at(m, epoch, revoked_at);
                                 apply(consumer, &delays, &scheduler, actions);
                             }
                             Offer::Held { pause } => {
@@ -144,7 +176,7 @@ pub async fn run(
                             }
                         }
                     } else {
-                        let actions = scheduler.admit(m);
+                        let actions = scheduler.admit_at(m, epoch, revoked_at);
                         apply(consumer, &delays, &scheduler, actions);
                     }
                 }
@@ -156,7 +188,7 @@ pub async fn run(
 
 fn apply(
     consumer: &StreamConsumer<RebalanceEvents>,
-    delays: &Delays<OwnedMessage>,
+    delays: &Delays<(u64, OwnedMessage)>,
     scheduler: &Scheduler,
     actions: Vec<Action>,
 ) {

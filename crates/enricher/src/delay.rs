@@ -78,10 +78,17 @@ impl<M> Delays<M> {
         self.held.values().map(VecDeque::len).sum()
     }
 
-    /// The partitions are no longer ours: their new owner reads the records again.
-    pub fn revoke(&mut self, partitions: &[PartitionId]) {
+    /// The partitions are no longer ours (their new owner reads the records again):
+    /// drops the held records of `partitions` that `stale` says were read before their
+    /// revocation; records read since stay, in order.
+    pub fn revoke_where(&mut self, partitions: &[PartitionId], stale: impl Fn(&M) -> bool) {
         for p in partitions {
-            self.held.remove(p);
+            if let Some(queue) = self.held.get_mut(p) {
+                queue.retain(|(_, m)| !stale(m));
+                if queue.is_empty() {
+                    self.held.remove(p);
+                }
+            }
         }
     }
 }
@@ -125,8 +132,11 @@ mod tests {
         let mut d = Delays::default();
         d.offer(&p(0), 500, "a", 100);
         d.offer(&p(1), 700, "b", 100);
-        d.revoke(&[p(0)]);
-        assert_eq!(d.len(), 1);
+        d.offer(&p(1), 900, "c", 100);
+        d.revoke_where(&[p(0), p(1)], |m| *m != "c");
+        assert_eq!(d.len(), 1, "only the record read since stays");
+        assert_eq!(d.release(1000).0, vec!["c"]);
+        d.offer(&p(1), 700, "b", 100);
         assert_eq!(d.next_due(), Some(700));
     }
 }

@@ -61,6 +61,9 @@ pub enum Action {
 
 struct Tracker {
     generation: u64,
+    /// The rebalance epoch when the partition was (re)assigned here: a revocation at a
+    /// later epoch ends this tracker.
+    epoch: u64,
     unfinished: BTreeSet<i64>,
     /// One past the highest offset admitted.
     end: i64,
@@ -105,14 +108,25 @@ impl Scheduler {
         self.trackers.values().map(|t| t.unfinished.len()).sum()
     }
 
-    /// Takes a record from the consumer.
+    /// Takes a record from the consumer (no rebalances to reckon with).
     pub fn admit(&mut self, message: OwnedMessage) -> Vec<Action> {
+        self.admit_at(message, 0, 0)
+    }
+
+    /// Takes a record read at rebalance `epoch`; its partition was last revoked at
+    /// `revoked_at`. A tracker older than that revocation is stale even if the loop has not
+    /// heard of the revocation yet (librdkafka calls back in the middle of a read): it is
+    /// replaced, so the record is not dropped with it.
+    pub fn admit_at(&mut self, message: OwnedMessage, epoch: u64, revoked_at: u64) -> Vec<Action> {
         let partition: PartitionId = (message.topic().to_string(), message.partition());
         let offset = message.offset();
+        if self.trackers.get(&partition).is_some_and(|t| t.epoch < revoked_at) {
+            self.trackers.remove(&partition);
+        }
         let tracker = self.trackers.entry(partition.clone()).or_insert_with(|| {
             let generation = self.next_generation;
             self.next_generation += 1;
-            Tracker { generation, unfinished: BTreeSet::new(), end: offset, stored: None, paused: false }
+            Tracker { generation, epoch, unfinished: BTreeSet::new(), end: offset, stored: None, paused: false }
         });
         tracker.unfinished.insert(offset);
         tracker.end = tracker.end.max(offset + 1);
@@ -192,8 +206,16 @@ impl Scheduler {
 
     /// The partitions are no longer ours.
     pub fn revoke(&mut self, partitions: &[PartitionId]) {
+        self.revoke_at(partitions, u64::MAX);
+    }
+
+    /// The partitions were revoked at rebalance `epoch`: trackers from before it end;
+    /// one made since (the partition came back) stays.
+    pub fn revoke_at(&mut self, partitions: &[PartitionId], epoch: u64) {
         for p in partitions {
-            self.trackers.remove(p);
+            if self.trackers.get(p).is_some_and(|t| t.epoch < epoch) {
+                self.trackers.remove(p);
+            }
         }
     }
 }
@@ -323,6 +345,20 @@ mod tests {
         assert_eq!(offsets(&again), vec![0]);
         assert_ne!(again[0].generation, jobs[0].generation);
         assert_eq!(s.buffered(), 2);
+    }
+
+    #[test]
+    fn a_record_read_after_a_revocation_the_loop_has_not_heard_of_is_kept() {
+        let mut s = Scheduler::new(limits(10, 100, Ordering::Key));
+        s.admit_at(msg(0, 0, "a"), 0, 0);
+        let old = drain(&mut s);
+        // Revoked and reassigned at epoch 1 inside the read that returned offset 5.
+        s.admit_at(msg(0, 5, "b"), 1, 1);
+        s.revoke_at(&[("t".into(), 0)], 1);
+        let jobs = drain(&mut s);
+        assert_eq!(offsets(&jobs), vec![5], "not dropped with the stale tracker");
+        assert_eq!(s.complete(&jobs[0].chain, jobs[0].generation, 5, true), vec![Action::Store(("t".into(), 0), 6)]);
+        assert_eq!(s.complete(&old[0].chain, old[0].generation, 0, true), vec![], "the old record stores nothing");
     }
 
     #[test]
