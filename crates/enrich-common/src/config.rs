@@ -211,8 +211,16 @@ fn default_true() -> bool {
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct LlmSettings {
-    /// Base URL of an OpenAI-compatible API, up to and including `/v1`.
+    /// The API spoken: `openai` (chat completions: OpenAI, Azure OpenAI's compatible
+    /// endpoint, vLLM, Ollama, llama.cpp server, LiteLLM) or `anthropic` (Messages).
+    #[serde(default)]
+    pub provider: Provider,
+    /// Base URL of the API, up to and including `/v1`.
     pub base_url: String,
+    /// Extra HTTP headers sent with every call (an Azure `api-key`, a gateway's routing
+    /// header). Values are never logged.
+    #[serde(default)]
+    pub extra_headers: BTreeMap<String, String>,
     /// Name of the environment variable holding the API key (the key itself is never in
     /// the file). Unset: no Authorization header.
     #[serde(default)]
@@ -288,6 +296,17 @@ fn default_breaker_failures() -> u32 {
 }
 fn default_breaker_open_ms() -> u64 {
     5_000
+}
+
+/// Which LLM API the enricher speaks.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Provider {
+    /// OpenAI chat completions, `response_format` with `json_schema`.
+    #[default]
+    Openai,
+    /// Anthropic Messages; the schema goes in as a tool's input schema.
+    Anthropic,
 }
 
 /// Consumer settings every stage has.

@@ -1,9 +1,12 @@
-//! The OpenAI-compatible chat-completions client (OpenAI, vLLM, Ollama, llama.cpp
-//! server, LiteLLM, llm-sim), with JSON-schema structured output. Every failure is
-//! classified here, once.
+//! The LLM client: one HTTP client and error classification, and one [`ChatApi`] per
+//! provider: OpenAI-compatible chat completions (OpenAI, Azure OpenAI's compatible
+//! endpoint, vLLM, Ollama, llama.cpp server, LiteLLM, llm-sim) with `response_format`
+//! `json_schema`, and Anthropic Messages with the schema as a forced tool's input
+//! schema. The answer is validated locally either way. Every failure is classified
+//! here, once.
 
 use enrich_common::ErrorClass;
-use enrich_common::config::LlmSettings;
+use enrich_common::config::{LlmSettings, Provider};
 use enrich_common::error::RecordError;
 use reqwest::StatusCode;
 use serde::Deserialize;
@@ -44,14 +47,36 @@ pub struct Completion {
     pub latency: Duration,
 }
 
+/// What differs between provider APIs: the request, and how to read the answer.
+pub trait ChatApi: Send + Sync {
+    /// `gen_ai.provider.name`.
+    fn name(&self) -> &'static str;
+    /// The endpoint path under the base URL.
+    fn path(&self) -> &'static str;
+    /// Authentication and version headers.
+    fn auth_headers(&self, api_key: Option<&str>) -> Vec<(&'static str, String)>;
+    fn body(&self, call: &CallShape<'_>, prompt: &Prompt) -> Value;
+    fn parse(&self, text: &str, latency: Duration) -> Result<Completion, LlmError>;
+}
+
+/// What every request carries, whatever the API.
+pub struct CallShape<'a> {
+    pub model: &'a str,
+    pub temperature: f32,
+    pub max_output_tokens: u32,
+    pub schema: &'a Value,
+}
+
 pub struct LlmClient {
     http: reqwest::Client,
+    api: Box<dyn ChatApi>,
     url: String,
     api_key: Option<String>,
+    extra_headers: Vec<(reqwest::header::HeaderName, reqwest::header::HeaderValue)>,
     model: String,
     temperature: f32,
     max_output_tokens: u32,
-    response_format: Value,
+    schema: Value,
     /// USD per million tokens, in and out.
     price: (f64, f64),
 }
@@ -75,17 +100,28 @@ impl LlmClient {
                 "no LLM API key set; calling without Authorization"
             );
         }
+        let api: Box<dyn ChatApi> = match llm.provider {
+            Provider::Openai => Box::new(OpenAi),
+            Provider::Anthropic => Box::new(Anthropic),
+        };
+        let mut extra_headers = Vec::new();
+        for (name, value) in &llm.extra_headers {
+            let n = reqwest::header::HeaderName::from_bytes(name.as_bytes())
+                .map_err(|e| anyhow::anyhow!("llm.extra_headers: {name:?} is not a header name: {e}"))?;
+            let v = reqwest::header::HeaderValue::from_str(value)
+                .map_err(|_| anyhow::anyhow!("llm.extra_headers: the value of {name:?} is not a header value"))?;
+            extra_headers.push((n, v));
+        }
         Ok(Self {
             http,
-            url: format!("{}/chat/completions", llm.base_url.trim_end_matches('/')),
+            url: format!("{}/{}", llm.base_url.trim_end_matches('/'), api.path()),
+            api,
             api_key,
+            extra_headers,
             model: llm.model.clone(),
             temperature: llm.temperature,
             max_output_tokens: llm.max_output_tokens,
-            response_format: json!({
-                "type": "json_schema",
-                "json_schema": {"name": "enrichment", "strict": true, "schema": schema}
-            }),
+            schema: schema.clone(),
             price: (llm.input_usd_per_mtok, llm.output_usd_per_mtok),
         })
     }
@@ -96,7 +132,7 @@ impl LlmClient {
 
     /// `gen_ai.provider.name` of the API spoken.
     pub fn provider(&self) -> &'static str {
-        "openai"
+        self.api.name()
     }
 
     /// What a call with these token counts costs, at the configured prices.
@@ -105,23 +141,20 @@ impl LlmClient {
     }
 
     pub async fn complete(&self, prompt: &Prompt) -> Result<Completion, LlmError> {
-        let mut messages =
-            vec![json!({"role": "system", "content": prompt.system}), json!({"role": "user", "content": prompt.user})];
-        if let Some(repair) = &prompt.repair {
-            messages.push(json!({"role": "assistant", "content": repair.previous}));
-            messages.push(json!({"role": "user", "content": repair.instruction()}));
-        }
-        let body = json!({
-            "model": self.model,
-            "messages": messages,
-            "temperature": self.temperature,
-            "max_tokens": self.max_output_tokens,
-            "response_format": self.response_format,
-        });
+        let shape = CallShape {
+            model: &self.model,
+            temperature: self.temperature,
+            max_output_tokens: self.max_output_tokens,
+            schema: &self.schema,
+        };
+        let body = self.api.body(&shape, prompt);
         let started = Instant::now();
         let mut request = self.http.post(&self.url).json(&body);
-        if let Some(key) = &self.api_key {
-            request = request.bearer_auth(key);
+        for (name, value) in self.api.auth_headers(self.api_key.as_deref()) {
+            request = request.header(name, value);
+        }
+        for (name, value) in &self.extra_headers {
+            request = request.header(name.clone(), value.clone());
         }
         let response = request.send().await.map_err(classify_transport)?;
         let status = response.status();
@@ -133,7 +166,134 @@ impl LlmClient {
             return Err(err);
         }
         let latency = started.elapsed();
-        parse_completion(&text, latency)
+        self.api.parse(&text, latency)
+    }
+}
+
+/// OpenAI chat completions.
+pub struct OpenAi;
+
+impl ChatApi for OpenAi {
+    fn name(&self) -> &'static str {
+        "openai"
+    }
+
+    fn path(&self) -> &'static str {
+        "chat/completions"
+    }
+
+    fn auth_headers(&self, api_key: Option<&str>) -> Vec<(&'static str, String)> {
+        api_key.map(|k| vec![("authorization", format!("Bearer {k}"))]).unwrap_or_default()
+    }
+
+    fn body(&self, call: &CallShape<'_>, prompt: &Prompt) -> Value {
+        let mut messages =
+            vec![json!({"role": "system", "content": prompt.system}), json!({"role": "user", "content": prompt.user})];
+        if let Some(repair) = &prompt.repair {
+            messages.push(json!({"role": "assistant", "content": repair.previous}));
+            messages.push(json!({"role": "user", "content": repair.instruction()}));
+        }
+        json!({
+            "model": call.model,
+            "messages": messages,
+            "temperature": call.temperature,
+            "max_tokens": call.max_output_tokens,
+            "response_format": {
+                "type": "json_schema",
+                "json_schema": {"name": "enrichment", "strict": true, "schema": call.schema}
+            },
+        })
+    }
+
+    fn parse(&self, text: &str, latency: Duration) -> Result<Completion, LlmError> {
+        parse_completion(text, latency)
+    }
+}
+
+/// The tool the Anthropic API is made to call: its input is the enrichment.
+pub const ANTHROPIC_TOOL: &str = "enrichment";
+/// The Messages API version sent.
+pub const ANTHROPIC_VERSION: &str = "2023-06-01";
+
+/// Anthropic Messages, structured output through a forced tool call.
+pub struct Anthropic;
+
+impl ChatApi for Anthropic {
+    fn name(&self) -> &'static str {
+        "anthropic"
+    }
+
+    fn path(&self) -> &'static str {
+        "messages"
+    }
+
+    fn auth_headers(&self, api_key: Option<&str>) -> Vec<(&'static str, String)> {
+        let mut h = vec![("anthropic-version", ANTHROPIC_VERSION.to_string())];
+        if let Some(k) = api_key {
+            h.push(("x-api-key", k.to_string()));
+        }
+        h
+    }
+
+    fn body(&self, call: &CallShape<'_>, prompt: &Prompt) -> Value {
+        let mut messages = vec![json!({"role": "user", "content": prompt.user})];
+        if let Some(repair) = &prompt.repair {
+            messages.push(json!({"role": "assistant", "content": repair.previous}));
+            messages.push(json!({"role": "user", "content": repair.instruction()}));
+        }
+        json!({
+            "model": call.model,
+            "system": prompt.system,
+            "messages": messages,
+            "temperature": call.temperature,
+            "max_tokens": call.max_output_tokens,
+            "tools": [{
+                "name": ANTHROPIC_TOOL,
+                "description": "Record the enrichment of the ticket.",
+                "input_schema": call.schema,
+            }],
+            "tool_choice": {"type": "tool", "name": ANTHROPIC_TOOL},
+        })
+    }
+
+    fn parse(&self, text: &str, latency: Duration) -> Result<Completion, LlmError> {
+        let bad = |m: String| LlmError::new(ErrorClass::Transient, "bad_response", m);
+        let response: Value = serde_json::from_str(text).map_err(|e| bad(format!("not a Messages answer: {e}")))?;
+        let usage = |k: &str| response.pointer(&format!("/usage/{k}")).and_then(Value::as_u64).unwrap_or(0) as u32;
+        if response.get("stop_reason").and_then(Value::as_str) == Some("max_tokens") {
+            return Err(LlmError::new(
+                ErrorClass::Permanent,
+                "output_truncated",
+                "the answer hit llm.max_output_tokens",
+            ));
+        }
+        if response.get("stop_reason").and_then(Value::as_str) == Some("refusal") {
+            return Err(LlmError::new(ErrorClass::Permanent, "refusal", "the model refused"));
+        }
+        let blocks = response.get("content").and_then(Value::as_array).ok_or_else(|| bad("no content".into()))?;
+        // The tool call's input is the answer; a text block (a model that ignored the
+        // tool) is taken as the answer's text, for validation to judge.
+        let content = blocks
+            .iter()
+            .find(|b| b.get("type").and_then(Value::as_str) == Some("tool_use"))
+            .and_then(|b| b.get("input"))
+            .map(Value::to_string)
+            .or_else(|| {
+                blocks
+                    .iter()
+                    .find(|b| b.get("type").and_then(Value::as_str) == Some("text"))
+                    .and_then(|b| b.get("text").and_then(Value::as_str))
+                    .map(str::to_string)
+            })
+            .filter(|c| !c.trim().is_empty())
+            .ok_or_else(|| LlmError::new(ErrorClass::Permanent, "empty_output", "the answer has no content"))?;
+        Ok(Completion {
+            content,
+            model: response.get("model").and_then(Value::as_str).unwrap_or_default().to_string(),
+            input_tokens: usage("input_tokens"),
+            output_tokens: usage("output_tokens"),
+            latency,
+        })
     }
 }
 
@@ -158,7 +318,11 @@ pub fn classify_status(status: StatusCode, body: &str) -> LlmError {
         500 => LlmError::new(ErrorClass::Transient, "server_error", message),
         502 | 503 | 504 | 529 => LlmError::new(ErrorClass::Transient, "unavailable", message),
         401 | 403 => LlmError::new(ErrorClass::Outage, "unauthorized", message),
-        400 | 413 | 422 if body.contains("context_length_exceeded") || body.contains("maximum context length") => {
+        400 | 413 | 422
+            if body.contains("context_length_exceeded")
+                || body.contains("maximum context length")
+                || body.contains("prompt is too long") =>
+        {
             LlmError::new(ErrorClass::Permanent, "context_too_long", message)
         }
         400..=499 => LlmError::new(ErrorClass::Permanent, "bad_request", message),
@@ -290,6 +454,35 @@ mod tests {
         );
         assert_eq!(class(400, "{}"), (ErrorClass::Permanent, "bad_request"));
         assert_eq!(class(401, ""), (ErrorClass::Outage, "unauthorized"));
+    }
+
+    #[test]
+    fn anthropic_answers_parse_from_the_tool_call() {
+        let ok = r#"{"model":"claude-x","content":[{"type":"text","text":"Here you go"},
+            {"type":"tool_use","id":"t1","name":"enrichment","input":{"category":"billing"}}],
+            "stop_reason":"tool_use","usage":{"input_tokens":12,"output_tokens":7}}"#;
+        let c = Anthropic.parse(ok, Duration::ZERO).unwrap();
+        assert_eq!(serde_json::from_str::<Value>(&c.content).unwrap(), json!({"category": "billing"}));
+        assert_eq!((c.model.as_str(), c.input_tokens, c.output_tokens), ("claude-x", 12, 7));
+        // A model that ignored the tool: its text goes to validation (and the repair call).
+        let text = r#"{"content":[{"type":"text","text":"not json"}],"usage":{}}"#;
+        assert_eq!(Anthropic.parse(text, Duration::ZERO).unwrap().content, "not json");
+        let cut = r#"{"content":[{"type":"text","text":"{"}],"stop_reason":"max_tokens"}"#;
+        assert_eq!(Anthropic.parse(cut, Duration::ZERO).unwrap_err().error.reason, "output_truncated");
+        assert_eq!(Anthropic.parse("<html>", Duration::ZERO).unwrap_err().error.reason, "bad_response");
+        let too_long = r#"{"type":"error","error":{"type":"invalid_request_error","message":"prompt is too long: 250000 tokens > 200000 maximum"}}"#;
+        assert_eq!(classify_status(StatusCode::BAD_REQUEST, too_long).error.reason, "context_too_long");
+    }
+
+    #[test]
+    fn each_api_authenticates_its_way() {
+        assert_eq!(OpenAi.auth_headers(Some("k")), vec![("authorization", "Bearer k".to_string())]);
+        assert!(OpenAi.auth_headers(None).is_empty());
+        let a = Anthropic.auth_headers(Some("k"));
+        assert!(
+            a.contains(&("x-api-key", "k".to_string()))
+                && a.contains(&("anthropic-version", ANTHROPIC_VERSION.to_string()))
+        );
     }
 
     #[test]

@@ -74,6 +74,8 @@ mod tests {
 
     fn llm(template: &str) -> LlmSettings {
         LlmSettings {
+            provider: Default::default(),
+            extra_headers: Default::default(),
             base_url: "http://x/v1".into(),
             api_key_env: None,
             model: "m".into(),

@@ -1,5 +1,6 @@
-//! llm-sim: a simulator of an OpenAI-compatible chat-completions API, for tests, demos
-//! and benchmarks. It is not a language model: its answers are deterministic functions
+//! llm-sim: a simulator of an OpenAI-compatible chat-completions API
+//! (`/v1/chat/completions`) and of Anthropic's Messages API (`/v1/messages`), for tests,
+//! demos and benchmarks. It is not a language model: its answers are deterministic functions
 //! of the last user message (see [`rules`]), so tests can assert them.
 
 pub mod faults;
@@ -56,6 +57,8 @@ struct AppState {
     /// Texts seen so far, for the `-once` markers.
     seen: std::sync::Mutex<std::collections::HashSet<u64>>,
     rng: AtomicU64,
+    /// The latest requests (path, headers, body), for `GET /admin/requests`.
+    requests: std::sync::Mutex<std::collections::VecDeque<Value>>,
 }
 
 /// A running simulator.
@@ -86,6 +89,11 @@ impl RunningSim {
     /// Requests answered with the outage status so far.
     pub fn failed(&self) -> u64 {
         self.state.counters.failed.load(Ordering::SeqCst)
+    }
+
+    /// The latest requests received (newest last): `{"path", "headers", "body"}`.
+    pub fn requests(&self) -> Vec<Value> {
+        self.state.requests.lock().map(|r| r.iter().cloned().collect()).unwrap_or_default()
     }
 
     /// Replaces the fault injection (markers on or off, rates).
@@ -139,9 +147,12 @@ pub async fn start(
         outage: std::sync::Mutex::new(None),
         seen: std::sync::Mutex::new(std::collections::HashSet::new()),
         rng: AtomicU64::new(0x2545_F491_4F6C_DD1D),
+        requests: std::sync::Mutex::new(std::collections::VecDeque::new()),
     });
     let router = Router::new()
         .route("/v1/chat/completions", post(chat_completions))
+        .route("/v1/messages", post(messages))
+        .route("/admin/requests", get(requests))
         .route("/v1/models", get(models))
         .route("/admin/outage", post(outage))
         .route("/admin/faults", post(set_faults))
@@ -227,23 +238,90 @@ async fn outage(State(state): State<Arc<AppState>>, Json(body): Json<Value>) -> 
     Json(json!({"outage": status})).into_response()
 }
 
-async fn chat_completions(State(state): State<Arc<AppState>>, body: axum::body::Bytes) -> Response {
+/// The API a request came in on.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Api {
+    /// `POST /v1/chat/completions`
+    OpenAi,
+    /// `POST /v1/messages`
+    Anthropic,
+}
+
+impl Api {
+    fn error(self, status: StatusCode, kind: &str, message: impl Into<String>) -> Response {
+        match self {
+            Api::OpenAi => openai_error(status, kind, message),
+            Api::Anthropic => {
+                let kind = match status.as_u16() {
+                    429 => "rate_limit_error",
+                    400 => "invalid_request_error",
+                    529 => "overloaded_error",
+                    _ => "api_error",
+                };
+                (status, Json(json!({"type": "error", "error": {"type": kind, "message": message.into()}})))
+                    .into_response()
+            }
+        }
+    }
+}
+
+async fn chat_completions(
+    State(state): State<Arc<AppState>>,
+    headers: axum::http::HeaderMap,
+    body: axum::body::Bytes,
+) -> Response {
+    answer(&state, Api::OpenAi, &headers, &body).await
+}
+
+async fn messages(
+    State(state): State<Arc<AppState>>,
+    headers: axum::http::HeaderMap,
+    body: axum::body::Bytes,
+) -> Response {
+    answer(&state, Api::Anthropic, &headers, &body).await
+}
+
+/// The requests received lately (newest last), for conformance tests: path, headers,
+/// body.
+async fn requests(State(state): State<Arc<AppState>>) -> Json<Value> {
+    Json(Value::Array(state.requests.lock().map(|r| r.iter().cloned().collect()).unwrap_or_default()))
+}
+
+/// Most requests kept for `GET /admin/requests`.
+const KEPT_REQUESTS: usize = 1000;
+
+async fn answer(state: &AppState, api: Api, headers: &axum::http::HeaderMap, body: &[u8]) -> Response {
+    if let Ok(mut kept) = state.requests.lock() {
+        let headers: serde_json::Map<String, Value> = headers
+            .iter()
+            .map(|(k, v)| (k.as_str().to_string(), Value::String(v.to_str().unwrap_or("").to_string())))
+            .collect();
+        let body = serde_json::from_slice::<Value>(body).unwrap_or(Value::Null);
+        let path = if api == Api::OpenAi { "/v1/chat/completions" } else { "/v1/messages" };
+        kept.push_back(json!({"path": path, "headers": headers, "body": body}));
+        while kept.len() > KEPT_REQUESTS {
+            kept.pop_front();
+        }
+    }
     let forced = state.outage.lock().ok().and_then(|o| *o);
     if let Some(code) = forced {
         state.counters.failed.fetch_add(1, Ordering::SeqCst);
         let status = StatusCode::from_u16(code).unwrap_or(StatusCode::SERVICE_UNAVAILABLE);
-        return openai_error(status, "server_error", "llm-sim outage (POST /admin/outage to end it)");
+        return api.error(status, "server_error", "llm-sim outage (POST /admin/outage to end it)");
     }
     let reject = |message: &str| {
         state.counters.rejected.fetch_add(1, Ordering::SeqCst);
-        openai_error(StatusCode::BAD_REQUEST, "invalid_request_error", message)
+        api.error(StatusCode::BAD_REQUEST, "invalid_request_error", message)
     };
-    let Ok(request) = serde_json::from_slice::<Value>(&body) else {
+    let Ok(request) = serde_json::from_slice::<Value>(body) else {
         return reject("the body is not valid JSON");
     };
     let Some(model) = request.get("model").and_then(Value::as_str).map(str::to_string) else {
         return reject("`model` is required");
     };
+    if api == Api::Anthropic && request.get("max_tokens").and_then(Value::as_u64).is_none() {
+        return reject("`max_tokens` is required");
+    }
     let Some(messages) = request.get("messages").and_then(Value::as_array).filter(|m| !m.is_empty()) else {
         return reject("`messages` must be a non-empty array");
     };
@@ -258,7 +336,7 @@ async fn chat_completions(State(state): State<Arc<AppState>>, body: axum::body::
         faults::Decision::Status { code, retry_after_secs } => {
             state.counters.failed.fetch_add(1, Ordering::SeqCst);
             let status = StatusCode::from_u16(code).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
-            let mut response = openai_error(status, "server_error", format!("llm-sim injected {code}"));
+            let mut response = api.error(status, "server_error", format!("llm-sim injected {code}"));
             if let Some(secs) = retry_after_secs
                 && let Ok(v) = axum::http::HeaderValue::from_str(&secs.to_string())
             {
@@ -268,7 +346,7 @@ async fn chat_completions(State(state): State<Arc<AppState>>, body: axum::body::
         }
         faults::Decision::Hang => {
             tokio::time::sleep(std::time::Duration::from_secs(3600)).await;
-            return openai_error(StatusCode::GATEWAY_TIMEOUT, "server_error", "hung");
+            return api.error(StatusCode::GATEWAY_TIMEOUT, "server_error", "hung");
         }
         _ => {}
     }
@@ -278,8 +356,13 @@ async fn chat_completions(State(state): State<Arc<AppState>>, body: axum::body::
     }
 
     let mut answer = rules::enrich(&text);
-    // Honour a JSON-schema response format: answer only the properties it asks for.
-    if let Some(props) = request.pointer("/response_format/json_schema/schema/properties").and_then(Value::as_object)
+    // Honour the schema asked for (OpenAI's response format, or the forced tool's input
+    // schema): answer only the properties it names.
+    let schema = match api {
+        Api::OpenAi => "/response_format/json_schema/schema/properties",
+        Api::Anthropic => "/tools/0/input_schema/properties",
+    };
+    if let Some(props) = request.pointer(schema).and_then(Value::as_object)
         && let Value::Object(fields) = &mut answer
     {
         fields.retain(|k, _| props.contains_key(k));
@@ -289,29 +372,57 @@ async fn chat_completions(State(state): State<Arc<AppState>>, body: axum::body::
         faults::Decision::SchemaViolation => json!({"category": "spaceship", "mood": "?"}).to_string(),
         _ => answer.to_string(),
     };
-    let prompt_tokens: u64 = messages.iter().filter_map(|m| m.get("content").and_then(Value::as_str)).map(tokens).sum();
+    let system = request.get("system").and_then(Value::as_str).map(tokens).unwrap_or(0);
+    let prompt_tokens: u64 =
+        system + messages.iter().filter_map(|m| m.get("content").and_then(Value::as_str)).map(tokens).sum::<u64>();
     let completion_tokens = tokens(&content);
     let n = state.counters.completions.fetch_add(1, Ordering::SeqCst) + 1;
     state.counters.prompt_tokens.fetch_add(prompt_tokens, Ordering::SeqCst);
     state.counters.completion_tokens.fetch_add(completion_tokens, Ordering::SeqCst);
-    let created = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0);
-    Json(json!({
-        "id": format!("chatcmpl-sim-{n}"),
-        "object": "chat.completion",
-        "created": created,
-        "model": model,
-        "choices": [{
-            "index": 0,
-            "message": {"role": "assistant", "content": content, "refusal": Value::Null},
-            "finish_reason": "stop"
-        }],
-        "usage": {
-            "prompt_tokens": prompt_tokens,
-            "completion_tokens": completion_tokens,
-            "total_tokens": prompt_tokens + completion_tokens
+    match api {
+        Api::OpenAi => {
+            let created =
+                std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0);
+            Json(json!({
+                "id": format!("chatcmpl-sim-{n}"),
+                "object": "chat.completion",
+                "created": created,
+                "model": model,
+                "choices": [{
+                    "index": 0,
+                    "message": {"role": "assistant", "content": content, "refusal": Value::Null},
+                    "finish_reason": "stop"
+                }],
+                "usage": {
+                    "prompt_tokens": prompt_tokens,
+                    "completion_tokens": completion_tokens,
+                    "total_tokens": prompt_tokens + completion_tokens
+                }
+            }))
+            .into_response()
         }
-    }))
-    .into_response()
+        Api::Anthropic => {
+            // The forced tool's call carries the answer; text that is not JSON comes
+            // back as a text block (a model that ignored the tool).
+            let tool = request.pointer("/tools/0/name").and_then(Value::as_str).unwrap_or("enrichment");
+            let block = match serde_json::from_str::<Value>(&content) {
+                Ok(input) if input.is_object() => {
+                    json!({"type": "tool_use", "id": format!("toolu_sim_{n}"), "name": tool, "input": input})
+                }
+                _ => json!({"type": "text", "text": content}),
+            };
+            Json(json!({
+                "id": format!("msg_sim_{n}"),
+                "type": "message",
+                "role": "assistant",
+                "model": model,
+                "content": [block],
+                "stop_reason": "tool_use",
+                "usage": {"input_tokens": prompt_tokens, "output_tokens": completion_tokens}
+            }))
+            .into_response()
+        }
+    }
 }
 
 async fn models(State(state): State<Arc<AppState>>) -> Json<Value> {

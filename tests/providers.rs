@@ -1,0 +1,121 @@
+//! Provider conformance against llm-sim, for both APIs the enricher speaks: the request's
+//! shape (model, schema, authentication and extra headers), usage parsing, the repair
+//! path and error mapping, end to end.
+
+#![allow(clippy::expect_used, clippy::unwrap_used)] // a failed expectation is the test failing
+
+use enrich_common::headers;
+use enrich_e2e::loadgen::accounting::account;
+use enrich_e2e::loadgen::kafka_io::{header, produce_all, read_to_end};
+use enrich_e2e::loadgen::tickets::ticket;
+use enrich_e2e::loadgen::workload::{Kind, Record};
+use enrich_e2e::{StageKind, TestEnv, wait_for};
+use serde_json::Value;
+use std::time::Duration;
+
+const DEADLINE: Duration = Duration::from_secs(120);
+
+async fn conformance(provider: &str) -> anyhow::Result<()> {
+    const N: usize = 8;
+    let overrides = [
+        ("ENRICH_LLM__PROVIDER", provider.to_string()),
+        // Cargo sets this for every test process: a stand-in for a real key's variable.
+        ("ENRICH_LLM__API_KEY_ENV", "CARGO_PKG_NAME".to_string()),
+        ("ENRICH_LLM__EXTRA_HEADERS__X-TEAM", "enrichment-test".to_string()),
+        ("ENRICH_LLM__MAX_ATTEMPTS", "2".to_string()),
+    ];
+    let env = TestEnv::new(llm_sim::Latency::default(), &overrides).await?;
+    let marked = [(2, "invalid-json-once"), (5, "always-500")];
+    let records: Vec<Record> = (0..N)
+        .map(|i| {
+            let mut t = ticket(&env.id, i);
+            if let Some((_, m)) = marked.iter().find(|(at, _)| *at == i) {
+                t.body = format!("{} [[sim:{m}]]", t.body);
+            }
+            Record {
+                kind: Kind::Unique,
+                key: Some(t.id.clone().into_bytes()),
+                value: Some(t.to_json()),
+                ticket: Some(t),
+            }
+        })
+        .collect();
+    let produced = produce_all(&env.settings, env.source_topic(), &records, |_| false, |_| {}).await?;
+    let stages = [StageKind::Ingest, StageKind::Enricher, StageKind::Publisher].map(|k| env.spawn(k));
+    let pipeline = env.settings.pipeline.name.clone();
+    let acct = wait_for("every ticket accounted for", DEADLINE, || async {
+        let a = account(&env.pool, &pipeline, env.source_topic(), &produced).await?;
+        Ok(a.complete(N).then_some(a))
+    })
+    .await?;
+    for s in stages {
+        s.stop().await?;
+    }
+    // The repaired one is published; the always-500 one is dead-lettered as transient.
+    assert_eq!((acct.published, acct.dead_lettered_at_enricher), ((N - 1) as i64, 1), "{provider}: {acct:?}");
+    let dlq = read_to_end(&env.settings, &env.settings.topics.dlq, Duration::from_secs(30))?;
+    assert_eq!(header(&dlq[0], headers::DLQ_REASON).as_deref(), Some("max_attempts"));
+    assert!(header(&dlq[0], headers::DLQ_ERROR).unwrap().contains("500"), "{provider}: the 500 is named");
+
+    // The requests: where they went and what they carried.
+    let requests = env.sim.requests();
+    assert!(requests.len() >= N + 2, "{provider}: {} requests", requests.len());
+    let schema: Value = serde_json::from_str(&env.settings.llm.output_schema)?;
+    for r in &requests {
+        let h = |name: &str| r["headers"][name].as_str().map(str::to_string);
+        let body = &r["body"];
+        assert_eq!(body["model"].as_str(), Some(env.settings.llm.model.as_str()));
+        assert_eq!(h("x-team").as_deref(), Some("enrichment-test"), "{provider}: extra headers are sent");
+        match provider {
+            "openai" => {
+                assert_eq!(r["path"], "/v1/chat/completions");
+                assert_eq!(h("authorization").as_deref(), Some("Bearer enrich-e2e"));
+                assert_eq!(body["response_format"]["type"], "json_schema");
+                assert_eq!(body["response_format"]["json_schema"]["schema"], schema);
+                assert_eq!(body["messages"][0]["role"], "system");
+            }
+            _ => {
+                assert_eq!(r["path"], "/v1/messages");
+                assert_eq!(h("x-api-key").as_deref(), Some("enrich-e2e"));
+                assert!(h("authorization").is_none(), "no bearer token for Anthropic");
+                assert_eq!(h("anthropic-version").as_deref(), Some("2023-06-01"));
+                assert_eq!(body["tools"][0]["input_schema"], schema);
+                assert_eq!(body["tool_choice"]["type"], "tool");
+                assert_eq!(body["tool_choice"]["name"], body["tools"][0]["name"]);
+                assert_eq!(body["system"].as_str().map(str::trim), Some(env.settings.llm.system_prompt.trim()));
+                assert!(body["max_tokens"].as_u64().is_some());
+                assert_eq!(body["messages"][0]["role"], "user");
+            }
+        }
+    }
+    // The repair call shows the model its previous answer.
+    let repairs = requests
+        .iter()
+        .filter(|r| r["body"]["messages"].as_array().is_some_and(|m| m.iter().any(|m| m["role"] == "assistant")));
+    assert_eq!(repairs.count(), 1, "{provider}: one repair call");
+
+    // Usage parsed: the tokens recorded per call add up to what llm-sim reported.
+    let (input, output): (i64, i64) = sqlx::query_as(
+        "SELECT COALESCE(sum(input_tokens), 0)::bigint, COALESCE(sum(output_tokens), 0)::bigint
+         FROM step_outcomes WHERE pipeline = $1 AND step IN ('llm_call', 'llm_repair')",
+    )
+    .bind(&pipeline)
+    .fetch_one(&env.pool)
+    .await?;
+    let (sim_in, sim_out) = env.sim.tokens();
+    assert_eq!((input, output), (sim_in as i64, sim_out as i64), "{provider}: usage parsed");
+    let output_records = read_to_end(&env.settings, &env.settings.topics.output, Duration::from_secs(30))?;
+    assert_eq!(output_records.len(), N - 1);
+    env.teardown().await;
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn the_openai_api_conforms() -> anyhow::Result<()> {
+    conformance("openai").await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn the_anthropic_api_conforms() -> anyhow::Result<()> {
+    conformance("anthropic").await
+}
