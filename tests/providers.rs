@@ -119,3 +119,53 @@ async fn the_openai_api_conforms() -> anyhow::Result<()> {
 async fn the_anthropic_api_conforms() -> anyhow::Result<()> {
     conformance("anthropic").await
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn fields_off_the_allow_list_never_reach_the_llm() -> anyhow::Result<()> {
+    const N: usize = 10;
+    let overrides = [
+        // A template that renders the whole record: only the allow-list keeps the notes out.
+        ("ENRICH_LLM__USER_TEMPLATE", "{{ record }}".to_string()),
+        ("ENRICH_LLM__INPUT_FIELDS", r#"["subject", "body"]"#.to_string()),
+    ];
+    let env = TestEnv::new(llm_sim::Latency::default(), &overrides).await?;
+    let records: Vec<Record> = (0..N)
+        .map(|i| {
+            let t = ticket(&env.id, i);
+            let mut value: Value = serde_json::from_slice(&t.to_json()).unwrap();
+            value["internal_notes"] = Value::String(format!("SECRET-NOTE-{i}"));
+            Record {
+                kind: Kind::Unique,
+                key: Some(t.id.clone().into_bytes()),
+                value: Some(serde_json::to_vec(&value).unwrap()),
+                ticket: Some(t),
+            }
+        })
+        .collect();
+    let produced = produce_all(&env.settings, env.source_topic(), &records, |_| false, |_| {}).await?;
+    let stages = [StageKind::Ingest, StageKind::Enricher, StageKind::Publisher].map(|k| env.spawn(k));
+    let pipeline = env.settings.pipeline.name.clone();
+    wait_for("every ticket published", DEADLINE, || async {
+        let a = account(&env.pool, &pipeline, env.source_topic(), &produced).await?;
+        Ok((a.complete(N) && a.published == N as i64).then_some(()))
+    })
+    .await?;
+    for s in stages {
+        s.stop().await?;
+    }
+    let requests = env.sim.requests();
+    assert_eq!(requests.len(), N);
+    for r in &requests {
+        let sent = r["body"].to_string();
+        assert!(!sent.contains("SECRET-NOTE") && !sent.contains("internal_notes"), "{sent}");
+        assert!(sent.contains("subject"), "the allowed fields are sent: {sent}");
+    }
+    // The output still carries every source field: only the LLM is kept from the notes.
+    let output = read_to_end(&env.settings, &env.settings.topics.output, Duration::from_secs(30))?;
+    assert!(output.iter().all(|m| {
+        let v: Value = serde_json::from_slice(rdkafka::Message::payload(m).unwrap()).unwrap();
+        v["internal_notes"].as_str().is_some_and(|n| n.starts_with("SECRET-NOTE"))
+    }));
+    env.teardown().await;
+    Ok(())
+}

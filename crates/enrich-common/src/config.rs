@@ -236,8 +236,20 @@ pub struct LlmSettings {
     pub max_output_tokens: u32,
     /// The system message, sent as is.
     pub system_prompt: String,
-    /// A minijinja template rendered over the record's JSON fields: the user message.
+    /// A minijinja template rendered over the record's JSON fields (and `record`, the
+    /// whole object): the user message.
     pub user_template: String,
+    /// The record's top-level fields the template may see; the others never leave the
+    /// process. Unset: every field.
+    #[serde(default)]
+    pub input_fields: Option<Vec<String>>,
+    /// The longest user message sent, in characters.
+    #[serde(default = "default_max_input_chars")]
+    pub max_input_chars: usize,
+    /// What happens to a longer one: `truncate` (cut, marked `[input truncated]`) or
+    /// `dead_letter` (reason `input_too_long`).
+    #[serde(default)]
+    pub oversized_input: OversizedInput,
     /// The JSON schema the answer must satisfy (JSON text).
     pub output_schema: String,
     /// Paid attempts per key over all deliveries, counted in PostgreSQL before each
@@ -282,6 +294,9 @@ fn default_max_output_tokens() -> u32 {
 fn default_max_attempts() -> u32 {
     4
 }
+fn default_max_input_chars() -> usize {
+    32_000
+}
 fn default_quick_retries() -> u32 {
     1
 }
@@ -296,6 +311,15 @@ fn default_breaker_failures() -> u32 {
 }
 fn default_breaker_open_ms() -> u64 {
     5_000
+}
+
+/// What the enricher does with a rendered input over `llm.max_input_chars`.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum OversizedInput {
+    #[default]
+    Truncate,
+    DeadLetter,
 }
 
 /// Which LLM API the enricher speaks.
@@ -590,6 +614,9 @@ impl Settings {
         }
         if llm.breaker_failures == 0 {
             return Err(ConfigError::new("llm.breaker_failures", "must be at least 1"));
+        }
+        if llm.max_input_chars == 0 {
+            return Err(ConfigError::new("llm.max_input_chars", "must be greater than 0"));
         }
         if llm.retry_delay_ms == 0 {
             return Err(ConfigError::new("llm.retry_delay_ms", "must be greater than 0"));

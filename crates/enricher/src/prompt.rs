@@ -1,7 +1,7 @@
 //! The prompt: a fixed system message and a minijinja template over the record's JSON
 //! fields. The prompt version is a hash of everything that shapes the answer.
 
-use enrich_common::config::LlmSettings;
+use enrich_common::config::{LlmSettings, OversizedInput};
 use enrich_common::error::RecordError;
 use sha2::{Digest, Sha256};
 
@@ -9,6 +9,10 @@ pub struct PromptTemplate {
     env: minijinja::Environment<'static>,
     system: String,
     version: String,
+    /// `llm.input_fields`: the fields the template may see.
+    fields: Option<Vec<String>>,
+    max_chars: usize,
+    oversized: OversizedInput,
 }
 
 /// The messages of one call.
@@ -43,28 +47,68 @@ impl PromptTemplate {
         env.add_template_owned("user", llm.user_template.clone())
             .map_err(|e| anyhow::anyhow!("invalid configuration: `llm.user_template`: {e}"))?;
         let mut hasher = Sha256::new();
-        for part in [&llm.system_prompt, &llm.user_template, &llm.output_schema] {
+        // Everything that shapes what the model sees is in the version.
+        let fields = llm.input_fields.as_ref().map(|f| f.join("\u{1f}")).unwrap_or_default();
+        let limit = format!("{}:{:?}", llm.max_input_chars, llm.oversized_input);
+        for part in [&llm.system_prompt, &llm.user_template, &llm.output_schema, &fields, &limit] {
             hasher.update((part.len() as u64).to_be_bytes());
             hasher.update(part.as_bytes());
         }
         let version = hex::encode(&hasher.finalize()[..8]);
-        Ok(Self { env, system: llm.system_prompt.trim().to_string(), version })
+        Ok(Self {
+            env,
+            system: llm.system_prompt.trim().to_string(),
+            version,
+            fields: llm.input_fields.clone(),
+            max_chars: llm.max_input_chars,
+            oversized: llm.oversized_input,
+        })
     }
 
     pub fn version(&self) -> &str {
         &self.version
     }
 
-    /// Renders the user message over the record's fields.
+    /// Renders the user message over the record's allowed fields (and `record`, the
+    /// allowed fields as one object), within `llm.max_input_chars`.
     pub fn render(&self, record: &serde_json::Value) -> Result<Prompt, RecordError> {
         let template = self
             .env
             .get_template("user")
             .map_err(|e| RecordError::new(enrich_common::ErrorClass::Fatal, "template_error", e.to_string()))?;
+        let mut visible: serde_json::Map<String, serde_json::Value> = match record {
+            serde_json::Value::Object(fields) => fields
+                .iter()
+                .filter(|(k, _)| self.fields.as_ref().is_none_or(|allowed| allowed.iter().any(|a| a == *k)))
+                .map(|(k, v)| (k.clone(), v.clone()))
+                .collect(),
+            _ => serde_json::Map::new(),
+        };
+        if !visible.contains_key("record") {
+            let whole = serde_json::Value::Object(visible.clone());
+            visible.insert("record".into(), whole);
+        }
         let user = template
-            .render(minijinja::value::Serde(record))
+            .render(minijinja::value::Serde(serde_json::Value::Object(visible)))
             .map_err(|e| RecordError::new(enrich_common::ErrorClass::Permanent, "template_error", e.to_string()))?;
-        Ok(Prompt { system: self.system.clone(), user: user.trim().to_string(), repair: None })
+        let mut user = user.trim().to_string();
+        let chars = user.chars().count();
+        if chars > self.max_chars {
+            match self.oversized {
+                OversizedInput::DeadLetter => {
+                    return Err(RecordError::invalid(
+                        "input_too_long",
+                        format!("the rendered input is {chars} characters; llm.max_input_chars is {}", self.max_chars),
+                    ));
+                }
+                OversizedInput::Truncate => {
+                    let cut = user.char_indices().nth(self.max_chars).map_or(user.len(), |(i, _)| i);
+                    user.truncate(cut);
+                    user.push_str("\n[input truncated]");
+                }
+            }
+        }
+        Ok(Prompt { system: self.system.clone(), user, repair: None })
     }
 }
 
@@ -85,6 +129,9 @@ mod tests {
             max_output_tokens: 1,
             system_prompt: " sys \n".into(),
             user_template: template.into(),
+            input_fields: None,
+            max_input_chars: 1000,
+            oversized_input: Default::default(),
             output_schema: "{}".into(),
             max_attempts: 1,
             quick_retries: 0,
@@ -113,6 +160,28 @@ mod tests {
         assert_eq!(a.version(), b.version());
         assert_ne!(a.version(), c.version());
         assert_eq!(a.version().len(), 16);
+    }
+
+    #[test]
+    fn only_allowed_fields_reach_the_template() {
+        let mut settings = llm("{{ record }} {{ secret }}");
+        settings.input_fields = Some(vec!["subject".into()]);
+        let t = PromptTemplate::new(&settings).unwrap();
+        let p = t.render(&serde_json::json!({"subject": "Hi", "secret": "s3cr3t"})).unwrap();
+        assert!(p.user.contains("Hi") && !p.user.contains("s3cr3t"), "{}", p.user);
+        assert_ne!(t.version(), PromptTemplate::new(&llm("{{ record }} {{ secret }}")).unwrap().version());
+    }
+
+    #[test]
+    fn long_inputs_are_truncated_or_refused_as_configured() {
+        let mut settings = llm("{{ body }}");
+        settings.max_input_chars = 5;
+        let t = PromptTemplate::new(&settings).unwrap();
+        assert_eq!(t.render(&serde_json::json!({"body": "äöüßxyz"})).unwrap().user, "äöüßx\n[input truncated]");
+        assert_eq!(t.render(&serde_json::json!({"body": "short"})).unwrap().user, "short");
+        settings.oversized_input = OversizedInput::DeadLetter;
+        let t = PromptTemplate::new(&settings).unwrap();
+        assert_eq!(t.render(&serde_json::json!({"body": "too long"})).unwrap_err().reason, "input_too_long");
     }
 
     #[test]
