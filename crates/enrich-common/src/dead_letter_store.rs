@@ -47,7 +47,7 @@ pub async fn record(pool: &PgPool, dead: &[(&Envelope, &TraceContext)]) -> sqlx:
                                    source_topic, source_partition, source_offset, trace_id, envelope, traceparent)
          SELECT * FROM UNNEST($1::text[], $2::text[], $3::text[], $4::text[], $5::text[], $6::text[], $7::int[],
                               $8::text[], $9::int[], $10::bigint[], $11::text[], $12::bytea[], $13::text[])
-         ON CONFLICT (pipeline, source_topic, source_partition, source_offset) WHERE stage = 'ingest-dedup' DO NOTHING",
+         ON CONFLICT DO NOTHING",
     )
     .bind(&pipeline)
     .bind(&key)
