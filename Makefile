@@ -49,6 +49,10 @@ bench: stack-up ## Benchmark the topology with llm-sim (release build); results 
 	./target/release/loadgen bench --config config/pipeline.toml --bin-dir target/release --out bench-results $(BENCH_ARGS)
 	@deploy/bench/plot.sh bench-results
 
+.PHONY: test-real-llm
+test-real-llm: stack-up build ## The pipeline on 20 tickets against a real local model (SmolLM2-135M via llama.cpp; not part of make test)
+	@deploy/local/real-llm.sh
+
 .PHONY: chaos
 chaos: stack-up ## Kill stages, the broker and the database under load and check every record (CHAOS_ARGS=--short for the CI form)
 	$(CARGO) build --workspace --bins

@@ -217,6 +217,12 @@ pub struct LlmSettings {
     pub provider: Provider,
     /// Base URL of the API, up to and including `/v1`.
     pub base_url: String,
+    /// How an OpenAI-compatible API is asked for structured output: `json_schema`
+    /// (OpenAI, vLLM, recent llama.cpp server), `json_object` (`{"type": "json_object",
+    /// "schema": ...}`: llama-cpp-python's server) or `none` (the prompt alone; the answer
+    /// is validated either way).
+    #[serde(default)]
+    pub response_format: ResponseFormat,
     /// Extra HTTP headers sent with every call (an Azure `api-key`, a gateway's routing
     /// header). Values are never logged.
     #[serde(default)]
@@ -311,6 +317,16 @@ fn default_breaker_failures() -> u32 {
 }
 fn default_breaker_open_ms() -> u64 {
     5_000
+}
+
+/// How structured output is requested from an OpenAI-compatible API.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ResponseFormat {
+    #[default]
+    JsonSchema,
+    JsonObject,
+    None,
 }
 
 /// What the enricher does with a rendered input over `llm.max_input_chars`.

@@ -6,7 +6,7 @@
 //! here, once.
 
 use enrich_common::ErrorClass;
-use enrich_common::config::{LlmSettings, Provider};
+use enrich_common::config::{LlmSettings, Provider, ResponseFormat};
 use enrich_common::error::RecordError;
 use reqwest::StatusCode;
 use serde::Deserialize;
@@ -62,6 +62,7 @@ pub trait ChatApi: Send + Sync {
 /// What every request carries, whatever the API.
 pub struct CallShape<'a> {
     pub model: &'a str,
+    pub format: ResponseFormat,
     pub temperature: f32,
     pub max_output_tokens: u32,
     pub schema: &'a Value,
@@ -77,6 +78,7 @@ pub struct LlmClient {
     temperature: f32,
     max_output_tokens: u32,
     schema: Value,
+    format: ResponseFormat,
     /// USD per million tokens, in and out.
     price: (f64, f64),
 }
@@ -122,6 +124,7 @@ impl LlmClient {
             temperature: llm.temperature,
             max_output_tokens: llm.max_output_tokens,
             schema: schema.clone(),
+            format: llm.response_format,
             price: (llm.input_usd_per_mtok, llm.output_usd_per_mtok),
         })
     }
@@ -143,6 +146,7 @@ impl LlmClient {
     pub async fn complete(&self, prompt: &Prompt) -> Result<Completion, LlmError> {
         let shape = CallShape {
             model: &self.model,
+            format: self.format,
             temperature: self.temperature,
             max_output_tokens: self.max_output_tokens,
             schema: &self.schema,
@@ -193,16 +197,21 @@ impl ChatApi for OpenAi {
             messages.push(json!({"role": "assistant", "content": repair.previous}));
             messages.push(json!({"role": "user", "content": repair.instruction()}));
         }
-        json!({
+        let mut body = json!({
             "model": call.model,
             "messages": messages,
             "temperature": call.temperature,
             "max_tokens": call.max_output_tokens,
-            "response_format": {
+        });
+        body["response_format"] = match call.format {
+            ResponseFormat::JsonSchema => json!({
                 "type": "json_schema",
                 "json_schema": {"name": "enrichment", "strict": true, "schema": call.schema}
-            },
-        })
+            }),
+            ResponseFormat::JsonObject => json!({"type": "json_object", "schema": call.schema}),
+            ResponseFormat::None => return body,
+        };
+        body
     }
 
     fn parse(&self, text: &str, latency: Duration) -> Result<Completion, LlmError> {

@@ -119,6 +119,7 @@ mod tests {
     fn llm(template: &str) -> LlmSettings {
         LlmSettings {
             provider: Default::default(),
+            response_format: Default::default(),
             extra_headers: Default::default(),
             base_url: "http://x/v1".into(),
             api_key_env: None,

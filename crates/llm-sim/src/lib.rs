@@ -359,10 +359,12 @@ async fn answer(state: &AppState, api: Api, headers: &axum::http::HeaderMap, bod
     // Honour the schema asked for (OpenAI's response format, or the forced tool's input
     // schema): answer only the properties it names.
     let schema = match api {
-        Api::OpenAi => "/response_format/json_schema/schema/properties",
-        Api::Anthropic => "/tools/0/input_schema/properties",
+        Api::OpenAi => request
+            .pointer("/response_format/json_schema/schema/properties")
+            .or_else(|| request.pointer("/response_format/schema/properties")),
+        Api::Anthropic => request.pointer("/tools/0/input_schema/properties"),
     };
-    if let Some(props) = request.pointer(schema).and_then(Value::as_object)
+    if let Some(props) = schema.and_then(Value::as_object)
         && let Value::Object(fields) = &mut answer
     {
         fields.retain(|k, _| props.contains_key(k));

@@ -20,6 +20,8 @@ struct Args {
     duplicates: usize,
     malformed: usize,
     timeout: Duration,
+    /// Fail unless every unique ticket was enriched and published (none dead-lettered).
+    strict: bool,
 }
 
 fn parse_args() -> anyhow::Result<Args> {
@@ -38,8 +40,13 @@ fn parse_args() -> anyhow::Result<Args> {
         duplicates: 90,
         malformed: 10,
         timeout: Duration::from_secs(300),
+        strict: false,
     };
     while let Some(flag) = args.next() {
+        if flag == "--strict" {
+            out.strict = true;
+            continue;
+        }
         let value = args.next().ok_or_else(|| anyhow::anyhow!("{flag} needs a value"))?;
         let number = || value.parse::<usize>().map_err(|e| anyhow::anyhow!("{flag} {value:?}: {e}"));
         match flag.as_str() {
@@ -58,7 +65,7 @@ fn parse_args() -> anyhow::Result<Args> {
 }
 
 const USAGE: &str = "usage:
-  loadgen demo  [--config PATH] [--unique N] [--duplicates N] [--malformed N] [--timeout-secs N]
+  loadgen demo  [--config PATH] [--unique N] [--duplicates N] [--malformed N] [--timeout-secs N] [--strict]
   loadgen bench [--config PATH] [--bin-dir DIR] [--out DIR] [--only NAME,NAME] [--scale F]
   loadgen chaos [--short] [--records N] [--seed N] [--only NAME,NAME] [--bin-dir DIR] [--out DIR]
   loadgen traces [--otlp 127.0.0.1:4317] [--http 127.0.0.1:16687]   a local OTLP receiver and trace viewer";
@@ -315,6 +322,15 @@ async fn main() -> anyhow::Result<()> {
     println!("| time to account for all       | {:.1} s |", elapsed.as_secs_f64());
     println!();
 
+    if args.strict {
+        anyhow::ensure!(
+            acct.published == args.unique as i64 && acct.dead_lettered_at_enricher == 0,
+            "--strict: {} of {} tickets published, {} dead-lettered by the enricher (see dlq-replayer list)",
+            acct.published,
+            args.unique,
+            acct.dead_lettered_at_enricher
+        );
+    }
     let prefix = format!("{pipeline}:{run}-");
     let output = read_to_end(&settings, &settings.topics.output, Duration::from_secs(60))?;
     println!("Three enriched records from {}:", settings.topics.output);
