@@ -344,6 +344,8 @@ async fn metrics_parse_and_count_the_run_and_the_history_shows_every_stage() -> 
     assert_eq!(get(&enricher, "enrich_llm_tokens_total{direction=\"output\"}"), sim_out as f64);
     assert!((get(&enricher, "enrich_llm_cost_usd_total") - sim_in as f64 * 2.0 / 1e6).abs() < 1e-9);
     assert_eq!(get(&enricher, "enrich_in_flight"), 0.0);
+    assert_eq!(get(&enricher, "enrich_llm_cache_hits_total"), 0.0, "no key was enriched twice");
+    assert_eq!(get(&enricher, "enrich_paused"), 0.0);
     assert_eq!(get(&enricher, "enrich_llm_breaker_open"), 0.0);
     assert_eq!(get(&publisher, "enrich_publisher_records_total{outcome=\"published\"}"), UNIQUE as f64);
     assert_eq!(get(&publisher, "enrich_end_to_end_latency_seconds_count"), UNIQUE as f64);

@@ -169,3 +169,84 @@ async fn fields_off_the_allow_list_never_reach_the_llm() -> anyhow::Result<()> {
     env.teardown().await;
     Ok(())
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn the_kill_switch_stops_new_calls_on_every_replica_and_resumes() -> anyhow::Result<()> {
+    const N: usize = 200;
+    let admin_port = enrich_e2e::free_port()?;
+    let token = "kill-switch-token-0123".to_string();
+    let overrides = [
+        ("ENRICH_DLQ_REPLAYER__HTTP_PORT", admin_port.to_string()),
+        ("ENRICH_DLQ_REPLAYER__ADMIN_TOKEN", token.clone()),
+        ("ENRICH_ENRICHER__MAX_IN_FLIGHT", "4".to_string()),
+    ];
+    let env = TestEnv::new(llm_sim::Latency::Fixed(Duration::from_millis(100)), &overrides).await?;
+    let records: Vec<Record> = (0..N)
+        .map(|i| {
+            let t = ticket(&env.id, i);
+            Record {
+                kind: Kind::Unique,
+                key: Some(t.id.clone().into_bytes()),
+                value: Some(t.to_json()),
+                ticket: Some(t),
+            }
+        })
+        .collect();
+    let produced = produce_all(&env.settings, env.source_topic(), &records, |_| false, |_| {}).await?;
+    let ports = [enrich_e2e::free_port()?, enrich_e2e::free_port()?];
+    let mut stages =
+        vec![env.spawn(StageKind::Ingest), env.spawn(StageKind::Publisher), env.spawn(StageKind::DlqReplayer)];
+    for (i, port) in ports.iter().enumerate() {
+        stages.push(env.spawn_with(StageKind::Enricher, |s| {
+            s.enricher.http_port = *port;
+            s.enricher.instance_id = Some(format!("replica-{i}"));
+        }));
+    }
+    wait_for("enrichment under way", DEADLINE, || async { Ok((env.sim.completions() >= 10).then_some(())) }).await?;
+
+    let client = dlq_replayer::cli::Client::new(format!("http://127.0.0.1:{admin_port}"), Some(token));
+    let anonymous = dlq_replayer::cli::Client::new(format!("http://127.0.0.1:{admin_port}"), None);
+    assert!(anonymous.set_paused(true, None).await.unwrap_err().to_string().contains("401"));
+    let state = client.set_paused(true, Some("provider incident")).await?;
+    assert_eq!(state["paused"], true);
+    // Every replica says so, and lets its calls in flight finish.
+    for port in ports {
+        wait_for("the replica to pause", DEADLINE, || async {
+            let ready = reqwest::get(format!("http://127.0.0.1:{port}/readyz")).await?;
+            let paused = ready.status().as_u16() == 503 && ready.text().await?.contains("provider incident");
+            let metrics = reqwest::get(format!("http://127.0.0.1:{port}/metrics")).await?.text().await?;
+            let idle = metrics.lines().any(|l| l == "enrich_in_flight 0");
+            Ok((paused && idle && metrics.lines().any(|l| l == "enrich_paused 1")).then_some(()))
+        })
+        .await?;
+    }
+    let calls_at_pause = env.sim.requests().len();
+    let pipeline = env.settings.pipeline.name.clone();
+    let before = account(&env.pool, &pipeline, env.source_topic(), &produced).await?;
+    assert!(before.published < N as i64, "work is left while paused ({before:?})");
+    // An observation window: two seconds in which the replicas would have made dozens of calls.
+    let window = tokio::time::Instant::now();
+    while window.elapsed() < Duration::from_secs(2) {
+        assert_eq!(env.sim.requests().len(), calls_at_pause, "no new LLM call starts while paused");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+
+    client.set_paused(false, None).await?;
+    wait_for("every ticket published after the resume", DEADLINE, || async {
+        let a = account(&env.pool, &pipeline, env.source_topic(), &produced).await?;
+        Ok((a.complete(N) && a.published == N as i64).then_some(()))
+    })
+    .await?;
+    for port in ports {
+        wait_for("the replica to be ready again", DEADLINE, || async {
+            Ok((reqwest::get(format!("http://127.0.0.1:{port}/readyz")).await?.status().as_u16() == 200).then_some(()))
+        })
+        .await?;
+    }
+    for s in stages {
+        s.stop().await?;
+    }
+    assert_eq!(env.sim.completions(), N as u64, "one call per ticket, pause or not");
+    env.teardown().await;
+    Ok(())
+}

@@ -60,6 +60,9 @@ pub fn routes(api: Arc<Api>) -> Router {
         .route("/v1/dead-letters/{id}/discard", post(discard))
         .route("/v1/replay", post(replay))
         .route("/v1/messages/{key}", get(history))
+        .route("/v1/enrichment", get(enrichment_state))
+        .route("/v1/enrichment/pause", post(pause))
+        .route("/v1/enrichment/resume", post(resume))
         .with_state(api)
 }
 
@@ -103,6 +106,46 @@ async fn show(State(api): State<Arc<Api>>, Path(id): Path<i64>) -> Response {
     match replay::show(&api.replayer.pool, &api.replayer.settings.pipeline.name, id).await {
         Ok(Some(v)) => Json(v).into_response(),
         Ok(None) => error(StatusCode::NOT_FOUND, format!("no dead letter {id}")),
+        Err(e) => error(StatusCode::INTERNAL_SERVER_ERROR, format!("{e:#}")),
+    }
+}
+
+#[derive(Deserialize, Default)]
+struct PauseRequest {
+    reason: Option<String>,
+}
+
+/// The kill switch: whether enrichment is paused, why, since when.
+async fn enrichment_state(State(api): State<Arc<Api>>) -> Response {
+    match crate::replay::control(&api.replayer.pool, &api.replayer.settings.pipeline.name).await {
+        Ok(c) => Json(c).into_response(),
+        Err(e) => error(StatusCode::INTERNAL_SERVER_ERROR, format!("{e:#}")),
+    }
+}
+
+/// Pauses every enricher replica of the pipeline (within a second or two).
+async fn pause(State(api): State<Arc<Api>>, headers: HeaderMap, body: Option<Json<PauseRequest>>) -> Response {
+    if let Err(r) = authorized(&api, &headers) {
+        return *r;
+    }
+    let reason = body.and_then(|Json(b)| b.reason).unwrap_or_else(|| "paused through the admin API".into());
+    set_paused(&api, true, Some(reason)).await
+}
+
+async fn resume(State(api): State<Arc<Api>>, headers: HeaderMap) -> Response {
+    if let Err(r) = authorized(&api, &headers) {
+        return *r;
+    }
+    set_paused(&api, false, None).await
+}
+
+async fn set_paused(api: &Api, paused: bool, reason: Option<String>) -> Response {
+    let pipeline = &api.replayer.settings.pipeline.name;
+    match crate::replay::set_paused(&api.replayer.pool, pipeline, paused, reason.as_deref()).await {
+        Ok(c) => {
+            tracing::warn!(paused, reason = ?reason, "kill switch changed");
+            Json(c).into_response()
+        }
         Err(e) => error(StatusCode::INTERNAL_SERVER_ERROR, format!("{e:#}")),
     }
 }

@@ -73,6 +73,17 @@ impl Client {
         Ok(serde_json::from_value(Self::answer(self.http.get(url).send().await?).await?)?)
     }
 
+    /// The kill switch: `pause` with a reason, or resume.
+    pub async fn set_paused(&self, paused: bool, reason: Option<&str>) -> anyhow::Result<Value> {
+        let path = if paused { "pause" } else { "resume" };
+        let mut request =
+            self.http.post(format!("{}/v1/enrichment/{path}", self.api)).json(&serde_json::json!({"reason": reason}));
+        if let Some(t) = &self.token {
+            request = request.bearer_auth(t);
+        }
+        Self::answer(request.send().await?).await
+    }
+
     pub async fn show(&self, id: i64) -> anyhow::Result<Value> {
         Self::answer(self.http.get(format!("{}/v1/dead-letters/{id}", self.api)).send().await?).await
     }

@@ -5,6 +5,7 @@
 //! dlq-replayer replay (--ids 1,2 | --reason R | --stage S | --key K) [--dry-run] [--note TEXT] [--api URL]
 //! dlq-replayer discard ID [--note TEXT] [--api URL]
 //! dlq-replayer history KEY [--api URL] [--json]
+//! dlq-replayer pause [--note REASON] [--api URL] | dlq-replayer resume [--api URL]
 
 use dlq_replayer::cli::{Client, table, timeline};
 use dlq_replayer::replay::Filter;
@@ -15,14 +16,15 @@ async fn main() -> ExitCode {
     let args: Vec<String> = std::env::args().skip(1).collect();
     match args.first().map(String::as_str) {
         Some("setup") => enrich_common::cli::run_once("dlq-replayer", dlq_replayer::setup).await,
-        Some(cmd @ ("list" | "show" | "replay" | "discard" | "history")) => match client_command(cmd, &args[1..]).await
-        {
-            Ok(()) => ExitCode::SUCCESS,
-            Err(e) => {
-                eprintln!("dlq-replayer {cmd}: {e:#}");
-                ExitCode::FAILURE
+        Some(cmd @ ("list" | "show" | "replay" | "discard" | "history" | "pause" | "resume")) => {
+            match client_command(cmd, &args[1..]).await {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => {
+                    eprintln!("dlq-replayer {cmd}: {e:#}");
+                    ExitCode::FAILURE
+                }
             }
-        },
+        }
         _ => enrich_common::cli::run_service("dlq-replayer", dlq_replayer::run).await,
     }
 }
@@ -94,6 +96,14 @@ async fn client_command(cmd: &str, args: &[String]) -> anyhow::Result<()> {
                 eprintln!("replayed {replayed}/{total} ({rate:.0}/s)");
             }
             println!("replayed {replayed}, refused {refused}");
+        }
+        "pause" | "resume" => {
+            let state = client.set_paused(cmd == "pause", note.as_deref()).await?;
+            println!(
+                "enrichment {} ({})",
+                if state["paused"].as_bool() == Some(true) { "paused" } else { "running" },
+                state["reason"].as_str().unwrap_or("")
+            );
         }
         "history" => {
             let key = key.ok_or_else(|| anyhow::anyhow!("history needs an idempotency key"))?;

@@ -195,6 +195,38 @@ pub async fn steps_of(pool: &PgPool, pipeline: &str, key: &str) -> sqlx::Result<
     .await
 }
 
+/// The kill switch of a pipeline.
+#[derive(Debug, Clone, Serialize, Deserialize, sqlx::FromRow)]
+pub struct Control {
+    pub paused: bool,
+    pub reason: Option<String>,
+    pub updated_at: Option<String>,
+}
+
+pub async fn control(pool: &PgPool, pipeline: &str) -> sqlx::Result<Control> {
+    let row: Option<Control> = sqlx::query_as(sqlx::AssertSqlSafe(format!(
+        "SELECT paused, reason, to_char(updated_at AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS.MS\"Z\"') AS updated_at
+         FROM controls WHERE pipeline = $1"
+    )))
+    .bind(pipeline)
+    .fetch_optional(pool)
+    .await?;
+    Ok(row.unwrap_or(Control { paused: false, reason: None, updated_at: None }))
+}
+
+pub async fn set_paused(pool: &PgPool, pipeline: &str, paused: bool, reason: Option<&str>) -> sqlx::Result<Control> {
+    sqlx::query(
+        "INSERT INTO controls (pipeline, paused, reason) VALUES ($1, $2, $3)
+         ON CONFLICT (pipeline) DO UPDATE SET paused = $2, reason = $3, updated_at = now()",
+    )
+    .bind(pipeline)
+    .bind(paused)
+    .bind(reason)
+    .execute(pool)
+    .await?;
+    control(pool, pipeline).await
+}
+
 /// A key's whole timeline across stages.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct History {

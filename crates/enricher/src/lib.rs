@@ -7,6 +7,7 @@ mod batch;
 pub mod breaker;
 mod consume;
 mod delay;
+pub mod kill_switch;
 pub mod llm;
 mod metrics;
 pub mod process;
@@ -84,6 +85,15 @@ pub async fn run(settings: Settings, shutdown: CancellationToken) -> anyhow::Res
         );
     }
 
+    let kill_switch = Arc::new(kill_switch::KillSwitch::default());
+    kill_switch.spawn(
+        runtime.pool.clone(),
+        settings.pipeline.name.clone(),
+        runtime.state.clone(),
+        metrics.paused.clone(),
+        Duration::from_secs(1),
+        shutdown.clone(),
+    );
     let enricher = Arc::new(Enricher {
         store: store::Store::new(store::StoreCore {
             pool: runtime.pool.clone(),
@@ -105,6 +115,7 @@ pub async fn run(settings: Settings, shutdown: CancellationToken) -> anyhow::Res
             Duration::from_millis(settings.llm.breaker_open_ms),
         ),
         state: runtime.state.clone(),
+        kill_switch: kill_switch.clone(),
         failpoints: settings.enricher.failpoints,
         isolation: tokio::sync::Semaphore::new(1),
         keys_in_progress: Default::default(),

@@ -24,6 +24,8 @@ pub struct EnricherMetrics {
     pub retries_waiting: Gauge,
     /// Delayed retries sent to the retry topic.
     pub retries_scheduled: Counter,
+    /// 1 while the operator has paused enrichment.
+    pub paused: Gauge,
     /// LLM calls avoided because a stored result for the key was re-emitted.
     pub cache_hits: Counter,
     /// Records parked behind an earlier record of their key (`ordering = "strict-key"`).
@@ -45,8 +47,10 @@ impl EnricherMetrics {
             retries_scheduled: Counter::default(),
             parked: Counter::default(),
             cache_hits: Counter::default(),
+            paused: Gauge::default(),
         };
         registry.register("enrich_enricher_records", "Requests by outcome", m.records.clone());
+        registry.register("enrich_paused", "1 while the operator has paused enrichment", m.paused.clone());
         registry.register("enrich_llm_calls", "LLM calls by outcome", m.llm_calls.clone());
         registry.register("enrich_llm_tokens", "LLM tokens, by direction (input, output)", m.llm_tokens.clone());
         registry.register(
@@ -71,6 +75,11 @@ impl EnricherMetrics {
             "enrich_parked",
             "Records parked behind an earlier record of their key (strict-key)",
             m.parked.clone(),
+        );
+        registry.register(
+            "enrich_llm_cache_hits",
+            "LLM calls avoided: a stored result for the key was emitted again",
+            m.cache_hits.clone(),
         );
         m
     }

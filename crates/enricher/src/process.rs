@@ -52,6 +52,8 @@ pub struct Enricher {
     pub keys_in_progress: std::sync::Mutex<std::collections::HashSet<String>>,
     /// Readiness, reported not-ready while the breaker is open.
     pub state: Arc<ServiceState>,
+    /// The operator's pause: no new call starts while it is on.
+    pub kill_switch: Arc<crate::kill_switch::KillSwitch>,
     pub shutdown: CancellationToken,
     pub retry: RetryPolicy,
     /// The consumer group, for the spans.
@@ -234,6 +236,10 @@ impl Enricher {
         // next go through the retry topic.
         let mut tries = 0u32;
         loop {
+            // No call starts while the operator has paused enrichment.
+            if !self.kill_switch.wait_open(&self.shutdown).await {
+                anyhow::bail!("shutting down while enrichment is paused");
+            }
             // No call starts while the endpoint's breaker is open: the record waits here,
             // before its attempt is counted.
             let Some(admission) = self.breaker.admit(&self.shutdown).await else {

@@ -1,0 +1,88 @@
+//! The operator's kill switch: `controls.paused` for the pipeline, set through the
+//! dlq-replayer's admin API. Every replica polls it every second; while it is on, no new
+//! LLM call starts (calls in flight finish), records wait where they are (nothing is
+//! dead-lettered), and `/readyz` says why.
+
+use enrich_common::http::ServiceState;
+use enrich_common::shutdown::Shutdown;
+use sqlx::PgPool;
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::sync::watch;
+
+pub struct KillSwitch {
+    paused: watch::Sender<bool>,
+}
+
+impl Default for KillSwitch {
+    fn default() -> Self {
+        Self { paused: watch::channel(false).0 }
+    }
+}
+
+impl KillSwitch {
+    /// Waits while enrichment is paused; false if shutdown came first.
+    pub async fn wait_open(&self, shutdown: &Shutdown) -> bool {
+        let mut rx = self.paused.subscribe();
+        loop {
+            if !*rx.borrow_and_update() {
+                return true;
+            }
+            tokio::select! {
+                _ = shutdown.cancelled() => return false,
+                changed = rx.changed() => if changed.is_err() { return true },
+            }
+        }
+    }
+
+    pub fn is_paused(&self) -> bool {
+        *self.paused.borrow()
+    }
+
+    /// Polls the control row every `every` until shutdown.
+    pub fn spawn(
+        self: &Arc<Self>,
+        pool: PgPool,
+        pipeline: String,
+        state: Arc<ServiceState>,
+        gauge: prometheus_client::metrics::gauge::Gauge,
+        every: Duration,
+        shutdown: Shutdown,
+    ) -> tokio::task::JoinHandle<()> {
+        let switch = self.clone();
+        tokio::spawn(async move {
+            loop {
+                let row: Result<Option<(bool, Option<String>)>, _> =
+                    sqlx::query_as("SELECT paused, reason FROM controls WHERE pipeline = $1")
+                        .bind(&pipeline)
+                        .fetch_optional(&pool)
+                        .await;
+                match row {
+                    Ok(row) => {
+                        let (paused, reason) = row.unwrap_or((false, None));
+                        if paused != switch.is_paused() {
+                            let reason = reason.unwrap_or_else(|| "no reason given".into());
+                            if paused {
+                                tracing::warn!(%reason, "enrichment paused by the operator: no new LLM call starts");
+                                state.set_condition(
+                                    "paused",
+                                    Some(format!("enrichment paused by the operator: {reason}")),
+                                );
+                            } else {
+                                tracing::info!("enrichment resumed by the operator");
+                                state.set_condition("paused", None);
+                            }
+                            gauge.set(i64::from(paused));
+                            switch.paused.send_replace(paused);
+                        }
+                    }
+                    Err(e) => tracing::debug!(error = %e, "cannot read the kill switch; keeping its last state"),
+                }
+                tokio::select! {
+                    _ = shutdown.cancelled() => return,
+                    _ = tokio::time::sleep(every) => {}
+                }
+            }
+        })
+    }
+}
