@@ -204,10 +204,10 @@ pub struct Control {
 }
 
 pub async fn control(pool: &PgPool, pipeline: &str) -> sqlx::Result<Control> {
-    let row: Option<Control> = sqlx::query_as(sqlx::AssertSqlSafe(format!(
+    let row: Option<Control> = sqlx::query_as(
         "SELECT paused, reason, to_char(updated_at AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS.MS\"Z\"') AS updated_at
-         FROM controls WHERE pipeline = $1"
-    )))
+         FROM controls WHERE pipeline = $1",
+    )
     .bind(pipeline)
     .fetch_optional(pool)
     .await?;
