@@ -115,7 +115,9 @@ kafka_up() {
       || die "formatting Kafka storage failed; see $logs/kafka-format.log"
   fi
   say "starting Kafka (heap: $heap)"
-  nohup bash -c "$(declare -f kafka_java); heap='$heap' stack_dir='$stack_dir' kafka_libs='$kafka_libs' \
+  # Its own session: the broker outlives whatever started it (a make target, the chaos
+  # suite restarting it) and is stopped only by `down`.
+  setsid nohup bash -c "$(declare -f kafka_java); heap='$heap' stack_dir='$stack_dir' kafka_libs='$kafka_libs' \
     kafka_java kafka.Kafka '$stack_dir/kafka/server.properties'" \
     >"$logs/kafka.out" 2>&1 </dev/null &
   echo $! >"$kafka_pidfile"

@@ -314,7 +314,17 @@ impl Chaos {
         // Wait until every record is accounted for, or give up and report what is missing.
         let wait_started = Instant::now();
         let mut finished = false;
+        let mut restarts: Vec<String> = Vec::new();
         while wait_started.elapsed() < Duration::from_secs(600) {
+            // A supervisor, as Kubernetes or compose would be: a stage that exits on its
+            // own (a fatal error) is started again, and the restart is reported.
+            for p in procs.iter_mut() {
+                if let Ok(Some(status)) = p.child.try_wait() {
+                    println!("[chaos] {}: {} exited ({status}); restarting it", scenario.name, p.name);
+                    restarts.push(format!("{} exited ({status})", p.name));
+                    self.restart(p, &log).await?;
+                }
+            }
             let a = crate::accounting::account(&pool, &p, &source, &sent.produced).await;
             if let Ok(a) = a
                 && a.complete(sent.produced.len())
@@ -335,7 +345,8 @@ impl Chaos {
         let sim_calls = earlier_sim_calls + sim_completions(procs[0].port).await.unwrap_or(0);
         stop(procs);
 
-        let report = verify(&settings, &pool, &p, &source, &sent, &injected, sim_calls, finished).await?;
+        let mut report = verify(&settings, &pool, &p, &source, &sent, &injected, sim_calls, finished).await?;
+        report["unplanned_restarts"] = json!(restarts);
         pool.close().await;
         if report["violations"].as_array().is_some_and(Vec::is_empty) {
             let mut admin = PgConnection::connect(&admin_url).await?;

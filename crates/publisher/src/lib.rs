@@ -67,9 +67,36 @@ pub async fn run(settings: Settings, shutdown: CancellationToken) -> anyhow::Res
     runtime.state.set_ready();
 
     let publisher = Publisher { settings, group: group.clone(), runtime, producer, metrics };
-    consume(&publisher, &consumer, &shutdown).await;
+    let consumed = consume(&publisher, &consumer, &shutdown).await;
     publisher.runtime.finish(&shutdown).await;
-    Ok(())
+    consumed
+}
+
+/// The transactional producer cannot go on (fenced, or a fatal error): the stage stops
+/// with an error and its supervisor starts a new one, which fences this one for good.
+#[derive(Debug, thiserror::Error)]
+#[error("the transactional producer cannot continue: {0}")]
+struct ProducerFatal(String);
+
+/// Aborts the open transaction. An abort that times out (the broker is away) must be
+/// called again until it completes: librdkafka refuses any other transactional call
+/// meanwhile. A fatal error ends the stage.
+async fn abort(publisher: &Publisher, shutdown: &CancellationToken) -> anyhow::Result<()> {
+    let mut wait = Duration::from_millis(200);
+    loop {
+        match tokio::task::block_in_place(|| publisher.producer.abort_transaction(TXN_TIMEOUT)) {
+            Ok(()) => return Ok(()),
+            Err(rdkafka::error::KafkaError::Transaction(e)) if e.is_retriable() && !e.is_fatal() => {
+                tracing::warn!(error = %e, "abort_transaction did not complete yet; calling it again");
+                tokio::select! {
+                    _ = shutdown.cancelled() => anyhow::bail!("shutting down during an abort: {e}"),
+                    _ = tokio::time::sleep(wait) => {}
+                }
+                wait = (wait * 2).min(MAX_BACKOFF);
+            }
+            Err(e) => return Err(ProducerFatal(e.to_string()).into()),
+        }
+    }
 }
 
 fn transactional_producer(settings: &Settings, transactional_id: &str) -> anyhow::Result<FutureProducer> {
@@ -97,22 +124,26 @@ fn hostname() -> String {
 
 /// A failed transaction is aborted and its batch read again from Kafka (not retried in
 /// memory): the failure may be a rebalance, which only a poll resolves.
-async fn consume(publisher: &Publisher, consumer: &StreamConsumer, shutdown: &CancellationToken) {
+async fn consume(publisher: &Publisher, consumer: &StreamConsumer, shutdown: &CancellationToken) -> anyhow::Result<()> {
     let tuning = publisher.settings.publisher.tuning();
     let runtime = &publisher.runtime;
     let mut backoff = Duration::from_millis(200);
     loop {
         let batch = kafka::next_batch(consumer, tuning, shutdown).await;
         if batch.is_empty() {
-            return;
+            return Ok(());
         }
         for m in &batch {
             runtime.metrics.consumed(m.topic());
         }
-        match publish_batch(publisher, consumer, &batch).await {
+        match publish_batch(publisher, consumer, &batch, shutdown).await {
             Ok(()) => {
                 backoff = Duration::from_millis(200);
                 runtime.state.set_ready();
+            }
+            Err(e) if e.downcast_ref::<ProducerFatal>().is_some() => {
+                tracing::error!(error = %e, "stopping: a new publisher takes over where this one committed");
+                return Err(e);
             }
             Err(e) => {
                 runtime.metrics.batch_retries.inc();
@@ -121,7 +152,7 @@ async fn consume(publisher: &Publisher, consumer: &StreamConsumer, shutdown: &Ca
                 runtime.state.set_not_ready(format!("transactions failing: {cause}"));
                 rewind(consumer, &batch);
                 tokio::select! {
-                    _ = shutdown.cancelled() => return,
+                    _ = shutdown.cancelled() => return Ok(()),
                     _ = tokio::time::sleep(backoff) => {}
                 }
                 backoff = (backoff * 2).min(MAX_BACKOFF);
@@ -147,7 +178,12 @@ fn rewind(consumer: &StreamConsumer, batch: &[OwnedMessage]) {
 
 /// One transaction: outputs (and dead letters) plus the consumed offsets; then the
 /// `published` marks in PostgreSQL.
-async fn publish_batch(publisher: &Publisher, consumer: &StreamConsumer, batch: &[OwnedMessage]) -> anyhow::Result<()> {
+async fn publish_batch(
+    publisher: &Publisher,
+    consumer: &StreamConsumer,
+    batch: &[OwnedMessage],
+    shutdown: &CancellationToken,
+) -> anyhow::Result<()> {
     let pipeline = &publisher.settings.pipeline.name;
     let topics = &publisher.settings.topics;
 
@@ -264,9 +300,7 @@ async fn publish_batch(publisher: &Publisher, consumer: &StreamConsumer, batch: 
         Ok(p) => p,
         Err(e) => {
             // The database transaction rolls back when dropped; the Kafka one is aborted here.
-            tokio::task::block_in_place(|| publisher.producer.abort_transaction(TXN_TIMEOUT)).map_err(|abort| {
-                anyhow::anyhow!("abort_transaction failed after {e}: {abort}; the producer is unusable")
-            })?;
+            abort(publisher, shutdown).await.map_err(|abort| abort.context(format!("aborting after: {e}")))?;
             return Err(e);
         }
     };
