@@ -250,3 +250,63 @@ async fn the_kill_switch_stops_new_calls_on_every_replica_and_resumes() -> anyho
     env.teardown().await;
     Ok(())
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn the_response_cache_answers_repeated_inputs_without_a_call() -> anyhow::Result<()> {
+    const N: usize = 100;
+    const DISTINCT: usize = 20;
+    let overrides = [("ENRICH_LLM__CACHE_TTL_SECS", "3600".to_string())];
+    let env = TestEnv::new(llm_sim::Latency::Fixed(Duration::from_millis(50)), &overrides).await?;
+    // 100 tickets, each its own id, over 20 distinct subjects and bodies.
+    let records: Vec<Record> = (0..N)
+        .map(|i| {
+            let base = ticket(&env.id, i % DISTINCT);
+            let mut t = ticket(&env.id, i);
+            t.subject = base.subject;
+            t.body = format!("{} (case {})", base.body, i % DISTINCT);
+            Record {
+                kind: Kind::Unique,
+                key: Some(t.id.clone().into_bytes()),
+                value: Some(t.to_json()),
+                ticket: Some(t),
+            }
+        })
+        .collect();
+    let produced = produce_all(&env.settings, env.source_topic(), &records, |_| false, |_| {}).await?;
+    let stages = [StageKind::Ingest, StageKind::Enricher, StageKind::Publisher].map(|k| env.spawn(k));
+    let pipeline = env.settings.pipeline.name.clone();
+    wait_for("every ticket published", DEADLINE, || async {
+        let a = account(&env.pool, &pipeline, env.source_topic(), &produced).await?;
+        Ok((a.complete(N) && a.published == N as i64).then_some(()))
+    })
+    .await?;
+    for s in stages {
+        s.stop().await?;
+    }
+    assert_eq!(env.sim.completions(), DISTINCT as u64, "one call per distinct input");
+    let output = read_to_end(&env.settings, &env.settings.topics.output, Duration::from_secs(30))?;
+    assert_eq!(output.len(), N);
+    // Cached answers are marked in the result and in the audit.
+    let results = read_to_end(&env.settings, &env.settings.topics.results, Duration::from_secs(30))?;
+    let cached = results
+        .iter()
+        .filter_map(|m| enrich_common::Envelope::decode_from(rdkafka::Message::payload(m).unwrap()).ok())
+        .filter(|e| e.result().is_some_and(|r| r.cached))
+        .count();
+    assert_eq!(cached, N - DISTINCT);
+    let (hits,): (i64,) =
+        sqlx::query_as("SELECT count(*) FROM step_outcomes WHERE pipeline = $1 AND step = 'cache_hit'")
+            .bind(&pipeline)
+            .fetch_one(&env.pool)
+            .await?;
+    assert_eq!(hits, (N - DISTINCT) as i64);
+    // Repeats get the same enrichment as their first.
+    let mut by_body: std::collections::HashMap<String, Value> = std::collections::HashMap::new();
+    for m in &output {
+        let v: Value = serde_json::from_slice(rdkafka::Message::payload(m).unwrap())?;
+        let e = by_body.entry(v["body"].as_str().unwrap().to_string()).or_insert_with(|| v["enrichment"].clone());
+        assert_eq!(*e, v["enrichment"]);
+    }
+    env.teardown().await;
+    Ok(())
+}

@@ -280,6 +280,11 @@ pub struct LlmSettings {
     /// How long the breaker stays open before one probe call.
     #[serde(default = "default_breaker_open_ms")]
     pub breaker_open_ms: u64,
+    /// How long a validated answer stays in the response cache (PostgreSQL), served to
+    /// any record with the same provider, model, prompt version and rendered input.
+    /// 0: no cache.
+    #[serde(default)]
+    pub cache_ttl_secs: u64,
     /// Prices in USD per million tokens, for the cost recorded per call (audit, metrics,
     /// spans). 0: cost not tracked.
     #[serde(default)]

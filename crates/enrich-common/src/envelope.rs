@@ -77,6 +77,7 @@ mod tests {
                 input_tokens: 10,
                 output_tokens: 5,
                 result_hash: "ab".into(),
+                cached: true,
             })),
         };
         let decoded = Envelope::decode_from(&envelope.encode_to_bytes()).unwrap();

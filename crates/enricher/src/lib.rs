@@ -5,6 +5,7 @@
 
 mod batch;
 pub mod breaker;
+pub mod cache;
 mod consume;
 mod delay;
 pub mod kill_switch;
@@ -116,6 +117,8 @@ pub async fn run(settings: Settings, shutdown: CancellationToken) -> anyhow::Res
         ),
         state: runtime.state.clone(),
         kill_switch: kill_switch.clone(),
+        cache: (settings.llm.cache_ttl_secs > 0)
+            .then(|| cache::ResponseCache::new(runtime.pool.clone(), Duration::from_secs(settings.llm.cache_ttl_secs))),
         failpoints: settings.enricher.failpoints,
         isolation: tokio::sync::Semaphore::new(1),
         keys_in_progress: Default::default(),

@@ -26,7 +26,8 @@ pub struct EnricherMetrics {
     pub retries_scheduled: Counter,
     /// 1 while the operator has paused enrichment.
     pub paused: Gauge,
-    /// LLM calls avoided because a stored result for the key was re-emitted.
+    /// Response-cache lookups, and the hits among them (answers served without a call).
+    pub cache_lookups: Counter,
     pub cache_hits: Counter,
     /// Records parked behind an earlier record of their key (`ordering = "strict-key"`).
     pub parked: Counter,
@@ -47,6 +48,7 @@ impl EnricherMetrics {
             retries_scheduled: Counter::default(),
             parked: Counter::default(),
             cache_hits: Counter::default(),
+            cache_lookups: Counter::default(),
             paused: Gauge::default(),
         };
         registry.register("enrich_enricher_records", "Requests by outcome", m.records.clone());
@@ -78,9 +80,10 @@ impl EnricherMetrics {
         );
         registry.register(
             "enrich_llm_cache_hits",
-            "LLM calls avoided: a stored result for the key was emitted again",
+            "Answers served from the response cache (no call made)",
             m.cache_hits.clone(),
         );
+        registry.register("enrich_llm_cache_lookups", "Response cache lookups", m.cache_lookups.clone());
         m
     }
 

@@ -16,6 +16,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use crate::breaker::{Admission, Breaker, Transition};
+use crate::cache::ResponseCache;
 use crate::llm::{LlmClient, LlmError};
 use crate::metrics::EnricherMetrics;
 use crate::prompt::{PromptTemplate, Repair};
@@ -54,6 +55,8 @@ pub struct Enricher {
     pub state: Arc<ServiceState>,
     /// The operator's pause: no new call starts while it is on.
     pub kill_switch: Arc<crate::kill_switch::KillSwitch>,
+    /// `llm.cache_ttl_secs` > 0: the response cache.
+    pub cache: Option<ResponseCache>,
     pub shutdown: CancellationToken,
     pub retry: RetryPolicy,
     /// The consumer group, for the spans.
@@ -95,6 +98,15 @@ impl Handled {
     fn resolved(self) -> bool {
         matches!(self, Handled::Enriched | Handled::Reused)
     }
+}
+
+/// How this record's answer came about: the attempt, the tokens it used (none when
+/// re-emitted), whether the response cache gave it.
+#[derive(Debug, Default, Clone, Copy)]
+struct Answer {
+    attempt: i32,
+    tokens: (u32, u32),
+    cached: bool,
 }
 
 /// Delayed retries through the retry topic.
@@ -269,10 +281,9 @@ impl Enricher {
                     self.breaker.unused(admission);
                     match other {
                         KeyState::Enriched(stored) => {
-                            self.emit(&envelope, &record_key, &stored, 0, (0, 0), span).await?;
+                            self.emit(&envelope, &record_key, &stored, Answer::default(), span).await?;
                             self.store.record_run(&envelope, 0, "reused", &span.ids().trace_id_hex(), None).await?;
                             self.metrics.outcome("reused");
-                            self.metrics.cache_hits.inc();
                             return handled(Handled::Reused);
                         }
                         KeyState::DeadLettered => {
@@ -307,9 +318,13 @@ impl Enricher {
             span.set([KeyValue::new(attr::ATTEMPT, i64::from(attempt))]);
             let outcome = self.attempt(&envelope, attempt, span).await;
             let e = match outcome {
-                Ok((stored, tokens)) => {
+                Ok((stored, tokens, cached)) => {
                     self.breaker_success(admission);
-                    self.emit(&envelope, &record_key, &stored, attempt, tokens, span).await?;
+                    if cached {
+                        span.set([KeyValue::new("enrich.cache_hit", true)]);
+                    }
+                    let answer = Answer { attempt, tokens, cached };
+                    self.emit(&envelope, &record_key, &stored, answer, span).await?;
                     self.metrics.outcome("enriched");
                     if let Ok(mut limit) = self.dlq_limit.lock() {
                         limit.record(0, 1);
@@ -415,7 +430,7 @@ impl Enricher {
         envelope: &Envelope,
         attempt: i32,
         span: &RecordSpan,
-    ) -> Result<(StoredResult, (u32, u32)), AttemptError> {
+    ) -> Result<(StoredResult, (u32, u32), bool), AttemptError> {
         let key = &envelope.idempotency_key;
         let record: serde_json::Value = serde_json::from_slice(&envelope.payload).map_err(|e| {
             AttemptError::Llm(LlmError {
@@ -427,96 +442,130 @@ impl Enricher {
             self.prompt.render(&record).map_err(|error| AttemptError::Llm(LlmError { error, retry_after: None }))?;
         let mut steps: Vec<Step> = Vec::with_capacity(4);
         let mut tokens = (0u32, 0u32);
+        // The response cache: the same input answered before (for any key) is answered
+        // again without a call; concurrent records with one input wait for the first.
+        let cache_key = self
+            .cache
+            .as_ref()
+            .map(|_| ResponseCache::key(self.llm.provider(), self.llm.model(), self.prompt.version(), &prompt));
+        let _turn = match (&self.cache, &cache_key) {
+            (Some(cache), Some(k)) => Some(cache.turn(k).await),
+            _ => None,
+        };
+        let mut hit = None;
+        if let (Some(cache), Some(k)) = (&self.cache, &cache_key) {
+            self.metrics.cache_lookups.inc();
+            match cache.get(k).await {
+                Ok(Some((json, model))) => hit = self.validator.validate(&json).ok().map(|v| (v, model)),
+                Ok(None) => {}
+                Err(e) => tracing::warn!(error = %e, "response cache unavailable; calling the LLM"),
+            }
+        }
+        let cached = hit.is_some();
         // Output that is not JSON or breaks the schema gets one repair call that shows the
         // model the validation error; a second failure dead-letters the record.
-        let (value, model) = loop {
-            let repairing = prompt.repair.is_some();
-            let step_name = if repairing { "llm_repair" } else { "llm_call" };
-            // The LLM slot is held for the call only: storing and producing other records
-            // overlaps with calls in flight.
-            let (called, elapsed) = {
-                let _slot = self.llm_slots.acquire().await.map_err(|e| AttemptError::Db(e.into()))?;
-                let mut call = span.child(
-                    format!("chat {}", self.llm.model()),
-                    SpanKind::Client,
-                    vec![
-                        KeyValue::new(attr::GEN_AI_OPERATION, "chat"),
-                        KeyValue::new(attr::GEN_AI_PROVIDER, self.llm.provider()),
-                        KeyValue::new(attr::GEN_AI_REQUEST_MODEL, self.llm.model().to_string()),
-                        KeyValue::new(attr::IDEMPOTENCY_KEY, key.clone()),
-                        KeyValue::new(attr::ATTEMPT, i64::from(attempt)),
-                    ],
-                );
-                if self.capture_content {
-                    let messages = serde_json::json!([
-                        {"role": "system", "content": prompt.system},
-                        {"role": "user", "content": prompt.user},
-                    ]);
-                    call.set([KeyValue::new(attr::GEN_AI_INPUT_MESSAGES, messages.to_string())]);
-                }
-                let started = std::time::Instant::now();
-                self.metrics.in_flight.inc();
-                let called = self.llm.complete(&prompt).instrument(call.log_span()).await;
-                self.metrics.in_flight.dec();
-                match &called {
-                    Ok(c) => {
-                        call.set([
-                            KeyValue::new(attr::GEN_AI_RESPONSE_MODEL, c.model.clone()),
-                            KeyValue::new(attr::GEN_AI_INPUT_TOKENS, i64::from(c.input_tokens)),
-                            KeyValue::new(attr::GEN_AI_OUTPUT_TOKENS, i64::from(c.output_tokens)),
-                            KeyValue::new(attr::COST_USD, self.llm.cost_usd(c.input_tokens, c.output_tokens)),
-                        ]);
-                        if self.capture_content {
-                            let messages = serde_json::json!([{"role": "assistant", "content": c.content}]);
-                            call.set([KeyValue::new(attr::GEN_AI_OUTPUT_MESSAGES, messages.to_string())]);
-                        }
-                    }
-                    Err(e) => call.fail(e.error.to_string()),
-                }
-                (called, started.elapsed())
-            };
-            self.metrics.llm_latency.observe(elapsed.as_secs_f64());
-            let completion = match called {
-                Ok(c) => c,
-                Err(e) => {
-                    self.metrics.llm_call(e.error.reason);
-                    steps.push(
-                        Step::llm_call(attempt, elapsed, self.llm.model()).named(step_name).failed(e.error.to_string()),
+        let (value, model) = if let Some((value, model)) = hit {
+            self.metrics.cache_hits.inc();
+            steps.push(Step::llm_call(attempt, Duration::ZERO, &model).named("cache_hit").tokens(0, 0));
+            (value, model)
+        } else {
+            loop {
+                let repairing = prompt.repair.is_some();
+                let step_name = if repairing { "llm_repair" } else { "llm_call" };
+                // The LLM slot is held for the call only: storing and producing other records
+                // overlaps with calls in flight.
+                let (called, elapsed) = {
+                    let _slot = self.llm_slots.acquire().await.map_err(|e| AttemptError::Db(e.into()))?;
+                    let mut call = span.child(
+                        format!("chat {}", self.llm.model()),
+                        SpanKind::Client,
+                        vec![
+                            KeyValue::new(attr::GEN_AI_OPERATION, "chat"),
+                            KeyValue::new(attr::GEN_AI_PROVIDER, self.llm.provider()),
+                            KeyValue::new(attr::GEN_AI_REQUEST_MODEL, self.llm.model().to_string()),
+                            KeyValue::new(attr::IDEMPOTENCY_KEY, key.clone()),
+                            KeyValue::new(attr::ATTEMPT, i64::from(attempt)),
+                        ],
                     );
-                    self.store.record_steps(key, &steps).await?;
-                    return Err(AttemptError::Llm(e));
-                }
-            };
-            self.metrics.llm_call("ok");
-            self.metrics.tokens(completion.input_tokens, completion.output_tokens);
-            let cost = self.llm.cost_usd(completion.input_tokens, completion.output_tokens);
-            self.metrics.cost(cost);
-            tokens = (tokens.0 + completion.input_tokens, tokens.1 + completion.output_tokens);
-            let model =
-                if completion.model.is_empty() { self.llm.model().to_string() } else { completion.model.clone() };
-            steps.push(
-                Step::llm_call(attempt, completion.latency, &model)
-                    .named(step_name)
-                    .tokens(completion.input_tokens, completion.output_tokens)
-                    .cost(cost),
-            );
-            match self.validator.validate(&completion.content) {
-                Ok(v) => {
-                    steps.push(Step::validation(attempt));
-                    break (v, model);
-                }
-                Err(error) => {
-                    steps.push(Step::validation(attempt).failed(error.to_string()));
-                    if repairing {
-                        self.store.record_steps(key, &steps).await?;
-                        return Err(AttemptError::Llm(LlmError { error, retry_after: None }));
+                    if self.capture_content {
+                        let messages = serde_json::json!([
+                            {"role": "system", "content": prompt.system},
+                            {"role": "user", "content": prompt.user},
+                        ]);
+                        call.set([KeyValue::new(attr::GEN_AI_INPUT_MESSAGES, messages.to_string())]);
                     }
-                    tracing::info!(idempotency_key = %key, reason = error.reason, "invalid output; one repair call");
-                    prompt.repair = Some(Repair { previous: completion.content, error: error.message });
+                    let started = std::time::Instant::now();
+                    self.metrics.in_flight.inc();
+                    let called = self.llm.complete(&prompt).instrument(call.log_span()).await;
+                    self.metrics.in_flight.dec();
+                    match &called {
+                        Ok(c) => {
+                            call.set([
+                                KeyValue::new(attr::GEN_AI_RESPONSE_MODEL, c.model.clone()),
+                                KeyValue::new(attr::GEN_AI_INPUT_TOKENS, i64::from(c.input_tokens)),
+                                KeyValue::new(attr::GEN_AI_OUTPUT_TOKENS, i64::from(c.output_tokens)),
+                                KeyValue::new(attr::COST_USD, self.llm.cost_usd(c.input_tokens, c.output_tokens)),
+                            ]);
+                            if self.capture_content {
+                                let messages = serde_json::json!([{"role": "assistant", "content": c.content}]);
+                                call.set([KeyValue::new(attr::GEN_AI_OUTPUT_MESSAGES, messages.to_string())]);
+                            }
+                        }
+                        Err(e) => call.fail(e.error.to_string()),
+                    }
+                    (called, started.elapsed())
+                };
+                self.metrics.llm_latency.observe(elapsed.as_secs_f64());
+                let completion = match called {
+                    Ok(c) => c,
+                    Err(e) => {
+                        self.metrics.llm_call(e.error.reason);
+                        steps.push(
+                            Step::llm_call(attempt, elapsed, self.llm.model())
+                                .named(step_name)
+                                .failed(e.error.to_string()),
+                        );
+                        self.store.record_steps(key, &steps).await?;
+                        return Err(AttemptError::Llm(e));
+                    }
+                };
+                self.metrics.llm_call("ok");
+                self.metrics.tokens(completion.input_tokens, completion.output_tokens);
+                let cost = self.llm.cost_usd(completion.input_tokens, completion.output_tokens);
+                self.metrics.cost(cost);
+                tokens = (tokens.0 + completion.input_tokens, tokens.1 + completion.output_tokens);
+                let model =
+                    if completion.model.is_empty() { self.llm.model().to_string() } else { completion.model.clone() };
+                steps.push(
+                    Step::llm_call(attempt, completion.latency, &model)
+                        .named(step_name)
+                        .tokens(completion.input_tokens, completion.output_tokens)
+                        .cost(cost),
+                );
+                match self.validator.validate(&completion.content) {
+                    Ok(v) => {
+                        steps.push(Step::validation(attempt));
+                        break (v, model);
+                    }
+                    Err(error) => {
+                        steps.push(Step::validation(attempt).failed(error.to_string()));
+                        if repairing {
+                            self.store.record_steps(key, &steps).await?;
+                            return Err(AttemptError::Llm(LlmError { error, retry_after: None }));
+                        }
+                        tracing::info!(idempotency_key = %key, reason = error.reason, "invalid output; one repair call");
+                        prompt.repair = Some(Repair { previous: completion.content, error: error.message });
+                    }
                 }
             }
         };
         let json = value.to_string();
+        if let (false, Some(cache), Some(k)) = (cached, &self.cache, &cache_key) {
+            let shape = (self.llm.provider(), self.llm.model(), self.prompt.version());
+            if let Err(e) = cache.put(k, shape, &json, &model).await {
+                tracing::warn!(error = %e, "answer not cached");
+            }
+        }
         let result = StoredResult {
             result_hash: hex::encode(Sha256::digest(json.as_bytes())),
             json,
@@ -538,7 +587,7 @@ impl Enricher {
                 }
             }
         };
-        Ok((stored, tokens))
+        Ok((stored, tokens, cached))
     }
 
     async fn emit(
@@ -546,8 +595,7 @@ impl Enricher {
         envelope: &Envelope,
         record_key: &[u8],
         stored: &StoredResult,
-        attempt: i32,
-        (input_tokens, output_tokens): (u32, u32),
+        Answer { attempt, tokens: (input_tokens, output_tokens), cached }: Answer,
         span: &RecordSpan,
     ) -> anyhow::Result<()> {
         let out = Envelope {
@@ -559,6 +607,7 @@ impl Enricher {
                 input_tokens,
                 output_tokens,
                 result_hash: stored.result_hash.clone(),
+                cached,
             })),
             ..envelope.clone()
         };

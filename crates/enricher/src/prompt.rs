@@ -141,6 +141,7 @@ mod tests {
             breaker_failures: 5,
             breaker_open_ms: 1000,
             input_usd_per_mtok: 0.0,
+            cache_ttl_secs: 0,
             output_usd_per_mtok: 0.0,
         }
     }
