@@ -310,3 +310,75 @@ async fn the_response_cache_answers_repeated_inputs_without_a_call() -> anyhow::
     env.teardown().await;
     Ok(())
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_spent_budget_makes_calls_wait_for_the_next_window_and_never_overspends() -> anyhow::Result<()> {
+    const N: usize = 200;
+    let enricher_port = enrich_e2e::free_port()?;
+    // About 0.18 USD per call at these prices (a ~700-character prompt, a ~50-token
+    // answer; the reservation estimates 100 output tokens): 9 USD per 3-second window
+    // covers about 50 calls.
+    let overrides = [
+        ("ENRICH_LLM__INPUT_USD_PER_MTOK", "1000".to_string()),
+        ("ENRICH_LLM__OUTPUT_USD_PER_MTOK", "1000".to_string()),
+        ("ENRICH_LLM__MAX_OUTPUT_TOKENS", "100".to_string()),
+        ("ENRICH_LLM__BUDGETS", "[{usd = 9.0, window_secs = 3}]".to_string()),
+        ("ENRICH_ENRICHER__MAX_IN_FLIGHT", "32".to_string()),
+        ("ENRICH_ENRICHER__HTTP_PORT", enricher_port.to_string()),
+    ];
+    let env = TestEnv::new(llm_sim::Latency::Fixed(Duration::from_millis(20)), &overrides).await?;
+    let records: Vec<Record> = (0..N)
+        .map(|i| {
+            let t = ticket(&env.id, i);
+            Record {
+                kind: Kind::Unique,
+                key: Some(t.id.clone().into_bytes()),
+                value: Some(t.to_json()),
+                ticket: Some(t),
+            }
+        })
+        .collect();
+    let produced = produce_all(&env.settings, env.source_topic(), &records, |_| false, |_| {}).await?;
+    let stages = [StageKind::Ingest, StageKind::Enricher, StageKind::Publisher].map(|k| env.spawn(k));
+    // While a window is spent the enricher says so.
+    let reason = wait_for("the budget to run out", DEADLINE, || async {
+        let Ok(r) = reqwest::get(format!("http://127.0.0.1:{enricher_port}/readyz")).await else { return Ok(None) };
+        let text = r.text().await?;
+        Ok(text.contains("budget").then_some(text))
+    })
+    .await?;
+    assert!(reason.contains("resume"), "{reason}");
+    let pipeline = env.settings.pipeline.name.clone();
+    let acct = wait_for("every ticket published, window after window", DEADLINE, || async {
+        let a = account(&env.pool, &pipeline, env.source_topic(), &produced).await?;
+        Ok(a.complete(N).then_some(a))
+    })
+    .await?;
+    for s in stages {
+        s.stop().await?;
+    }
+    assert_eq!((acct.published, acct.dead_lettered_at_enricher), (N as i64, 0), "none dead-lettered: {acct:?}");
+    assert_eq!(env.sim.completions(), N as u64);
+    let windows: Vec<(f64, f64, f64, i64)> = sqlx::query_as(
+        "SELECT limit_usd, spent_usd, reserved_usd, calls FROM budget_windows WHERE pipeline = $1 ORDER BY window_start",
+    )
+    .bind(&pipeline)
+    .fetch_all(&env.pool)
+    .await?;
+    assert!(windows.len() >= 4, "200 calls at ~50 per window take at least four windows: {windows:?}");
+    // The most calls a window's budget covers, at the cheapest call's real cost.
+    let (cheapest,): (f64,) = sqlx::query_as(
+        "SELECT min(cost_usd)::float8 FROM step_outcomes WHERE pipeline = $1 AND step = 'llm_call' AND status = 'ok'",
+    )
+    .bind(&pipeline)
+    .fetch_one(&env.pool)
+    .await?;
+    for (limit, spent, reserved, calls) in &windows {
+        assert!(spent <= limit, "never over budget: {windows:?}");
+        assert!(*reserved < 1e-9, "every reservation settled: {windows:?}");
+        assert!(*calls as f64 <= (limit / cheapest).floor(), "no more calls than the budget covers: {windows:?}");
+    }
+    assert_eq!(windows.iter().map(|w| w.3).sum::<i64>(), N as i64, "every paid call counted once");
+    env.teardown().await;
+    Ok(())
+}

@@ -280,6 +280,11 @@ pub struct LlmSettings {
     /// How long the breaker stays open before one probe call.
     #[serde(default = "default_breaker_open_ms")]
     pub breaker_open_ms: u64,
+    /// Spend limits, each over a fixed window: `[[llm.budgets]] usd = 5.0,
+    /// window_secs = 3600`. A call's estimated cost is reserved in every window before it
+    /// starts; when one would be passed, calls wait for the next window.
+    #[serde(default)]
+    pub budgets: Vec<BudgetWindow>,
     /// How long a validated answer stays in the response cache (PostgreSQL), served to
     /// any record with the same provider, model, prompt version and rendered input.
     /// 0: no cache.
@@ -322,6 +327,14 @@ fn default_breaker_failures() -> u32 {
 }
 fn default_breaker_open_ms() -> u64 {
     5_000
+}
+
+/// One budget: at most `usd` of LLM spend per `window_secs`.
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct BudgetWindow {
+    pub usd: f64,
+    pub window_secs: u64,
 }
 
 /// How structured output is requested from an OpenAI-compatible API.
@@ -635,6 +648,17 @@ impl Settings {
         }
         if llm.breaker_failures == 0 {
             return Err(ConfigError::new("llm.breaker_failures", "must be at least 1"));
+        }
+        for b in &llm.budgets {
+            if !(b.usd > 0.0 && b.usd.is_finite()) || b.window_secs == 0 {
+                return Err(ConfigError::new("llm.budgets", "each needs usd > 0 and window_secs > 0"));
+            }
+            if llm.input_usd_per_mtok == 0.0 && llm.output_usd_per_mtok == 0.0 {
+                return Err(ConfigError::new(
+                    "llm.budgets",
+                    "a budget needs prices (llm.input_usd_per_mtok, llm.output_usd_per_mtok)",
+                ));
+            }
         }
         if llm.max_input_chars == 0 {
             return Err(ConfigError::new("llm.max_input_chars", "must be greater than 0"));

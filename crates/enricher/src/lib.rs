@@ -5,6 +5,7 @@
 
 mod batch;
 pub mod breaker;
+pub mod budget;
 pub mod cache;
 mod consume;
 mod delay;
@@ -117,6 +118,11 @@ pub async fn run(settings: Settings, shutdown: CancellationToken) -> anyhow::Res
         ),
         state: runtime.state.clone(),
         kill_switch: kill_switch.clone(),
+        budgets: (!settings.llm.budgets.is_empty()).then(|| budget::Budgets {
+            pool: runtime.pool.clone(),
+            pipeline: settings.pipeline.name.clone(),
+            windows: settings.llm.budgets.clone(),
+        }),
         cache: (settings.llm.cache_ttl_secs > 0)
             .then(|| cache::ResponseCache::new(runtime.pool.clone(), Duration::from_secs(settings.llm.cache_ttl_secs))),
         failpoints: settings.enricher.failpoints,

@@ -133,6 +133,10 @@ impl LlmClient {
         &self.model
     }
 
+    pub fn max_output_tokens(&self) -> u32 {
+        self.max_output_tokens
+    }
+
     /// `gen_ai.provider.name` of the API spoken.
     pub fn provider(&self) -> &'static str {
         self.api.name()

@@ -24,6 +24,8 @@ pub struct EnricherMetrics {
     pub retries_waiting: Gauge,
     /// Delayed retries sent to the retry topic.
     pub retries_scheduled: Counter,
+    /// 1 while a budget window is spent (calls wait for the next one).
+    pub budget_exhausted: Gauge,
     /// 1 while the operator has paused enrichment.
     pub paused: Gauge,
     /// Response-cache lookups, and the hits among them (answers served without a call).
@@ -50,9 +52,15 @@ impl EnricherMetrics {
             cache_hits: Counter::default(),
             cache_lookups: Counter::default(),
             paused: Gauge::default(),
+            budget_exhausted: Gauge::default(),
         };
         registry.register("enrich_enricher_records", "Requests by outcome", m.records.clone());
         registry.register("enrich_paused", "1 while the operator has paused enrichment", m.paused.clone());
+        registry.register(
+            "enrich_budget_exhausted",
+            "1 while an LLM budget window is spent",
+            m.budget_exhausted.clone(),
+        );
         registry.register("enrich_llm_calls", "LLM calls by outcome", m.llm_calls.clone());
         registry.register("enrich_llm_tokens", "LLM tokens, by direction (input, output)", m.llm_tokens.clone());
         registry.register(

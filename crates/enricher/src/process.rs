@@ -55,6 +55,8 @@ pub struct Enricher {
     pub state: Arc<ServiceState>,
     /// The operator's pause: no new call starts while it is on.
     pub kill_switch: Arc<crate::kill_switch::KillSwitch>,
+    /// `llm.budgets`: spend limits per window.
+    pub budgets: Option<crate::budget::Budgets>,
     /// `llm.cache_ttl_secs` > 0: the response cache.
     pub cache: Option<ResponseCache>,
     pub shutdown: CancellationToken,
@@ -130,6 +132,8 @@ impl RetryPolicy {
 enum AttemptError {
     Llm(LlmError),
     Db(anyhow::Error),
+    /// A budget window is spent: no call was made; try again after this long.
+    Budget(Duration),
 }
 
 impl From<sqlx::Error> for AttemptError {
@@ -337,6 +341,22 @@ impl Enricher {
                     self.breaker.unused(admission);
                     return Err(e);
                 }
+                Err(AttemptError::Budget(wait)) => {
+                    // Nothing was called: give the attempt back and wait for the next
+                    // window (the record keeps its place; nothing is dead-lettered).
+                    self.breaker.unused(admission);
+                    self.store.release(&key, true).await?;
+                    tries = tries.saturating_sub(1);
+                    self.metrics.budget_exhausted.set(1);
+                    self.state.set_condition(
+                        "budget",
+                        Some(format!("the LLM budget is spent; calls resume in {} s", wait.as_secs())),
+                    );
+                    tokio::select! {
+                        _ = self.shutdown.cancelled() => anyhow::bail!("shutting down while the LLM budget is spent"),
+                        _ = tokio::time::sleep(wait.min(Duration::from_secs(5))) => continue,
+                    }
+                }
                 Err(AttemptError::Llm(e)) => e,
             };
             match e.error.class {
@@ -475,6 +495,22 @@ impl Enricher {
                 // The LLM slot is held for the call only: storing and producing other records
                 // overlaps with calls in flight.
                 let (called, elapsed) = {
+                    // The budget first: the call's estimated cost is reserved in every window.
+                    let reservation = match &self.budgets {
+                        Some(budgets) => {
+                            let chars = prompt.system.len() + prompt.user.len();
+                            let estimate = self.llm.cost_usd((chars / 4 + 16) as u32, self.llm.max_output_tokens());
+                            match budgets.reserve(estimate).await.map_err(AttemptError::Db)? {
+                                Ok(r) => Some(r),
+                                Err(wait) => return Err(AttemptError::Budget(wait)),
+                            }
+                        }
+                        None => None,
+                    };
+                    if self.metrics.budget_exhausted.get() == 1 {
+                        self.metrics.budget_exhausted.set(0);
+                        self.state.set_condition("budget", None);
+                    }
                     let _slot = self.llm_slots.acquire().await.map_err(|e| AttemptError::Db(e.into()))?;
                     let mut call = span.child(
                         format!("chat {}", self.llm.model()),
@@ -512,6 +548,11 @@ impl Enricher {
                             }
                         }
                         Err(e) => call.fail(e.error.to_string()),
+                    }
+                    if let (Some(budgets), Some(r)) = (&self.budgets, reservation) {
+                        let actual =
+                            called.as_ref().map_or(0.0, |c| self.llm.cost_usd(c.input_tokens, c.output_tokens));
+                        budgets.settle(r, actual).await.map_err(AttemptError::Db)?;
                     }
                     (called, started.elapsed())
                 };

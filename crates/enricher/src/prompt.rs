@@ -142,6 +142,7 @@ mod tests {
             breaker_open_ms: 1000,
             input_usd_per_mtok: 0.0,
             cache_ttl_secs: 0,
+            budgets: Vec::new(),
             output_usd_per_mtok: 0.0,
         }
     }
