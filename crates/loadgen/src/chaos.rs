@@ -97,6 +97,12 @@ impl Scenario {
             s("broker-restart", vec![Fault::BrokerRestart]),
             s("postgres-restart", vec![Fault::PostgresRestart]),
             s("llm-outage", vec![Fault::LlmOutage(30)]),
+            // Strict-key ordering under kills: every key in source order, the records
+            // behind a poison record parked, not lost.
+            Scenario {
+                ordering: "strict-key",
+                ..s("strict-key", vec![Fault::Kill("enricher"), Fault::Kill("publisher"), Fault::PostgresRestart])
+            },
             s(
                 "soak",
                 vec![
@@ -326,8 +332,29 @@ impl Chaos {
                 }
             }
             let a = crate::accounting::account(&pool, &p, &source, &sent.produced).await;
+            // Under strict-key, records behind a dead letter stay parked until an operator
+            // replays or discards it: they count as finished here.
+            let parked: i64 = if scenario.ordering == "strict-key" {
+                // A parked record that is now its key's blocker (released, then sent to a
+                // retry) is not finished yet.
+                sqlx::query_as::<_, (i64,)>(
+                    "SELECT count(*) FROM parked p WHERE p.pipeline = $1 AND NOT EXISTS (
+                       SELECT 1 FROM key_blocks b WHERE b.pipeline = p.pipeline AND b.kafka_key = p.kafka_key
+                                                 AND b.blocker_key = p.idempotency_key
+                                                 AND NOT EXISTS (SELECT 1 FROM enrich_state s WHERE s.pipeline = p.pipeline
+                                                   AND s.idempotency_key = p.idempotency_key AND s.state = 'dead_lettered'))",
+                )
+                    .bind(&p)
+                    .fetch_one(&pool)
+                    .await
+                    .map(|(n,)| n)
+                    .unwrap_or(0)
+            } else {
+                0
+            };
             if let Ok(a) = a
-                && a.complete(sent.produced.len())
+                && a.read == sent.produced.len() as i64
+                && a.published + a.dead_lettered_at_enricher + parked == a.forwarded
             {
                 finished = true;
                 break;
@@ -345,7 +372,8 @@ impl Chaos {
         let sim_calls = earlier_sim_calls + sim_completions(procs[0].port).await.unwrap_or(0);
         stop(procs);
 
-        let mut report = verify(&settings, &pool, &p, &source, &sent, &injected, sim_calls, finished).await?;
+        let strict = scenario.ordering == "strict-key";
+        let mut report = verify(&settings, &pool, &p, &source, &sent, &injected, sim_calls, finished, strict).await?;
         report["unplanned_restarts"] = json!(restarts);
         pool.close().await;
         if report["violations"].as_array().is_some_and(Vec::is_empty) {
@@ -517,6 +545,7 @@ async fn verify(
     faults: &[Fault],
     sim_calls: u64,
     finished: bool,
+    strict: bool,
 ) -> anyhow::Result<Value> {
     let topics = &settings.topics;
     let key_of = |id: &str| format!("{p}:{id}");
@@ -565,6 +594,20 @@ async fn verify(
             twice.push(key);
         }
     }
+    // Under strict-key a ticket behind a poison record of its key is parked, not lost.
+    let parked: HashSet<String> = if strict {
+        sqlx::query_as::<_, (String,)>("SELECT idempotency_key FROM parked WHERE pipeline = $1")
+            .bind(p)
+            .fetch_all(pool)
+            .await?
+            .into_iter()
+            .map(|(k,)| k)
+            .collect()
+    } else {
+        HashSet::new()
+    };
+    let parked_count = missing.iter().filter(|k| parked.contains(*k)).count();
+    missing.retain(|k| !parked.contains(k));
     let unexpected: Vec<String> = published
         .keys()
         .filter(|k| k.strip_prefix(&format!("{p}:")).is_none_or(|id| !unique_ids.contains(id)))
@@ -611,8 +654,14 @@ async fn verify(
             }
         }
     }
+    // Under strict-key a poison record behind an earlier dead letter of its key is parked
+    // with the rest, not dead-lettered.
+    let parked_poison = sent.poison.iter().filter(|id| parked.contains(&key_of(id))).count();
     for id in &sent.poison {
         let key = key_of(id);
+        if parked.contains(&key) {
+            continue;
+        }
         let ours: HashSet<(i32, i64)> = tickets
             .iter()
             .filter(|(r, _)| r.ticket.as_ref().is_some_and(|t| &t.id == id))
@@ -627,7 +676,7 @@ async fn verify(
         }
     }
     let malformed_count = tickets.iter().filter(|(r, _)| matches!(r.kind, Kind::Malformed { .. })).count();
-    let expected_dead = malformed_count + sent.poison.len();
+    let expected_dead = malformed_count + sent.poison.len() - parked_poison;
     let extra_dead: Vec<String> = dead_keys
         .keys()
         .filter(|k| {
@@ -709,7 +758,7 @@ async fn verify(
     let mut out_of_order = Vec::new();
     let mut keys_checked = 0;
     for (k, expected) in &source_order {
-        if expected.iter().any(|key| retried.contains(key)) {
+        if !strict && expected.iter().any(|key| retried.contains(key)) {
             continue;
         }
         keys_checked += 1;
@@ -726,7 +775,7 @@ async fn verify(
 
     // Paid calls: at most one successful call per unique key, from llm-sim's count
     // (llm-sim restarted by an outage counts from zero, so only without one).
-    let expected_calls = (unique_ids.len() - sent.poison.len()) as u64;
+    let expected_calls = (unique_ids.len() - sent.poison.len() - parked_count) as u64;
     let excess = sim_calls.saturating_sub(expected_calls);
     let lost_paid_call_possible = faults.iter().any(Fault::can_lose_a_paid_call);
     let excess_cause = if excess == 0 {
@@ -800,6 +849,7 @@ async fn verify(
         "llm_calls_excess_cause": excess_cause,
         "uncommitted_repeats": uncommitted_repeats,
         "dlq_repeats": dlq_repeats,
+        "parked": parked_count,
         "keys_order_checked": keys_checked,
         "faults": faults.iter().map(Fault::label).collect::<Vec<_>>(),
         "violations": violations,
