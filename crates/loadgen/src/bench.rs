@@ -13,6 +13,7 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use crate::accounting::account;
+use crate::procs::{free_port, sim_completions, stop, wait_up};
 use crate::kafka_io::{Pace, header, produce_paced, read_to_end};
 use crate::workload::{Spec, build};
 
@@ -36,14 +37,13 @@ pub struct Bench {
     pub out_dir: PathBuf,
 }
 
+/// How long a process may take to come up.
+const READY: Duration = Duration::from_secs(60);
+
 struct StageProcess {
     name: &'static str,
     child: Child,
     port: u16,
-}
-
-fn free_port() -> anyhow::Result<u16> {
-    Ok(std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
 }
 
 /// CPU seconds (user + system) and peak RSS (MB) of a running process, from /proc.
@@ -57,42 +57,6 @@ fn usage(pid: u32) -> Option<(f64, f64)> {
     let hwm_kb: f64 =
         status.lines().find_map(|l| l.strip_prefix("VmHWM:"))?.trim().trim_end_matches("kB").trim().parse().ok()?;
     Some((ticks / 100.0, hwm_kb / 1024.0))
-}
-
-async fn wait_ready(port: u16, path: &str, child: &mut Child, name: &str) -> anyhow::Result<()> {
-    let url = format!("http://127.0.0.1:{port}{path}");
-    let started = Instant::now();
-    loop {
-        if let Ok(r) = reqwest::get(&url).await
-            && r.status().is_success()
-        {
-            return Ok(());
-        }
-        if let Some(status) = child.try_wait()? {
-            anyhow::bail!("{name} exited ({status}) before it was ready");
-        }
-        if started.elapsed() > Duration::from_secs(60) {
-            anyhow::bail!("{name} not ready on {url} after 60 s");
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-}
-
-fn stop(processes: Vec<StageProcess>) {
-    for p in processes.iter().rev() {
-        let _ = Command::new("kill").arg("-TERM").arg(p.child.id().to_string()).status();
-    }
-    for mut p in processes {
-        let started = Instant::now();
-        while matches!(p.child.try_wait(), Ok(None)) {
-            if started.elapsed() > Duration::from_secs(30) {
-                let _ = p.child.kill();
-                break;
-            }
-            std::thread::sleep(Duration::from_millis(50));
-        }
-        let _ = p.child.wait();
-    }
 }
 
 fn percentile(sorted: &[i64], q: f64) -> i64 {
@@ -165,12 +129,12 @@ impl Bench {
         };
         let mut sim =
             spawn("llm-sim", &["--port".into(), sim_port.to_string(), "--latency".into(), scenario.latency.clone()])?;
-        wait_ready(sim_port, "/healthz", &mut sim, "llm-sim").await?;
+        wait_up(sim_port, "/healthz", &mut sim, "llm-sim", READY).await?;
         let mut processes = vec![StageProcess { name: "llm-sim", child: sim, port: sim_port }];
         let config_arg = ["--config".to_string(), self.config.display().to_string()];
         for (name, _, port) in &ports {
             let mut child = spawn(name, &config_arg)?;
-            wait_ready(*port, "/readyz", &mut child, name).await?;
+            wait_up(*port, "/readyz", &mut child, name, READY).await?;
             processes.push(StageProcess { name, child, port: *port });
         }
         if !backlog {
@@ -198,7 +162,7 @@ impl Bench {
                 last_report = Instant::now();
             }
             if started.elapsed() > Duration::from_secs(900) {
-                stop(processes);
+                stop(processes.into_iter().map(|p| p.child).collect());
                 anyhow::bail!("{}: not finished after 900 s", scenario.name);
             }
             tokio::time::sleep(Duration::from_millis(500)).await;
@@ -221,8 +185,8 @@ impl Bench {
                 json!({"stage": proc_.name, "cpu_seconds": cpu, "peak_rss_mb": rss})
             })
             .collect();
-        let sim_calls = sim_completions(processes[0].port).await.unwrap_or(0);
-        stop(processes);
+        let sim_calls = sim_completions(&format!("http://127.0.0.1:{}", processes[0].port)).await.unwrap_or(0);
+        stop(processes.into_iter().map(|p| p.child).collect());
 
         // End-to-end latency: output CreateTime minus the source record's CreateTime.
         let mut produced_at: HashMap<String, i64> = HashMap::new();
@@ -275,11 +239,6 @@ impl Bench {
             "stages": usage_by_stage,
         }))
     }
-}
-
-async fn sim_completions(port: u16) -> Option<u64> {
-    let text = reqwest::get(format!("http://127.0.0.1:{port}/metrics")).await.ok()?.text().await.ok()?;
-    text.lines().find_map(|l| l.strip_prefix("llm_sim_completions_total ")).and_then(|v| v.trim().parse().ok())
 }
 
 /// The markdown table of a bench run.

@@ -17,6 +17,7 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use crate::kafka_io::{Pace, Produced, header, produce_paced, read_to_end_with};
+use crate::procs::{free_port, signal, sim_completions, stop, wait_up};
 use crate::workload::{Kind, Record, Spec, build};
 
 /// One injected fault.
@@ -160,14 +161,6 @@ struct Proc {
     port: u16,
     args: Vec<String>,
     env: Vec<(String, String)>,
-}
-
-fn free_port() -> anyhow::Result<u16> {
-    Ok(std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
-}
-
-fn signal(pid: u32, sig: &str) {
-    let _ = Command::new("kill").arg(format!("-{sig}")).arg(pid.to_string()).status();
 }
 
 impl Chaos {
@@ -369,8 +362,8 @@ impl Chaos {
         {
             tokio::time::sleep(Duration::from_millis(500)).await;
         }
-        let sim_calls = earlier_sim_calls + sim_completions(procs[0].port).await.unwrap_or(0);
-        stop(procs);
+        let sim_calls = earlier_sim_calls + sim_completions(&sim_at(procs[0].port)).await.unwrap_or(0);
+        stop(procs.into_iter().map(|p| p.child).collect());
 
         let strict = scenario.ordering == "strict-key";
         let mut report = verify(&settings, &pool, &p, &source, &sent, &injected, sim_calls, finished, strict).await?;
@@ -431,7 +424,7 @@ impl Chaos {
                     procs.iter_mut().find(|p| p.name == "llm-sim").ok_or_else(|| anyhow::anyhow!("no llm-sim"))?;
                 // Its count so far; the restarted one counts from zero. A call answered in
                 // the instant between this scrape and the kill is counted by nobody.
-                sim_calls = sim_completions(sim.port).await.unwrap_or(0);
+                sim_calls = sim_completions(&sim_at(sim.port)).await.unwrap_or(0);
                 signal(sim.child.id(), "KILL");
                 tokio::time::sleep(Duration::from_secs(*secs)).await;
                 self.restart(sim, log).await?;
@@ -486,44 +479,11 @@ fn workload(run: &str, records: usize, rng: &mut StdRng) -> Sent {
 }
 
 async fn wait_healthy(p: &mut Proc) -> anyhow::Result<()> {
-    let url = format!("http://127.0.0.1:{}/healthz", p.port);
-    let started = Instant::now();
-    loop {
-        if let Ok(r) = reqwest::get(&url).await
-            && r.status().is_success()
-        {
-            return Ok(());
-        }
-        if let Some(status) = p.child.try_wait()? {
-            anyhow::bail!("{} exited ({status}) before it was up", p.name);
-        }
-        if started.elapsed() > Duration::from_secs(90) {
-            anyhow::bail!("{} not up on {url} after 90 s", p.name);
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    wait_up(p.port, "/healthz", &mut p.child, p.name, Duration::from_secs(90)).await
 }
 
-fn stop(procs: Vec<Proc>) {
-    for p in procs.iter().rev() {
-        signal(p.child.id(), "TERM");
-    }
-    for mut p in procs {
-        let started = Instant::now();
-        while matches!(p.child.try_wait(), Ok(None)) {
-            if started.elapsed() > Duration::from_secs(30) {
-                let _ = p.child.kill();
-                break;
-            }
-            std::thread::sleep(Duration::from_millis(50));
-        }
-        let _ = p.child.wait();
-    }
-}
-
-async fn sim_completions(port: u16) -> Option<u64> {
-    let text = reqwest::get(format!("http://127.0.0.1:{port}/metrics")).await.ok()?.text().await.ok()?;
-    text.lines().find_map(|l| l.strip_prefix("llm_sim_completions_total ")).and_then(|v| v.trim().parse().ok())
+fn sim_at(port: u16) -> String {
+    format!("http://127.0.0.1:{port}")
 }
 
 /// A broken guarantee, with the keys that show it (at most a few listed).

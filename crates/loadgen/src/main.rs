@@ -354,7 +354,5 @@ async fn main() -> anyhow::Result<()> {
 
 /// llm-sim's count of completions served, when the configured endpoint is llm-sim.
 async fn sim_completions(settings: &Settings) -> Option<u64> {
-    let base = settings.llm.base_url.trim_end_matches('/').trim_end_matches("/v1");
-    let text = reqwest::get(format!("{base}/metrics")).await.ok()?.text().await.ok()?;
-    text.lines().find_map(|l| l.strip_prefix("llm_sim_completions_total ")).and_then(|v| v.trim().parse().ok())
+    loadgen::procs::sim_completions(settings.llm.base_url.trim_end_matches('/').trim_end_matches("/v1")).await
 }
