@@ -77,11 +77,11 @@ impl Telemetry {
         }
     }
 
+    /// Exports what is still buffered and stops the exporter.
     pub fn shutdown(self) {
-        if let Err(e) = self.provider.force_flush() {
-            tracing::warn!(error = %e, "spans not flushed");
+        if let Err(e) = self.provider.shutdown() {
+            tracing::warn!(error = %e, "spans not flushed at shutdown");
         }
-        let _ = self.provider.shutdown();
     }
 }
 
