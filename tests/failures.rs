@@ -10,8 +10,7 @@ use enrich_common::envelope::Envelope;
 use enrich_common::{TraceContext, headers};
 use enrich_e2e::loadgen::accounting::{Accounting, account};
 use enrich_e2e::loadgen::kafka_io::{Produced, header, produce_all, read_to_end};
-use enrich_e2e::loadgen::tickets::ticket;
-use enrich_e2e::loadgen::workload::{self, Kind, Record, Spec};
+use enrich_e2e::loadgen::workload::{self, Spec};
 use enrich_e2e::{StageKind, TestEnv, count_in_states, wait_for};
 use rdkafka::Message;
 use std::time::Duration;
@@ -97,24 +96,6 @@ async fn an_llm_outage_opens_the_breaker_and_dead_letters_nothing() -> anyhow::R
     Ok(())
 }
 
-/// Tickets whose body carries a llm-sim marker at the chosen positions.
-fn tickets_with_markers(run: &str, n: usize, marked: &[(usize, &str)]) -> Vec<Record> {
-    (0..n)
-        .map(|i| {
-            let mut t = ticket(run, i);
-            if let Some((_, marker)) = marked.iter().find(|(at, _)| *at == i) {
-                t.body = format!("{} [[sim:{marker}]]", t.body);
-            }
-            Record {
-                kind: Kind::Unique,
-                key: Some(t.id.clone().into_bytes()),
-                value: Some(t.to_json()),
-                ticket: Some(t),
-            }
-        })
-        .collect()
-}
-
 async fn wait_accounted(env: &TestEnv, produced: &[Produced]) -> anyhow::Result<Accounting> {
     let pipeline = env.settings.pipeline.name.clone();
     wait_for("every record to be accounted for", DEADLINE, || async {
@@ -130,7 +111,7 @@ async fn poison_records_reach_the_dlq_after_exactly_the_attempt_limit() -> anyho
     let poison: Vec<(usize, &str)> = [7, 50, 99, 120, 181].iter().map(|&i| (i, "always-500")).collect();
     let overrides = [("ENRICH_LLM__MAX_ATTEMPTS", "3".to_string())];
     let env = TestEnv::new(llm_sim::Latency::default(), &overrides).await?;
-    let records = tickets_with_markers(&env.id, N, &poison);
+    let records = workload::marked_tickets(&env.id, N, &poison);
     let produced = produce_all(&env.settings, env.source_topic(), &records, |i| i % 2 == 0, |_| {}).await?;
     let stages = [StageKind::Ingest, StageKind::Enricher, StageKind::Publisher].map(|k| env.spawn(k));
     let acct = wait_accounted(&env, &produced).await?;
@@ -202,7 +183,7 @@ async fn invalid_output_gets_one_repair_call_and_then_the_dlq() -> anyhow::Resul
         (17, "invalid-json"),
     ];
     let env = TestEnv::new(llm_sim::Latency::default(), &[]).await?;
-    let records = tickets_with_markers(&env.id, N, &marked);
+    let records = workload::marked_tickets(&env.id, N, &marked);
     let produced = produce_all(&env.settings, env.source_topic(), &records, |_| false, |_| {}).await?;
     let stages = [StageKind::Ingest, StageKind::Enricher, StageKind::Publisher].map(|k| env.spawn(k));
     let acct = wait_accounted(&env, &produced).await?;
@@ -274,7 +255,7 @@ async fn dead_letters_are_listed_shown_and_replayed_once_the_cause_is_fixed() ->
     ];
     let env = TestEnv::new(llm_sim::Latency::default(), &overrides).await?;
     let poison = [(4, "always-500"), (11, "always-500"), (23, "always-500")];
-    let records = tickets_with_markers(&env.id, N, &poison);
+    let records = workload::marked_tickets(&env.id, N, &poison);
     let produced = produce_all(&env.settings, env.source_topic(), &records, |i| i % 2 == 0, |_| {}).await?;
     let stages =
         [StageKind::Ingest, StageKind::Enricher, StageKind::Publisher, StageKind::DlqReplayer].map(|k| env.spawn(k));
@@ -351,7 +332,7 @@ async fn a_record_that_crashes_the_enricher_is_dead_lettered_after_the_attempt_l
         ("ENRICH_ENRICHER__HTTP_PORT", enrich_e2e::free_port()?.to_string()),
     ];
     let env = TestEnv::new(llm_sim::Latency::default(), &overrides).await?;
-    let mut records = tickets_with_markers(&env.id, N, &[]);
+    let mut records = workload::marked_tickets(&env.id, N, &[]);
     let crasher = 7;
     let mut t = records[crasher].ticket.clone().unwrap();
     t.body = format!("{} [[enricher:abort]]", t.body);
@@ -446,7 +427,7 @@ async fn strict_key_ordering_parks_a_key_behind_its_dead_letter_and_releases_it_
     // Three tickets of one customer (one Kafka key), the first one poison; and tickets
     // of other customers.
     let customer = format!("customer-{}", env.id);
-    let mut records = tickets_with_markers(&env.id, 3 + OTHERS, &[(0, "always-500")]);
+    let mut records = workload::marked_tickets(&env.id, 3 + OTHERS, &[(0, "always-500")]);
     for r in records.iter_mut().take(3) {
         r.key = Some(customer.clone().into_bytes());
     }
@@ -530,7 +511,7 @@ async fn the_grpc_admin_api_lists_shows_discards_and_replays_with_the_token() ->
         ("ENRICH_DLQ_REPLAYER__ADMIN_TOKEN", token.clone()),
     ];
     let env = TestEnv::new(llm_sim::Latency::default(), &overrides).await?;
-    let records = tickets_with_markers(&env.id, N, &[(3, "always-500"), (8, "always-500")]);
+    let records = workload::marked_tickets(&env.id, N, &[(3, "always-500"), (8, "always-500")]);
     let produced = produce_all(&env.settings, env.source_topic(), &records, |_| false, |_| {}).await?;
     let stages =
         [StageKind::Ingest, StageKind::Enricher, StageKind::Publisher, StageKind::DlqReplayer].map(|k| env.spawn(k));

@@ -11,7 +11,6 @@ use enrich_common::telemetry::{Protocol, Telemetry, TraceExport};
 use enrich_common::{TraceContext, headers};
 use enrich_e2e::loadgen::accounting::account;
 use enrich_e2e::loadgen::kafka_io::{Produced, header, produce_all, read_to_end};
-use enrich_e2e::loadgen::tickets::ticket;
 use enrich_e2e::loadgen::traces::{Received, Store, attr, render, serve_otlp};
 use enrich_e2e::loadgen::workload::{self, Kind, Record, Spec};
 use enrich_e2e::{StageKind, TestEnv, count_in_states, wait_for};
@@ -77,23 +76,6 @@ async fn produce_traced(env: &TestEnv, records: &[Record]) -> anyhow::Result<Vec
     produce_all(&env.settings, env.source_topic(), records, |_| true, |_| {}).await
 }
 
-fn tickets(run: &str, n: usize, marked: &[(usize, &str)]) -> Vec<Record> {
-    (0..n)
-        .map(|i| {
-            let mut t = ticket(run, i);
-            if let Some((_, marker)) = marked.iter().find(|(at, _)| *at == i) {
-                t.body = format!("{} [[sim:{marker}]]", t.body);
-            }
-            Record {
-                kind: Kind::Unique,
-                key: Some(t.id.clone().into_bytes()),
-                value: Some(t.to_json()),
-                ticket: Some(t),
-            }
-        })
-        .collect()
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn each_event_is_one_trace_from_ingest_through_enricher_to_publisher() -> anyhow::Result<()> {
     const N: usize = 20;
@@ -101,7 +83,7 @@ async fn each_event_is_one_trace_from_ingest_through_enricher_to_publisher() -> 
     let overrides =
         [("ENRICH_LLM__INPUT_USD_PER_MTOK", "0.5".to_string()), ("ENRICH_LLM__OUTPUT_USD_PER_MTOK", "1.5".to_string())];
     let env = TestEnv::new(llm_sim::Latency::default(), &overrides).await?;
-    let records = tickets(&env.id, N, &[]);
+    let records = workload::marked_tickets(&env.id, N, &[]);
     let produced = produce_traced(&env, &records).await?;
     let stages = [StageKind::Ingest, StageKind::Enricher, StageKind::Publisher].map(|k| env.spawn(k));
     wait_for("every ticket to be published", DEADLINE, || async {
@@ -211,7 +193,7 @@ async fn a_delayed_retry_and_a_replayed_dead_letter_stay_in_their_records_traces
         ("ENRICH_DLQ_REPLAYER__ADMIN_TOKEN", token.clone()),
     ];
     let env = TestEnv::new(llm_sim::Latency::default(), &overrides).await?;
-    let records = tickets(&env.id, 4, &[(1, "500-once"), (2, "always-500")]);
+    let records = workload::marked_tickets(&env.id, 4, &[(1, "500-once"), (2, "always-500")]);
     let produced = produce_traced(&env, &records).await?;
     let stages =
         [StageKind::Ingest, StageKind::Enricher, StageKind::Publisher, StageKind::DlqReplayer].map(|k| env.spawn(k));
@@ -399,7 +381,7 @@ async fn log_lines_inside_a_records_span_carry_its_trace_id() -> anyhow::Result<
     use std::io::BufRead;
     let overrides = [("ENRICH_LLM__MAX_ATTEMPTS", "1".to_string())];
     let env = TestEnv::new(llm_sim::Latency::default(), &overrides).await?;
-    let records = tickets(&env.id, 3, &[(1, "always-500")]);
+    let records = workload::marked_tickets(&env.id, 3, &[(1, "always-500")]);
     let produced = produce_traced(&env, &records).await?;
     let stages = [StageKind::Ingest, StageKind::Publisher].map(|k| env.spawn(k));
     // The enricher as a process, its JSON log lines read from its stdout.

@@ -8,7 +8,7 @@ use enrich_common::headers;
 use enrich_e2e::loadgen::accounting::account;
 use enrich_e2e::loadgen::kafka_io::{header, produce_all, read_to_end};
 use enrich_e2e::loadgen::tickets::ticket;
-use enrich_e2e::loadgen::workload::{Kind, Record};
+use enrich_e2e::loadgen::workload::{Record, marked_tickets};
 use enrich_e2e::{StageKind, TestEnv, wait_for};
 use serde_json::Value;
 use std::time::Duration;
@@ -25,21 +25,7 @@ async fn conformance(provider: &str) -> anyhow::Result<()> {
         ("ENRICH_LLM__MAX_ATTEMPTS", "2".to_string()),
     ];
     let env = TestEnv::new(llm_sim::Latency::default(), &overrides).await?;
-    let marked = [(2, "invalid-json-once"), (5, "always-500")];
-    let records: Vec<Record> = (0..N)
-        .map(|i| {
-            let mut t = ticket(&env.id, i);
-            if let Some((_, m)) = marked.iter().find(|(at, _)| *at == i) {
-                t.body = format!("{} [[sim:{m}]]", t.body);
-            }
-            Record {
-                kind: Kind::Unique,
-                key: Some(t.id.clone().into_bytes()),
-                value: Some(t.to_json()),
-                ticket: Some(t),
-            }
-        })
-        .collect();
+    let records = marked_tickets(&env.id, N, &[(2, "invalid-json-once"), (5, "always-500")]);
     let produced = produce_all(&env.settings, env.source_topic(), &records, |_| false, |_| {}).await?;
     let stages = [StageKind::Ingest, StageKind::Enricher, StageKind::Publisher].map(|k| env.spawn(k));
     let pipeline = env.settings.pipeline.name.clone();
@@ -131,15 +117,11 @@ async fn fields_off_the_allow_list_never_reach_the_llm() -> anyhow::Result<()> {
     let env = TestEnv::new(llm_sim::Latency::default(), &overrides).await?;
     let records: Vec<Record> = (0..N)
         .map(|i| {
-            let t = ticket(&env.id, i);
-            let mut value: Value = serde_json::from_slice(&t.to_json()).unwrap();
+            let mut record = Record::of_ticket(ticket(&env.id, i));
+            let mut value: Value = serde_json::from_slice(record.value.as_ref().unwrap()).unwrap();
             value["internal_notes"] = Value::String(format!("SECRET-NOTE-{i}"));
-            Record {
-                kind: Kind::Unique,
-                key: Some(t.id.clone().into_bytes()),
-                value: Some(serde_json::to_vec(&value).unwrap()),
-                ticket: Some(t),
-            }
+            record.value = Some(serde_json::to_vec(&value).unwrap());
+            record
         })
         .collect();
     let produced = produce_all(&env.settings, env.source_topic(), &records, |_| false, |_| {}).await?;
@@ -181,17 +163,7 @@ async fn the_kill_switch_stops_new_calls_on_every_replica_and_resumes() -> anyho
         ("ENRICH_ENRICHER__MAX_IN_FLIGHT", "4".to_string()),
     ];
     let env = TestEnv::new(llm_sim::Latency::Fixed(Duration::from_millis(100)), &overrides).await?;
-    let records: Vec<Record> = (0..N)
-        .map(|i| {
-            let t = ticket(&env.id, i);
-            Record {
-                kind: Kind::Unique,
-                key: Some(t.id.clone().into_bytes()),
-                value: Some(t.to_json()),
-                ticket: Some(t),
-            }
-        })
-        .collect();
+    let records = marked_tickets(&env.id, N, &[]);
     let produced = produce_all(&env.settings, env.source_topic(), &records, |_| false, |_| {}).await?;
     let ports = [enrich_e2e::free_port()?, enrich_e2e::free_port()?];
     let mut stages =
@@ -264,12 +236,7 @@ async fn the_response_cache_answers_repeated_inputs_without_a_call() -> anyhow::
             let mut t = ticket(&env.id, i);
             t.subject = base.subject;
             t.body = format!("{} (case {})", base.body, i % DISTINCT);
-            Record {
-                kind: Kind::Unique,
-                key: Some(t.id.clone().into_bytes()),
-                value: Some(t.to_json()),
-                ticket: Some(t),
-            }
+            Record::of_ticket(t)
         })
         .collect();
     let produced = produce_all(&env.settings, env.source_topic(), &records, |_| false, |_| {}).await?;
@@ -327,17 +294,7 @@ async fn a_spent_budget_makes_calls_wait_for_the_next_window_and_never_overspend
         ("ENRICH_ENRICHER__HTTP_PORT", enricher_port.to_string()),
     ];
     let env = TestEnv::new(llm_sim::Latency::Fixed(Duration::from_millis(20)), &overrides).await?;
-    let records: Vec<Record> = (0..N)
-        .map(|i| {
-            let t = ticket(&env.id, i);
-            Record {
-                kind: Kind::Unique,
-                key: Some(t.id.clone().into_bytes()),
-                value: Some(t.to_json()),
-                ticket: Some(t),
-            }
-        })
-        .collect();
+    let records = marked_tickets(&env.id, N, &[]);
     let produced = produce_all(&env.settings, env.source_topic(), &records, |_| false, |_| {}).await?;
     let stages = [StageKind::Ingest, StageKind::Enricher, StageKind::Publisher].map(|k| env.spawn(k));
     // While a window is spent the enricher says so.

@@ -13,8 +13,8 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use crate::accounting::account;
-use crate::procs::{free_port, sim_completions, stop, wait_up};
 use crate::kafka_io::{Pace, header, produce_paced, read_to_end};
+use crate::procs::{free_port, sim_completions, stop, wait_up};
 use crate::workload::{Spec, build};
 
 #[derive(Debug, Clone)]

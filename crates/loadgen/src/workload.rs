@@ -24,6 +24,27 @@ pub struct Record {
     pub value: Option<Vec<u8>>,
 }
 
+impl Record {
+    /// A unique ticket, keyed by its id.
+    pub fn of_ticket(t: Ticket) -> Self {
+        Record { kind: Kind::Unique, key: Some(t.id.clone().into_bytes()), value: Some(t.to_json()), ticket: Some(t) }
+    }
+}
+
+/// `n` unique tickets; those at the given positions carry a llm-sim marker
+/// (`[[sim:NAME]]`) in their body, to choose which records fail and how.
+pub fn marked_tickets(run: &str, n: usize, marked: &[(usize, &str)]) -> Vec<Record> {
+    (0..n)
+        .map(|i| {
+            let mut t = ticket(run, i);
+            if let Some((_, marker)) = marked.iter().find(|(at, _)| *at == i) {
+                t.body = format!("{} [[sim:{marker}]]", t.body);
+            }
+            Record::of_ticket(t)
+        })
+        .collect()
+}
+
 pub struct Spec {
     pub run: String,
     pub unique: usize,
@@ -40,17 +61,7 @@ const MALFORMED: &[(&str, &[u8])] = &[
 ];
 
 pub fn build(spec: &Spec) -> Vec<Record> {
-    let mut records: Vec<Record> = (0..spec.unique)
-        .map(|n| {
-            let t = ticket(&spec.run, n);
-            Record {
-                kind: Kind::Unique,
-                key: Some(t.id.clone().into_bytes()),
-                value: Some(t.to_json()),
-                ticket: Some(t),
-            }
-        })
-        .collect();
+    let mut records = marked_tickets(&spec.run, spec.unique, &[]);
     for d in 0..spec.duplicates.min(spec.unique * 4) {
         let of = (d * 7 + 3) % spec.unique.max(1);
         let t = ticket(&spec.run, of);
