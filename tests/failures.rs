@@ -8,8 +8,8 @@ use dlq_replayer::cli::Client;
 use dlq_replayer::replay::Filter;
 use enrich_common::envelope::Envelope;
 use enrich_common::{TraceContext, headers};
-use enrich_e2e::loadgen::accounting::{Accounting, account};
-use enrich_e2e::loadgen::kafka_io::{Produced, header, produce_all, read_to_end};
+use enrich_e2e::loadgen::accounting::account;
+use enrich_e2e::loadgen::kafka_io::{header, produce_all, read_to_end};
 use enrich_e2e::loadgen::workload::{self, Spec};
 use enrich_e2e::{StageKind, TestEnv, count_in_states, wait_for};
 use rdkafka::Message;
@@ -76,12 +76,7 @@ async fn an_llm_outage_opens_the_breaker_and_dead_letters_nothing() -> anyhow::R
     assert!(failed_calls < 150, "calls paused while the breaker was open ({failed_calls} failed calls in 20 s)");
 
     env.sim.restart().await?;
-    let pipeline = env.settings.pipeline.name.clone();
-    wait_for("every record to be published after the outage", DEADLINE, || async {
-        let a = account(&env.pool, &pipeline, env.source_topic(), &produced).await?;
-        Ok(a.complete(N).then_some(a))
-    })
-    .await?;
+    env.wait_accounted(&produced, DEADLINE).await?;
     let metrics = reqwest::get(endpoint("/metrics")).await?.text().await?;
     assert!(metrics.lines().any(|l| l == "enrich_llm_breaker_open 0"), "the breaker closed again");
     assert_eq!(reqwest::get(endpoint("/readyz")).await?.status().as_u16(), 200);
@@ -96,15 +91,6 @@ async fn an_llm_outage_opens_the_breaker_and_dead_letters_nothing() -> anyhow::R
     Ok(())
 }
 
-async fn wait_accounted(env: &TestEnv, produced: &[Produced]) -> anyhow::Result<Accounting> {
-    let pipeline = env.settings.pipeline.name.clone();
-    wait_for("every record to be accounted for", DEADLINE, || async {
-        let a = account(&env.pool, &pipeline, env.source_topic(), produced).await?;
-        Ok(a.complete(produced.len()).then_some(a))
-    })
-    .await
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn poison_records_reach_the_dlq_after_exactly_the_attempt_limit() -> anyhow::Result<()> {
     const N: usize = 200;
@@ -114,7 +100,7 @@ async fn poison_records_reach_the_dlq_after_exactly_the_attempt_limit() -> anyho
     let records = workload::marked_tickets(&env.id, N, &poison);
     let produced = produce_all(&env.settings, env.source_topic(), &records, |i| i % 2 == 0, |_| {}).await?;
     let stages = [StageKind::Ingest, StageKind::Enricher, StageKind::Publisher].map(|k| env.spawn(k));
-    let acct = wait_accounted(&env, &produced).await?;
+    let acct = env.wait_accounted(&produced, DEADLINE).await?;
     for s in stages {
         s.stop().await?;
     }
@@ -186,7 +172,7 @@ async fn invalid_output_gets_one_repair_call_and_then_the_dlq() -> anyhow::Resul
     let records = workload::marked_tickets(&env.id, N, &marked);
     let produced = produce_all(&env.settings, env.source_topic(), &records, |_| false, |_| {}).await?;
     let stages = [StageKind::Ingest, StageKind::Enricher, StageKind::Publisher].map(|k| env.spawn(k));
-    let acct = wait_accounted(&env, &produced).await?;
+    let acct = env.wait_accounted(&produced, DEADLINE).await?;
     for s in stages {
         s.stop().await?;
     }
@@ -227,7 +213,7 @@ async fn rate_limits_and_server_errors_are_retried_until_every_record_is_publish
     let records = workload::build(&Spec { run: env.id.clone(), unique: N, duplicates: 0, malformed: 0 });
     let produced = produce_all(&env.settings, env.source_topic(), &records, |_| false, |_| {}).await?;
     let stages = [StageKind::Ingest, StageKind::Enricher, StageKind::Publisher].map(|k| env.spawn(k));
-    let acct = wait_accounted(&env, &produced).await?;
+    let acct = env.wait_accounted(&produced, DEADLINE).await?;
     for s in stages {
         s.stop().await?;
     }
@@ -259,7 +245,7 @@ async fn dead_letters_are_listed_shown_and_replayed_once_the_cause_is_fixed() ->
     let produced = produce_all(&env.settings, env.source_topic(), &records, |i| i % 2 == 0, |_| {}).await?;
     let stages =
         [StageKind::Ingest, StageKind::Enricher, StageKind::Publisher, StageKind::DlqReplayer].map(|k| env.spawn(k));
-    let acct = wait_accounted(&env, &produced).await?;
+    let acct = env.wait_accounted(&produced, DEADLINE).await?;
     assert_eq!((acct.published, acct.dead_lettered_at_enricher), ((N - 3) as i64, 3));
 
     let api = format!("http://127.0.0.1:{port}");
@@ -515,7 +501,7 @@ async fn the_grpc_admin_api_lists_shows_discards_and_replays_with_the_token() ->
     let produced = produce_all(&env.settings, env.source_topic(), &records, |_| false, |_| {}).await?;
     let stages =
         [StageKind::Ingest, StageKind::Enricher, StageKind::Publisher, StageKind::DlqReplayer].map(|k| env.spawn(k));
-    let acct = wait_accounted(&env, &produced).await?;
+    let acct = env.wait_accounted(&produced, DEADLINE).await?;
     assert_eq!((acct.published, acct.dead_lettered_at_enricher), ((N - 2) as i64, 2));
 
     let endpoint = format!("http://127.0.0.1:{grpc_port}");

@@ -293,11 +293,7 @@ async fn metrics_parse_and_count_the_run_and_the_history_shows_every_stage() -> 
     let stages =
         [StageKind::Ingest, StageKind::Enricher, StageKind::Publisher, StageKind::DlqReplayer].map(|k| env.spawn(k));
     let pipeline = env.settings.pipeline.name.clone();
-    wait_for("the run to be accounted for", DEADLINE, || async {
-        let a = account(&env.pool, &pipeline, env.source_topic(), &produced).await?;
-        Ok(a.complete(produced.len()).then_some(a))
-    })
-    .await?;
+    env.wait_accounted(&produced, DEADLINE).await?;
     let group = env.settings.group_id(enrich_common::config::Stage::Publisher);
     wait_for("the publisher to commit", DEADLINE, || async {
         Ok(enrich_e2e::loadgen::kafka_io::group_caught_up(&env.settings, &group, &env.settings.topics.results)?

@@ -29,11 +29,7 @@ async fn conformance(provider: &str) -> anyhow::Result<()> {
     let produced = produce_all(&env.settings, env.source_topic(), &records, |_| false, |_| {}).await?;
     let stages = [StageKind::Ingest, StageKind::Enricher, StageKind::Publisher].map(|k| env.spawn(k));
     let pipeline = env.settings.pipeline.name.clone();
-    let acct = wait_for("every ticket accounted for", DEADLINE, || async {
-        let a = account(&env.pool, &pipeline, env.source_topic(), &produced).await?;
-        Ok(a.complete(N).then_some(a))
-    })
-    .await?;
+    let acct = env.wait_accounted(&produced, DEADLINE).await?;
     for s in stages {
         s.stop().await?;
     }
@@ -126,12 +122,8 @@ async fn fields_off_the_allow_list_never_reach_the_llm() -> anyhow::Result<()> {
         .collect();
     let produced = produce_all(&env.settings, env.source_topic(), &records, |_| false, |_| {}).await?;
     let stages = [StageKind::Ingest, StageKind::Enricher, StageKind::Publisher].map(|k| env.spawn(k));
-    let pipeline = env.settings.pipeline.name.clone();
-    wait_for("every ticket published", DEADLINE, || async {
-        let a = account(&env.pool, &pipeline, env.source_topic(), &produced).await?;
-        Ok((a.complete(N) && a.published == N as i64).then_some(()))
-    })
-    .await?;
+    let acct = env.wait_accounted(&produced, DEADLINE).await?;
+    assert_eq!(acct.published, N as i64, "{acct:?}");
     for s in stages {
         s.stop().await?;
     }
@@ -204,11 +196,8 @@ async fn the_kill_switch_stops_new_calls_on_every_replica_and_resumes() -> anyho
     }
 
     client.set_paused(false, None).await?;
-    wait_for("every ticket published after the resume", DEADLINE, || async {
-        let a = account(&env.pool, &pipeline, env.source_topic(), &produced).await?;
-        Ok((a.complete(N) && a.published == N as i64).then_some(()))
-    })
-    .await?;
+    let acct = env.wait_accounted(&produced, DEADLINE).await?;
+    assert_eq!(acct.published, N as i64, "every ticket published after the resume: {acct:?}");
     for port in ports {
         wait_for("the replica to be ready again", DEADLINE, || async {
             Ok((reqwest::get(format!("http://127.0.0.1:{port}/readyz")).await?.status().as_u16() == 200).then_some(()))
@@ -242,11 +231,8 @@ async fn the_response_cache_answers_repeated_inputs_without_a_call() -> anyhow::
     let produced = produce_all(&env.settings, env.source_topic(), &records, |_| false, |_| {}).await?;
     let stages = [StageKind::Ingest, StageKind::Enricher, StageKind::Publisher].map(|k| env.spawn(k));
     let pipeline = env.settings.pipeline.name.clone();
-    wait_for("every ticket published", DEADLINE, || async {
-        let a = account(&env.pool, &pipeline, env.source_topic(), &produced).await?;
-        Ok((a.complete(N) && a.published == N as i64).then_some(()))
-    })
-    .await?;
+    let acct = env.wait_accounted(&produced, DEADLINE).await?;
+    assert_eq!(acct.published, N as i64, "{acct:?}");
     for s in stages {
         s.stop().await?;
     }
@@ -306,11 +292,7 @@ async fn a_spent_budget_makes_calls_wait_for_the_next_window_and_never_overspend
     .await?;
     assert!(reason.contains("resume"), "{reason}");
     let pipeline = env.settings.pipeline.name.clone();
-    let acct = wait_for("every ticket published, window after window", DEADLINE, || async {
-        let a = account(&env.pool, &pipeline, env.source_topic(), &produced).await?;
-        Ok(a.complete(N).then_some(a))
-    })
-    .await?;
+    let acct = env.wait_accounted(&produced, DEADLINE).await?;
     for s in stages {
         s.stop().await?;
     }

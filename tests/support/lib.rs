@@ -146,6 +146,21 @@ impl TestEnv {
             .spawn()?)
     }
 
+    /// Waits until every produced record is read by ingest and every forwarded key is
+    /// finished (published or dead-lettered); returns the accounting.
+    pub async fn wait_accounted(
+        &self,
+        produced: &[loadgen::kafka_io::Produced],
+        deadline: Duration,
+    ) -> anyhow::Result<loadgen::accounting::Accounting> {
+        let pipeline = &self.settings.pipeline.name;
+        wait_for("every record to be accounted for", deadline, || async {
+            let a = loadgen::accounting::account(&self.pool, pipeline, self.source_topic(), produced).await?;
+            Ok(a.complete(produced.len()).then_some(a))
+        })
+        .await
+    }
+
     /// Drops the test's database (best effort) and stops llm-sim.
     pub async fn teardown(self) {
         self.sim_shutdown.cancel();
