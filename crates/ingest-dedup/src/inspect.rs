@@ -1,11 +1,11 @@
 //! The per-record logic of ingest, with no I/O: is the record valid, what is its
 //! idempotency key, what envelope goes downstream.
 
+use enrich_common::IdempotencyKey;
 use enrich_common::config::PipelineSettings;
 use enrich_common::envelope::{self, Envelope, Header, SourceCoordinates};
 use enrich_common::error::RecordError;
 use enrich_common::idempotency::{RecordView, fallback_key};
-use enrich_common::{IdempotencyKey, headers};
 use rdkafka::Message;
 use rdkafka::message::OwnedMessage;
 
@@ -42,8 +42,13 @@ impl Inspected {
 /// stay well under a page).
 pub const MAX_KEY_BYTES: usize = 512;
 
-pub fn inspect(pipeline: &PipelineSettings, message: &OwnedMessage) -> Inspected {
-    let headers = headers::collect(message.headers());
+/// `headers` are the message's, collected once by the caller (it reads the trace
+/// context from them too).
+pub fn inspect(
+    pipeline: &PipelineSettings,
+    message: &OwnedMessage,
+    headers: &[(String, Option<Vec<u8>>)],
+) -> Inspected {
     let value = message.payload();
     let key_bytes = message.key();
     let envelope = Envelope {
@@ -84,7 +89,7 @@ pub fn inspect(pipeline: &PipelineSettings, message: &OwnedMessage) -> Inspected
         }
         (Err(e), _) => Err(e.clone()),
         (Ok(json), Some(strategy)) => {
-            let view = RecordView { key: key_bytes, headers: &headers, json: Some(json), value };
+            let view = RecordView { key: key_bytes, headers, json: Some(json), value };
             strategy.derive(&pipeline.name, &view)
         }
     };
@@ -143,8 +148,8 @@ fn validate_payload(pipeline: &PipelineSettings, value: Option<&[u8]>) -> Result
 #[cfg(test)]
 mod tests {
     use super::*;
-    use enrich_common::KeyStrategy;
     use enrich_common::config::SourceTopic;
+    use enrich_common::{KeyStrategy, headers};
     use rdkafka::Timestamp;
     use rdkafka::message::OwnedHeaders;
 
@@ -171,8 +176,13 @@ mod tests {
         )
     }
 
+    /// Inspects a message as the stage does: its headers collected first.
+    fn check(m: &OwnedMessage) -> Inspected {
+        inspect(&pipeline(), m, &headers::collect(m.headers()))
+    }
+
     fn reason(v: Option<&[u8]>) -> &'static str {
-        match inspect(&pipeline(), &message(v, None)) {
+        match check(&message(v, None)) {
             Inspected::Invalid { error, .. } => error.reason,
             Inspected::Valid(s) => panic!("valid: {s:?}"),
         }
@@ -182,9 +192,7 @@ mod tests {
     fn valid_ticket_becomes_an_envelope() {
         let tp = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
         let h = headers::owned(&[("traceparent", tp), ("x", "y")]);
-        let Inspected::Valid(s) = inspect(&pipeline(), &message(Some(br#"{"id":"T1"}"#), Some(h))) else {
-            panic!("invalid")
-        };
+        let Inspected::Valid(s) = check(&message(Some(br#"{"id":"T1"}"#), Some(h))) else { panic!("invalid") };
         assert_eq!(s.key.as_str(), "p:T1");
         assert_eq!(s.envelope.idempotency_key, "p:T1");
         let src = s.envelope.source.as_ref().unwrap();
@@ -210,7 +218,7 @@ mod tests {
     fn headers_count_toward_the_size_limit() {
         let big = "h".repeat(16 * 1024);
         let h = headers::owned(&[("big", big.as_str())]);
-        let Inspected::Invalid { error, .. } = inspect(&pipeline(), &message(Some(br#"{"id":"T1"}"#), Some(h))) else {
+        let Inspected::Invalid { error, .. } = check(&message(Some(br#"{"id":"T1"}"#), Some(h))) else {
             panic!("valid")
         };
         assert_eq!(error.reason, "too_large");
@@ -219,8 +227,8 @@ mod tests {
 
     #[test]
     fn invalid_records_still_get_a_stable_key() {
-        let a = inspect(&pipeline(), &message(Some(b"{nope"), None));
-        let b = inspect(&pipeline(), &message(Some(b"{nope"), None));
+        let a = check(&message(Some(b"{nope"), None));
+        let b = check(&message(Some(b"{nope"), None));
         assert_eq!(a.key(), b.key());
         assert!(a.key().as_str().starts_with("p:sha256:"));
     }

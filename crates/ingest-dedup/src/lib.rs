@@ -77,14 +77,14 @@ async fn process_batch(ingest: &Ingest, batch: &[OwnedMessage]) -> anyhow::Resul
     let pipeline = &ingest.settings.pipeline;
     let topics = &ingest.settings.topics;
     // One CONSUMER span per record, in the trace its `traceparent` names (or a new one).
-    let spans: Vec<RecordSpan> = batch
-        .iter()
-        .map(|m| {
-            let incoming = TraceContext::extract(&headers::collect(rdkafka::Message::headers(m)));
-            RecordSpan::consume(STAGE.as_str(), &ingest.group, m, incoming.as_ref())
-        })
-        .collect();
-    let inspected: Vec<Inspected> = batch.iter().map(|m| inspect(pipeline, m)).collect();
+    let mut spans: Vec<RecordSpan> = Vec::with_capacity(batch.len());
+    let mut inspected: Vec<Inspected> = Vec::with_capacity(batch.len());
+    for m in batch {
+        let hdrs = headers::collect(rdkafka::Message::headers(m));
+        let incoming = TraceContext::extract(&hdrs);
+        spans.push(RecordSpan::consume(STAGE.as_str(), &ingest.group, m, incoming.as_ref()));
+        inspected.push(inspect(pipeline, m, &hdrs));
+    }
     let sightings: Vec<_> = inspected
         .iter()
         .filter_map(|i| match i {
