@@ -112,7 +112,36 @@ pub async fn ensure_topics(settings: &Settings, topics: &[&str]) -> anyhow::Resu
             Err((topic, code)) => anyhow::bail!("cannot create topic {topic}: {code}"),
         }
     }
-    Ok(())
+    // A topic just created can be missing from the metadata a consumer fetches when it
+    // subscribes; it would then not be assigned before the next metadata refresh
+    // (minutes). Wait until every topic shows its partitions with leaders.
+    let config = base_config(settings);
+    let names: Vec<String> = topics.iter().map(|t| t.to_string()).collect();
+    tokio::task::spawn_blocking(move || -> anyhow::Result<()> {
+        let client: rdkafka::consumer::BaseConsumer = config.create()?;
+        let deadline = std::time::Instant::now() + Duration::from_secs(30);
+        for name in &names {
+            loop {
+                let visible = client.fetch_metadata(Some(name), Duration::from_secs(5)).is_ok_and(|m| {
+                    m.topics().iter().any(|t| {
+                        t.error().is_none()
+                            && !t.partitions().is_empty()
+                            && t.partitions().iter().all(|p| p.leader() >= 0)
+                    })
+                });
+                if visible {
+                    break;
+                }
+                anyhow::ensure!(
+                    std::time::Instant::now() < deadline,
+                    "topic {name} not visible 30 s after creating it"
+                );
+                std::thread::sleep(Duration::from_millis(100));
+            }
+        }
+        Ok(())
+    })
+    .await?
 }
 
 /// Waits for the first record (or shutdown), then gathers more until the batch is full

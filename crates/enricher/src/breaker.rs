@@ -84,13 +84,16 @@ impl Breaker {
         }
     }
 
-    /// The endpoint answered (even with a permanent error: it is up).
+    /// The endpoint answered (even with a permanent error: it is up). Only the probe's
+    /// answer closes an open breaker: a call admitted before it opened may answer after,
+    /// and says nothing about the endpoint now.
     pub fn success(&self, admission: Admission) -> Option<Transition> {
         let Ok(mut inner) = self.inner.lock() else { return None };
         inner.consecutive_failures = 0;
-        if admission == Admission::Probe {
-            inner.probing = false;
+        if admission != Admission::Probe {
+            return None;
         }
+        inner.probing = false;
         inner.open_until.take().map(|_| Transition::Closed)
     }
 
@@ -124,6 +127,9 @@ mod tests {
         assert_eq!(b.failure(Admission::Call), None);
         assert_eq!(b.failure(Admission::Call), None);
         assert_eq!(b.failure(Admission::Call), Some(Transition::Opened));
+        assert!(b.is_open());
+        // A call admitted before it opened and answering late does not close it.
+        assert_eq!(b.success(Admission::Call), None);
         assert!(b.is_open());
 
         // While open, admission waits for the open period, then lets one probe through.
