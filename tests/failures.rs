@@ -209,7 +209,13 @@ async fn rate_limits_and_server_errors_are_retried_until_every_record_is_publish
         ("ENRICH_LLM__BREAKER_OPEN_MS", "500".to_string()),
     ];
     let env = TestEnv::new(llm_sim::Latency::default(), &overrides).await?;
-    env.sim.set_faults(llm_sim::Faults { markers: true, rate_429: 0.2, rate_500: 0.1, rate_hang: 0.0 });
+    env.sim.set_faults(llm_sim::Faults {
+        markers: true,
+        rate_429: 0.2,
+        rate_500: 0.1,
+        rate_hang: 0.0,
+        ..Default::default()
+    });
     let records = workload::build(&Spec { run: env.id.clone(), unique: N, duplicates: 0, malformed: 0 });
     let produced = produce_all(&env.settings, env.source_topic(), &records, |_| false, |_| {}).await?;
     let stages = [StageKind::Ingest, StageKind::Enricher, StageKind::Publisher].map(|k| env.spawn(k));

@@ -5,7 +5,7 @@
 //! |---|---|
 //! | `[[sim:always-500]]` | every call answers 500 |
 //! | `[[sim:500-once]]` | the first call for this text answers 500, later ones succeed |
-//! | `[[sim:always-429]]` | every call answers 429 with `Retry-After: 1` |
+//! | `[[sim:always-429]]` | every call answers 429 with `Retry-After: 1` (`retry-after-ms: 1000`) |
 //! | `[[sim:hang]]` | no answer until the client gives up |
 //! | `[[sim:invalid-json]]` | the answer is not JSON, also on a repair request |
 //! | `[[sim:invalid-json-once]]` | the answer is not JSON; a repair request gets a valid one |
@@ -14,31 +14,37 @@
 //! Markers and rates can be switched off at runtime (`POST /admin/faults`), so a test
 //! can fix the cause and then replay.
 
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 
-#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(default)]
 pub struct Faults {
     /// Whether `[[sim:...]]` markers take effect.
     pub markers: bool,
-    /// Share of calls answered 429 (with `Retry-After: 1`).
+    /// Share of calls answered 429 (a transient overload: `retry-after-ms: 200`).
     pub rate_429: f64,
     /// Share of calls answered 500.
     pub rate_500: f64,
     /// Share of calls that never answer (the client times out).
     pub rate_hang: f64,
+    /// Models answered 503 (529 on the Messages API): overloaded, as when a provider
+    /// sheds load for one model (what fallback models are for).
+    pub unavailable_models: Vec<String>,
 }
 
 impl Default for Faults {
     fn default() -> Self {
-        Self { markers: true, rate_429: 0.0, rate_500: 0.0, rate_hang: 0.0 }
+        Self { markers: true, rate_429: 0.0, rate_500: 0.0, rate_hang: 0.0, unavailable_models: Vec::new() }
     }
 }
+
+/// The wait a random 429 asks for.
+pub const RATE_429_WAIT_MS: u64 = 200;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Decision {
     Answer,
-    Status { code: u16, retry_after_secs: Option<u64> },
+    Status { code: u16, retry_after_ms: Option<u64> },
     Hang,
     InvalidJson,
     SchemaViolation,
@@ -51,10 +57,10 @@ pub fn decide(faults: &Faults, text: &str, first_time: bool, repair: bool, roll:
     if faults.markers && text.contains("[[sim:") {
         let has = |m: &str| text.contains(&format!("[[sim:{m}]]"));
         if has("always-500") || (has("500-once") && first_time) {
-            return Decision::Status { code: 500, retry_after_secs: None };
+            return Decision::Status { code: 500, retry_after_ms: None };
         }
         if has("always-429") {
-            return Decision::Status { code: 429, retry_after_secs: Some(1) };
+            return Decision::Status { code: 429, retry_after_ms: Some(1000) };
         }
         if has("hang") {
             return Decision::Hang;
@@ -67,10 +73,10 @@ pub fn decide(faults: &Faults, text: &str, first_time: bool, repair: bool, roll:
         }
     }
     if roll < faults.rate_429 {
-        return Decision::Status { code: 429, retry_after_secs: Some(1) };
+        return Decision::Status { code: 429, retry_after_ms: Some(RATE_429_WAIT_MS) };
     }
     if roll < faults.rate_429 + faults.rate_500 {
-        return Decision::Status { code: 500, retry_after_secs: None };
+        return Decision::Status { code: 500, retry_after_ms: None };
     }
     if roll < faults.rate_429 + faults.rate_500 + faults.rate_hang {
         return Decision::Hang;
@@ -87,11 +93,11 @@ mod tests {
         let f = Faults::default();
         assert_eq!(
             decide(&f, "x [[sim:always-500]]", false, false, 0.9),
-            Decision::Status { code: 500, retry_after_secs: None }
+            Decision::Status { code: 500, retry_after_ms: None }
         );
         assert_eq!(
             decide(&f, "x [[sim:500-once]]", true, false, 0.9),
-            Decision::Status { code: 500, retry_after_secs: None }
+            Decision::Status { code: 500, retry_after_ms: None }
         );
         assert_eq!(decide(&f, "x [[sim:500-once]]", false, false, 0.9), Decision::Answer);
         assert_eq!(decide(&f, "[[sim:invalid-json-once]]", true, false, 0.9), Decision::InvalidJson);
@@ -103,10 +109,13 @@ mod tests {
 
     #[test]
     fn rates_apply_and_switching_off_disables_markers() {
-        let f = Faults { markers: false, rate_429: 0.2, rate_500: 0.1, rate_hang: 0.05 };
+        let f = Faults { markers: false, rate_429: 0.2, rate_500: 0.1, rate_hang: 0.05, ..Faults::default() };
         assert_eq!(decide(&f, "[[sim:always-500]]", true, false, 0.95), Decision::Answer);
-        assert_eq!(decide(&f, "x", true, false, 0.1), Decision::Status { code: 429, retry_after_secs: Some(1) });
-        assert_eq!(decide(&f, "x", true, false, 0.25), Decision::Status { code: 500, retry_after_secs: None });
+        assert_eq!(
+            decide(&f, "x", true, false, 0.1),
+            Decision::Status { code: 429, retry_after_ms: Some(RATE_429_WAIT_MS) }
+        );
+        assert_eq!(decide(&f, "x", true, false, 0.25), Decision::Status { code: 500, retry_after_ms: None });
         assert_eq!(decide(&f, "x", true, false, 0.31), Decision::Hang);
         assert_eq!(decide(&f, "x", true, false, 0.36), Decision::Answer);
     }

@@ -5,10 +5,12 @@
 
 pub mod faults;
 pub mod latency;
+pub mod limits;
 pub mod rules;
 
 pub use faults::Faults;
 pub use latency::Latency;
+pub use limits::RateLimits;
 
 use axum::extract::State;
 use axum::http::StatusCode;
@@ -30,11 +32,18 @@ pub struct SimConfig {
     pub model: String,
     /// Fault injection at start (changeable at runtime).
     pub faults: Faults,
+    /// Requests and tokens per minute (changeable at runtime).
+    pub limits: RateLimits,
 }
 
 impl Default for SimConfig {
     fn default() -> Self {
-        Self { latency: Latency::default(), model: "llm-sim-support-v1".into(), faults: Faults::default() }
+        Self {
+            latency: Latency::default(),
+            model: "llm-sim-support-v1".into(),
+            faults: Faults::default(),
+            limits: RateLimits::default(),
+        }
     }
 }
 
@@ -42,8 +51,10 @@ impl Default for SimConfig {
 struct Counters {
     completions: AtomicU64,
     rejected: AtomicU64,
-    /// Requests answered with the forced outage status.
+    /// Requests answered with the forced outage status or an injected fault.
     failed: AtomicU64,
+    /// Requests refused with 429 by the rate limits.
+    rate_limited: AtomicU64,
     prompt_tokens: AtomicU64,
     completion_tokens: AtomicU64,
 }
@@ -54,6 +65,7 @@ struct AppState {
     /// While set, every completion is answered with this HTTP status (an outage).
     outage: std::sync::Mutex<Option<u16>>,
     faults: std::sync::Mutex<Faults>,
+    limiter: std::sync::Mutex<limits::Limiter>,
     /// Texts seen so far, for the `-once` markers.
     seen: std::sync::Mutex<std::collections::HashSet<u64>>,
     rng: AtomicU64,
@@ -89,6 +101,18 @@ impl RunningSim {
     /// Requests answered with the outage status so far.
     pub fn failed(&self) -> u64 {
         self.state.counters.failed.load(Ordering::SeqCst)
+    }
+
+    /// Requests refused with 429 by the rate limits so far.
+    pub fn rate_limited(&self) -> u64 {
+        self.state.counters.rate_limited.load(Ordering::SeqCst)
+    }
+
+    /// Replaces the rate limits (the buckets start full).
+    pub fn set_limits(&self, limits: RateLimits) {
+        if let Ok(mut l) = self.state.limiter.lock() {
+            *l = limits::Limiter::new(limits, std::time::Instant::now());
+        }
     }
 
     /// The latest requests received (newest last): `{"path", "headers", "body"}`.
@@ -142,6 +166,7 @@ pub async fn start(
 ) -> anyhow::Result<RunningSim> {
     let state = Arc::new(AppState {
         faults: std::sync::Mutex::new(config.faults.clone()),
+        limiter: std::sync::Mutex::new(limits::Limiter::new(config.limits, std::time::Instant::now())),
         config,
         counters: Counters::default(),
         outage: std::sync::Mutex::new(None),
@@ -156,6 +181,7 @@ pub async fn start(
         .route("/v1/models", get(models))
         .route("/admin/outage", post(outage))
         .route("/admin/faults", post(set_faults))
+        .route("/admin/limits", post(set_limits))
         .route("/metrics", get(metrics))
         .route("/healthz", get(|| async { "ok\n" }))
         .with_state(state.clone());
@@ -204,7 +230,26 @@ async fn set_faults(State(state): State<Arc<AppState>>, Json(faults): Json<Fault
     if let Ok(mut f) = state.faults.lock() {
         *f = faults.clone();
     }
-    Json(json!({"markers": faults.markers, "rate_429": faults.rate_429, "rate_500": faults.rate_500})).into_response()
+    Json(json!(faults)).into_response()
+}
+
+/// `POST /admin/limits` with `{"rpm": 600, "tpm": 100000, "burst_secs": 1}` (0: no limit).
+async fn set_limits(State(state): State<Arc<AppState>>, Json(limits): Json<RateLimits>) -> Response {
+    if let Err(e) = limits.validate() {
+        return openai_error(StatusCode::BAD_REQUEST, "invalid_request_error", e);
+    }
+    if let Ok(mut l) = state.limiter.lock() {
+        *l = limits::Limiter::new(limits, std::time::Instant::now());
+    }
+    Json(json!(limits)).into_response()
+}
+
+fn with_headers(response: &mut Response, headers: impl IntoIterator<Item = (&'static str, String)>) {
+    for (name, value) in headers {
+        if let Ok(v) = axum::http::HeaderValue::from_str(&value) {
+            response.headers_mut().insert(name, v);
+        }
+    }
 }
 
 fn text_hash(text: &str) -> u64 {
@@ -328,19 +373,45 @@ async fn answer(state: &AppState, api: Api, headers: &axum::http::HeaderMap, bod
     let Some(text) = first_user_text(messages) else {
         return reject("no user message with text content");
     };
+    let system = request.get("system").and_then(Value::as_str).map(tokens).unwrap_or(0);
+    let prompt_tokens: u64 =
+        system + messages.iter().filter_map(|m| m.get("content").and_then(Value::as_str)).map(tokens).sum::<u64>();
+    // The rate limits count the prompt and the room asked for the answer.
+    let max_tokens = request.get("max_tokens").or_else(|| request.get("max_completion_tokens")).and_then(Value::as_u64);
+    let verdict = match state.limiter.lock() {
+        Ok(mut l) => l.check(prompt_tokens + max_tokens.unwrap_or(0), std::time::Instant::now()),
+        Err(_) => limits::Verdict { retry_after: None, headers: vec![] },
+    };
+    if let Some(wait) = verdict.retry_after {
+        state.counters.rate_limited.fetch_add(1, Ordering::SeqCst);
+        let mut response =
+            api.error(StatusCode::TOO_MANY_REQUESTS, "rate_limit_exceeded", "llm-sim rate limit reached (rpm/tpm)");
+        let retry = [
+            ("retry-after", wait.as_secs_f64().ceil().max(1.0).to_string()),
+            ("retry-after-ms", wait.as_millis().max(1).to_string()),
+        ];
+        with_headers(&mut response, retry.into_iter().chain(verdict.headers));
+        return response;
+    }
+    let faults = state.faults.lock().map(|f| f.clone()).unwrap_or_default();
+    if faults.unavailable_models.iter().any(|m| *m == model) {
+        state.counters.failed.fetch_add(1, Ordering::SeqCst);
+        // Anthropic says "overloaded" with 529; OpenAI-compatible servers 503.
+        let status = if api == Api::Anthropic { 529 } else { 503 };
+        let status = StatusCode::from_u16(status).unwrap_or(StatusCode::SERVICE_UNAVAILABLE);
+        return api.error(status, "server_error", format!("llm-sim: model {model} is unavailable"));
+    }
     let repair = messages.iter().any(|m| m.get("role").and_then(Value::as_str) == Some("assistant"));
     let first_time = state.seen.lock().map(|mut seen| seen.insert(text_hash(&text))).unwrap_or(true);
-    let faults = state.faults.lock().map(|f| f.clone()).unwrap_or_default();
     let decision = faults::decide(&faults, &text, first_time, repair, next_roll(&state.rng));
     match decision {
-        faults::Decision::Status { code, retry_after_secs } => {
+        faults::Decision::Status { code, retry_after_ms } => {
             state.counters.failed.fetch_add(1, Ordering::SeqCst);
             let status = StatusCode::from_u16(code).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
             let mut response = api.error(status, "server_error", format!("llm-sim injected {code}"));
-            if let Some(secs) = retry_after_secs
-                && let Ok(v) = axum::http::HeaderValue::from_str(&secs.to_string())
-            {
-                response.headers_mut().insert(axum::http::header::RETRY_AFTER, v);
+            if let Some(ms) = retry_after_ms {
+                let secs = ms.div_ceil(1000).max(1);
+                with_headers(&mut response, [("retry-after", secs.to_string()), ("retry-after-ms", ms.to_string())]);
             }
             return response;
         }
@@ -374,14 +445,11 @@ async fn answer(state: &AppState, api: Api, headers: &axum::http::HeaderMap, bod
         faults::Decision::SchemaViolation => json!({"category": "spaceship", "mood": "?"}).to_string(),
         _ => answer.to_string(),
     };
-    let system = request.get("system").and_then(Value::as_str).map(tokens).unwrap_or(0);
-    let prompt_tokens: u64 =
-        system + messages.iter().filter_map(|m| m.get("content").and_then(Value::as_str)).map(tokens).sum::<u64>();
     let completion_tokens = tokens(&content);
     let n = state.counters.completions.fetch_add(1, Ordering::SeqCst) + 1;
     state.counters.prompt_tokens.fetch_add(prompt_tokens, Ordering::SeqCst);
     state.counters.completion_tokens.fetch_add(completion_tokens, Ordering::SeqCst);
-    match api {
+    let mut response = match api {
         Api::OpenAi => {
             let created =
                 std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0);
@@ -424,7 +492,9 @@ async fn answer(state: &AppState, api: Api, headers: &axum::http::HeaderMap, bod
             }))
             .into_response()
         }
-    }
+    };
+    with_headers(&mut response, verdict.headers);
+    response
 }
 
 async fn models(State(state): State<Arc<AppState>>) -> Json<Value> {
@@ -446,6 +516,9 @@ async fn metrics(State(state): State<Arc<AppState>>) -> impl IntoResponse {
          # HELP llm_sim_failed_total Requests answered with the outage status.\n\
          # TYPE llm_sim_failed_total counter\n\
          llm_sim_failed_total {}\n\
+         # HELP llm_sim_rate_limited_total Requests refused with 429 by the rate limits.\n\
+         # TYPE llm_sim_rate_limited_total counter\n\
+         llm_sim_rate_limited_total {}\n\
          # HELP llm_sim_prompt_tokens_total Prompt tokens counted.\n\
          # TYPE llm_sim_prompt_tokens_total counter\n\
          llm_sim_prompt_tokens_total {}\n\
@@ -455,6 +528,7 @@ async fn metrics(State(state): State<Arc<AppState>>) -> impl IntoResponse {
         c.completions.load(Ordering::SeqCst),
         c.rejected.load(Ordering::SeqCst),
         c.failed.load(Ordering::SeqCst),
+        c.rate_limited.load(Ordering::SeqCst),
         c.prompt_tokens.load(Ordering::SeqCst),
         c.completion_tokens.load(Ordering::SeqCst),
     )

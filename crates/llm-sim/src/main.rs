@@ -6,8 +6,12 @@ use llm_sim::Latency;
 
 const HELP: &str =
     "llm-sim [--bind ADDR] [--port N] [--latency SPEC | --latency-ms N] [--rate-429 F] [--rate-500 F] [--rate-hang F] [--no-markers]
+        [--rpm N] [--tpm N] [--burst-secs F] [--unavailable-model NAME]...
 An OpenAI-compatible simulator (not a model): deterministic answers from the ticket text.
 Markers in the text such as [[sim:always-500]] inject faults (see crates/llm-sim/src/faults.rs).
+--rpm/--tpm: requests/tokens per minute, answered 429 with Retry-After and x-ratelimit-* headers
+beyond them; --burst-secs: seconds of allowance a bucket holds (default 60).
+--unavailable-model: that model is answered 503 (529 on /v1/messages).
 SPEC: fixed:MS | uniform:MIN-MAX | lognormal:MEDIAN,SIGMA[,SHARE:TAIL_MS]  (milliseconds)";
 
 fn parse_latency(spec: &str) -> anyhow::Result<Latency> {
@@ -31,6 +35,7 @@ async fn main() -> anyhow::Result<()> {
         _ => Latency::default(),
     };
     let mut faults = llm_sim::Faults::default();
+    let mut limits = llm_sim::RateLimits::default();
     let mut args = std::env::args().skip(1);
     while let Some(arg) = args.next() {
         let mut value = |name: &str| args.next().ok_or_else(|| anyhow::anyhow!("{name} needs a value"));
@@ -49,6 +54,12 @@ async fn main() -> anyhow::Result<()> {
                 faults.rate_500 = value("--rate-500")?.parse().map_err(|e| anyhow::anyhow!("--rate-500: {e}"))?
             }
             "--no-markers" => faults.markers = false,
+            "--rpm" => limits.rpm = value("--rpm")?.parse().map_err(|e| anyhow::anyhow!("--rpm: {e}"))?,
+            "--tpm" => limits.tpm = value("--tpm")?.parse().map_err(|e| anyhow::anyhow!("--tpm: {e}"))?,
+            "--burst-secs" => {
+                limits.burst_secs = value("--burst-secs")?.parse().map_err(|e| anyhow::anyhow!("--burst-secs: {e}"))?
+            }
+            "--unavailable-model" => faults.unavailable_models.push(value("--unavailable-model")?),
             "-h" | "--help" => {
                 println!("{HELP}");
                 return Ok(());
@@ -56,11 +67,12 @@ async fn main() -> anyhow::Result<()> {
             other => anyhow::bail!("unknown argument {other:?} (try --help)"),
         }
     }
+    limits.validate().map_err(|e| anyhow::anyhow!("--burst-secs: {e}"))?;
     let shutdown = enrich_common::shutdown::on_signals();
     let mean_ms = latency.mean().as_secs_f64() * 1000.0;
-    let config = llm_sim::SimConfig { latency: latency.clone(), faults, ..Default::default() };
+    let config = llm_sim::SimConfig { latency: latency.clone(), faults, limits, ..Default::default() };
     let sim = llm_sim::start(&bind, port, config, shutdown).await?;
-    tracing::info!(addr = %sim.addr, latency = ?latency, mean_ms, "llm-sim listening");
+    tracing::info!(addr = %sim.addr, latency = ?latency, mean_ms, rpm = limits.rpm, tpm = limits.tpm, "llm-sim listening");
     sim.handle.await?;
     Ok(())
 }
