@@ -232,6 +232,11 @@ pub struct LlmSettings {
     #[serde(default)]
     pub api_key_env: Option<String>,
     pub model: String,
+    /// Models tried in order, within the same attempt, when the one before is
+    /// unavailable (502/503/504/529, a timeout) or unknown (404). The answer records the
+    /// model that gave it.
+    #[serde(default)]
+    pub fallback_models: Vec<String>,
     #[serde(default = "default_connect_timeout_ms")]
     pub connect_timeout_ms: u64,
     #[serde(default = "default_request_timeout_ms")]
@@ -296,6 +301,69 @@ pub struct LlmSettings {
     pub input_usd_per_mtok: f64,
     #[serde(default)]
     pub output_usd_per_mtok: f64,
+    /// Prices per model (the longest configured name the model starts with), for the
+    /// models whose prices differ from the pair above: `[llm.prices."gpt-4o-mini"]
+    /// input_usd_per_mtok = 0.15, output_usd_per_mtok = 0.6`.
+    #[serde(default)]
+    pub prices: BTreeMap<String, ModelPrice>,
+    /// Requests per minute this replica sends at most (a token bucket holding one
+    /// second's allowance). 0: no limit. Set it to the provider's limit divided by the
+    /// replicas.
+    #[serde(default)]
+    pub requests_per_minute: u32,
+    /// Tokens per minute (prompt estimate + `max_output_tokens`, settled with the real
+    /// usage after the call) this replica uses at most. 0: no limit.
+    #[serde(default)]
+    pub tokens_per_minute: u32,
+    /// Adapt the concurrency limit (AIMD between `min_concurrency` and
+    /// `enricher.max_in_flight`): halve it on a 429, lower it when latency rises, grow it
+    /// back while calls are answered.
+    #[serde(default = "default_true")]
+    pub adaptive_concurrency: bool,
+    #[serde(default = "default_min_concurrency")]
+    pub min_concurrency: usize,
+    /// Latency counts as rising when the recent average passes this many times the
+    /// long-run one. 0: latency is not a signal (429s alone lower the limit).
+    #[serde(default = "default_latency_tolerance")]
+    pub latency_tolerance: f64,
+}
+
+/// A model's prices in USD per million tokens.
+#[derive(Debug, Clone, Copy, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ModelPrice {
+    pub input_usd_per_mtok: f64,
+    pub output_usd_per_mtok: f64,
+}
+
+impl LlmSettings {
+    /// The prices of `model`: the longest configured name it starts with, else the
+    /// default pair.
+    pub fn price_of(&self, model: &str) -> ModelPrice {
+        self.prices
+            .iter()
+            .filter(|(name, _)| model.starts_with(name.as_str()))
+            .max_by_key(|(name, _)| name.len())
+            .map(|(_, p)| *p)
+            .unwrap_or(ModelPrice {
+                input_usd_per_mtok: self.input_usd_per_mtok,
+                output_usd_per_mtok: self.output_usd_per_mtok,
+            })
+    }
+
+    /// Whether any call has a price (a budget needs one).
+    fn priced(&self) -> bool {
+        self.input_usd_per_mtok > 0.0
+            || self.output_usd_per_mtok > 0.0
+            || self.prices.values().any(|p| p.input_usd_per_mtok > 0.0 || p.output_usd_per_mtok > 0.0)
+    }
+}
+
+fn default_min_concurrency() -> usize {
+    1
+}
+fn default_latency_tolerance() -> f64 {
+    2.0
 }
 
 fn default_connect_timeout_ms() -> u64 {
@@ -653,12 +721,41 @@ impl Settings {
             if !(b.usd > 0.0 && b.usd.is_finite()) || b.window_secs == 0 {
                 return Err(ConfigError::new("llm.budgets", "each needs usd > 0 and window_secs > 0"));
             }
-            if llm.input_usd_per_mtok == 0.0 && llm.output_usd_per_mtok == 0.0 {
+            if !llm.priced() {
                 return Err(ConfigError::new(
                     "llm.budgets",
-                    "a budget needs prices (llm.input_usd_per_mtok, llm.output_usd_per_mtok)",
+                    "a budget needs prices (llm.input_usd_per_mtok, llm.output_usd_per_mtok or llm.prices)",
                 ));
             }
+        }
+        for (i, m) in llm.fallback_models.iter().enumerate() {
+            if m.trim().is_empty() || *m == llm.model || llm.fallback_models[..i].contains(m) {
+                return Err(ConfigError::new(
+                    format!("llm.fallback_models[{i}]"),
+                    "must name a model other than llm.model and the fallbacks before it",
+                ));
+            }
+        }
+        let price_ok = |x: f64| x.is_finite() && x >= 0.0;
+        if !price_ok(llm.input_usd_per_mtok) || !price_ok(llm.output_usd_per_mtok) {
+            return Err(ConfigError::new("llm.input_usd_per_mtok", "prices must be finite and not negative"));
+        }
+        for (name, p) in &llm.prices {
+            if name.is_empty() || !price_ok(p.input_usd_per_mtok) || !price_ok(p.output_usd_per_mtok) {
+                return Err(ConfigError::new(
+                    format!("llm.prices.{name:?}"),
+                    "needs a model name and finite, non-negative prices",
+                ));
+            }
+        }
+        if llm.min_concurrency == 0 || llm.min_concurrency > self.enricher.max_in_flight {
+            return Err(ConfigError::new(
+                "llm.min_concurrency",
+                format!("must be between 1 and enricher.max_in_flight ({})", self.enricher.max_in_flight),
+            ));
+        }
+        if !(llm.latency_tolerance == 0.0 || (llm.latency_tolerance > 1.0 && llm.latency_tolerance.is_finite())) {
+            return Err(ConfigError::new("llm.latency_tolerance", "must be 0 (off) or greater than 1"));
         }
         if llm.max_input_chars == 0 {
             return Err(ConfigError::new("llm.max_input_chars", "must be greater than 0"));
@@ -866,6 +963,25 @@ output_schema = '{"type": "object"}'
     }
 
     #[test]
+    fn prices_come_from_the_longest_matching_model_name() {
+        let prices = r#"{"gpt-4o" = {input_usd_per_mtok = 2.5, output_usd_per_mtok = 10.0},
+            "gpt-4o-mini" = {input_usd_per_mtok = 0.15, output_usd_per_mtok = 0.6}}"#;
+        let s = load(&[
+            ("ENRICH_LLM__PRICES", prices),
+            ("ENRICH_LLM__INPUT_USD_PER_MTOK", "1.0"),
+            ("ENRICH_LLM__OUTPUT_USD_PER_MTOK", "2.0"),
+        ])
+        .unwrap();
+        let p = |m: &str| {
+            let p = s.llm.price_of(m);
+            (p.input_usd_per_mtok, p.output_usd_per_mtok)
+        };
+        assert_eq!(p("gpt-4o-mini-2024-07-18"), (0.15, 0.6));
+        assert_eq!(p("gpt-4o-2024-08-06"), (2.5, 10.0));
+        assert_eq!(p("claude-x"), (1.0, 2.0), "the default pair");
+    }
+
+    #[test]
     fn errors_name_the_field() {
         let cases: &[(&[(&str, &str)], &str)] = &[
             (&[("ENRICH_KAFKA__PARTITIONS", "many")], "kafka.partitions"),
@@ -883,6 +999,14 @@ output_schema = '{"type": "object"}'
             (&[("ENRICH_LLM__RETRY_MAX_DELAY_MS", "10")], "llm.retry_max_delay_ms"),
             (&[("ENRICH_LLM__BREAKER_FAILURES", "0")], "llm.breaker_failures"),
             (&[("ENRICH_DLQ_LIMIT__MAX_SHARE", "1.5")], "dlq_limit.max_share"),
+            (&[("ENRICH_LLM__FALLBACK_MODELS", r#"["b", "b"]"#)], "llm.fallback_models[1]"),
+            (&[("ENRICH_LLM__MIN_CONCURRENCY", "0")], "llm.min_concurrency"),
+            (&[("ENRICH_LLM__MIN_CONCURRENCY", "1000")], "llm.min_concurrency"),
+            (&[("ENRICH_LLM__LATENCY_TOLERANCE", "0.5")], "llm.latency_tolerance"),
+            (
+                &[("ENRICH_LLM__PRICES", r#"{m = {input_usd_per_mtok = -1.0, output_usd_per_mtok = 1.0}}"#)],
+                "llm.prices",
+            ),
         ];
         for (env, field) in cases {
             let err = load(env).unwrap_err();

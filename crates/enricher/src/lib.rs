@@ -9,6 +9,7 @@ pub mod budget;
 pub mod cache;
 mod consume;
 mod delay;
+pub mod flow;
 pub mod kill_switch;
 pub mod llm;
 mod metrics;
@@ -96,6 +97,7 @@ pub async fn run(settings: Settings, shutdown: CancellationToken) -> anyhow::Res
         Duration::from_secs(1),
         shutdown.clone(),
     );
+    let limit_gauge = metrics.concurrency_limit.clone();
     let enricher = Arc::new(Enricher {
         store: store::Store::new(store::StoreCore {
             pool: runtime.pool.clone(),
@@ -111,7 +113,19 @@ pub async fn run(settings: Settings, shutdown: CancellationToken) -> anyhow::Res
         results_topic: settings.topics.results.clone(),
         dlq_topic: settings.topics.dlq.clone(),
         metrics,
-        llm_slots: tokio::sync::Semaphore::new(settings.enricher.max_in_flight),
+        flow: flow::Flow::new(
+            flow::FlowSettings {
+                max_concurrency: settings.enricher.max_in_flight,
+                min_concurrency: settings.llm.min_concurrency,
+                adaptive: settings.llm.adaptive_concurrency,
+                latency_tolerance: settings.llm.latency_tolerance,
+                requests_per_minute: settings.llm.requests_per_minute,
+                tokens_per_minute: settings.llm.tokens_per_minute,
+            },
+            Box::new(move |limit| {
+                limit_gauge.set(limit as i64);
+            }),
+        ),
         breaker: breaker::Breaker::new(
             settings.llm.breaker_failures,
             Duration::from_millis(settings.llm.breaker_open_ms),

@@ -6,7 +6,7 @@
 //! here, once.
 
 use enrich_common::ErrorClass;
-use enrich_common::config::{LlmSettings, Provider, ResponseFormat};
+use enrich_common::config::{LlmSettings, ModelPrice, Provider, ResponseFormat};
 use enrich_common::error::RecordError;
 use reqwest::StatusCode;
 use serde::Deserialize;
@@ -25,11 +25,21 @@ pub struct LlmError {
 
 impl LlmError {
     /// Whether the failure says the endpoint as a whole is unavailable (what the circuit
-    /// breaker counts): no connection, timeouts, 429, 502/503/504/529, 401/403. A plain
-    /// 500 may be about one record (a poison input), so it is retried and, when attempts
-    /// run out, dead-lettered, without tripping the breaker.
+    /// breaker counts): no connection, timeouts, 502/503/504/529, 401/403, an unknown
+    /// model, a spent quota. A plain 500 may be about one record (a poison input), so it
+    /// is retried and, when attempts run out, dead-lettered, without tripping the breaker.
+    /// A 429 is not an outage: flow control slows the calls down instead.
     pub fn endpoint_down(&self) -> bool {
-        matches!(self.error.reason, "timeout" | "connection" | "rate_limited" | "unavailable" | "unauthorized")
+        matches!(
+            self.error.reason,
+            "timeout" | "connection" | "unavailable" | "unauthorized" | "model_not_found" | "quota_exceeded"
+        )
+    }
+
+    /// Whether the next fallback model is worth a try: this model is unavailable or
+    /// unknown (the endpoint itself answered or timed out).
+    pub fn try_fallback(&self) -> bool {
+        matches!(self.error.reason, "timeout" | "unavailable" | "model_not_found")
     }
 
     fn new(class: ErrorClass, reason: &'static str, message: impl Into<String>) -> Self {
@@ -74,13 +84,14 @@ pub struct LlmClient {
     url: String,
     api_key: Option<String>,
     extra_headers: Vec<(reqwest::header::HeaderName, reqwest::header::HeaderValue)>,
-    model: String,
+    /// The model, then the fallbacks in order.
+    models: Vec<String>,
     temperature: f32,
     max_output_tokens: u32,
     schema: Value,
     format: ResponseFormat,
-    /// USD per million tokens, in and out.
-    price: (f64, f64),
+    /// USD per million tokens, in and out, per model called.
+    prices: Vec<ModelPrice>,
 }
 
 impl LlmClient {
@@ -120,17 +131,23 @@ impl LlmClient {
             api,
             api_key,
             extra_headers,
-            model: llm.model.clone(),
+            models: std::iter::once(&llm.model).chain(&llm.fallback_models).cloned().collect(),
             temperature: llm.temperature,
             max_output_tokens: llm.max_output_tokens,
             schema: schema.clone(),
             format: llm.response_format,
-            price: (llm.input_usd_per_mtok, llm.output_usd_per_mtok),
+            prices: std::iter::once(&llm.model).chain(&llm.fallback_models).map(|m| llm.price_of(m)).collect(),
         })
     }
 
+    /// The configured model (the first tried).
     pub fn model(&self) -> &str {
-        &self.model
+        &self.models[0]
+    }
+
+    /// The models to try in order: the model, then the fallbacks.
+    pub fn models(&self) -> &[String] {
+        &self.models
     }
 
     pub fn max_output_tokens(&self) -> u32 {
@@ -142,14 +159,20 @@ impl LlmClient {
         self.api.name()
     }
 
-    /// What a call with these token counts costs, at the configured prices.
-    pub fn cost_usd(&self, input_tokens: u32, output_tokens: u32) -> f64 {
-        (f64::from(input_tokens) * self.price.0 + f64::from(output_tokens) * self.price.1) / 1_000_000.0
+    /// What a call to model number `model` (in [`Self::models`]) with these token counts
+    /// costs, at its prices.
+    pub fn cost_usd(&self, model: usize, input_tokens: u32, output_tokens: u32) -> f64 {
+        let p = self.prices.get(model).or(self.prices.first());
+        p.map_or(0.0, |p| {
+            (f64::from(input_tokens) * p.input_usd_per_mtok + f64::from(output_tokens) * p.output_usd_per_mtok)
+                / 1_000_000.0
+        })
     }
 
-    pub async fn complete(&self, prompt: &Prompt) -> Result<Completion, LlmError> {
+    /// One call to model number `model` (in [`Self::models`]).
+    pub async fn complete(&self, prompt: &Prompt, model: usize) -> Result<Completion, LlmError> {
         let shape = CallShape {
-            model: &self.model,
+            model: self.models.get(model).unwrap_or(&self.models[0]),
             format: self.format,
             temperature: self.temperature,
             max_output_tokens: self.max_output_tokens,
@@ -326,7 +349,11 @@ pub fn classify_status(status: StatusCode, body: &str) -> LlmError {
     let detail: String = body.chars().take(500).collect();
     let message = format!("HTTP {}: {detail}", status.as_u16());
     match status.as_u16() {
+        // A spent quota is not cured by waiting a few seconds.
+        429 if body.contains("insufficient_quota") => LlmError::new(ErrorClass::Outage, "quota_exceeded", message),
         429 => LlmError::new(ErrorClass::Transient, "rate_limited", message),
+        // The model does not exist here: a configuration problem, never the record's.
+        404 => LlmError::new(ErrorClass::Outage, "model_not_found", message),
         408 => LlmError::new(ErrorClass::Transient, "timeout", message),
         500 => LlmError::new(ErrorClass::Transient, "server_error", message),
         502 | 503 | 504 | 529 => LlmError::new(ErrorClass::Transient, "unavailable", message),
@@ -343,8 +370,17 @@ pub fn classify_status(status: StatusCode, body: &str) -> LlmError {
     }
 }
 
-/// `Retry-After` in seconds, or OpenAI's `x-ratelimit-reset-requests` such as `1s` or `6m0s`.
+/// `retry-after-ms` (OpenAI), `Retry-After` in seconds, or OpenAI's
+/// `x-ratelimit-reset-requests` such as `1s` or `6m0s`.
 fn retry_after(headers: &reqwest::header::HeaderMap) -> Option<Duration> {
+    if let Some(ms) = headers
+        .get("retry-after-ms")
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.trim().parse::<f64>().ok())
+        .filter(|ms| ms.is_finite() && *ms >= 0.0)
+    {
+        return Some(Duration::from_secs_f64((ms / 1000.0).min(3600.0)));
+    }
     if let Some(secs) = headers
         .get(reqwest::header::RETRY_AFTER)
         .and_then(|v| v.to_str().ok())
@@ -467,6 +503,14 @@ mod tests {
         );
         assert_eq!(class(400, "{}"), (ErrorClass::Permanent, "bad_request"));
         assert_eq!(class(401, ""), (ErrorClass::Outage, "unauthorized"));
+        assert_eq!(class(404, ""), (ErrorClass::Outage, "model_not_found"));
+        assert_eq!(class(429, r#"{"error":{"code":"insufficient_quota"}}"#), (ErrorClass::Outage, "quota_exceeded"));
+        let e = classify_status(StatusCode::SERVICE_UNAVAILABLE, "");
+        assert!(e.try_fallback() && e.endpoint_down());
+        let e = classify_status(StatusCode::TOO_MANY_REQUESTS, "");
+        assert!(!e.try_fallback() && !e.endpoint_down(), "429s are flow control's, not the breaker's");
+        let e = classify_status(StatusCode::INTERNAL_SERVER_ERROR, "");
+        assert!(!e.try_fallback() && !e.endpoint_down(), "a 500 may be the record's own");
     }
 
     #[test]
@@ -496,6 +540,18 @@ mod tests {
             a.contains(&("x-api-key", "k".to_string()))
                 && a.contains(&("anthropic-version", ANTHROPIC_VERSION.to_string()))
         );
+    }
+
+    #[test]
+    fn retry_after_prefers_milliseconds() {
+        let mut h = reqwest::header::HeaderMap::new();
+        h.insert("retry-after", "1".parse().unwrap());
+        assert_eq!(retry_after(&h), Some(Duration::from_secs(1)));
+        h.insert("retry-after-ms", "250".parse().unwrap());
+        assert_eq!(retry_after(&h), Some(Duration::from_millis(250)));
+        let mut h = reqwest::header::HeaderMap::new();
+        h.insert("x-ratelimit-reset-requests", "1.5s".parse().unwrap());
+        assert_eq!(retry_after(&h), Some(Duration::from_millis(1500)));
     }
 
     #[test]

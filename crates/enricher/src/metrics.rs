@@ -18,6 +18,12 @@ pub struct EnricherMetrics {
     pub llm_cost: Counter<f64, std::sync::atomic::AtomicU64>,
     pub llm_latency: Histogram,
     pub in_flight: Gauge,
+    /// Flow control's concurrency limit now.
+    pub concurrency_limit: Gauge,
+    /// Calls that had to wait for their turn, by cause.
+    pub flow_waits: Family<Labels, Counter>,
+    /// Calls answered by a fallback model, by model.
+    pub fallbacks: Family<Labels, Counter>,
     /// 1 while the LLM circuit breaker is open.
     pub breaker_open: Gauge,
     /// Records read from the retry topic and held until they are due.
@@ -45,6 +51,9 @@ impl EnricherMetrics {
             llm_cost: Counter::default(),
             llm_latency: Histogram::new([0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0, 10.0, 30.0]),
             in_flight: Gauge::default(),
+            concurrency_limit: Gauge::default(),
+            flow_waits: Family::default(),
+            fallbacks: Family::default(),
             breaker_open: Gauge::default(),
             retries_waiting: Gauge::default(),
             retries_scheduled: Counter::default(),
@@ -70,6 +79,21 @@ impl EnricherMetrics {
         );
         registry.register("enrich_llm_latency_seconds", "LLM call latency", m.llm_latency.clone());
         registry.register("enrich_in_flight", "LLM calls in flight", m.in_flight.clone());
+        registry.register(
+            "enrich_llm_concurrency_limit",
+            "Flow control's limit on LLM calls in flight (adaptive)",
+            m.concurrency_limit.clone(),
+        );
+        registry.register(
+            "enrich_llm_flow_waits",
+            "LLM calls that waited for their turn, by cause (concurrency, requests_per_minute, tokens_per_minute, retry_after)",
+            m.flow_waits.clone(),
+        );
+        registry.register(
+            "enrich_llm_fallbacks",
+            "LLM calls answered by a fallback model, by model",
+            m.fallbacks.clone(),
+        );
         registry.register("enrich_llm_breaker_open", "1 while the LLM circuit breaker is open", m.breaker_open.clone());
         registry.register(
             "enrich_retries_waiting",
@@ -106,6 +130,14 @@ impl EnricherMetrics {
 
     pub fn cost(&self, usd: f64) {
         self.llm_cost.inc_by(usd);
+    }
+
+    pub fn flow_wait(&self, cause: &str) {
+        inc(&self.flow_waits, "cause", cause);
+    }
+
+    pub fn fallback(&self, model: &str) {
+        inc(&self.fallbacks, "model", model);
     }
 
     pub fn llm_call(&self, outcome: &str) {

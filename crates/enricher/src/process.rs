@@ -17,9 +17,9 @@ use std::time::Duration;
 
 use crate::breaker::{Admission, Breaker, Transition};
 use crate::cache::ResponseCache;
-use crate::llm::{LlmClient, LlmError};
+use crate::llm::{Completion, LlmClient, LlmError};
 use crate::metrics::EnricherMetrics;
-use crate::prompt::{PromptTemplate, Repair};
+use crate::prompt::{Prompt, PromptTemplate, Repair};
 use crate::store::{KeyState, Step, Store, StoredResult};
 use crate::strict::BlockCheck;
 use crate::validate::OutputValidator;
@@ -41,8 +41,9 @@ pub struct Enricher {
     pub results_topic: String,
     pub dlq_topic: String,
     pub metrics: EnricherMetrics,
-    /// `enricher.max_in_flight` permits: LLM calls in flight.
-    pub llm_slots: tokio::sync::Semaphore,
+    /// Flow control of the LLM calls: the adaptive concurrency limit (at most
+    /// `enricher.max_in_flight`), the rate buckets, a 429's hold.
+    pub flow: crate::flow::Flow,
     pub breaker: Breaker,
     /// `enricher.failpoints`: testing only.
     pub failpoints: bool,
@@ -492,97 +493,14 @@ impl Enricher {
             loop {
                 let repairing = prompt.repair.is_some();
                 let step_name = if repairing { "llm_repair" } else { "llm_call" };
-                // The LLM slot is held for the call only: storing and producing other records
-                // overlaps with calls in flight.
-                let (called, elapsed) = {
-                    // The budget first: the call's estimated cost is reserved in every window.
-                    let reservation = match &self.budgets {
-                        Some(budgets) => {
-                            let chars = prompt.system.len() + prompt.user.len();
-                            let estimate = self.llm.cost_usd((chars / 4 + 16) as u32, self.llm.max_output_tokens());
-                            match budgets.reserve(estimate).await.map_err(AttemptError::Db)? {
-                                Ok(r) => Some(r),
-                                Err(wait) => return Err(AttemptError::Budget(wait)),
-                            }
-                        }
-                        None => None,
-                    };
-                    if self.metrics.budget_exhausted.get() == 1 {
-                        self.metrics.budget_exhausted.set(0);
-                        self.state.set_condition("budget", None);
-                    }
-                    let _slot = self.llm_slots.acquire().await.map_err(|e| AttemptError::Db(e.into()))?;
-                    let mut call = span.child(
-                        format!("chat {}", self.llm.model()),
-                        SpanKind::Client,
-                        vec![
-                            KeyValue::new(attr::GEN_AI_OPERATION, "chat"),
-                            KeyValue::new(attr::GEN_AI_PROVIDER, self.llm.provider()),
-                            KeyValue::new(attr::GEN_AI_REQUEST_MODEL, self.llm.model().to_string()),
-                            KeyValue::new(attr::IDEMPOTENCY_KEY, key.clone()),
-                            KeyValue::new(attr::ATTEMPT, i64::from(attempt)),
-                        ],
-                    );
-                    if self.capture_content {
-                        let messages = serde_json::json!([
-                            {"role": "system", "content": prompt.system},
-                            {"role": "user", "content": prompt.user},
-                        ]);
-                        call.set([KeyValue::new(attr::GEN_AI_INPUT_MESSAGES, messages.to_string())]);
-                    }
-                    let started = std::time::Instant::now();
-                    self.metrics.in_flight.inc();
-                    let called = self.llm.complete(&prompt).instrument(call.log_span()).await;
-                    self.metrics.in_flight.dec();
-                    match &called {
-                        Ok(c) => {
-                            call.set([
-                                KeyValue::new(attr::GEN_AI_RESPONSE_MODEL, c.model.clone()),
-                                KeyValue::new(attr::GEN_AI_INPUT_TOKENS, i64::from(c.input_tokens)),
-                                KeyValue::new(attr::GEN_AI_OUTPUT_TOKENS, i64::from(c.output_tokens)),
-                                KeyValue::new(attr::COST_USD, self.llm.cost_usd(c.input_tokens, c.output_tokens)),
-                            ]);
-                            if self.capture_content {
-                                let messages = serde_json::json!([{"role": "assistant", "content": c.content}]);
-                                call.set([KeyValue::new(attr::GEN_AI_OUTPUT_MESSAGES, messages.to_string())]);
-                            }
-                        }
-                        Err(e) => call.fail(e.error.to_string()),
-                    }
-                    if let (Some(budgets), Some(r)) = (&self.budgets, reservation) {
-                        let actual =
-                            called.as_ref().map_or(0.0, |c| self.llm.cost_usd(c.input_tokens, c.output_tokens));
-                        budgets.settle(r, actual).await.map_err(AttemptError::Db)?;
-                    }
-                    (called, started.elapsed())
-                };
-                self.metrics.llm_latency.observe(elapsed.as_secs_f64());
-                let completion = match called {
-                    Ok(c) => c,
+                let (completion, model) = match self.call(&prompt, span, key, attempt, step_name, &mut steps).await? {
+                    Ok(answered) => answered,
                     Err(e) => {
-                        self.metrics.llm_call(e.error.reason);
-                        steps.push(
-                            Step::llm_call(attempt, elapsed, self.llm.model())
-                                .named(step_name)
-                                .failed(e.error.to_string()),
-                        );
                         self.store.record_steps(key, &steps).await?;
                         return Err(AttemptError::Llm(e));
                     }
                 };
-                self.metrics.llm_call("ok");
-                self.metrics.tokens(completion.input_tokens, completion.output_tokens);
-                let cost = self.llm.cost_usd(completion.input_tokens, completion.output_tokens);
-                self.metrics.cost(cost);
                 tokens = (tokens.0 + completion.input_tokens, tokens.1 + completion.output_tokens);
-                let model =
-                    if completion.model.is_empty() { self.llm.model().to_string() } else { completion.model.clone() };
-                steps.push(
-                    Step::llm_call(attempt, completion.latency, &model)
-                        .named(step_name)
-                        .tokens(completion.input_tokens, completion.output_tokens)
-                        .cost(cost),
-                );
                 match self.validator.validate(&completion.content) {
                     Ok(v) => {
                         steps.push(Step::validation(attempt));
@@ -629,6 +547,136 @@ impl Enricher {
             }
         };
         Ok((stored, tokens, cached))
+    }
+
+    /// One LLM call for `prompt`, moving on to the next fallback model while a model is
+    /// unavailable: flow control's turn (concurrency limit, rate buckets, a 429's hold),
+    /// the budget's reservation, the span, the metrics and one step per call. Returns the
+    /// answer and the model that gave it; `Err` only when no call could be made.
+    async fn call(
+        &self,
+        prompt: &Prompt,
+        span: &RecordSpan,
+        key: &str,
+        attempt: i32,
+        step_name: &'static str,
+        steps: &mut Vec<Step>,
+    ) -> Result<Result<(Completion, String), LlmError>, AttemptError> {
+        let repair_chars = prompt.repair.as_ref().map_or(0, |r| r.previous.len() + r.error.len() + 200);
+        let estimated_input = ((prompt.system.len() + prompt.user.len() + repair_chars) / 4 + 16) as u32;
+        let models = self.llm.models();
+        let mut index = 0;
+        loop {
+            let model = models[index].as_str();
+            // The call's turn: it holds a slot from here to its answer, so storing and
+            // producing other records overlaps with calls in flight.
+            let wait = |cause: crate::flow::WaitCause| self.metrics.flow_wait(cause.as_str());
+            let Some(permit) =
+                self.flow.admit(estimated_input + self.llm.max_output_tokens(), &self.shutdown, wait).await
+            else {
+                return Err(AttemptError::Db(anyhow::anyhow!("shutting down while {key} waits for its LLM call")));
+            };
+            // The call's estimated cost is reserved in every budget window.
+            let reservation = match &self.budgets {
+                Some(budgets) => {
+                    let estimate = self.llm.cost_usd(index, estimated_input, self.llm.max_output_tokens());
+                    match budgets.reserve(estimate).await.map_err(AttemptError::Db)? {
+                        Ok(r) => Some(r),
+                        Err(wait) => {
+                            permit.failed();
+                            return Err(AttemptError::Budget(wait));
+                        }
+                    }
+                }
+                None => None,
+            };
+            if self.metrics.budget_exhausted.get() == 1 {
+                self.metrics.budget_exhausted.set(0);
+                self.state.set_condition("budget", None);
+            }
+            let mut call = span.child(
+                format!("chat {model}"),
+                SpanKind::Client,
+                vec![
+                    KeyValue::new(attr::GEN_AI_OPERATION, "chat"),
+                    KeyValue::new(attr::GEN_AI_PROVIDER, self.llm.provider()),
+                    KeyValue::new(attr::GEN_AI_REQUEST_MODEL, model.to_string()),
+                    KeyValue::new(attr::IDEMPOTENCY_KEY, key.to_string()),
+                    KeyValue::new(attr::ATTEMPT, i64::from(attempt)),
+                ],
+            );
+            if self.capture_content {
+                let messages = serde_json::json!([
+                    {"role": "system", "content": prompt.system},
+                    {"role": "user", "content": prompt.user},
+                ]);
+                call.set([KeyValue::new(attr::GEN_AI_INPUT_MESSAGES, messages.to_string())]);
+            }
+            let started = std::time::Instant::now();
+            self.metrics.in_flight.inc();
+            let called = self.llm.complete(prompt, index).instrument(call.log_span()).await;
+            self.metrics.in_flight.dec();
+            let elapsed = started.elapsed();
+            self.metrics.llm_latency.observe(elapsed.as_secs_f64());
+            let cost = called.as_ref().map_or(0.0, |c| self.llm.cost_usd(index, c.input_tokens, c.output_tokens));
+            match &called {
+                Ok(c) => {
+                    permit.answered(c.latency, c.input_tokens + c.output_tokens);
+                    call.set([
+                        KeyValue::new(attr::GEN_AI_RESPONSE_MODEL, c.model.clone()),
+                        KeyValue::new(attr::GEN_AI_INPUT_TOKENS, i64::from(c.input_tokens)),
+                        KeyValue::new(attr::GEN_AI_OUTPUT_TOKENS, i64::from(c.output_tokens)),
+                        KeyValue::new(attr::COST_USD, cost),
+                    ]);
+                    if self.capture_content {
+                        let messages = serde_json::json!([{"role": "assistant", "content": c.content}]);
+                        call.set([KeyValue::new(attr::GEN_AI_OUTPUT_MESSAGES, messages.to_string())]);
+                    }
+                }
+                Err(e) => {
+                    if e.error.reason == "rate_limited" {
+                        permit.rate_limited(e.retry_after);
+                    } else {
+                        permit.failed();
+                    }
+                    call.fail(e.error.to_string());
+                }
+            }
+            drop(call);
+            if let (Some(budgets), Some(r)) = (&self.budgets, reservation) {
+                budgets.settle(r, cost).await.map_err(AttemptError::Db)?;
+            }
+            match called {
+                Ok(c) => {
+                    self.metrics.llm_call("ok");
+                    self.metrics.tokens(c.input_tokens, c.output_tokens);
+                    self.metrics.cost(cost);
+                    let answered_by = if c.model.is_empty() { model.to_string() } else { c.model.clone() };
+                    steps.push(
+                        Step::llm_call(attempt, c.latency, &answered_by)
+                            .named(step_name)
+                            .tokens(c.input_tokens, c.output_tokens)
+                            .cost(cost),
+                    );
+                    if index > 0 {
+                        self.metrics.fallback(model);
+                    }
+                    return Ok(Ok((c, answered_by)));
+                }
+                Err(e) => {
+                    self.metrics.llm_call(e.error.reason);
+                    steps.push(Step::llm_call(attempt, elapsed, model).named(step_name).failed(e.error.to_string()));
+                    if e.try_fallback()
+                        && let Some(next) = models.get(index + 1)
+                    {
+                        tracing::warn!(idempotency_key = %key, model, next = %next, error = %e, "model unavailable; trying the next fallback model");
+                        index += 1;
+                        continue;
+                    }
+                    return Ok(Err(e));
+                }
+            }
+        }
     }
 
     async fn emit(

@@ -144,6 +144,13 @@ mod tests {
             cache_ttl_secs: 0,
             budgets: Vec::new(),
             output_usd_per_mtok: 0.0,
+            fallback_models: Vec::new(),
+            prices: Default::default(),
+            requests_per_minute: 0,
+            tokens_per_minute: 0,
+            adaptive_concurrency: true,
+            min_concurrency: 1,
+            latency_tolerance: 2.0,
         }
     }
 

@@ -394,7 +394,7 @@ async fn answer(state: &AppState, api: Api, headers: &axum::http::HeaderMap, bod
         return response;
     }
     let faults = state.faults.lock().map(|f| f.clone()).unwrap_or_default();
-    if faults.unavailable_models.iter().any(|m| *m == model) {
+    if faults.unavailable_models.contains(&model) {
         state.counters.failed.fetch_add(1, Ordering::SeqCst);
         // Anthropic says "overloaded" with 529; OpenAI-compatible servers 503.
         let status = if api == Api::Anthropic { 529 } else { 503 };

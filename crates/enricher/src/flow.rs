@@ -1,0 +1,430 @@
+//! Flow control of the calls to the LLM endpoint, in one place: a concurrency limit that
+//! adapts (AIMD), requests-per-minute and tokens-per-minute buckets, and the hold a 429's
+//! `Retry-After` puts on every call. A call waits here for its turn; while it waits the
+//! record holds its place in the scheduler, so the partitions' buffers fill and pause:
+//! under a 429 storm consumption slows down instead of retries burning.
+//!
+//! The limit starts at `enricher.max_in_flight` and moves between `llm.min_concurrency`
+//! and that ceiling:
+//! - a 429 halves it, once per round: only a call started after the last decrease can
+//!   decrease it again (the 429s of calls already in flight are one congestion event);
+//! - rising latency (the recent average past `llm.latency_tolerance` times the long-run
+//!   one) takes a tenth off, with the same once-per-round rule;
+//! - every answered call while the limit is in use adds `1 / limit` (one per round).
+
+use enrich_common::shutdown::Shutdown;
+use std::sync::Mutex;
+use std::time::Duration;
+use tokio::sync::Notify;
+use tokio::time::Instant;
+
+/// Longest hold a `Retry-After` can put on the endpoint.
+const MAX_HOLD: Duration = Duration::from_secs(60);
+/// Hold after a 429 that names no wait.
+const DEFAULT_HOLD: Duration = Duration::from_millis(500);
+/// Answers needed before latency can count as rising.
+const LATENCY_WARMUP: u64 = 20;
+
+#[derive(Debug, Clone)]
+pub struct FlowSettings {
+    pub max_concurrency: usize,
+    pub min_concurrency: usize,
+    pub adaptive: bool,
+    /// 0: latency is not a signal.
+    pub latency_tolerance: f64,
+    pub requests_per_minute: u32,
+    pub tokens_per_minute: u32,
+}
+
+/// What made a call wait (for `enrich_llm_flow_waits`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum WaitCause {
+    Concurrency,
+    RequestsPerMinute,
+    TokensPerMinute,
+    RetryAfter,
+}
+
+impl WaitCause {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            WaitCause::Concurrency => "concurrency",
+            WaitCause::RequestsPerMinute => "requests_per_minute",
+            WaitCause::TokensPerMinute => "tokens_per_minute",
+            WaitCause::RetryAfter => "retry_after",
+        }
+    }
+}
+
+/// A token bucket refilled continuously, holding one second's allowance (at least one
+/// call's worth is let through a full bucket, which may go into debt).
+#[derive(Debug)]
+struct Bucket {
+    per_sec: f64,
+    capacity: f64,
+    level: f64,
+    at: Instant,
+}
+
+impl Bucket {
+    fn new(per_minute: u32, now: Instant) -> Self {
+        let per_sec = f64::from(per_minute) / 60.0;
+        let capacity = per_sec.max(1.0);
+        Self { per_sec, capacity, level: capacity, at: now }
+    }
+
+    fn refill(&mut self, now: Instant) {
+        let elapsed = now.saturating_duration_since(self.at).as_secs_f64();
+        self.level = (self.level + elapsed * self.per_sec).min(self.capacity);
+        self.at = now;
+    }
+
+    fn wait_for(&self, n: f64) -> Duration {
+        let missing = n.min(self.capacity) - self.level;
+        if missing <= 0.0 { Duration::ZERO } else { Duration::from_secs_f64(missing / self.per_sec) }
+    }
+
+    fn add(&mut self, n: f64) {
+        self.level = (self.level + n).min(self.capacity);
+    }
+}
+
+/// An exponentially weighted moving average.
+#[derive(Debug, Clone, Copy, Default)]
+struct Ewma(Option<f64>);
+
+impl Ewma {
+    fn update(&mut self, x: f64, alpha: f64) -> f64 {
+        let v = match self.0 {
+            None => x,
+            Some(v) => v + alpha * (x - v),
+        };
+        self.0 = Some(v);
+        v
+    }
+}
+
+#[derive(Debug)]
+struct State {
+    in_flight: usize,
+    limit: f64,
+    hold_until: Option<Instant>,
+    last_decrease: Option<Instant>,
+    recent: Ewma,
+    long_run: Ewma,
+    answers: u64,
+    requests: Option<Bucket>,
+    tokens: Option<Bucket>,
+}
+
+pub struct Flow {
+    settings: FlowSettings,
+    state: Mutex<State>,
+    changed: Notify,
+    /// Called with the new limit whenever it changes (the metric).
+    on_limit: Box<dyn Fn(usize) + Send + Sync>,
+}
+
+/// One admitted call. Dropping it frees its slot; report how it ended first.
+pub struct Permit<'a> {
+    flow: &'a Flow,
+    started: Instant,
+    estimated_tokens: u32,
+}
+
+impl Flow {
+    pub fn new(settings: FlowSettings, on_limit: Box<dyn Fn(usize) + Send + Sync>) -> Self {
+        let now = Instant::now();
+        let state = State {
+            in_flight: 0,
+            limit: settings.max_concurrency as f64,
+            hold_until: None,
+            last_decrease: None,
+            recent: Ewma::default(),
+            long_run: Ewma::default(),
+            answers: 0,
+            requests: (settings.requests_per_minute > 0).then(|| Bucket::new(settings.requests_per_minute, now)),
+            tokens: (settings.tokens_per_minute > 0).then(|| Bucket::new(settings.tokens_per_minute, now)),
+        };
+        on_limit(settings.max_concurrency);
+        Self { settings, state: Mutex::new(state), changed: Notify::new(), on_limit }
+    }
+
+    /// The current concurrency limit.
+    pub fn limit(&self) -> usize {
+        self.state.lock().map(|s| s.limit as usize).unwrap_or(self.settings.max_concurrency)
+    }
+
+    /// Waits until a call estimated at `estimated_tokens` may start; None if shutdown
+    /// came first. `waited` hears each cause that made it wait.
+    pub async fn admit(
+        &self,
+        estimated_tokens: u32,
+        shutdown: &Shutdown,
+        waited: impl Fn(WaitCause),
+    ) -> Option<Permit<'_>> {
+        let mut last_cause = None;
+        loop {
+            let notified = self.changed.notified();
+            tokio::pin!(notified);
+            notified.as_mut().enable();
+            let (cause, wait) = {
+                let Ok(mut s) = self.state.lock() else {
+                    return Some(Permit { flow: self, started: Instant::now(), estimated_tokens: 0 });
+                };
+                match self.try_admit(&mut s, estimated_tokens, Instant::now()) {
+                    Ok(()) => return Some(Permit { flow: self, started: Instant::now(), estimated_tokens }),
+                    Err(w) => w,
+                }
+            };
+            if last_cause != Some(cause) {
+                waited(cause);
+                last_cause = Some(cause);
+            }
+            let sleep = async {
+                match wait {
+                    Some(d) => tokio::time::sleep(d).await,
+                    None => std::future::pending().await,
+                }
+            };
+            tokio::select! {
+                _ = shutdown.cancelled() => return None,
+                _ = &mut notified => {}
+                _ = sleep => {}
+            }
+        }
+    }
+
+    /// Takes a slot and the buckets' allowance, or says what is missing and for how long
+    /// (None: until a slot frees).
+    fn try_admit(&self, s: &mut State, tokens: u32, now: Instant) -> Result<(), (WaitCause, Option<Duration>)> {
+        if let Some(until) = s.hold_until {
+            if until > now {
+                return Err((WaitCause::RetryAfter, Some(until - now)));
+            }
+            s.hold_until = None;
+        }
+        if s.in_flight >= (s.limit as usize).max(1) {
+            return Err((WaitCause::Concurrency, None));
+        }
+        let need = f64::from(tokens);
+        if let Some(b) = &mut s.requests {
+            b.refill(now);
+            let w = b.wait_for(1.0);
+            if !w.is_zero() {
+                return Err((WaitCause::RequestsPerMinute, Some(w)));
+            }
+        }
+        if let Some(b) = &mut s.tokens {
+            b.refill(now);
+            let w = b.wait_for(need);
+            if !w.is_zero() {
+                return Err((WaitCause::TokensPerMinute, Some(w)));
+            }
+        }
+        if let Some(b) = &mut s.requests {
+            b.level -= 1.0;
+        }
+        if let Some(b) = &mut s.tokens {
+            b.level -= need;
+        }
+        s.in_flight += 1;
+        Ok(())
+    }
+
+    fn set_limit(&self, s: &mut State, limit: f64) {
+        let limit = limit.clamp(self.settings.min_concurrency as f64, self.settings.max_concurrency as f64);
+        let before = s.limit as usize;
+        s.limit = limit;
+        if limit as usize != before {
+            (self.on_limit)(limit as usize);
+        }
+    }
+
+    /// A decrease, unless one was made after this call started.
+    fn decrease(&self, s: &mut State, started: Instant, factor: f64) -> bool {
+        if !self.settings.adaptive || s.last_decrease.is_some_and(|t| started <= t) {
+            return false;
+        }
+        s.last_decrease = Some(Instant::now());
+        let limit = s.limit * factor;
+        self.set_limit(s, limit);
+        true
+    }
+}
+
+impl Permit<'_> {
+    /// The call was answered after `latency`, using `tokens` in all.
+    pub fn answered(self, latency: Duration, tokens: u32) {
+        let flow = self.flow;
+        if let Ok(mut s) = flow.state.lock() {
+            if let Some(b) = &mut s.tokens {
+                b.add(f64::from(self.estimated_tokens) - f64::from(tokens));
+            }
+            let x = latency.as_secs_f64();
+            let recent = s.recent.update(x, 0.1);
+            let long_run = s.long_run.update(x, 0.01);
+            s.answers += 1;
+            let slow = flow.settings.latency_tolerance > 0.0
+                && s.answers > LATENCY_WARMUP
+                && recent > flow.settings.latency_tolerance * long_run;
+            if !(slow && flow.decrease(&mut s, self.started, 0.9))
+                && flow.settings.adaptive
+                && (s.in_flight as f64) * 2.0 >= s.limit
+            {
+                let limit = s.limit + 1.0 / s.limit;
+                flow.set_limit(&mut s, limit);
+            }
+        }
+    }
+
+    /// The endpoint answered 429: every call waits `retry_after` (or a short default), and
+    /// the limit halves.
+    pub fn rate_limited(self, retry_after: Option<Duration>) {
+        let flow = self.flow;
+        if let Ok(mut s) = flow.state.lock() {
+            let until = Instant::now() + retry_after.unwrap_or(DEFAULT_HOLD).min(MAX_HOLD);
+            s.hold_until = Some(s.hold_until.map_or(until, |u| u.max(until)));
+            flow.decrease(&mut s, self.started, 0.5);
+        }
+    }
+
+    /// The call failed otherwise: no answer was paid for, give the tokens back.
+    pub fn failed(self) {
+        if let Ok(mut s) = self.flow.state.lock()
+            && let Some(b) = &mut s.tokens
+        {
+            b.add(f64::from(self.estimated_tokens));
+        }
+    }
+}
+
+impl Drop for Permit<'_> {
+    fn drop(&mut self) {
+        if let Ok(mut s) = self.flow.state.lock() {
+            s.in_flight = s.in_flight.saturating_sub(1);
+        }
+        self.flow.changed.notify_waiters();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
+    fn flow(max: usize, rpm: u32, tpm: u32) -> (Flow, Arc<AtomicUsize>) {
+        let seen = Arc::new(AtomicUsize::new(0));
+        let s = seen.clone();
+        let settings = FlowSettings {
+            max_concurrency: max,
+            min_concurrency: 1,
+            adaptive: true,
+            latency_tolerance: 2.0,
+            requests_per_minute: rpm,
+            tokens_per_minute: tpm,
+        };
+        (Flow::new(settings, Box::new(move |l| s.store(l, Ordering::SeqCst))), seen)
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_429_halves_the_limit_once_per_round_and_answers_grow_it_back() {
+        let (flow, limit) = flow(16, 0, 0);
+        let shutdown = Shutdown::new();
+        assert_eq!(limit.load(Ordering::SeqCst), 16);
+        let mut permits = Vec::new();
+        for _ in 0..16 {
+            permits.push(flow.admit(0, &shutdown, |_| {}).await.unwrap());
+        }
+        // Sixteen calls of one round answer 429: one decrease.
+        for p in permits.drain(..) {
+            p.rate_limited(Some(Duration::from_millis(100)));
+        }
+        assert_eq!(flow.limit(), 8);
+        // Nobody starts during the hold.
+        let t = Instant::now();
+        let p = flow.admit(0, &shutdown, |_| {}).await.unwrap();
+        assert!(t.elapsed() >= Duration::from_millis(100));
+        // A call started after the decrease can decrease again.
+        p.rate_limited(None);
+        assert_eq!(flow.limit(), 4);
+        // Healthy answers with the limit in use grow it back by one per round.
+        for _ in 0..200 {
+            let batch: Vec<_> = futures_join(&flow, &shutdown, flow.limit()).await;
+            for p in batch {
+                p.answered(Duration::from_millis(50), 10);
+            }
+        }
+        assert_eq!(flow.limit(), 16);
+        assert_eq!(limit.load(Ordering::SeqCst), 16);
+    }
+
+    async fn futures_join<'a>(flow: &'a Flow, shutdown: &Shutdown, n: usize) -> Vec<Permit<'a>> {
+        let mut v = Vec::new();
+        for _ in 0..n {
+            v.push(flow.admit(0, shutdown, |_| {}).await.unwrap());
+        }
+        v
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn rising_latency_takes_the_limit_down() {
+        let (flow, _) = flow(10, 0, 0);
+        let shutdown = Shutdown::new();
+        for _ in 0..50 {
+            let batch = futures_join(&flow, &shutdown, 5).await;
+            for p in batch {
+                p.answered(Duration::from_millis(100), 10);
+            }
+        }
+        assert_eq!(flow.limit(), 10);
+        for _ in 0..10 {
+            let p = flow.admit(0, &shutdown, |_| {}).await.unwrap();
+            p.answered(Duration::from_millis(1000), 10);
+        }
+        assert!(flow.limit() < 10, "limit {}", flow.limit());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn the_buckets_pace_calls() {
+        // 120 requests per minute: two per second after the first second's two.
+        let (flow, _) = flow(100, 120, 0);
+        let shutdown = Shutdown::new();
+        let t = Instant::now();
+        let causes = std::sync::Mutex::new(Vec::new());
+        for _ in 0..6 {
+            flow.admit(0, &shutdown, |c| causes.lock().unwrap().push(c)).await.unwrap().answered(Duration::ZERO, 0);
+        }
+        let elapsed = t.elapsed();
+        assert!(elapsed >= Duration::from_secs(2) && elapsed < Duration::from_millis(2100), "{elapsed:?}");
+        assert!(causes.lock().unwrap().iter().all(|c| *c == WaitCause::RequestsPerMinute));
+        // Tokens: 600 per minute is 10 per second; a call estimated at 10 waits a second
+        // after the first, and the real use is settled after it.
+        let (flow, _) = flow_tokens();
+        let t = Instant::now();
+        flow.admit(10, &shutdown, |_| {}).await.unwrap().answered(Duration::ZERO, 5);
+        // 5 given back: the next 10 need half a second.
+        flow.admit(10, &shutdown, |_| {}).await.unwrap().answered(Duration::ZERO, 10);
+        assert_eq!(t.elapsed(), Duration::from_millis(500));
+    }
+
+    fn flow_tokens() -> (Flow, Arc<AtomicUsize>) {
+        flow(100, 0, 600)
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_full_limit_waits_for_a_slot() {
+        let (flow, _) = flow(2, 0, 0);
+        let shutdown = Shutdown::new();
+        let a = flow.admit(0, &shutdown, |_| {}).await.unwrap();
+        let _b = flow.admit(0, &shutdown, |_| {}).await.unwrap();
+        let third = flow.admit(0, &shutdown, |_| {});
+        tokio::pin!(third);
+        assert!(tokio::time::timeout(Duration::from_secs(1), &mut third).await.is_err(), "no third slot");
+        drop(a);
+        let _c = tokio::time::timeout(Duration::from_secs(1), third).await.expect("the freed slot is taken");
+        shutdown.cancel();
+        assert!(flow.admit(0, &shutdown, |_| {}).await.is_none(), "shutdown ends the wait");
+    }
+}
