@@ -254,26 +254,6 @@ async fn a_delayed_retry_and_a_replayed_dead_letter_stay_in_their_records_traces
     Ok(())
 }
 
-/// `name{labels} value` samples of a Prometheus text exposition; panics on a line that
-/// is neither a comment nor a sample.
-fn parse_metrics(text: &str) -> HashMap<String, f64> {
-    let mut samples = HashMap::new();
-    for line in text.lines().filter(|l| !l.is_empty() && !l.starts_with('#')) {
-        let (series, value) = line.rsplit_once(' ').unwrap_or_else(|| panic!("not a sample: {line:?}"));
-        let name_ok = series
-            .split('{')
-            .next()
-            .is_some_and(|n| !n.is_empty() && n.chars().all(|c| c.is_ascii_alphanumeric() || c == '_' || c == ':'));
-        assert!(name_ok, "bad metric name in {line:?}");
-        if let Some(labels) = series.split_once('{').map(|(_, l)| l) {
-            assert!(labels.ends_with('}'), "unclosed labels in {line:?}");
-        }
-        let value: f64 = value.parse().unwrap_or_else(|e| panic!("bad value in {line:?}: {e}"));
-        samples.insert(series.to_string(), value);
-    }
-    samples
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn metrics_parse_and_count_the_run_and_the_history_shows_every_stage() -> anyhow::Result<()> {
     const UNIQUE: usize = 40;
@@ -300,10 +280,7 @@ async fn metrics_parse_and_count_the_run_and_the_history_shows_every_stage() -> 
             .then_some(()))
     })
     .await?;
-    let scrape = |port: u16| async move {
-        let text = reqwest::get(format!("http://127.0.0.1:{port}/metrics")).await?.text().await?;
-        anyhow::Ok(parse_metrics(&text))
-    };
+    let scrape = enrich_e2e::scrape_metrics;
     let (ingest, enricher, publisher) = (scrape(ports[0]).await?, scrape(ports[1]).await?, scrape(ports[2]).await?);
     let topics = &env.settings.topics;
     let get = |m: &HashMap<String, f64>, series: &str| m.get(series).copied().unwrap_or_else(|| panic!("{series}"));

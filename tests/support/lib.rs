@@ -237,3 +237,29 @@ where
         }
     }
 }
+
+/// `name{labels} value` samples of a Prometheus text exposition; panics on a line that
+/// is neither a comment nor a sample.
+pub fn parse_metrics(text: &str) -> std::collections::HashMap<String, f64> {
+    let mut samples = std::collections::HashMap::new();
+    for line in text.lines().filter(|l| !l.is_empty() && !l.starts_with('#')) {
+        let (series, value) = line.rsplit_once(' ').unwrap_or_else(|| panic!("not a sample: {line:?}"));
+        let name_ok = series
+            .split('{')
+            .next()
+            .is_some_and(|n| !n.is_empty() && n.chars().all(|c| c.is_ascii_alphanumeric() || c == '_' || c == ':'));
+        assert!(name_ok, "bad metric name in {line:?}");
+        if let Some(labels) = series.split_once('{').map(|(_, l)| l) {
+            assert!(labels.ends_with('}'), "unclosed labels in {line:?}");
+        }
+        let value: f64 = value.parse().unwrap_or_else(|e| panic!("bad value in {line:?}: {e}"));
+        samples.insert(series.to_string(), value);
+    }
+    samples
+}
+
+/// The samples of a stage's `/metrics` on `port`.
+pub async fn scrape_metrics(port: u16) -> anyhow::Result<std::collections::HashMap<String, f64>> {
+    let text = reqwest::get(format!("http://127.0.0.1:{port}/metrics")).await?.text().await?;
+    Ok(parse_metrics(&text))
+}

@@ -11,6 +11,13 @@
 //! - rising latency (the recent average past `llm.latency_tolerance` times the long-run
 //!   one) takes a tenth off, with the same once-per-round rule;
 //! - every answered call while the limit is in use adds `1 / limit` (one per round).
+//!
+//! The rate buckets run at `llm.requests_per_minute` / `llm.tokens_per_minute`, or at the
+//! limits the provider declares in its `x-ratelimit-limit-*` (OpenAI) or
+//! `anthropic-ratelimit-*-limit` headers when those are lower or nothing is configured. A
+//! concurrency limit alone cannot keep fast calls under a rate limit (one call at a time
+//! of 20 ms is 50 a second), so the rate is adaptive too: a 429 takes a fifth off it (with
+//! the same once-per-round rule) and every answered call gives back 2% of it.
 
 use enrich_common::shutdown::Shutdown;
 use std::sync::Mutex;
@@ -60,7 +67,8 @@ impl WaitCause {
 /// call's worth is let through a full bucket, which may go into debt).
 #[derive(Debug)]
 struct Bucket {
-    per_sec: f64,
+    /// The rate configured or declared by the provider, per minute.
+    per_minute: u32,
     capacity: f64,
     level: f64,
     at: Instant,
@@ -68,20 +76,32 @@ struct Bucket {
 
 impl Bucket {
     fn new(per_minute: u32, now: Instant) -> Self {
-        let per_sec = f64::from(per_minute) / 60.0;
-        let capacity = per_sec.max(1.0);
-        Self { per_sec, capacity, level: capacity, at: now }
+        let capacity = (f64::from(per_minute) / 60.0).max(1.0);
+        Self { per_minute, capacity, level: capacity, at: now }
     }
 
-    fn refill(&mut self, now: Instant) {
+    /// The refill rate per second, scaled by the adaptive factor.
+    fn per_sec(&self, factor: f64) -> f64 {
+        f64::from(self.per_minute) / 60.0 * factor
+    }
+
+    fn refill(&mut self, now: Instant, factor: f64) {
         let elapsed = now.saturating_duration_since(self.at).as_secs_f64();
-        self.level = (self.level + elapsed * self.per_sec).min(self.capacity);
+        self.level = (self.level + elapsed * self.per_sec(factor)).min(self.capacity);
         self.at = now;
     }
 
-    fn wait_for(&self, n: f64) -> Duration {
+    fn wait_for(&self, n: f64, factor: f64) -> Duration {
         let missing = n.min(self.capacity) - self.level;
-        if missing <= 0.0 { Duration::ZERO } else { Duration::from_secs_f64(missing / self.per_sec) }
+        if missing <= 0.0 { Duration::ZERO } else { Duration::from_secs_f64(missing / self.per_sec(factor)) }
+    }
+
+    /// Runs at a new rate from now on (what it holds is kept, up to the new capacity).
+    fn set_rate(&mut self, per_minute: u32, now: Instant, factor: f64) {
+        self.refill(now, factor);
+        self.per_minute = per_minute;
+        self.capacity = (f64::from(per_minute) / 60.0).max(1.0);
+        self.level = self.level.min(self.capacity);
     }
 
     fn add(&mut self, n: f64) {
@@ -115,7 +135,19 @@ struct State {
     answers: u64,
     requests: Option<Bucket>,
     tokens: Option<Bucket>,
+    /// The adaptive share of the buckets' rates, in [MIN_RATE_FACTOR, 1].
+    rate_factor: f64,
 }
+
+/// The limits a provider declares in its answers' headers.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct DeclaredLimits {
+    pub requests_per_minute: Option<u32>,
+    pub tokens_per_minute: Option<u32>,
+}
+
+/// The lowest share of the rate a run of 429s can bring the buckets to.
+const MIN_RATE_FACTOR: f64 = 0.1;
 
 pub struct Flow {
     settings: FlowSettings,
@@ -145,6 +177,7 @@ impl Flow {
             answers: 0,
             requests: (settings.requests_per_minute > 0).then(|| Bucket::new(settings.requests_per_minute, now)),
             tokens: (settings.tokens_per_minute > 0).then(|| Bucket::new(settings.tokens_per_minute, now)),
+            rate_factor: 1.0,
         };
         on_limit(settings.max_concurrency);
         Self { settings, state: Mutex::new(state), changed: Notify::new(), on_limit }
@@ -208,16 +241,17 @@ impl Flow {
             return Err((WaitCause::Concurrency, None));
         }
         let need = f64::from(tokens);
+        let factor = s.rate_factor;
         if let Some(b) = &mut s.requests {
-            b.refill(now);
-            let w = b.wait_for(1.0);
+            b.refill(now, factor);
+            let w = b.wait_for(1.0, factor);
             if !w.is_zero() {
                 return Err((WaitCause::RequestsPerMinute, Some(w)));
             }
         }
         if let Some(b) = &mut s.tokens {
-            b.refill(now);
-            let w = b.wait_for(need);
+            b.refill(now, factor);
+            let w = b.wait_for(need, factor);
             if !w.is_zero() {
                 return Err((WaitCause::TokensPerMinute, Some(w)));
             }
@@ -230,6 +264,34 @@ impl Flow {
         }
         s.in_flight += 1;
         Ok(())
+    }
+
+    /// Takes the limits the provider declared: a bucket runs at the declared rate when
+    /// nothing lower is configured.
+    pub fn learn(&self, declared: DeclaredLimits) {
+        let Ok(mut guard) = self.state.lock() else { return };
+        let s = &mut *guard;
+        let now = Instant::now();
+        let factor = s.rate_factor;
+        let pairs = [
+            (&mut s.requests, self.settings.requests_per_minute, declared.requests_per_minute),
+            (&mut s.tokens, self.settings.tokens_per_minute, declared.tokens_per_minute),
+        ];
+        for (bucket, configured, declared) in pairs {
+            let Some(declared) = declared.filter(|d| *d > 0) else { continue };
+            let rate = if configured > 0 { configured.min(declared) } else { declared };
+            match bucket {
+                Some(b) if b.per_minute != rate => {
+                    tracing::info!(per_minute = rate, "LLM rate limit taken from the provider's headers");
+                    b.set_rate(rate, now, factor);
+                }
+                Some(_) => {}
+                None => {
+                    tracing::info!(per_minute = rate, "LLM rate limit taken from the provider's headers");
+                    *bucket = Some(Bucket::new(rate, now));
+                }
+            }
+        }
     }
 
     fn set_limit(&self, s: &mut State, limit: f64) {
@@ -250,6 +312,15 @@ impl Flow {
         let limit = s.limit * factor;
         self.set_limit(s, limit);
         true
+    }
+
+    fn set_rate_factor(&self, s: &mut State, factor: f64) {
+        let now = Instant::now();
+        let before = s.rate_factor;
+        for b in [&mut s.requests, &mut s.tokens].into_iter().flatten() {
+            b.refill(now, before);
+        }
+        s.rate_factor = factor.clamp(MIN_RATE_FACTOR, 1.0);
     }
 }
 
@@ -275,6 +346,10 @@ impl Permit<'_> {
                 let limit = s.limit + 1.0 / s.limit;
                 flow.set_limit(&mut s, limit);
             }
+            if flow.settings.adaptive && s.rate_factor < 1.0 {
+                let factor = s.rate_factor + 0.02;
+                flow.set_rate_factor(&mut s, factor);
+            }
         }
     }
 
@@ -285,7 +360,10 @@ impl Permit<'_> {
         if let Ok(mut s) = flow.state.lock() {
             let until = Instant::now() + retry_after.unwrap_or(DEFAULT_HOLD).min(MAX_HOLD);
             s.hold_until = Some(s.hold_until.map_or(until, |u| u.max(until)));
-            flow.decrease(&mut s, self.started, 0.5);
+            if flow.decrease(&mut s, self.started, 0.5) {
+                let factor = s.rate_factor * 0.8;
+                flow.set_rate_factor(&mut s, factor);
+            }
         }
     }
 
@@ -411,6 +489,37 @@ mod tests {
 
     fn flow_tokens() -> (Flow, Arc<AtomicUsize>) {
         flow(100, 0, 600)
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn declared_limits_pace_calls_and_a_429_slows_the_rate() {
+        let (flow, _) = flow(100, 0, 0);
+        let shutdown = Shutdown::new();
+        flow.learn(DeclaredLimits { requests_per_minute: Some(120), tokens_per_minute: None });
+        // Two a second: the bucket's two, then one per 500 ms.
+        let t = Instant::now();
+        for _ in 0..4 {
+            flow.admit(0, &shutdown, |_| {}).await.unwrap().answered(Duration::ZERO, 0);
+        }
+        assert_eq!(t.elapsed(), Duration::from_secs(1));
+        // A 429 takes a fifth off the rate: the next call comes 625 ms later, not 500.
+        flow.admit(0, &shutdown, |_| {}).await.unwrap().rate_limited(Some(Duration::ZERO));
+        let t = Instant::now();
+        flow.admit(0, &shutdown, |_| {}).await.unwrap().answered(Duration::ZERO, 0);
+        let waited = t.elapsed().as_secs_f64();
+        assert!((waited - 0.625).abs() < 0.002, "{waited}");
+        // A configured rate lower than the declared one stays.
+        let (flow, _) = flow_with_rpm(60);
+        flow.learn(DeclaredLimits { requests_per_minute: Some(120), tokens_per_minute: None });
+        let t = Instant::now();
+        for _ in 0..3 {
+            flow.admit(0, &shutdown, |_| {}).await.unwrap().answered(Duration::ZERO, 0);
+        }
+        assert_eq!(t.elapsed(), Duration::from_secs(2), "one a second");
+    }
+
+    fn flow_with_rpm(rpm: u32) -> (Flow, Arc<AtomicUsize>) {
+        flow(100, rpm, 0)
     }
 
     #[tokio::test(start_paused = true)]

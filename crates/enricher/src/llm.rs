@@ -13,6 +13,7 @@ use serde::Deserialize;
 use serde_json::{Value, json};
 use std::time::{Duration, Instant};
 
+use crate::flow::DeclaredLimits;
 use crate::prompt::Prompt;
 
 /// A classified LLM failure, with the wait the server asked for, if any.
@@ -169,8 +170,15 @@ impl LlmClient {
         })
     }
 
-    /// One call to model number `model` (in [`Self::models`]).
-    pub async fn complete(&self, prompt: &Prompt, model: usize) -> Result<Completion, LlmError> {
+    /// One call to model number `model` (in [`Self::models`]), with the rate limits the
+    /// provider declared in the answer's headers.
+    pub async fn complete(&self, prompt: &Prompt, model: usize) -> (Result<Completion, LlmError>, DeclaredLimits) {
+        let mut declared = DeclaredLimits::default();
+        let result = self.send(prompt, model, &mut declared).await;
+        (result, declared)
+    }
+
+    async fn send(&self, prompt: &Prompt, model: usize, declared: &mut DeclaredLimits) -> Result<Completion, LlmError> {
         let shape = CallShape {
             model: self.models.get(model).unwrap_or(&self.models[0]),
             format: self.format,
@@ -188,6 +196,7 @@ impl LlmClient {
             request = request.header(name.clone(), value.clone());
         }
         let response = request.send().await.map_err(classify_transport)?;
+        *declared = declared_limits(response.headers());
         let status = response.status();
         let retry_after = retry_after(response.headers());
         let text = response.text().await.map_err(classify_transport)?;
@@ -370,6 +379,18 @@ pub fn classify_status(status: StatusCode, body: &str) -> LlmError {
     }
 }
 
+/// The per-minute limits in OpenAI's `x-ratelimit-limit-*` or Anthropic's
+/// `anthropic-ratelimit-*-limit` headers.
+fn declared_limits(headers: &reqwest::header::HeaderMap) -> DeclaredLimits {
+    let number = |names: [&str; 2]| {
+        names.iter().find_map(|n| headers.get(*n).and_then(|v| v.to_str().ok()).and_then(|v| v.trim().parse().ok()))
+    };
+    DeclaredLimits {
+        requests_per_minute: number(["x-ratelimit-limit-requests", "anthropic-ratelimit-requests-limit"]),
+        tokens_per_minute: number(["x-ratelimit-limit-tokens", "anthropic-ratelimit-tokens-limit"]),
+    }
+}
+
 /// `retry-after-ms` (OpenAI), `Retry-After` in seconds, or OpenAI's
 /// `x-ratelimit-reset-requests` such as `1s` or `6m0s`.
 fn retry_after(headers: &reqwest::header::HeaderMap) -> Option<Duration> {
@@ -540,6 +561,20 @@ mod tests {
             a.contains(&("x-api-key", "k".to_string()))
                 && a.contains(&("anthropic-version", ANTHROPIC_VERSION.to_string()))
         );
+    }
+
+    #[test]
+    fn declared_limits_are_read_from_either_api() {
+        let mut h = reqwest::header::HeaderMap::new();
+        h.insert("x-ratelimit-limit-requests", "500".parse().unwrap());
+        h.insert("x-ratelimit-limit-tokens", "30000".parse().unwrap());
+        assert_eq!(
+            declared_limits(&h),
+            DeclaredLimits { requests_per_minute: Some(500), tokens_per_minute: Some(30000) }
+        );
+        let mut h = reqwest::header::HeaderMap::new();
+        h.insert("anthropic-ratelimit-requests-limit", "50".parse().unwrap());
+        assert_eq!(declared_limits(&h), DeclaredLimits { requests_per_minute: Some(50), tokens_per_minute: None });
     }
 
     #[test]

@@ -614,7 +614,8 @@ impl Enricher {
             }
             let started = std::time::Instant::now();
             self.metrics.in_flight.inc();
-            let called = self.llm.complete(prompt, index).instrument(call.log_span()).await;
+            let (called, declared) = self.llm.complete(prompt, index).instrument(call.log_span()).await;
+            self.flow.learn(declared);
             self.metrics.in_flight.dec();
             let elapsed = started.elapsed();
             self.metrics.llm_latency.observe(elapsed.as_secs_f64());

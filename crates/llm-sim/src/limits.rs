@@ -21,11 +21,14 @@ pub struct RateLimits {
     pub tpm: u64,
     /// Seconds of allowance a bucket holds.
     pub burst_secs: f64,
+    /// Whether answers carry the `x-ratelimit-*` headers (a provider or gateway that
+    /// declares no limits sends `Retry-After` alone).
+    pub declare: bool,
 }
 
 impl Default for RateLimits {
     fn default() -> Self {
-        Self { rpm: 0, tpm: 0, burst_secs: 60.0 }
+        Self { rpm: 0, tpm: 0, burst_secs: 60.0, declare: true }
     }
 }
 
@@ -86,12 +89,13 @@ pub struct Verdict {
 pub struct Limiter {
     requests: Option<Bucket>,
     tokens: Option<Bucket>,
+    declare: bool,
 }
 
 impl Limiter {
     pub fn new(limits: RateLimits, now: Instant) -> Self {
         let bucket = |n: u64| (n > 0).then(|| Bucket::new(n, limits.burst_secs, now));
-        Self { requests: bucket(limits.rpm), tokens: bucket(limits.tpm) }
+        Self { requests: bucket(limits.rpm), tokens: bucket(limits.tpm), declare: limits.declare }
     }
 
     /// Takes one request and `tokens` if both are available.
@@ -119,6 +123,9 @@ impl Limiter {
 
     fn headers(&self) -> Vec<(&'static str, String)> {
         let mut h = Vec::new();
+        if !self.declare {
+            return h;
+        }
         if let Some(b) = &self.requests {
             h.push(("x-ratelimit-limit-requests", b.per_minute.to_string()));
             h.push(("x-ratelimit-remaining-requests", (b.level.max(0.0).floor() as u64).to_string()));
@@ -154,7 +161,7 @@ mod tests {
     #[test]
     fn requests_over_the_limit_wait_for_the_refill() {
         let t0 = Instant::now();
-        let mut l = Limiter::new(RateLimits { rpm: 120, tpm: 0, burst_secs: 1.0 }, t0);
+        let mut l = Limiter::new(RateLimits { rpm: 120, tpm: 0, burst_secs: 1.0, declare: true }, t0);
         // 120 per minute, one second's worth: two at once, then one every 500 ms.
         assert_eq!(l.check(10, t0).retry_after, None);
         assert_eq!(l.check(10, t0).retry_after, None);
@@ -168,7 +175,7 @@ mod tests {
     #[test]
     fn tokens_are_limited_and_a_large_request_goes_through_a_full_bucket() {
         let t0 = Instant::now();
-        let mut l = Limiter::new(RateLimits { rpm: 0, tpm: 600, burst_secs: 10.0 }, t0);
+        let mut l = Limiter::new(RateLimits { rpm: 0, tpm: 600, burst_secs: 10.0, declare: true }, t0);
         // 100 tokens of allowance, 10 per second.
         assert_eq!(l.check(60, t0).retry_after, None);
         assert_eq!(l.check(60, t0).retry_after, Some(Duration::from_secs(2)));

@@ -6,11 +6,12 @@ use llm_sim::Latency;
 
 const HELP: &str =
     "llm-sim [--bind ADDR] [--port N] [--latency SPEC | --latency-ms N] [--rate-429 F] [--rate-500 F] [--rate-hang F] [--no-markers]
-        [--rpm N] [--tpm N] [--burst-secs F] [--unavailable-model NAME]...
+        [--rpm N] [--tpm N] [--burst-secs F] [--undeclared-limits] [--unavailable-model NAME]...
 An OpenAI-compatible simulator (not a model): deterministic answers from the ticket text.
 Markers in the text such as [[sim:always-500]] inject faults (see crates/llm-sim/src/faults.rs).
 --rpm/--tpm: requests/tokens per minute, answered 429 with Retry-After and x-ratelimit-* headers
-beyond them; --burst-secs: seconds of allowance a bucket holds (default 60).
+beyond them; --burst-secs: seconds of allowance a bucket holds (default 60);
+--undeclared-limits: no x-ratelimit-* headers (Retry-After alone).
 --unavailable-model: that model is answered 503 (529 on /v1/messages).
 SPEC: fixed:MS | uniform:MIN-MAX | lognormal:MEDIAN,SIGMA[,SHARE:TAIL_MS]  (milliseconds)";
 
@@ -59,6 +60,7 @@ async fn main() -> anyhow::Result<()> {
             "--burst-secs" => {
                 limits.burst_secs = value("--burst-secs")?.parse().map_err(|e| anyhow::anyhow!("--burst-secs: {e}"))?
             }
+            "--undeclared-limits" => limits.declare = false,
             "--unavailable-model" => faults.unavailable_models.push(value("--unavailable-model")?),
             "-h" | "--help" => {
                 println!("{HELP}");

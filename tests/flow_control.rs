@@ -1,0 +1,179 @@
+//! Flow control of the LLM calls against llm-sim's rate limits, and fallback models:
+//! a rate-limited endpoint slows the enricher down instead of burning retries, the
+//! adaptive concurrency limit falls after 429s and recovers, an unavailable model is
+//! replaced by the next fallback (at its own price).
+
+#![allow(clippy::expect_used, clippy::unwrap_used)] // a failed expectation is the test failing
+
+use enrich_e2e::loadgen::kafka_io::{produce_all, read_to_end};
+use enrich_e2e::loadgen::workload::marked_tickets;
+use enrich_e2e::{StageKind, TestEnv, free_port, scrape_metrics, wait_for};
+use std::collections::HashMap;
+use std::time::Duration;
+
+const DEADLINE: Duration = Duration::from_secs(180);
+
+fn metric(m: &HashMap<String, f64>, series: &str) -> f64 {
+    m.get(series).copied().unwrap_or(0.0)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_rate_limited_endpoint_slows_the_enricher_instead_of_burning_retries() -> anyhow::Result<()> {
+    const N: usize = 300;
+    const RPM: u64 = 1200; // 20 a second
+    let port = free_port()?;
+    // The enricher is not told the limit: it takes it from llm-sim's x-ratelimit-* headers.
+    let overrides =
+        [("ENRICH_ENRICHER__MAX_IN_FLIGHT", "32".to_string()), ("ENRICH_ENRICHER__HTTP_PORT", port.to_string())];
+    let env = TestEnv::new(llm_sim::Latency::Fixed(Duration::from_millis(20)), &overrides).await?;
+    env.sim.set_limits(llm_sim::RateLimits { rpm: RPM, burst_secs: 1.0, ..Default::default() });
+    let records = marked_tickets(&env.id, N, &[]);
+    let produced = produce_all(&env.settings, env.source_topic(), &records, |_| false, |_| {}).await?;
+    let started = tokio::time::Instant::now();
+    let stages = [StageKind::Ingest, StageKind::Enricher, StageKind::Publisher].map(|k| env.spawn(k));
+    let acct = env.wait_accounted(&produced, DEADLINE).await?;
+    let took = started.elapsed();
+    let m = scrape_metrics(port).await?;
+    for s in stages {
+        s.stop().await?;
+    }
+    assert_eq!((acct.published, acct.dead_lettered_at_enricher), (N as i64, 0), "all complete: {acct:?}");
+    assert_eq!(env.sim.completions(), N as u64, "one answered call per ticket");
+    let refused = env.sim.rate_limited();
+    let calls = env.sim.requests().len();
+    println!(
+        "rate limit {RPM}/min: {N} tickets in {:.1} s, {calls} requests, {refused} answered 429 ({:.1}% of requests), limit now {}",
+        took.as_secs_f64(),
+        refused as f64 * 100.0 / calls as f64,
+        metric(&m, "enrich_llm_concurrency_limit"),
+    );
+    // The enricher saw each 429 llm-sim sent.
+    assert_eq!(metric(&m, "enrich_llm_calls_total{outcome=\"rate_limited\"}"), refused as f64);
+    // Paced by the declared limit, 429s stay a small share of the requests.
+    assert!(refused * 10 <= N as u64, "{refused} 429s for {N} tickets: more than one in ten");
+    assert!(metric(&m, "enrich_llm_flow_waits_total{cause=\"requests_per_minute\"}") > 0.0, "calls were paced");
+    // At most the declared rate (20 a second, after a first second's burst of 20).
+    assert!(took >= Duration::from_secs((N as u64 - 20) / 20), "{took:?}");
+    env.teardown().await;
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn the_concurrency_limit_falls_after_429s_and_recovers() -> anyhow::Result<()> {
+    const N: usize = 600;
+    const MAX: f64 = 16.0;
+    let port = free_port()?;
+    let overrides =
+        [("ENRICH_ENRICHER__MAX_IN_FLIGHT", "16".to_string()), ("ENRICH_ENRICHER__HTTP_PORT", port.to_string())];
+    let env = TestEnv::new(llm_sim::Latency::Fixed(Duration::from_millis(100)), &overrides).await?;
+    // Two calls a second at first, and no x-ratelimit-* headers to say so: 429s (with
+    // Retry-After) are all the enricher hears.
+    env.sim.set_limits(llm_sim::RateLimits { rpm: 120, tpm: 0, burst_secs: 1.0, declare: false });
+    let records = marked_tickets(&env.id, N, &[]);
+    let produced = produce_all(&env.settings, env.source_topic(), &records, |_| false, |_| {}).await?;
+    let stages = [StageKind::Ingest, StageKind::Enricher, StageKind::Publisher].map(|k| env.spawn(k));
+
+    // It starts at the ceiling and falls once the 429s come.
+    let fallen = wait_for("the concurrency limit to fall", DEADLINE, || async {
+        let m = scrape_metrics(port).await?;
+        let limit = metric(&m, "enrich_llm_concurrency_limit");
+        let refused = metric(&m, "enrich_llm_calls_total{outcome=\"rate_limited\"}");
+        Ok((refused > 0.0 && limit <= 2.0).then_some((limit, refused)))
+    })
+    .await?;
+    // While the endpoint stays limited, calls in flight stay at the limit's level.
+    let mut most_in_flight = 0f64;
+    for _ in 0..20 {
+        let m = scrape_metrics(port).await?;
+        most_in_flight = most_in_flight.max(metric(&m, "enrich_in_flight"));
+        assert!(metric(&m, "enrich_llm_concurrency_limit") <= 4.0, "the limit stays low while 429s come");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(most_in_flight <= 4.0, "in flight while limited: {most_in_flight}");
+    let published_while_limited = env.sim.completions();
+    assert!(published_while_limited < N as u64 / 2, "the limit is what holds the run back");
+
+    // The limit is lifted: the concurrency limit grows back to the ceiling and the calls
+    // in flight with it.
+    env.sim.set_limits(llm_sim::RateLimits::default());
+    let most = std::sync::atomic::AtomicU64::new(0);
+    let recovered = wait_for("the concurrency limit to recover", DEADLINE, || async {
+        let m = scrape_metrics(port).await?;
+        let now = metric(&m, "enrich_in_flight") as u64;
+        let seen = most.fetch_max(now, std::sync::atomic::Ordering::SeqCst).max(now);
+        let limit = metric(&m, "enrich_llm_concurrency_limit");
+        Ok((limit >= MAX && seen >= 8).then_some(limit))
+    })
+    .await?;
+    let most_in_flight = most.into_inner();
+    println!(
+        "limit fell to {} after {} 429s, {published_while_limited} calls answered while limited; back to {recovered}, {most_in_flight} calls seen in flight",
+        fallen.0, fallen.1
+    );
+    let acct = env.wait_accounted(&produced, DEADLINE).await?;
+    for s in stages {
+        s.stop().await?;
+    }
+    assert_eq!((acct.published, acct.dead_lettered_at_enricher), (N as i64, 0), "all complete: {acct:?}");
+    env.teardown().await;
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn an_unavailable_model_falls_back_to_the_next_at_its_own_price() -> anyhow::Result<()> {
+    const N: usize = 20;
+    let port = free_port()?;
+    let prices = r#"{"sim-primary" = {input_usd_per_mtok = 100.0, output_usd_per_mtok = 100.0},
+        "sim-fallback" = {input_usd_per_mtok = 1.0, output_usd_per_mtok = 2.0}}"#;
+    let overrides = [
+        ("ENRICH_LLM__MODEL", "sim-primary".to_string()),
+        ("ENRICH_LLM__FALLBACK_MODELS", r#"["sim-fallback"]"#.to_string()),
+        ("ENRICH_LLM__PRICES", prices.to_string()),
+        ("ENRICH_ENRICHER__HTTP_PORT", port.to_string()),
+    ];
+    let env = TestEnv::new(llm_sim::Latency::default(), &overrides).await?;
+    env.sim.set_faults(llm_sim::Faults { unavailable_models: vec!["sim-primary".into()], ..Default::default() });
+    let records = marked_tickets(&env.id, N, &[]);
+    let produced = produce_all(&env.settings, env.source_topic(), &records, |_| false, |_| {}).await?;
+    let stages = [StageKind::Ingest, StageKind::Enricher, StageKind::Publisher].map(|k| env.spawn(k));
+    let acct = env.wait_accounted(&produced, DEADLINE).await?;
+    let m = scrape_metrics(port).await?;
+    for s in stages {
+        s.stop().await?;
+    }
+    assert_eq!((acct.published, acct.dead_lettered_at_enricher), (N as i64, 0), "{acct:?}");
+    // Each ticket: one 503 from the primary, one answer from the fallback.
+    let requests = env.sim.requests();
+    let by_model = |name: &str| requests.iter().filter(|r| r["body"]["model"] == name).count();
+    assert_eq!((by_model("sim-primary"), by_model("sim-fallback")), (N, N));
+    assert_eq!(metric(&m, "enrich_llm_fallbacks_total{model=\"sim-fallback\"}"), N as f64);
+    assert_eq!(metric(&m, "enrich_llm_calls_total{outcome=\"unavailable\"}"), N as f64);
+    assert_eq!(metric(&m, "enrich_llm_breaker_open"), 0.0, "the endpoint answers: no outage");
+    // The results name the model that answered; the cost is at its price.
+    let results = read_to_end(&env.settings, &env.settings.topics.results, Duration::from_secs(30))?;
+    assert_eq!(results.len(), N);
+    for r in &results {
+        let e = enrich_common::Envelope::decode_from(rdkafka::Message::payload(r).unwrap())?;
+        assert_eq!(e.result().map(|r| r.model.as_str()), Some("sim-fallback"));
+    }
+    let (sim_in, sim_out) = env.sim.tokens();
+    let expected = (sim_in as f64 * 1.0 + sim_out as f64 * 2.0) / 1e6;
+    assert!((metric(&m, "enrich_llm_cost_usd_total") - expected).abs() < 1e-9, "the fallback's prices");
+    // The audit shows both calls of each attempt.
+    let steps: Vec<(String, String, i64)> = sqlx::query_as(
+        "SELECT model, status, count(*) FROM step_outcomes WHERE pipeline = $1 AND step = 'llm_call'
+         GROUP BY model, status ORDER BY model",
+    )
+    .bind(&env.settings.pipeline.name)
+    .fetch_all(&env.pool)
+    .await?;
+    assert_eq!(
+        steps,
+        vec![
+            ("sim-fallback".to_string(), "ok".to_string(), N as i64),
+            ("sim-primary".into(), "failed".into(), N as i64)
+        ]
+    );
+    env.teardown().await;
+    Ok(())
+}
