@@ -332,7 +332,15 @@ impl Permit<'_> {
             if let Some(b) = &mut s.tokens {
                 b.add(f64::from(self.estimated_tokens) - f64::from(tokens));
             }
-            let x = latency.as_secs_f64();
+            // A single slow call (a heavy tail) is not congestion: each sample counts at
+            // most twice the tolerance over the long-run average, so only latency rising
+            // across many calls lowers the limit.
+            let mut x = latency.as_secs_f64();
+            if let Some(long_run) = s.long_run.0
+                && flow.settings.latency_tolerance > 0.0
+            {
+                x = x.min(long_run * flow.settings.latency_tolerance * 2.0);
+            }
             let recent = s.recent.update(x, 0.1);
             let long_run = s.long_run.update(x, 0.01);
             s.answers += 1;
@@ -462,6 +470,21 @@ mod tests {
             p.answered(Duration::from_millis(1000), 10);
         }
         assert!(flow.limit() < 10, "limit {}", flow.limit());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_heavy_tail_alone_does_not_lower_the_limit() {
+        let (flow, _) = flow(10, 0, 0);
+        let shutdown = Shutdown::new();
+        // One call in fifty takes 100 times as long: the tail of a slow LLM, not congestion.
+        for i in 0..500 {
+            let batch = futures_join(&flow, &shutdown, 5).await;
+            for (j, p) in batch.into_iter().enumerate() {
+                let ms = if (i * 5 + j) % 50 == 49 { 20_000 } else { 200 };
+                p.answered(Duration::from_millis(ms), 10);
+            }
+        }
+        assert_eq!(flow.limit(), 10);
     }
 
     #[tokio::test(start_paused = true)]
