@@ -17,17 +17,17 @@ fn metric(m: &HashMap<String, f64>, series: &str) -> f64 {
     m.get(series).copied().unwrap_or(0.0)
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn a_rate_limited_endpoint_slows_the_enricher_instead_of_burning_retries() -> anyhow::Result<()> {
-    const N: usize = 300;
+/// `n` tickets through an endpoint allowing 20 calls a second, answering in 20 ms: 32
+/// slots could call 1,600 times a second. The enricher is not told the limit: it takes it
+/// from llm-sim's x-ratelimit-* headers (`declare`) or infers it from the first 429s.
+async fn rate_limited(n: usize, declare: bool, most_refused_per_100: u64) -> anyhow::Result<()> {
     const RPM: u64 = 1200; // 20 a second
     let port = free_port()?;
-    // The enricher is not told the limit: it takes it from llm-sim's x-ratelimit-* headers.
     let overrides =
         [("ENRICH_ENRICHER__MAX_IN_FLIGHT", "32".to_string()), ("ENRICH_ENRICHER__HTTP_PORT", port.to_string())];
     let env = TestEnv::new(llm_sim::Latency::Fixed(Duration::from_millis(20)), &overrides).await?;
-    env.sim.set_limits(llm_sim::RateLimits { rpm: RPM, burst_secs: 1.0, ..Default::default() });
-    let records = marked_tickets(&env.id, N, &[]);
+    env.sim.set_limits(llm_sim::RateLimits { rpm: RPM, burst_secs: 1.0, tpm: 0, declare });
+    let records = marked_tickets(&env.id, n, &[]);
     let produced = produce_all(&env.settings, env.source_topic(), &records, |_| false, |_| {}).await?;
     let started = tokio::time::Instant::now();
     let stages = [StageKind::Ingest, StageKind::Enricher, StageKind::Publisher].map(|k| env.spawn(k));
@@ -37,78 +37,101 @@ async fn a_rate_limited_endpoint_slows_the_enricher_instead_of_burning_retries()
     for s in stages {
         s.stop().await?;
     }
-    assert_eq!((acct.published, acct.dead_lettered_at_enricher), (N as i64, 0), "all complete: {acct:?}");
-    assert_eq!(env.sim.completions(), N as u64, "one answered call per ticket");
+    assert_eq!((acct.published, acct.dead_lettered_at_enricher), (n as i64, 0), "all complete: {acct:?}");
+    assert_eq!(env.sim.completions(), n as u64, "one answered call per ticket");
     let refused = env.sim.rate_limited();
     let calls = env.sim.requests().len();
     println!(
-        "rate limit {RPM}/min: {N} tickets in {:.1} s, {calls} requests, {refused} answered 429 ({:.1}% of requests), limit now {}",
+        "rate limit {RPM}/min (declared: {declare}): {n} tickets in {:.1} s, {calls} requests, {refused} answered 429 ({:.1}% of requests), limit now {}",
         took.as_secs_f64(),
         refused as f64 * 100.0 / calls as f64,
         metric(&m, "enrich_llm_concurrency_limit"),
     );
     // The enricher saw each 429 llm-sim sent.
     assert_eq!(metric(&m, "enrich_llm_calls_total{outcome=\"rate_limited\"}"), refused as f64);
-    // Paced by the declared limit, 429s stay a small share of the requests.
-    assert!(refused * 10 <= N as u64, "{refused} 429s for {N} tickets: more than one in ten");
+    // Paced by the limit, 429s stay a small share of the requests.
+    assert!(refused * 100 <= most_refused_per_100 * n as u64, "{refused} 429s for {n} tickets");
     assert!(metric(&m, "enrich_llm_flow_waits_total{cause=\"requests_per_minute\"}") > 0.0, "calls were paced");
-    // At most the declared rate (20 a second, after a first second's burst of 20).
-    assert!(took >= Duration::from_secs((N as u64 - 20) / 20), "{took:?}");
+    // At most the limit's rate (20 a second, after a first second's burst of 20).
+    assert!(took >= Duration::from_secs((n as u64 - 20) / 20), "{took:?}");
     env.teardown().await;
     Ok(())
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_rate_limited_endpoint_that_declares_its_limit_sees_almost_no_429s() -> anyhow::Result<()> {
+    rate_limited(300, true, 3).await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_rate_limited_endpoint_that_declares_nothing_slows_the_enricher_instead_of_burning_retries()
+-> anyhow::Result<()> {
+    // The first rounds, before answers give a rate to go by, meet 429s (the slow start
+    // keeps them few); after that the inferred rate keeps them rare.
+    rate_limited(600, false, 10).await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn the_concurrency_limit_falls_after_429s_and_recovers() -> anyhow::Result<()> {
-    const N: usize = 600;
+    const N: usize = 1200;
     const MAX: f64 = 16.0;
     let port = free_port()?;
     let overrides =
         [("ENRICH_ENRICHER__MAX_IN_FLIGHT", "16".to_string()), ("ENRICH_ENRICHER__HTTP_PORT", port.to_string())];
     let env = TestEnv::new(llm_sim::Latency::Fixed(Duration::from_millis(100)), &overrides).await?;
-    // Two calls a second at first, and no x-ratelimit-* headers to say so: 429s (with
-    // Retry-After) are all the enricher hears.
-    env.sim.set_limits(llm_sim::RateLimits { rpm: 120, tpm: 0, burst_secs: 1.0, declare: false });
     let records = marked_tickets(&env.id, N, &[]);
     let produced = produce_all(&env.settings, env.source_topic(), &records, |_| false, |_| {}).await?;
     let stages = [StageKind::Ingest, StageKind::Enricher, StageKind::Publisher].map(|k| env.spawn(k));
 
-    // It starts at the ceiling and falls once the 429s come.
+    // Healthy: from its slow start the limit reaches the ceiling, and the calls in flight
+    // with it.
+    let most = std::sync::atomic::AtomicU64::new(0);
+    let in_flight_reaches = |target: u64| {
+        let most = &most;
+        move || async move {
+            // The stage may not be listening yet.
+            let Ok(m) = scrape_metrics(port).await else { return Ok(None) };
+            let now = metric(&m, "enrich_in_flight") as u64;
+            let seen = most.fetch_max(now, std::sync::atomic::Ordering::SeqCst).max(now);
+            let limit = metric(&m, "enrich_llm_concurrency_limit");
+            Ok((limit >= MAX && seen >= target).then_some(limit))
+        }
+    };
+    wait_for("the concurrency limit to reach the ceiling", DEADLINE, in_flight_reaches(8)).await?;
+    let before = most.swap(0, std::sync::atomic::Ordering::SeqCst);
+
+    // Then two calls a second, and no x-ratelimit-* headers to say so: 429s (with
+    // Retry-After) are all the enricher hears. The limit falls.
+    env.sim.set_limits(llm_sim::RateLimits { rpm: 120, tpm: 0, burst_secs: 1.0, declare: false });
     let fallen = wait_for("the concurrency limit to fall", DEADLINE, || async {
         let m = scrape_metrics(port).await?;
         let limit = metric(&m, "enrich_llm_concurrency_limit");
         let refused = metric(&m, "enrich_llm_calls_total{outcome=\"rate_limited\"}");
-        Ok((refused > 0.0 && limit <= 2.0).then_some((limit, refused)))
+        Ok((refused > 0.0 && limit < MAX).then_some((limit, refused)))
     })
     .await?;
-    // While the endpoint stays limited, calls in flight stay at the limit's level.
+    // While the endpoint stays limited, calls in flight stay low (two calls a second of
+    // 100 ms: well under one on average).
     let mut most_in_flight = 0f64;
     for _ in 0..20 {
         let m = scrape_metrics(port).await?;
         most_in_flight = most_in_flight.max(metric(&m, "enrich_in_flight"));
-        assert!(metric(&m, "enrich_llm_concurrency_limit") <= 4.0, "the limit stays low while 429s come");
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     assert!(most_in_flight <= 4.0, "in flight while limited: {most_in_flight}");
-    let published_while_limited = env.sim.completions();
-    assert!(published_while_limited < N as u64 / 2, "the limit is what holds the run back");
+    let answered = env.sim.completions();
+    assert!(answered + 400 < N as u64, "work is left for the recovery: {answered} answered");
 
-    // The limit is lifted: the concurrency limit grows back to the ceiling and the calls
-    // in flight with it.
+    // The limit is lifted: the inferred rate goes after ten seconds without a 429, the
+    // concurrency limit grows back to the ceiling and the calls in flight with it.
     env.sim.set_limits(llm_sim::RateLimits::default());
-    let most = std::sync::atomic::AtomicU64::new(0);
-    let recovered = wait_for("the concurrency limit to recover", DEADLINE, || async {
-        let m = scrape_metrics(port).await?;
-        let now = metric(&m, "enrich_in_flight") as u64;
-        let seen = most.fetch_max(now, std::sync::atomic::Ordering::SeqCst).max(now);
-        let limit = metric(&m, "enrich_llm_concurrency_limit");
-        Ok((limit >= MAX && seen >= 8).then_some(limit))
-    })
-    .await?;
-    let most_in_flight = most.into_inner();
+    most.store(0, std::sync::atomic::Ordering::SeqCst);
+    let recovered = wait_for("the concurrency limit to recover", DEADLINE, in_flight_reaches(8)).await?;
     println!(
-        "limit fell to {} after {} 429s, {published_while_limited} calls answered while limited; back to {recovered}, {most_in_flight} calls seen in flight",
-        fallen.0, fallen.1
+        "healthy: limit {MAX}, {before} calls seen in flight; limited: the limit fell to {} after {} 429s, at most {most_in_flight} in flight, {answered} calls answered by then; lifted: back to {recovered}, {} in flight",
+        fallen.0,
+        fallen.1,
+        most.load(std::sync::atomic::Ordering::SeqCst)
     );
     let acct = env.wait_accounted(&produced, DEADLINE).await?;
     for s in stages {

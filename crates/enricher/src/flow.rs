@@ -4,10 +4,13 @@
 //! record holds its place in the scheduler, so the partitions' buffers fill and pause:
 //! under a 429 storm consumption slows down instead of retries burning.
 //!
-//! The limit starts at `enricher.max_in_flight` and moves between `llm.min_concurrency`
-//! and that ceiling:
-//! - a 429 halves it, once per round: only a call started after the last decrease can
-//!   decrease it again (the 429s of calls already in flight are one congestion event);
+//! The limit starts at 4 (slow start: the first answers may declare the provider's limits
+//! before many calls are out), grows by one per answered call (doubling each round) until
+//! the first decrease, and moves between `llm.min_concurrency` and
+//! `enricher.max_in_flight`:
+//! - a 429 halves it while no rate limit is known, once per round: only a call started
+//!   after the last decrease can decrease it again (the 429s of calls already in flight
+//!   are one congestion event);
 //! - rising latency (the recent average past `llm.latency_tolerance` times the long-run
 //!   one) takes a tenth off, with the same once-per-round rule;
 //! - every answered call while the limit is in use adds `1 / limit` (one per round).
@@ -16,8 +19,14 @@
 //! limits the provider declares in its `x-ratelimit-limit-*` (OpenAI) or
 //! `anthropic-ratelimit-*-limit` headers when those are lower or nothing is configured. A
 //! concurrency limit alone cannot keep fast calls under a rate limit (one call at a time
-//! of 20 ms is 50 a second), so the rate is adaptive too: a 429 takes a fifth off it (with
-//! the same once-per-round rule) and every answered call gives back 2% of it.
+//! of 20 ms is 50 a second), so once a rate limit is known a 429 lowers the rate instead
+//! of the concurrency: it takes a fifth off (with the same once-per-round rule) and every
+//! answered call gives back 2% of it.
+//!
+//! A provider that declares nothing still gets a requests bucket once it answers 429:
+//! one inferred from the answers of the last few seconds (less a tenth). It grows by 0.5%
+//! per answered call while no 429 comes, so it finds the limit from below, and it is
+//! dropped after ten seconds without a 429 (a limit still there is inferred again).
 
 use enrich_common::shutdown::Shutdown;
 use std::sync::Mutex;
@@ -137,14 +146,34 @@ struct State {
     tokens: Option<Bucket>,
     /// The adaptive share of the buckets' rates, in [MIN_RATE_FACTOR, 1].
     rate_factor: f64,
+    /// The requests bucket was inferred from 429s (nothing configured or declared).
+    inferred: bool,
+    /// When answers came, over the last `RATE_WINDOW`.
+    answered_at: std::collections::VecDeque<Instant>,
+    last_429: Option<Instant>,
 }
+
+/// The span over which the answer rate is observed.
+const RATE_WINDOW: Duration = Duration::from_secs(5);
+/// Answers in the last `RATE_WINDOW` needed to infer a rate from (before, the hold and the
+/// concurrency limit act alone).
+const MIN_ANSWERS_TO_INFER: usize = 5;
+/// An inferred requests bucket is dropped after this long without a 429 (if the limit is
+/// still there, the next 429s infer it again).
+const INFERRED_FOR: Duration = Duration::from_secs(10);
 
 /// The limits a provider declares in its answers' headers.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct DeclaredLimits {
     pub requests_per_minute: Option<u32>,
     pub tokens_per_minute: Option<u32>,
+    /// What the provider says is left now (`x-ratelimit-remaining-*`).
+    pub requests_remaining: Option<u32>,
+    pub tokens_remaining: Option<u32>,
 }
+
+/// The concurrency limit a replica starts at (at most `enricher.max_in_flight`).
+const SLOW_START: usize = 4;
 
 /// The lowest share of the rate a run of 429s can bring the buckets to.
 const MIN_RATE_FACTOR: f64 = 0.1;
@@ -169,7 +198,9 @@ impl Flow {
         let now = Instant::now();
         let state = State {
             in_flight: 0,
-            limit: settings.max_concurrency as f64,
+            // Slow start: a few calls first (their answers may declare the limits), then
+            // doubling each round until the first decrease.
+            limit: settings.max_concurrency.min(SLOW_START).max(settings.min_concurrency) as f64,
             hold_until: None,
             last_decrease: None,
             recent: Ewma::default(),
@@ -178,8 +209,11 @@ impl Flow {
             requests: (settings.requests_per_minute > 0).then(|| Bucket::new(settings.requests_per_minute, now)),
             tokens: (settings.tokens_per_minute > 0).then(|| Bucket::new(settings.tokens_per_minute, now)),
             rate_factor: 1.0,
+            inferred: false,
+            answered_at: std::collections::VecDeque::new(),
+            last_429: None,
         };
-        on_limit(settings.max_concurrency);
+        on_limit(state.limit as usize);
         Self { settings, state: Mutex::new(state), changed: Notify::new(), on_limit }
     }
 
@@ -237,6 +271,11 @@ impl Flow {
             }
             s.hold_until = None;
         }
+        if s.inferred && s.last_429.is_some_and(|t| now.saturating_duration_since(t) > INFERRED_FOR) {
+            tracing::info!("no 429 for ten seconds: the inferred LLM rate limit is dropped");
+            s.requests = None;
+            s.inferred = false;
+        }
         if s.in_flight >= (s.limit as usize).max(1) {
             return Err((WaitCause::Concurrency, None));
         }
@@ -273,23 +312,38 @@ impl Flow {
         let s = &mut *guard;
         let now = Instant::now();
         let factor = s.rate_factor;
+        if declared.requests_per_minute.is_some_and(|d| d > 0) {
+            // A declared limit replaces an inferred one.
+            s.inferred = false;
+        }
         let pairs = [
-            (&mut s.requests, self.settings.requests_per_minute, declared.requests_per_minute),
-            (&mut s.tokens, self.settings.tokens_per_minute, declared.tokens_per_minute),
+            (
+                &mut s.requests,
+                self.settings.requests_per_minute,
+                declared.requests_per_minute,
+                declared.requests_remaining,
+            ),
+            (&mut s.tokens, self.settings.tokens_per_minute, declared.tokens_per_minute, declared.tokens_remaining),
         ];
-        for (bucket, configured, declared) in pairs {
-            let Some(declared) = declared.filter(|d| *d > 0) else { continue };
-            let rate = if configured > 0 { configured.min(declared) } else { declared };
-            match bucket {
-                Some(b) if b.per_minute != rate => {
-                    tracing::info!(per_minute = rate, "LLM rate limit taken from the provider's headers");
-                    b.set_rate(rate, now, factor);
+        for (bucket, configured, declared, remaining) in pairs {
+            if let Some(declared) = declared.filter(|d| *d > 0) {
+                let rate = if configured > 0 { configured.min(declared) } else { declared };
+                match bucket {
+                    Some(b) if b.per_minute != rate => {
+                        tracing::info!(per_minute = rate, "LLM rate limit taken from the provider's headers");
+                        b.set_rate(rate, now, factor);
+                    }
+                    Some(_) => {}
+                    None => {
+                        tracing::info!(per_minute = rate, "LLM rate limit taken from the provider's headers");
+                        *bucket = Some(Bucket::new(rate, now));
+                    }
                 }
-                Some(_) => {}
-                None => {
-                    tracing::info!(per_minute = rate, "LLM rate limit taken from the provider's headers");
-                    *bucket = Some(Bucket::new(rate, now));
-                }
+            }
+            // Never more allowance than the provider says is left.
+            if let (Some(b), Some(left)) = (bucket.as_mut(), remaining) {
+                b.refill(now, factor);
+                b.level = b.level.min(f64::from(left));
             }
         }
     }
@@ -351,12 +405,23 @@ impl Permit<'_> {
                 && flow.settings.adaptive
                 && (s.in_flight as f64) * 2.0 >= s.limit
             {
-                let limit = s.limit + 1.0 / s.limit;
+                let step = if s.last_decrease.is_none() { 1.0 } else { 1.0 / s.limit };
+                let limit = s.limit + step;
                 flow.set_limit(&mut s, limit);
+            }
+            let now = Instant::now();
+            s.answered_at.push_back(now);
+            while s.answered_at.front().is_some_and(|t| now.saturating_duration_since(*t) > RATE_WINDOW) {
+                s.answered_at.pop_front();
             }
             if flow.settings.adaptive && s.rate_factor < 1.0 {
                 let factor = s.rate_factor + 0.02;
                 flow.set_rate_factor(&mut s, factor);
+            } else if s.inferred
+                && let Some(b) = &mut s.requests
+            {
+                let grown = (f64::from(b.per_minute) * 1.005).ceil() as u32;
+                b.set_rate(grown, now, 1.0);
             }
         }
     }
@@ -365,12 +430,56 @@ impl Permit<'_> {
     /// the limit halves.
     pub fn rate_limited(self, retry_after: Option<Duration>) {
         let flow = self.flow;
-        if let Ok(mut s) = flow.state.lock() {
-            let until = Instant::now() + retry_after.unwrap_or(DEFAULT_HOLD).min(MAX_HOLD);
-            s.hold_until = Some(s.hold_until.map_or(until, |u| u.max(until)));
-            if flow.decrease(&mut s, self.started, 0.5) {
-                let factor = s.rate_factor * 0.8;
-                flow.set_rate_factor(&mut s, factor);
+        let Ok(mut guard) = flow.state.lock() else { return };
+        let s = &mut *guard;
+        let now = Instant::now();
+        let until = now + retry_after.unwrap_or(DEFAULT_HOLD).min(MAX_HOLD);
+        s.hold_until = Some(s.hold_until.map_or(until, |u| u.max(until)));
+        s.last_429 = Some(now);
+        // The provider has nothing left: neither have the buckets.
+        let factor = s.rate_factor;
+        for b in [&mut s.requests, &mut s.tokens].into_iter().flatten() {
+            b.refill(now, factor);
+            b.level = b.level.min(0.0);
+        }
+        // One reaction per round: the 429s of calls started before the last one are the
+        // same congestion event.
+        if !flow.settings.adaptive || s.last_decrease.is_some_and(|t| self.started <= t) {
+            return;
+        }
+        s.last_decrease = Some(now);
+        if s.inferred {
+            // An inferred rate overshot: it comes down itself (growing back 0.5% per
+            // answer), rather than through the factor it would outgrow.
+            let factor = s.rate_factor;
+            if let Some(b) = &mut s.requests {
+                let lower = (f64::from(b.per_minute) * 0.8).max(1.0) as u32;
+                b.set_rate(lower, now, factor);
+            }
+        } else if s.requests.is_some() || s.tokens.is_some() {
+            // A known rate limit (configured or declared): the rate is what comes down.
+            let factor = s.rate_factor * 0.8;
+            flow.set_rate_factor(s, factor);
+        } else {
+            // No rate known: fewer calls at once, and once answers give a rate to go by,
+            // pace at it.
+            let limit = s.limit * 0.5;
+            flow.set_limit(s, limit);
+            if s.answered_at.len() >= MIN_ANSWERS_TO_INFER {
+                let span = s
+                    .answered_at
+                    .front()
+                    .map_or(Duration::ZERO, |t| now.saturating_duration_since(*t))
+                    .max(Duration::from_secs(1));
+                let per_minute = (s.answered_at.len() as f64 / span.as_secs_f64() * 60.0 * 0.9).max(1.0) as u32;
+                tracing::info!(
+                    per_minute,
+                    "429 from an endpoint that declares no limits: pacing requests at the recent answer rate"
+                );
+                let mut bucket = Bucket::new(per_minute, now);
+                bucket.level = 0.0;
+                s.requests = Some(bucket);
+                s.inferred = true;
             }
         }
     }
@@ -418,6 +527,8 @@ mod tests {
     async fn a_429_halves_the_limit_once_per_round_and_answers_grow_it_back() {
         let (flow, limit) = flow(16, 0, 0);
         let shutdown = Shutdown::new();
+        assert_eq!(limit.load(Ordering::SeqCst), 4, "slow start");
+        warm_up(&flow, &shutdown, 16).await;
         assert_eq!(limit.load(Ordering::SeqCst), 16);
         let mut permits = Vec::new();
         for _ in 0..16 {
@@ -432,9 +543,11 @@ mod tests {
         let t = Instant::now();
         let p = flow.admit(0, &shutdown, |_| {}).await.unwrap();
         assert!(t.elapsed() >= Duration::from_millis(100));
-        // A call started after the decrease can decrease again.
+        // The answers before the 429 gave a rate to go by: it is inferred, and a call
+        // started after the decrease lowers that rate, not the concurrency.
+        assert!(flow.state.lock().unwrap().inferred);
         p.rate_limited(None);
-        assert_eq!(flow.limit(), 4);
+        assert_eq!(flow.limit(), 8);
         // Healthy answers with the limit in use grow it back by one per round.
         for _ in 0..200 {
             let batch: Vec<_> = futures_join(&flow, &shutdown, flow.limit()).await;
@@ -454,10 +567,20 @@ mod tests {
         v
     }
 
+    /// Rounds of healthy answers until the slow start has reached the ceiling.
+    async fn warm_up(flow: &Flow, shutdown: &Shutdown, max: usize) {
+        while flow.limit() < max {
+            for p in futures_join(flow, shutdown, flow.limit()).await {
+                p.answered(Duration::from_millis(100), 10);
+            }
+        }
+    }
+
     #[tokio::test(start_paused = true)]
     async fn rising_latency_takes_the_limit_down() {
         let (flow, _) = flow(10, 0, 0);
         let shutdown = Shutdown::new();
+        warm_up(&flow, &shutdown, 10).await;
         for _ in 0..50 {
             let batch = futures_join(&flow, &shutdown, 5).await;
             for p in batch {
@@ -476,6 +599,7 @@ mod tests {
     async fn a_heavy_tail_alone_does_not_lower_the_limit() {
         let (flow, _) = flow(10, 0, 0);
         let shutdown = Shutdown::new();
+        warm_up(&flow, &shutdown, 10).await;
         // One call in fifty takes 100 times as long: the tail of a slow LLM, not congestion.
         for i in 0..500 {
             let batch = futures_join(&flow, &shutdown, 5).await;
@@ -518,7 +642,7 @@ mod tests {
     async fn declared_limits_pace_calls_and_a_429_slows_the_rate() {
         let (flow, _) = flow(100, 0, 0);
         let shutdown = Shutdown::new();
-        flow.learn(DeclaredLimits { requests_per_minute: Some(120), tokens_per_minute: None });
+        flow.learn(DeclaredLimits { requests_per_minute: Some(120), ..Default::default() });
         // Two a second: the bucket's two, then one per 500 ms.
         let t = Instant::now();
         for _ in 0..4 {
@@ -533,16 +657,58 @@ mod tests {
         assert!((waited - 0.625).abs() < 0.002, "{waited}");
         // A configured rate lower than the declared one stays.
         let (flow, _) = flow_with_rpm(60);
-        flow.learn(DeclaredLimits { requests_per_minute: Some(120), tokens_per_minute: None });
+        flow.learn(DeclaredLimits { requests_per_minute: Some(120), ..Default::default() });
         let t = Instant::now();
         for _ in 0..3 {
             flow.admit(0, &shutdown, |_| {}).await.unwrap().answered(Duration::ZERO, 0);
         }
         assert_eq!(t.elapsed(), Duration::from_secs(2), "one a second");
+        // Nothing left, says the provider: the next call waits for the refill.
+        flow.learn(DeclaredLimits { requests_per_minute: Some(60), requests_remaining: Some(0), ..Default::default() });
+        let t = Instant::now();
+        flow.admit(0, &shutdown, |_| {}).await.unwrap().answered(Duration::ZERO, 0);
+        assert_eq!(t.elapsed(), Duration::from_secs(1));
     }
 
     fn flow_with_rpm(rpm: u32) -> (Flow, Arc<AtomicUsize>) {
         flow(100, rpm, 0)
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_429_without_declared_limits_paces_at_the_recent_answer_rate() {
+        let (flow, _) = flow(100, 0, 0);
+        let shutdown = Shutdown::new();
+        let call = || async { flow.admit(0, &shutdown, |_| {}).await.unwrap() };
+        // A 429 before any answer gives no rate to go by: the hold alone.
+        call().await.rate_limited(Some(Duration::from_millis(100)));
+        let t = Instant::now();
+        for _ in 0..20 {
+            call().await.answered(Duration::from_millis(10), 0);
+        }
+        assert_eq!(t.elapsed(), Duration::from_millis(100), "not paced, only held");
+        tokio::time::advance(Duration::from_secs(10)).await;
+        // Ten answers a second, then a 429.
+        for _ in 0..10 {
+            call().await.answered(Duration::from_millis(10), 0);
+            tokio::time::advance(Duration::from_millis(100)).await;
+        }
+        call().await.rate_limited(Some(Duration::ZERO));
+        // Paced from now on: 9 a second (less a fifth after the 429, growing back), a
+        // bucket of one second's allowance.
+        let t = Instant::now();
+        for _ in 0..36 {
+            call().await.answered(Duration::from_millis(10), 0);
+        }
+        let paced = t.elapsed().as_secs_f64();
+        assert!((2.5..4.0).contains(&paced), "36 calls took {paced} s");
+        // Ten seconds without a 429: the inferred limit goes, calls are no longer paced.
+        tokio::time::advance(Duration::from_secs(11)).await;
+        call().await.answered(Duration::from_millis(10), 0);
+        let t = Instant::now();
+        for _ in 0..100 {
+            call().await.answered(Duration::from_millis(10), 0);
+        }
+        assert_eq!(t.elapsed(), Duration::ZERO);
     }
 
     #[tokio::test(start_paused = true)]

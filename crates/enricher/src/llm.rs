@@ -388,6 +388,8 @@ fn declared_limits(headers: &reqwest::header::HeaderMap) -> DeclaredLimits {
     DeclaredLimits {
         requests_per_minute: number(["x-ratelimit-limit-requests", "anthropic-ratelimit-requests-limit"]),
         tokens_per_minute: number(["x-ratelimit-limit-tokens", "anthropic-ratelimit-tokens-limit"]),
+        requests_remaining: number(["x-ratelimit-remaining-requests", "anthropic-ratelimit-requests-remaining"]),
+        tokens_remaining: number(["x-ratelimit-remaining-tokens", "anthropic-ratelimit-tokens-remaining"]),
     }
 }
 
@@ -568,13 +570,19 @@ mod tests {
         let mut h = reqwest::header::HeaderMap::new();
         h.insert("x-ratelimit-limit-requests", "500".parse().unwrap());
         h.insert("x-ratelimit-limit-tokens", "30000".parse().unwrap());
+        h.insert("x-ratelimit-remaining-requests", "499".parse().unwrap());
         assert_eq!(
             declared_limits(&h),
-            DeclaredLimits { requests_per_minute: Some(500), tokens_per_minute: Some(30000) }
+            DeclaredLimits {
+                requests_per_minute: Some(500),
+                tokens_per_minute: Some(30000),
+                requests_remaining: Some(499),
+                tokens_remaining: None
+            }
         );
         let mut h = reqwest::header::HeaderMap::new();
         h.insert("anthropic-ratelimit-requests-limit", "50".parse().unwrap());
-        assert_eq!(declared_limits(&h), DeclaredLimits { requests_per_minute: Some(50), tokens_per_minute: None });
+        assert_eq!(declared_limits(&h), DeclaredLimits { requests_per_minute: Some(50), ..Default::default() });
     }
 
     #[test]
