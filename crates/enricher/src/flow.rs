@@ -25,8 +25,10 @@
 //!
 //! A provider that declares nothing still gets a requests bucket once it answers 429:
 //! one inferred from the answers of the last few seconds (less a tenth). It grows by 0.5%
-//! per answered call while no 429 comes, so it finds the limit from below, and it is
-//! dropped after ten seconds without a 429 (a limit still there is inferred again).
+//! per answered call while no 429 comes, so it finds the limit from below, never falls
+//! below half the rate it was inferred at (429s unrelated to the rate would take it down
+//! without end), and is dropped after ten seconds without a 429 (a limit still there is
+//! inferred again).
 
 use enrich_common::shutdown::Shutdown;
 use std::sync::Mutex;
@@ -148,8 +150,13 @@ struct State {
     rate_factor: f64,
     /// The requests bucket was inferred from 429s (nothing configured or declared).
     inferred: bool,
-    /// When answers came, over the last `RATE_WINDOW`.
+    /// The lowest an inferred rate goes: half the rate it was inferred at. 429s that have
+    /// nothing to do with the rate (an overloaded server's) would otherwise take it down
+    /// without end, as random loss does to any AIMD.
+    inferred_floor: u32,
+    /// When answers and 429s came, over the last `RATE_WINDOW`.
     answered_at: std::collections::VecDeque<Instant>,
+    refused_at: std::collections::VecDeque<Instant>,
     last_429: Option<Instant>,
 }
 
@@ -158,6 +165,9 @@ const RATE_WINDOW: Duration = Duration::from_secs(5);
 /// Answers in the last `RATE_WINDOW` needed to infer a rate from (before, the hold and the
 /// concurrency limit act alone).
 const MIN_ANSWERS_TO_INFER: usize = 5;
+/// The share of 429s among the answers of the last `RATE_WINDOW` that says a rate limit is
+/// reached (percent).
+const MIN_REFUSED_SHARE_PCT: usize = 30;
 /// An inferred requests bucket is dropped after this long without a 429 (if the limit is
 /// still there, the next 429s infer it again).
 const INFERRED_FOR: Duration = Duration::from_secs(10);
@@ -210,7 +220,9 @@ impl Flow {
             tokens: (settings.tokens_per_minute > 0).then(|| Bucket::new(settings.tokens_per_minute, now)),
             rate_factor: 1.0,
             inferred: false,
+            inferred_floor: 1,
             answered_at: std::collections::VecDeque::new(),
+            refused_at: std::collections::VecDeque::new(),
             last_429: None,
         };
         on_limit(state.limit as usize);
@@ -378,6 +390,13 @@ impl Flow {
     }
 }
 
+/// Forgets what happened before the last `RATE_WINDOW`.
+fn trim(times: &mut std::collections::VecDeque<Instant>, now: Instant) {
+    while times.front().is_some_and(|t| now.saturating_duration_since(*t) > RATE_WINDOW) {
+        times.pop_front();
+    }
+}
+
 impl Permit<'_> {
     /// The call was answered after `latency`, using `tokens` in all.
     pub fn answered(self, latency: Duration, tokens: u32) {
@@ -411,9 +430,7 @@ impl Permit<'_> {
             }
             let now = Instant::now();
             s.answered_at.push_back(now);
-            while s.answered_at.front().is_some_and(|t| now.saturating_duration_since(*t) > RATE_WINDOW) {
-                s.answered_at.pop_front();
-            }
+            trim(&mut s.answered_at, now);
             if flow.settings.adaptive && s.rate_factor < 1.0 {
                 let factor = s.rate_factor + 0.02;
                 flow.set_rate_factor(&mut s, factor);
@@ -436,6 +453,9 @@ impl Permit<'_> {
         let until = now + retry_after.unwrap_or(DEFAULT_HOLD).min(MAX_HOLD);
         s.hold_until = Some(s.hold_until.map_or(until, |u| u.max(until)));
         s.last_429 = Some(now);
+        s.refused_at.push_back(now);
+        trim(&mut s.refused_at, now);
+        trim(&mut s.answered_at, now);
         // The provider has nothing left: neither have the buckets.
         let factor = s.rate_factor;
         for b in [&mut s.requests, &mut s.tokens].into_iter().flatten() {
@@ -451,9 +471,9 @@ impl Permit<'_> {
         if s.inferred {
             // An inferred rate overshot: it comes down itself (growing back 0.5% per
             // answer), rather than through the factor it would outgrow.
-            let factor = s.rate_factor;
+            let (factor, floor) = (s.rate_factor, s.inferred_floor);
             if let Some(b) = &mut s.requests {
-                let lower = (f64::from(b.per_minute) * 0.8).max(1.0) as u32;
+                let lower = ((f64::from(b.per_minute) * 0.8) as u32).max(floor);
                 b.set_rate(lower, now, factor);
             }
         } else if s.requests.is_some() || s.tokens.is_some() {
@@ -465,7 +485,10 @@ impl Permit<'_> {
             // pace at it.
             let limit = s.limit * 0.5;
             flow.set_limit(s, limit);
-            if s.answered_at.len() >= MIN_ANSWERS_TO_INFER {
+            // A rate limit refuses most calls once it is reached; scattered 429s (an
+            // overloaded server's) say nothing about a rate.
+            let (answered, refused) = (s.answered_at.len(), s.refused_at.len());
+            if answered >= MIN_ANSWERS_TO_INFER && refused * 10 >= (answered + refused) * MIN_REFUSED_SHARE_PCT / 10 {
                 let span = s
                     .answered_at
                     .front()
@@ -480,6 +503,7 @@ impl Permit<'_> {
                 bucket.level = 0.0;
                 s.requests = Some(bucket);
                 s.inferred = true;
+                s.inferred_floor = (per_minute / 2).max(1);
             }
         }
     }
@@ -543,11 +567,10 @@ mod tests {
         let t = Instant::now();
         let p = flow.admit(0, &shutdown, |_| {}).await.unwrap();
         assert!(t.elapsed() >= Duration::from_millis(100));
-        // The answers before the 429 gave a rate to go by: it is inferred, and a call
-        // started after the decrease lowers that rate, not the concurrency.
-        assert!(flow.state.lock().unwrap().inferred);
+        // A call started after the decrease can decrease again.
+        assert!(!flow.state.lock().unwrap().inferred, "one 429 round in many answers is no rate limit");
         p.rate_limited(None);
-        assert_eq!(flow.limit(), 8);
+        assert_eq!(flow.limit(), 4);
         // Healthy answers with the limit in use grow it back by one per round.
         for _ in 0..200 {
             let batch: Vec<_> = futures_join(&flow, &shutdown, flow.limit()).await;
@@ -687,12 +710,7 @@ mod tests {
         }
         assert_eq!(t.elapsed(), Duration::from_millis(100), "not paced, only held");
         tokio::time::advance(Duration::from_secs(10)).await;
-        // Ten answers a second, then a 429.
-        for _ in 0..10 {
-            call().await.answered(Duration::from_millis(10), 0);
-            tokio::time::advance(Duration::from_millis(100)).await;
-        }
-        call().await.rate_limited(Some(Duration::ZERO));
+        infer_at_ten_a_second(&flow, &shutdown).await;
         // Paced from now on: 9 a second (less a fifth after the 429, growing back), a
         // bucket of one second's allowance.
         let t = Instant::now();
@@ -709,6 +727,35 @@ mod tests {
             call().await.answered(Duration::from_millis(10), 0);
         }
         assert_eq!(t.elapsed(), Duration::ZERO);
+    }
+
+    /// Ten answers a second, then 429s for most calls: a rate limit reached.
+    async fn infer_at_ten_a_second(flow: &Flow, shutdown: &Shutdown) {
+        for _ in 0..10 {
+            flow.admit(0, shutdown, |_| {}).await.unwrap().answered(Duration::from_millis(10), 0);
+            tokio::time::advance(Duration::from_millis(100)).await;
+        }
+        for _ in 0..5 {
+            flow.admit(0, shutdown, |_| {}).await.unwrap().rate_limited(Some(Duration::from_millis(1)));
+            let s = flow.state.lock().unwrap();
+            assert_eq!(s.inferred, s.refused_at.len() == 5, "inferred once a third of the calls are refused");
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn unrelated_429s_take_an_inferred_rate_down_to_half_at_most() {
+        let (flow, _) = flow(100, 0, 0);
+        let shutdown = Shutdown::new();
+        let call = || async { flow.admit(0, &shutdown, |_| {}).await.unwrap() };
+        infer_at_ten_a_second(&flow, &shutdown).await;
+        let rate = || flow.state.lock().unwrap().requests.as_ref().map(|b| b.per_minute);
+        let inferred = rate().unwrap();
+        assert!((530..=540).contains(&inferred), "ten a second, less a tenth: {inferred}");
+        // An overloaded server answering 429 whatever the pace: every round is cut.
+        for _ in 0..50 {
+            call().await.rate_limited(Some(Duration::ZERO));
+        }
+        assert_eq!(rate(), Some(inferred / 2));
     }
 
     #[tokio::test(start_paused = true)]
