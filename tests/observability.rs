@@ -429,3 +429,62 @@ async fn audit_rows_past_the_retention_age_are_deleted_in_batches() -> anyhow::R
     env.teardown().await;
     Ok(())
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_source_record_read_again_after_a_crash_continues_its_first_trace() -> anyhow::Result<()> {
+    const N: usize = 3;
+    collector();
+    let env = TestEnv::new(llm_sim::Latency::default(), &[]).await?;
+    let records = enrich_e2e::loadgen::workload::marked_tickets(&env.id, N, &[]);
+    let produced = produce_all(&env.settings, env.source_topic(), &records, |_| false, |_| {}).await?;
+    // A first reading claimed the keys and died before its forward was done: its claims
+    // are there, with the traceparent of the span that read each record.
+    let pipeline = env.settings.pipeline.name.clone();
+    let mut first = HashMap::new();
+    for (record, p) in records.iter().zip(&produced) {
+        let key = format!("{pipeline}:{}", record.ticket.as_ref().unwrap().id);
+        let cx = TraceContext::parse("00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01", None).unwrap();
+        let cx = TraceContext { trace_id: rand::random(), ..cx };
+        sqlx::query(
+            "INSERT INTO enrich_state (pipeline, idempotency_key, state, source_topic, source_partition, source_offset, kafka_key, traceparent)
+             VALUES ($1, $2, 'received', $3, $4, $5, $6, $7)",
+        )
+        .bind(&pipeline)
+        .bind(&key)
+        .bind(env.source_topic())
+        .bind(p.partition)
+        .bind(p.offset)
+        .bind(record.key.clone())
+        .bind(cx.traceparent())
+        .execute(&env.pool)
+        .await?;
+        first.insert(key, cx);
+    }
+    let stages = [StageKind::Ingest, StageKind::Enricher, StageKind::Publisher].map(|k| env.spawn(k));
+    let acct = env.wait_accounted(&produced, DEADLINE).await?;
+    for s in stages {
+        s.stop().await?;
+    }
+    assert_eq!(acct.published, N as i64, "{acct:?}");
+    // Every run of each key, the request and the output are in the first reading's trace.
+    for (key, cx) in &first {
+        let traces: Vec<(String, String)> =
+            sqlx::query_as("SELECT stage, trace_id FROM run_history WHERE pipeline = $1 AND idempotency_key = $2")
+                .bind(&pipeline)
+                .bind(key)
+                .fetch_all(&env.pool)
+                .await?;
+        assert_eq!(traces.len(), 3, "{traces:?}");
+        assert!(traces.iter().all(|(_, t)| *t == cx.trace_id_hex()), "{key}: {traces:?}");
+        let spans = collector().trace(cx.trace_id).await;
+        let resumed = spans.iter().find(|r| r.span.name == "process redelivered").expect("the continued span");
+        assert_eq!(resumed.span.parent_span_id, cx.span_id.to_vec(), "a child of the first reading's span");
+    }
+    let output = read_to_end(&env.settings, &env.settings.topics.output, Duration::from_secs(30))?;
+    for m in &output {
+        let t = TraceContext::parse(&header(m, headers::TRACEPARENT).unwrap(), None).unwrap();
+        assert!(first.values().any(|cx| cx.trace_id == t.trace_id), "the output continues the first trace");
+    }
+    env.teardown().await;
+    Ok(())
+}

@@ -18,8 +18,15 @@ pub enum Claim {
     Duplicate,
 }
 
-/// Claims every sighting's key (insert-if-absent) and says what to do with each.
-pub async fn claim(pool: &PgPool, pipeline: &str, sightings: &[&Sighting]) -> sqlx::Result<Vec<Claim>> {
+/// Claims every sighting's key (insert-if-absent, with the traceparent of the span that
+/// reads it) and says what to do with each; for a record of its own key read again, also
+/// the traceparent recorded when it was first claimed.
+pub async fn claim(
+    pool: &PgPool,
+    pipeline: &str,
+    sightings: &[&Sighting],
+    traceparents: &[String],
+) -> sqlx::Result<Vec<(Claim, Option<String>)>> {
     if sightings.is_empty() {
         return Ok(Vec::new());
     }
@@ -41,9 +48,9 @@ pub async fn claim(pool: &PgPool, pipeline: &str, sightings: &[&Sighting]) -> sq
     }
     // ORDER BY ord: when one batch holds a key twice, the earlier record wins.
     sqlx::query(
-        "INSERT INTO enrich_state (pipeline, idempotency_key, state, source_topic, source_partition, source_offset, kafka_key)
-         SELECT $1, k, 'received', t, p, o, kk
-         FROM UNNEST($2::text[], $3::text[], $4::int[], $5::bigint[], $6::bytea[]) WITH ORDINALITY AS u(k, t, p, o, kk, ord)
+        "INSERT INTO enrich_state (pipeline, idempotency_key, state, source_topic, source_partition, source_offset, kafka_key, traceparent)
+         SELECT $1, k, 'received', t, p, o, kk, tp
+         FROM UNNEST($2::text[], $3::text[], $4::int[], $5::bigint[], $6::bytea[], $7::text[]) WITH ORDINALITY AS u(k, t, p, o, kk, tp, ord)
          ORDER BY ord
          ON CONFLICT (pipeline, idempotency_key) DO NOTHING",
     )
@@ -53,32 +60,31 @@ pub async fn claim(pool: &PgPool, pipeline: &str, sightings: &[&Sighting]) -> sq
     .bind(&partitions)
     .bind(&offsets)
     .bind(&kafka_keys)
+    .bind(traceparents)
     .execute(pool)
     .await?;
 
-    let rows: Vec<(String, String, String, i32, i64)> = sqlx::query_as(
-        "SELECT idempotency_key, state, source_topic, source_partition, source_offset
+    type Owner = (String, String, i32, i64, Option<String>);
+    let rows: Vec<(String, String, String, i32, i64, Option<String>)> = sqlx::query_as(
+        "SELECT idempotency_key, state, source_topic, source_partition, source_offset, traceparent
          FROM enrich_state WHERE pipeline = $1 AND idempotency_key = ANY($2)",
     )
     .bind(pipeline)
     .bind(&keys)
     .fetch_all(pool)
     .await?;
-    let owners: HashMap<String, (String, String, i32, i64)> =
-        rows.into_iter().map(|(k, state, t, p, o)| (k, (state, t, p, o))).collect();
+    let owners: HashMap<String, Owner> =
+        rows.into_iter().map(|(k, state, t, p, o, tp)| (k, (state, t, p, o, tp))).collect();
 
     Ok(sightings
         .iter()
         .enumerate()
         .map(|(i, _)| match owners.get(&keys[i]) {
-            Some((state, t, p, o)) if (t, *p, *o) == (&topics[i], partitions[i], offsets[i]) => {
-                if state == "received" {
-                    Claim::Forward
-                } else {
-                    Claim::AlreadyForwarded
-                }
+            Some((state, t, p, o, tp)) if (t, *p, *o) == (&topics[i], partitions[i], offsets[i]) => {
+                let claim = if state == "received" { Claim::Forward } else { Claim::AlreadyForwarded };
+                (claim, tp.clone())
             }
-            _ => Claim::Duplicate,
+            _ => (Claim::Duplicate, None),
         })
         .collect())
 }

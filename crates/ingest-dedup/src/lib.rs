@@ -108,7 +108,13 @@ async fn process_batch(ingest: &Ingest, batch: &[OwnedMessage]) -> anyhow::Resul
             span.child("dedup claim", SpanKind::Internal, vec![key])
         })
         .collect();
-    let claims = claims::claim(&ingest.runtime.pool, &pipeline.name, &sightings).await?;
+    let traceparents: Vec<String> = inspected
+        .iter()
+        .zip(&spans)
+        .filter(|(i, _)| matches!(i, Inspected::Valid(_)))
+        .map(|(_, span)| span.ids().traceparent())
+        .collect();
+    let claims = claims::claim(&ingest.runtime.pool, &pipeline.name, &sightings, &traceparents).await?;
     drop(claim_spans);
 
     let mut deliveries = Vec::new();
@@ -119,11 +125,25 @@ async fn process_batch(ingest: &Ingest, batch: &[OwnedMessage]) -> anyhow::Resul
     let mut claim_iter = claims.into_iter();
     // Each PRODUCER span ends once its record is acknowledged.
     let mut sends: Vec<ChildSpan> = Vec::new();
-    for (item, span) in inspected.into_iter().zip(&spans) {
-        span.set([KeyValue::new(attr::IDEMPOTENCY_KEY, item.key().to_string())]);
+    // Records read again after a crash continue the trace of their first reading.
+    let mut continued: Vec<RecordSpan> = Vec::new();
+    for (item, first_span) in inspected.into_iter().zip(&spans) {
+        first_span.set([KeyValue::new(attr::IDEMPOTENCY_KEY, item.key().to_string())]);
+        let mut span = first_span;
         match item {
             Inspected::Valid(s) => {
-                let claim = claim_iter.next().unwrap_or(Claim::Duplicate);
+                let (claim, earlier) = claim_iter.next().unwrap_or((Claim::Duplicate, None));
+                let earlier = earlier
+                    .filter(|tp| *tp != span.ids().traceparent() && claim != Claim::Duplicate)
+                    .and_then(|tp| TraceContext::parse(&tp, None));
+                if let Some(cx) = earlier {
+                    first_span.set([KeyValue::new("enrich.continued_in", cx.trace_id_hex())]);
+                    let resumed =
+                        RecordSpan::resume(STAGE.as_str(), "process redelivered", SpanKind::Consumer, Some(&cx));
+                    resumed.set([KeyValue::new(attr::IDEMPOTENCY_KEY, s.key.as_str().to_string())]);
+                    continued.push(resumed);
+                    span = continued.last().unwrap_or(first_span);
+                }
                 let src = s.envelope.source.clone().unwrap_or_default();
                 let status = match claim {
                     Claim::Forward => {
