@@ -23,8 +23,9 @@
 //! of the concurrency: it takes a fifth off (with the same once-per-round rule) and every
 //! answered call gives back 2% of it.
 //!
-//! A provider that declares nothing still gets a requests bucket once it answers 429:
-//! one inferred from the answers of the last few seconds (less a tenth). It grows by 0.5%
+//! A provider that declares nothing still gets a requests bucket once its 429s are dense
+//! (a third of recent calls: a rate limit reached, not an overloaded server's scattered
+//! refusals): one inferred from the answers of the last few seconds (less a tenth). It grows by 0.5%
 //! per answered call while no 429 comes, so it finds the limit from below, never falls
 //! below half the rate it was inferred at (429s unrelated to the rate would take it down
 //! without end), and is dropped after ten seconds without a 429 (a limit still there is
