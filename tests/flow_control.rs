@@ -200,3 +200,44 @@ async fn an_unavailable_model_falls_back_to_the_next_at_its_own_price() -> anyho
     env.teardown().await;
     Ok(())
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_stop_while_calls_wait_for_their_turn_leaves_no_attempt_behind() -> anyhow::Result<()> {
+    const N: usize = 20;
+    let port = free_port()?;
+    // One call every ten seconds: after the first, every record waits for its turn.
+    let overrides =
+        [("ENRICH_LLM__REQUESTS_PER_MINUTE", "6".to_string()), ("ENRICH_ENRICHER__HTTP_PORT", port.to_string())];
+    let env = TestEnv::new(llm_sim::Latency::default(), &overrides).await?;
+    let records = marked_tickets(&env.id, N, &[]);
+    let produced = produce_all(&env.settings, env.source_topic(), &records, |_| false, |_| {}).await?;
+    let [ingest, enricher, publisher] =
+        [StageKind::Ingest, StageKind::Enricher, StageKind::Publisher].map(|k| env.spawn(k));
+    wait_for("records to wait for their turn", DEADLINE, || async {
+        let Ok(m) = scrape_metrics(port).await else { return Ok(None) };
+        Ok((metric(&m, "enrich_llm_flow_waits_total{cause=\"requests_per_minute\"}") >= 5.0).then_some(()))
+    })
+    .await?;
+    enricher.stop().await?;
+    // Only calls made count as attempts, and no lease is left to make a record look like
+    // it died mid-call.
+    let pipeline = &env.settings.pipeline.name;
+    let (attempts, leased): (i64, i64) = sqlx::query_as(
+        "SELECT COALESCE(sum(attempts), 0)::bigint, count(*) FILTER (WHERE lease_owner IS NOT NULL)
+         FROM enrich_state WHERE pipeline = $1",
+    )
+    .bind(pipeline)
+    .fetch_one(&env.pool)
+    .await?;
+    assert_eq!((attempts, leased), (env.sim.requests().len() as i64, 0));
+    // Restarted without the limit, every record completes with one call.
+    let enricher = env.spawn_with(StageKind::Enricher, |s| s.llm.requests_per_minute = 0);
+    let acct = env.wait_accounted(&produced, DEADLINE).await?;
+    for s in [ingest, enricher, publisher] {
+        s.stop().await?;
+    }
+    assert_eq!((acct.published, acct.dead_lettered_at_enricher), (N as i64, 0), "{acct:?}");
+    assert_eq!(env.sim.completions(), N as u64);
+    env.teardown().await;
+    Ok(())
+}

@@ -135,6 +135,8 @@ enum AttemptError {
     Db(anyhow::Error),
     /// A budget window is spent: no call was made; try again after this long.
     Budget(Duration),
+    /// The stage stopped while the call waited for its turn: no call was made.
+    Stopped,
 }
 
 impl From<sqlx::Error> for AttemptError {
@@ -341,6 +343,13 @@ impl Enricher {
                 Err(AttemptError::Db(e)) => {
                     self.breaker.unused(admission);
                     return Err(e);
+                }
+                Err(AttemptError::Stopped) => {
+                    // Nothing was called: the attempt and the lease go back, so the record
+                    // runs normally after the restart (not as a suspect, in isolation).
+                    self.breaker.unused(admission);
+                    self.store.release(&key, true).await?;
+                    anyhow::bail!("shutting down while {key} waited for its LLM call");
                 }
                 Err(AttemptError::Budget(wait)) => {
                     // Nothing was called: give the attempt back and wait for the next
@@ -574,7 +583,7 @@ impl Enricher {
             let Some(permit) =
                 self.flow.admit(estimated_input + self.llm.max_output_tokens(), &self.shutdown, wait).await
             else {
-                return Err(AttemptError::Db(anyhow::anyhow!("shutting down while {key} waits for its LLM call")));
+                return Err(AttemptError::Stopped);
             };
             // The call's estimated cost is reserved in every budget window.
             let reservation = match &self.budgets {
