@@ -406,14 +406,15 @@ impl Permit<'_> {
             if let Some(b) = &mut s.tokens {
                 b.add(f64::from(self.estimated_tokens) - f64::from(tokens));
             }
-            // A single slow call (a heavy tail) is not congestion: each sample counts at
-            // most twice the tolerance over the long-run average, so only latency rising
-            // across many calls lowers the limit.
+            // Slow calls of a heavy tail are not congestion: each sample counts at most
+            // 1.5 times the tolerance over the long-run average, so the recent average
+            // passes the tolerance only when most recent calls are slow: latency that has
+            // risen, not a tail.
             let mut x = latency.as_secs_f64();
             if let Some(long_run) = s.long_run.0
                 && flow.settings.latency_tolerance > 0.0
             {
-                x = x.min(long_run * flow.settings.latency_tolerance * 2.0);
+                x = x.min(long_run * flow.settings.latency_tolerance * 1.5);
             }
             let recent = s.recent.update(x, 0.1);
             let long_run = s.long_run.update(x, 0.01);
