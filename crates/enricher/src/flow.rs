@@ -211,7 +211,12 @@ impl Flow {
             in_flight: 0,
             // Slow start: a few calls first (their answers may declare the limits), then
             // doubling each round until the first decrease.
-            limit: settings.max_concurrency.min(SLOW_START).max(settings.min_concurrency) as f64,
+            // Without adaptation, the ceiling from the start.
+            limit: if settings.adaptive {
+                settings.max_concurrency.min(SLOW_START).max(settings.min_concurrency)
+            } else {
+                settings.max_concurrency
+            } as f64,
             hold_until: None,
             last_decrease: None,
             recent: Ewma::default(),
@@ -758,6 +763,26 @@ mod tests {
             call().await.rate_limited(Some(Duration::ZERO));
         }
         assert_eq!(rate(), Some(inferred / 2));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn without_adaptation_the_limit_is_the_ceiling_from_the_start() {
+        let settings = FlowSettings {
+            max_concurrency: 64,
+            min_concurrency: 1,
+            adaptive: false,
+            latency_tolerance: 2.0,
+            requests_per_minute: 0,
+            tokens_per_minute: 0,
+        };
+        let flow = Flow::new(settings, Box::new(|_| {}));
+        let shutdown = Shutdown::new();
+        let permits = futures_join(&flow, &shutdown, 64).await;
+        assert_eq!(permits.len(), 64);
+        for p in permits {
+            p.rate_limited(Some(Duration::ZERO));
+        }
+        assert_eq!(flow.limit(), 64, "429s do not lower it either");
     }
 
     #[tokio::test(start_paused = true)]
