@@ -326,6 +326,10 @@ impl Flow {
     /// Takes the limits the provider declared: a bucket runs at the declared rate when
     /// nothing lower is configured.
     pub fn learn(&self, declared: DeclaredLimits) {
+        // Most endpoints declare nothing: no lock taken per answer for them.
+        if declared == DeclaredLimits::default() {
+            return;
+        }
         let Ok(mut guard) = self.state.lock() else { return };
         let s = &mut *guard;
         let now = Instant::now();
@@ -540,23 +544,27 @@ mod tests {
     use std::sync::Arc;
     use std::sync::atomic::{AtomicUsize, Ordering};
 
-    fn flow(max: usize, rpm: u32, tpm: u32) -> (Flow, Arc<AtomicUsize>) {
-        let seen = Arc::new(AtomicUsize::new(0));
-        let s = seen.clone();
-        let settings = FlowSettings {
+    fn settings(max: usize, rpm: u32, tpm: u32) -> FlowSettings {
+        FlowSettings {
             max_concurrency: max,
             min_concurrency: 1,
             adaptive: true,
             latency_tolerance: 2.0,
             requests_per_minute: rpm,
             tokens_per_minute: tpm,
-        };
-        (Flow::new(settings, Box::new(move |l| s.store(l, Ordering::SeqCst))), seen)
+        }
+    }
+
+    /// A flow and the limit it last reported.
+    fn new_flow(max: usize, rpm: u32, tpm: u32) -> (Flow, Arc<AtomicUsize>) {
+        let seen = Arc::new(AtomicUsize::new(0));
+        let s = seen.clone();
+        (Flow::new(settings(max, rpm, tpm), Box::new(move |l| s.store(l, Ordering::SeqCst))), seen)
     }
 
     #[tokio::test(start_paused = true)]
     async fn a_429_halves_the_limit_once_per_round_and_answers_grow_it_back() {
-        let (flow, limit) = flow(16, 0, 0);
+        let (flow, limit) = new_flow(16, 0, 0);
         let shutdown = Shutdown::new();
         assert_eq!(limit.load(Ordering::SeqCst), 4, "slow start");
         warm_up(&flow, &shutdown, 16).await;
@@ -608,7 +616,7 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn rising_latency_takes_the_limit_down() {
-        let (flow, _) = flow(10, 0, 0);
+        let (flow, _) = new_flow(10, 0, 0);
         let shutdown = Shutdown::new();
         warm_up(&flow, &shutdown, 10).await;
         for _ in 0..50 {
@@ -627,7 +635,7 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn a_heavy_tail_alone_does_not_lower_the_limit() {
-        let (flow, _) = flow(10, 0, 0);
+        let (flow, _) = new_flow(10, 0, 0);
         let shutdown = Shutdown::new();
         warm_up(&flow, &shutdown, 10).await;
         // One call in fifty takes 100 times as long: the tail of a slow LLM, not congestion.
@@ -644,7 +652,7 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn the_buckets_pace_calls() {
         // 120 requests per minute: two per second after the first second's two.
-        let (flow, _) = flow(100, 120, 0);
+        let (flow, _) = new_flow(100, 120, 0);
         let shutdown = Shutdown::new();
         let t = Instant::now();
         let causes = std::sync::Mutex::new(Vec::new());
@@ -656,7 +664,7 @@ mod tests {
         assert!(causes.lock().unwrap().iter().all(|c| *c == WaitCause::RequestsPerMinute));
         // Tokens: 600 per minute is 10 per second; a call estimated at 10 waits a second
         // after the first, and the real use is settled after it.
-        let (flow, _) = flow_tokens();
+        let (flow, _) = new_flow(100, 0, 600);
         let t = Instant::now();
         flow.admit(10, &shutdown, |_| {}).await.unwrap().answered(Duration::ZERO, 5);
         // 5 given back: the next 10 need half a second.
@@ -664,13 +672,9 @@ mod tests {
         assert_eq!(t.elapsed(), Duration::from_millis(500));
     }
 
-    fn flow_tokens() -> (Flow, Arc<AtomicUsize>) {
-        flow(100, 0, 600)
-    }
-
     #[tokio::test(start_paused = true)]
     async fn declared_limits_pace_calls_and_a_429_slows_the_rate() {
-        let (flow, _) = flow(100, 0, 0);
+        let (flow, _) = new_flow(100, 0, 0);
         let shutdown = Shutdown::new();
         flow.learn(DeclaredLimits { requests_per_minute: Some(120), ..Default::default() });
         // Two a second: the bucket's two, then one per 500 ms.
@@ -686,7 +690,7 @@ mod tests {
         let waited = t.elapsed().as_secs_f64();
         assert!((waited - 0.625).abs() < 0.002, "{waited}");
         // A configured rate lower than the declared one stays.
-        let (flow, _) = flow_with_rpm(60);
+        let (flow, _) = new_flow(100, 60, 0);
         flow.learn(DeclaredLimits { requests_per_minute: Some(120), ..Default::default() });
         let t = Instant::now();
         for _ in 0..3 {
@@ -700,13 +704,9 @@ mod tests {
         assert_eq!(t.elapsed(), Duration::from_secs(1));
     }
 
-    fn flow_with_rpm(rpm: u32) -> (Flow, Arc<AtomicUsize>) {
-        flow(100, rpm, 0)
-    }
-
     #[tokio::test(start_paused = true)]
     async fn a_429_without_declared_limits_paces_at_the_recent_answer_rate() {
-        let (flow, _) = flow(100, 0, 0);
+        let (flow, _) = new_flow(100, 0, 0);
         let shutdown = Shutdown::new();
         let call = || async { flow.admit(0, &shutdown, |_| {}).await.unwrap() };
         // A 429 before any answer gives no rate to go by: the hold alone.
@@ -751,7 +751,7 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn unrelated_429s_take_an_inferred_rate_down_to_half_at_most() {
-        let (flow, _) = flow(100, 0, 0);
+        let (flow, _) = new_flow(100, 0, 0);
         let shutdown = Shutdown::new();
         let call = || async { flow.admit(0, &shutdown, |_| {}).await.unwrap() };
         infer_at_ten_a_second(&flow, &shutdown).await;
@@ -767,15 +767,7 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn without_adaptation_the_limit_is_the_ceiling_from_the_start() {
-        let settings = FlowSettings {
-            max_concurrency: 64,
-            min_concurrency: 1,
-            adaptive: false,
-            latency_tolerance: 2.0,
-            requests_per_minute: 0,
-            tokens_per_minute: 0,
-        };
-        let flow = Flow::new(settings, Box::new(|_| {}));
+        let flow = Flow::new(FlowSettings { adaptive: false, ..settings(64, 0, 0) }, Box::new(|_| {}));
         let shutdown = Shutdown::new();
         let permits = futures_join(&flow, &shutdown, 64).await;
         assert_eq!(permits.len(), 64);
@@ -787,7 +779,7 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn a_full_limit_waits_for_a_slot() {
-        let (flow, _) = flow(2, 0, 0);
+        let (flow, _) = new_flow(2, 0, 0);
         let shutdown = Shutdown::new();
         let a = flow.admit(0, &shutdown, |_| {}).await.unwrap();
         let _b = flow.admit(0, &shutdown, |_| {}).await.unwrap();
