@@ -203,10 +203,7 @@ pub async fn run_cli(binary: &str, args: &[&str], env: &[(&str, &str)]) -> anyho
     ))
 }
 
-/// A port nothing listens on now.
-pub fn free_port() -> anyhow::Result<u16> {
-    Ok(std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
-}
+pub use loadgen::procs::free_port;
 
 /// How many keys of the pipeline are in one of `states`.
 pub async fn count_in_states(env: &TestEnv, states: &[&str]) -> anyhow::Result<i64> {
