@@ -20,7 +20,7 @@ pub enum Claim {
 
 /// Claims every sighting's key (insert-if-absent, with the traceparent of the span that
 /// reads it) and says what to do with each; for a record of its own key read again, also
-/// the traceparent recorded when it was first claimed.
+/// the traceparent recorded when it was first claimed, if another reading recorded it.
 pub async fn claim(
     pool: &PgPool,
     pipeline: &str,
@@ -82,7 +82,7 @@ pub async fn claim(
         .map(|(i, _)| match owners.get(&keys[i]) {
             Some((state, t, p, o, tp)) if (t, *p, *o) == (&topics[i], partitions[i], offsets[i]) => {
                 let claim = if state == "received" { Claim::Forward } else { Claim::AlreadyForwarded };
-                (claim, tp.clone())
+                (claim, tp.clone().filter(|tp| *tp != traceparents[i]))
             }
             _ => (Claim::Duplicate, None),
         })

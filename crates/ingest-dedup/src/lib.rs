@@ -133,9 +133,7 @@ async fn process_batch(ingest: &Ingest, batch: &[OwnedMessage]) -> anyhow::Resul
         match item {
             Inspected::Valid(s) => {
                 let (claim, earlier) = claim_iter.next().unwrap_or((Claim::Duplicate, None));
-                let earlier = earlier
-                    .filter(|tp| *tp != span.ids().traceparent() && claim != Claim::Duplicate)
-                    .and_then(|tp| TraceContext::parse(&tp, None));
+                let earlier = earlier.and_then(|tp| TraceContext::parse(&tp, None));
                 if let Some(cx) = earlier {
                     first_span.set([KeyValue::new("enrich.continued_in", cx.trace_id_hex())]);
                     let resumed =
