@@ -93,7 +93,7 @@ impl TestEnv {
         ]);
         env.extend(overrides.iter().map(|(k, v)| (k.to_string(), v.clone())));
         let settings = Settings::from_toml(include_str!("../../config/pipeline.toml"), env.clone())?;
-        let pool = enrich_common::db::connect(&settings.database).await?;
+        let pool = enrich_common::db::connect(&settings.database, "tests").await?;
         kafka::ensure_topics(&settings, &[&format!("{p}.raw")]).await?;
         Ok(Self { id, settings, pool, sim, env_vars: env, db_name, sim_shutdown })
     }

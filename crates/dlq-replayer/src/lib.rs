@@ -18,7 +18,7 @@ use std::sync::Arc;
 pub async fn run(settings: Settings, shutdown: Shutdown) -> anyhow::Result<()> {
     let registry = prometheus_client::registry::Registry::default();
     let state = ServiceState::new("dlq-replayer", registry);
-    let pool = enrich_common::db::connect(&settings.database).await?;
+    let pool = enrich_common::db::connect(&settings.database, "dlq-replayer").await?;
     let producer = enrich_common::kafka::producer(&settings, "dlq-replayer")?;
     let token = settings.dlq_replayer.admin_token.as_ref().map(|t| t.expose().to_string()).filter(|t| !t.is_empty());
     if token.is_none() {
@@ -56,7 +56,7 @@ pub async fn run(settings: Settings, shutdown: Shutdown) -> anyhow::Result<()> {
 /// `dlq-replayer setup`: applies the migrations and creates every topic of the pipeline
 /// (sources included, when `kafka.create_topics` is on), then returns. Idempotent.
 pub async fn setup(settings: Settings) -> anyhow::Result<()> {
-    let pool = enrich_common::db::connect(&settings.database).await?;
+    let pool = enrich_common::db::connect(&settings.database, "dlq-replayer").await?;
     enrich_common::db::migrate(&pool).await?;
     let t = &settings.topics;
     let mut topics = settings.source_topics();

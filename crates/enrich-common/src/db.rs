@@ -10,10 +10,13 @@ use crate::config::DatabaseSettings;
 
 pub static MIGRATOR: Migrator = sqlx::migrate!("../../migrations");
 
-/// Connects (without logging every statement) and, when configured, migrates.
-pub async fn connect(settings: &DatabaseSettings) -> anyhow::Result<PgPool> {
+/// Connects (without logging every statement) and, when configured, migrates. The
+/// sessions carry `application` as their `application_name`, so an operator (or a
+/// test) can tell a stage's sessions apart in `pg_stat_activity`.
+pub async fn connect(settings: &DatabaseSettings, application: &str) -> anyhow::Result<PgPool> {
     let options = PgConnectOptions::from_str(settings.url.expose())
         .map_err(|e| anyhow::anyhow!("database.url is not a valid PostgreSQL URL: {e}"))?
+        .application_name(application)
         .log_statements(tracing::log::LevelFilter::Debug)
         .log_slow_statements(tracing::log::LevelFilter::Warn, Duration::from_secs(2));
     let pool = PgPoolOptions::new()

@@ -146,8 +146,8 @@ pub async fn ensure_topics(settings: &Settings, topics: &[&str]) -> anyhow::Resu
 
 /// Waits for the first record (or shutdown), then gathers more until the batch is full
 /// or `batch_linger_ms` has passed. Empty only when shutdown was requested.
-pub async fn next_batch(
-    consumer: &StreamConsumer,
+pub async fn next_batch<C: rdkafka::consumer::ConsumerContext + 'static>(
+    consumer: &StreamConsumer<C>,
     tuning: ConsumerTuning,
     shutdown: &CancellationToken,
 ) -> Vec<OwnedMessage> {

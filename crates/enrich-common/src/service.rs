@@ -80,6 +80,8 @@ pub struct StageRuntime {
     pub state: Arc<ServiceState>,
     pub pool: PgPool,
     pub metrics: StageMetrics,
+    /// Where the health and metrics endpoints listen (the port is this process's own).
+    pub addr: std::net::SocketAddr,
     http: tokio::task::JoinHandle<()>,
 }
 
@@ -99,9 +101,9 @@ impl StageRuntime {
         let state = ServiceState::new(stage.as_str(), registry);
         let (addr, http) = http::serve("0.0.0.0", port, http::router(state.clone()), shutdown.clone()).await?;
         tracing::info!(%addr, "health and metrics endpoints listening");
-        let pool = db::connect(&settings.database).await?;
+        let pool = db::connect(&settings.database, stage.as_str()).await?;
         kafka::ensure_topics(settings, topics).await?;
-        Ok((Self { stage, state, pool, metrics, http }, own))
+        Ok((Self { stage, state, pool, metrics, addr, http }, own))
     }
 
     /// See [`until_done`].

@@ -141,7 +141,7 @@ impl Bench {
             produced = produce_paced(&settings, &source, &records, |_| false, scenario.pace, |_| {}).await?;
         }
 
-        let pool = enrich_common::db::connect(&settings.database).await?;
+        let pool = enrich_common::db::connect(&settings.database, "loadgen").await?;
         let started = Instant::now();
         let mut last_report = Instant::now();
         // A cheap poll (an index count) while the stages run, so the measurement does not

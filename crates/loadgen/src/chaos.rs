@@ -253,7 +253,7 @@ impl Chaos {
             Settings::from_toml(&std::fs::read_to_string(&self.config)?, process_env.into_iter().chain(env.clone()))?;
         let source = format!("{p}.raw");
         kafka::ensure_topics(&settings, &[&source]).await?;
-        let pool = enrich_common::db::connect(&settings.database).await?;
+        let pool = enrich_common::db::connect(&settings.database, "loadgen").await?;
         enrich_common::db::migrate(&pool).await?;
 
         let sent_records = workload(&p, scenario.records, &mut rng);

@@ -258,7 +258,7 @@ async fn main() -> anyhow::Result<()> {
     );
 
     kafka::ensure_topics(&settings, &[&source]).await?;
-    let pool = enrich_common::db::connect(&settings.database).await?;
+    let pool = enrich_common::db::connect(&settings.database, "loadgen").await?;
     let sim_before = sim_completions(&settings).await;
     let started = Instant::now();
     let produced = produce_all(

@@ -4,6 +4,7 @@
 //! consumers never see a record twice; the key is marked `published` in PostgreSQL in a
 //! database transaction committed right after it.
 
+pub mod failpoints;
 mod merge;
 mod metrics;
 
@@ -294,6 +295,7 @@ async fn publish_batch(
             publisher.producer.commit_transaction(TXN_TIMEOUT)?;
             Ok(())
         })?;
+        failpoints::pass(pipeline, failpoints::Instant::AfterKafkaCommit).await;
         anyhow::Ok(published)
     };
     let published = match in_transaction.await {

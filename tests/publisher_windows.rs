@@ -1,0 +1,157 @@
+//! The publisher's windows, each fault landed at its exact instant through the
+//! publisher's test hooks (cargo feature `failpoints`) and the outcome read from outside:
+//! a `read_committed` reader of the output topic, the DLQ topic, the admin API.
+
+#![allow(clippy::expect_used, clippy::unwrap_used)] // a failed expectation is the test failing
+
+use dlq_replayer::cli::Client;
+use dlq_replayer::replay::Filter;
+use enrich_common::envelope::Envelope;
+use enrich_common::headers;
+use enrich_e2e::loadgen::kafka_io::{Produced, group_caught_up, header, produce_all, read_to_end};
+use enrich_e2e::loadgen::workload;
+use enrich_e2e::{StageKind, TestEnv, wait_for};
+use publisher::failpoints::{self, Instant};
+use rdkafka::producer::{FutureProducer, FutureRecord};
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicI64, Ordering};
+use std::time::Duration;
+
+const DEADLINE: Duration = Duration::from_secs(180);
+
+/// Every key read from the output topic, with how many times it was published.
+fn output_counts(env: &TestEnv) -> anyhow::Result<HashMap<String, usize>> {
+    let output = read_to_end(&env.settings, &env.settings.topics.output, Duration::from_secs(60))?;
+    let mut counts = HashMap::new();
+    for m in &output {
+        let key = header(m, headers::IDEMPOTENCY_KEY).expect("idempotency-key header");
+        *counts.entry(key).or_insert(0) += 1;
+    }
+    Ok(counts)
+}
+
+async fn wait_published(env: &TestEnv, produced: &[Produced]) -> anyhow::Result<()> {
+    let group = env.settings.group_id(enrich_common::config::Stage::Publisher);
+    let results = env.settings.topics.results.clone();
+    env.wait_accounted(produced, DEADLINE).await?;
+    wait_for("the publisher to consume every result", DEADLINE, || async {
+        Ok(group_caught_up(&env.settings, &group, &results)?.then_some(()))
+    })
+    .await
+}
+
+/// The publisher's PostgreSQL sessions are terminated right after its first Kafka
+/// commit, before it has written anything about that batch: the batch is in the output
+/// topic, and nothing may be published a second time.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_database_session_lost_right_after_the_kafka_commit_publishes_nothing_twice() -> anyhow::Result<()> {
+    const N: usize = 120;
+    let env = TestEnv::new(llm_sim::Latency::default(), &[]).await?;
+    let fired = Arc::new(AtomicBool::new(false));
+    let terminated = Arc::new(AtomicI64::new(0));
+    {
+        let (pool, fired, terminated) = (env.pool.clone(), fired.clone(), terminated.clone());
+        failpoints::set(
+            &env.settings.pipeline.name,
+            Instant::AfterKafkaCommit,
+            Arc::new(move || {
+                let (pool, fired, terminated) = (pool.clone(), fired.clone(), terminated.clone());
+                Box::pin(async move {
+                    if fired.swap(true, Ordering::SeqCst) {
+                        return;
+                    }
+                    let (n,): (i64,) = sqlx::query_as(
+                        "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity
+                         WHERE datname = current_database() AND application_name = 'publisher'",
+                    )
+                    .fetch_one(&pool)
+                    .await
+                    .expect("terminate the publisher's sessions");
+                    terminated.store(n, Ordering::SeqCst);
+                })
+            }),
+        );
+    }
+    let records = workload::marked_tickets(&env.id, N, &[]);
+    let produced = produce_all(&env.settings, env.source_topic(), &records, |_| false, |_| {}).await?;
+    let stages = [StageKind::Ingest, StageKind::Enricher, StageKind::Publisher].map(|k| env.spawn(k));
+    wait_published(&env, &produced).await?;
+
+    assert!(fired.load(Ordering::SeqCst), "the hook ran after a Kafka commit");
+    assert!(terminated.load(Ordering::SeqCst) >= 1, "at least one publisher session was terminated");
+    let counts = output_counts(&env)?;
+    let twice: Vec<_> = counts.iter().filter(|(_, n)| **n > 1).collect();
+    assert!(twice.is_empty(), "{} of {} keys published more than once, e.g. {:?}", twice.len(), counts.len(), twice.first());
+    assert_eq!(counts.len(), N, "every ticket published");
+    assert_eq!(enrich_e2e::count_in_states(&env, &["published"]).await?, N as i64, "every key marked published");
+    for s in stages {
+        s.stop().await?;
+    }
+    env.teardown().await;
+    Ok(())
+}
+
+/// Records the publisher cannot publish — bytes that are no envelope, an envelope with
+/// no result — are dead letters like any other: in the DLQ topic, in `dead_letters`
+/// (listed by the admin API), and no key is marked `published` for them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn records_the_publisher_dead_letters_are_listed_and_never_marked_published() -> anyhow::Result<()> {
+    const N: usize = 20;
+    let port = enrich_e2e::free_port()?;
+    let token = "publisher-dlq-token-0123456789".to_string();
+    let overrides =
+        [("ENRICH_DLQ_REPLAYER__HTTP_PORT", port.to_string()), ("ENRICH_DLQ_REPLAYER__ADMIN_TOKEN", token.clone())];
+    let env = TestEnv::new(llm_sim::Latency::default(), &overrides).await?;
+    let pipeline = env.settings.pipeline.name.clone();
+    let stages =
+        [StageKind::Ingest, StageKind::Enricher, StageKind::Publisher, StageKind::DlqReplayer].map(|k| env.spawn(k));
+
+    // Two foreign records straight onto the results topic.
+    let producer: FutureProducer = enrich_common::kafka::producer(&env.settings, "test")?;
+    let no_result = Envelope {
+        schema: enrich_common::envelope::SCHEMA.into(),
+        pipeline: pipeline.clone(),
+        idempotency_key: format!("{pipeline}:no-result"),
+        payload: br#"{"id":"no-result"}"#.to_vec(),
+        ..Default::default()
+    };
+    let results = env.settings.topics.results.clone();
+    for (key, value) in [("garbage", b"\x00\xffnot an envelope".to_vec()), ("no-result", no_result.encode_to_bytes())] {
+        producer
+            .send(FutureRecord::to(&results).key(key).payload(&value), Duration::from_secs(30))
+            .await
+            .map_err(|(e, _)| e)?;
+    }
+    let records = workload::marked_tickets(&env.id, N, &[]);
+    let produced = produce_all(&env.settings, env.source_topic(), &records, |_| false, |_| {}).await?;
+    wait_published(&env, &produced).await?;
+
+    let client = Client::new(format!("http://127.0.0.1:{port}"), Some(token));
+    let from_publisher = Filter { stage: Some("publisher".into()), ..Default::default() };
+    let listed = wait_for("the publisher's dead letters in the admin API", DEADLINE, || async {
+        let dead = client.list("dead", &from_publisher).await.ok();
+        Ok(dead.filter(|d| d.len() == 2))
+    })
+    .await?;
+    let mut reasons: Vec<&str> = listed.iter().map(|d| d.reason.as_str()).collect();
+    reasons.sort_unstable();
+    assert_eq!(reasons, ["invalid_envelope", "no_result"]);
+    let dlq = read_to_end(&env.settings, &env.settings.topics.dlq, Duration::from_secs(60))?;
+    assert_eq!(dlq.len(), 2, "both are in the DLQ topic");
+    assert!(dlq.iter().all(|m| header(m, headers::DLQ_STAGE).as_deref() == Some("publisher")));
+    let (marked,): (i64,) = sqlx::query_as(
+        "SELECT count(*) FROM enrich_state WHERE pipeline = $1 AND idempotency_key = $2 AND state = 'published'",
+    )
+    .bind(&pipeline)
+    .bind(&no_result.idempotency_key)
+    .fetch_one(&env.pool)
+    .await?;
+    assert_eq!(marked, 0, "a dead letter is not published");
+    assert_eq!(output_counts(&env)?.len(), N, "the good tickets are published");
+    for s in stages {
+        s.stop().await?;
+    }
+    env.teardown().await;
+    Ok(())
+}
