@@ -6,7 +6,7 @@
 
 use dlq_replayer::cli::Client;
 use dlq_replayer::replay::Filter;
-use enrich_common::envelope::Envelope;
+use enrich_common::envelope::{EnrichmentResult, Envelope, Outcome};
 use enrich_common::headers;
 use enrich_e2e::loadgen::kafka_io::{Produced, group_caught_up, header, produce_all, read_to_end};
 use enrich_e2e::loadgen::workload;
@@ -82,7 +82,13 @@ async fn a_database_session_lost_right_after_the_kafka_commit_publishes_nothing_
     assert!(terminated.load(Ordering::SeqCst) >= 1, "at least one publisher session was terminated");
     let counts = output_counts(&env)?;
     let twice: Vec<_> = counts.iter().filter(|(_, n)| **n > 1).collect();
-    assert!(twice.is_empty(), "{} of {} keys published more than once, e.g. {:?}", twice.len(), counts.len(), twice.first());
+    assert!(
+        twice.is_empty(),
+        "{} of {} keys published more than once, e.g. {:?}",
+        twice.len(),
+        counts.len(),
+        twice.first()
+    );
     assert_eq!(counts.len(), N, "every ticket published");
     assert_eq!(enrich_e2e::count_in_states(&env, &["published"]).await?, N as i64, "every key marked published");
     for s in stages {
@@ -93,8 +99,9 @@ async fn a_database_session_lost_right_after_the_kafka_commit_publishes_nothing_
 }
 
 /// Records the publisher cannot publish — bytes that are no envelope, an envelope with
-/// no result — are dead letters like any other: in the DLQ topic, in `dead_letters`
-/// (listed by the admin API), and no key is marked `published` for them.
+/// no result, a key whose source is no JSON object — are dead letters like any other: in
+/// the DLQ topic, in `dead_letters` (listed by the admin API, replayable), and the key
+/// that could not be merged ends `dead_lettered`, not `published`.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn records_the_publisher_dead_letters_are_listed_and_never_marked_published() -> anyhow::Result<()> {
     const N: usize = 20;
@@ -107,17 +114,33 @@ async fn records_the_publisher_dead_letters_are_listed_and_never_marked_publishe
     let stages =
         [StageKind::Ingest, StageKind::Enricher, StageKind::Publisher, StageKind::DlqReplayer].map(|k| env.spawn(k));
 
-    // Two foreign records straight onto the results topic.
+    // Two foreign records straight onto the results topic, and the result of a key
+    // (enriched, as far as PostgreSQL knows) whose source payload is no JSON object.
     let producer: FutureProducer = enrich_common::kafka::producer(&env.settings, "test")?;
-    let no_result = Envelope {
+    let envelope = |id: &str, payload: &[u8], result: Option<&str>| Envelope {
         schema: enrich_common::envelope::SCHEMA.into(),
         pipeline: pipeline.clone(),
-        idempotency_key: format!("{pipeline}:no-result"),
-        payload: br#"{"id":"no-result"}"#.to_vec(),
+        idempotency_key: format!("{pipeline}:{id}"),
+        payload: payload.to_vec(),
+        outcome: result.map(|json| Outcome::Result(EnrichmentResult { json: json.into(), ..Default::default() })),
         ..Default::default()
     };
+    let no_result = envelope("no-result", br#"{"id":"no-result"}"#, None);
+    let not_an_object = envelope("not-an-object", b"[1, 2]", Some(r#"{"category":"billing"}"#));
+    sqlx::query(
+        "INSERT INTO enrich_state (pipeline, idempotency_key, state, source_topic, source_partition, source_offset)
+         VALUES ($1, $2, 'enriched', 'elsewhere', 0, 0)",
+    )
+    .bind(&pipeline)
+    .bind(&not_an_object.idempotency_key)
+    .execute(&env.pool)
+    .await?;
     let results = env.settings.topics.results.clone();
-    for (key, value) in [("garbage", b"\x00\xffnot an envelope".to_vec()), ("no-result", no_result.encode_to_bytes())] {
+    for (key, value) in [
+        ("garbage", b"\x00\xffnot an envelope".to_vec()),
+        ("no-result", no_result.encode_to_bytes()),
+        ("not-an-object", not_an_object.encode_to_bytes()),
+    ] {
         producer
             .send(FutureRecord::to(&results).key(key).payload(&value), Duration::from_secs(30))
             .await
@@ -131,23 +154,38 @@ async fn records_the_publisher_dead_letters_are_listed_and_never_marked_publishe
     let from_publisher = Filter { stage: Some("publisher".into()), ..Default::default() };
     let listed = wait_for("the publisher's dead letters in the admin API", DEADLINE, || async {
         let dead = client.list("dead", &from_publisher).await.ok();
-        Ok(dead.filter(|d| d.len() == 2))
+        Ok(dead.filter(|d| d.len() == 3))
     })
     .await?;
     let mut reasons: Vec<&str> = listed.iter().map(|d| d.reason.as_str()).collect();
     reasons.sort_unstable();
-    assert_eq!(reasons, ["invalid_envelope", "no_result"]);
+    assert_eq!(reasons, ["invalid_envelope", "no_result", "not_an_object"]);
     let dlq = read_to_end(&env.settings, &env.settings.topics.dlq, Duration::from_secs(60))?;
-    assert_eq!(dlq.len(), 2, "both are in the DLQ topic");
+    assert_eq!(dlq.len(), 3, "all three are in the DLQ topic");
     assert!(dlq.iter().all(|m| header(m, headers::DLQ_STAGE).as_deref() == Some("publisher")));
-    let (marked,): (i64,) = sqlx::query_as(
-        "SELECT count(*) FROM enrich_state WHERE pipeline = $1 AND idempotency_key = $2 AND state = 'published'",
-    )
-    .bind(&pipeline)
-    .bind(&no_result.idempotency_key)
-    .fetch_one(&env.pool)
-    .await?;
-    assert_eq!(marked, 0, "a dead letter is not published");
+    let state = |key: String| {
+        let pool = env.pool.clone();
+        let pipeline = pipeline.clone();
+        async move {
+            sqlx::query_as::<_, (String,)>(
+                "SELECT state FROM enrich_state WHERE pipeline = $1 AND idempotency_key = $2",
+            )
+            .bind(&pipeline)
+            .bind(&key)
+            .fetch_optional(&pool)
+            .await
+            .map(|r| r.map(|(s,)| s))
+        }
+    };
+    assert_eq!(state(not_an_object.idempotency_key.clone()).await?.as_deref(), Some("dead_lettered"));
+    assert_eq!(state(no_result.idempotency_key.clone()).await?, None, "a foreign key gets no state");
+
+    // The dead-lettered key is replayable: it goes back to the enricher with a fresh start.
+    let unmergeable = listed.iter().find(|d| d.reason == "not_an_object").expect("listed");
+    let ids = Filter { ids: Some(vec![unmergeable.id]), ..Default::default() };
+    let replayed = client.replay(&ids, false, Some("test")).await?;
+    assert_eq!(replayed.replayed, vec![unmergeable.id], "refused: {:?}", replayed.refused);
+    assert_ne!(state(not_an_object.idempotency_key.clone()).await?.as_deref(), Some("published"));
     assert_eq!(output_counts(&env)?.len(), N, "the good tickets are published");
     for s in stages {
         s.stop().await?;

@@ -439,9 +439,12 @@ impl Replayer {
             }
             self.producer.send(record, Duration::from_secs(30)).await.map_err(|(e, _)| e)?;
         } else {
-            // The key gets one fresh attempt budget and goes back to the enricher.
+            // The key gets one fresh attempt budget and goes back to the enricher, bound to
+            // no results record (the publisher binds it to the new result).
             sqlx::query(
-                "UPDATE enrich_state SET state = 'requested', attempts = 0, lease_owner = NULL, lease_until = NULL, updated_at = now()
+                "UPDATE enrich_state SET state = 'requested', attempts = 0, lease_owner = NULL, lease_until = NULL,
+                                         publish_partition = NULL, publish_offset = NULL, publish_outcome = NULL,
+                                         publish_trace = NULL, updated_at = now()
                  WHERE pipeline = $1 AND idempotency_key = $2 AND state = 'dead_lettered'",
             )
             .bind(&self.settings.pipeline.name)

@@ -1,6 +1,6 @@
 //! Dead letters recorded in PostgreSQL beside the DLQ topic, for the dlq-replayer.
 
-use sqlx::PgPool;
+use sqlx::{PgExecutor, PgPool};
 
 use crate::TraceContext;
 use crate::envelope::Envelope;
@@ -9,6 +9,27 @@ use crate::envelope::Envelope;
 /// malformed source record redelivered to ingest is recorded once.
 /// `trace` is the context of the span that produced the DLQ record.
 pub async fn record(pool: &PgPool, dead: &[(&Envelope, &TraceContext)]) -> sqlx::Result<()> {
+    let rows: Vec<_> = dead.iter().map(|(e, t)| (*e, *t, None)).collect();
+    insert(pool, &rows, "dead").await
+}
+
+/// Records the publisher's dead letters as `pending` before the Kafka transaction that
+/// writes their DLQ records, each with the coordinates (partition, offset) of the results
+/// record it comes from; they turn `dead` once that transaction has committed. A record
+/// read again after an aborted transaction is recorded once.
+pub async fn record_pending<'e>(
+    db: impl PgExecutor<'e>,
+    dead: &[(&Envelope, &TraceContext, (i32, i64))],
+) -> sqlx::Result<()> {
+    let rows: Vec<_> = dead.iter().map(|(e, t, at)| (*e, *t, Some(*at))).collect();
+    insert(db, &rows, "pending").await
+}
+
+async fn insert<'e>(
+    db: impl PgExecutor<'e>,
+    dead: &[(&Envelope, &TraceContext, Option<(i32, i64)>)],
+    status: &str,
+) -> sqlx::Result<()> {
     if dead.is_empty() {
         return Ok(());
     }
@@ -25,7 +46,9 @@ pub async fn record(pool: &PgPool, dead: &[(&Envelope, &TraceContext)]) -> sqlx:
     let mut trace = Vec::new();
     let mut traceparent = Vec::new();
     let mut bytes = Vec::new();
-    for (envelope, context) in dead {
+    let mut publish_partition = Vec::new();
+    let mut publish_offset = Vec::new();
+    for (envelope, context, at) in dead {
         let failure = envelope.failure().cloned().unwrap_or_default();
         let src = envelope.source.clone().unwrap_or_default();
         pipeline.push(envelope.pipeline.clone());
@@ -41,12 +64,16 @@ pub async fn record(pool: &PgPool, dead: &[(&Envelope, &TraceContext)]) -> sqlx:
         trace.push(context.trace_id_hex());
         traceparent.push(context.traceparent());
         bytes.push(envelope.encode_to_bytes());
+        publish_partition.push(at.map(|(p, _)| p));
+        publish_offset.push(at.map(|(_, o)| o));
     }
     sqlx::query(
         "INSERT INTO dead_letters (pipeline, idempotency_key, stage, reason_class, reason, error, attempts,
-                                   source_topic, source_partition, source_offset, trace_id, envelope, traceparent)
-         SELECT * FROM UNNEST($1::text[], $2::text[], $3::text[], $4::text[], $5::text[], $6::text[], $7::int[],
-                              $8::text[], $9::int[], $10::bigint[], $11::text[], $12::bytea[], $13::text[])
+                                   source_topic, source_partition, source_offset, trace_id, envelope, traceparent,
+                                   publish_partition, publish_offset, status)
+         SELECT u.*, $16 FROM UNNEST($1::text[], $2::text[], $3::text[], $4::text[], $5::text[], $6::text[], $7::int[],
+                              $8::text[], $9::int[], $10::bigint[], $11::text[], $12::bytea[], $13::text[],
+                              $14::int[], $15::bigint[]) AS u
          ON CONFLICT DO NOTHING",
     )
     .bind(&pipeline)
@@ -62,7 +89,10 @@ pub async fn record(pool: &PgPool, dead: &[(&Envelope, &TraceContext)]) -> sqlx:
     .bind(&trace)
     .bind(&bytes)
     .bind(&traceparent)
-    .execute(pool)
+    .bind(&publish_partition)
+    .bind(&publish_offset)
+    .bind(status)
+    .execute(db)
     .await?;
     Ok(())
 }

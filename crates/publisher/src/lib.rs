@@ -1,9 +1,13 @@
 //! publisher: consumes `enrich.results` and writes each key's merged output (the
-//! original JSON plus an `enrichment` object) once to the output topic. The output
-//! records and the consumed offsets commit in one Kafka transaction, so `read_committed`
-//! consumers never see a record twice; the key is marked `published` in PostgreSQL in a
-//! database transaction committed right after it.
+//! original JSON plus an `enrichment` object) once to the output topic. A batch goes in
+//! three steps: each key is bound in PostgreSQL to the one results record that may
+//! publish it (committed first); the outputs, dead letters and consumed offsets commit
+//! in one Kafka transaction, so `read_committed` consumers never see a record twice;
+//! then the keys are marked `published` (or `dead_lettered`), retried until stored,
+//! before the next batch. A publisher that stops between the last two leaves bindings
+//! behind its committed offsets, which the next owner of the partition settles.
 
+mod binding;
 pub mod failpoints;
 mod merge;
 mod metrics;
@@ -17,7 +21,8 @@ use enrich_common::shutdown::Shutdown as CancellationToken;
 use enrich_common::spans::{ChildSpan, RecordSpan, attr};
 use enrich_common::{Settings, TraceContext, headers, kafka};
 use opentelemetry::KeyValue;
-use rdkafka::consumer::{Consumer, StreamConsumer};
+use rdkafka::ClientContext;
+use rdkafka::consumer::{BaseConsumer, Consumer, ConsumerContext, Rebalance, StreamConsumer};
 use rdkafka::message::{Message, OwnedHeaders, OwnedMessage};
 use rdkafka::producer::{DeliveryFuture, FutureProducer, FutureRecord, Producer};
 use rdkafka::{Offset, TopicPartitionList};
@@ -54,14 +59,21 @@ pub async fn run(settings: Settings, shutdown: CancellationToken) -> anyhow::Res
         .publisher
         .transactional_id
         .clone()
-        .unwrap_or_else(|| format!("{}.publisher.{}", settings.pipeline.name, hostname()));
+        // Two publishers on one host never share a default id: the port of this process's
+        // health endpoint is part of it.
+        .unwrap_or_else(|| format!("{}.publisher.{}.{}", settings.pipeline.name, hostname(), runtime.addr.port()));
     let producer = transactional_producer(&settings, &transactional_id)?;
     // Fences any earlier incarnation with this id and aborts its open transaction.
     tokio::task::block_in_place(|| producer.init_transactions(TXN_TIMEOUT))
         .map_err(|e| anyhow::anyhow!("init_transactions ({transactional_id}): {e}"))?;
     let group = settings.group_id(STAGE);
-    let consumer =
-        std::sync::Arc::new(kafka::consumer(&settings, &group, STAGE.as_str(), kafka::OffsetCommit::Transactional)?);
+    let consumer = std::sync::Arc::new(kafka::consumer_with_context(
+        &settings,
+        &group,
+        STAGE.as_str(),
+        kafka::OffsetCommit::Transactional,
+        Rebalances::default(),
+    )?);
     kafka::spawn_lag_reporter(consumer.clone(), runtime.metrics.clone(), Duration::from_secs(5), shutdown.clone());
     consumer.subscribe(&[&settings.topics.results])?;
     tracing::info!(group, transactional_id, "consuming");
@@ -123,16 +135,102 @@ fn hostname() -> String {
         .unwrap_or_else(|| "local".into())
 }
 
-/// A failed transaction is aborted and its batch read again from Kafka (not retried in
-/// memory): the failure may be a rebalance, which only a poll resolves.
-async fn consume(publisher: &Publisher, consumer: &StreamConsumer, shutdown: &CancellationToken) -> anyhow::Result<()> {
+/// Partitions revoked from the consumer while it gathered a batch, and whether any were
+/// assigned since the last look (a new owner settles what an old one left behind).
+#[derive(Default)]
+struct Rebalances {
+    revoked: std::sync::Mutex<HashSet<(String, i32)>>,
+    assigned: std::sync::atomic::AtomicBool,
+}
+
+impl Rebalances {
+    fn take_revoked(&self) -> HashSet<(String, i32)> {
+        self.revoked.lock().map(|mut r| std::mem::take(&mut *r)).unwrap_or_default()
+    }
+
+    fn take_assigned(&self) -> bool {
+        self.assigned.swap(false, std::sync::atomic::Ordering::SeqCst)
+    }
+}
+
+impl ClientContext for Rebalances {}
+
+impl ConsumerContext for Rebalances {
+    fn pre_rebalance(&self, _consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
+        if let Rebalance::Revoke(list) = rebalance
+            && let Ok(mut revoked) = self.revoked.lock()
+        {
+            for e in list.elements() {
+                revoked.insert((e.topic().to_string(), e.partition()));
+            }
+        }
+    }
+
+    fn post_rebalance(&self, _consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
+        if let Rebalance::Assign(_) = rebalance {
+            self.assigned.store(true, std::sync::atomic::Ordering::SeqCst);
+        }
+    }
+}
+
+type ResultsConsumer = StreamConsumer<Rebalances>;
+
+/// Why a batch did not go through.
+#[derive(Debug, thiserror::Error)]
+enum Failed {
+    /// Nothing of the batch was committed to Kafka (the transaction, if begun, was
+    /// aborted): the batch is read again.
+    #[error("{0:#}")]
+    Retry(anyhow::Error),
+    #[error(transparent)]
+    Fatal(#[from] ProducerFatal),
+}
+
+impl From<anyhow::Error> for Failed {
+    fn from(e: anyhow::Error) -> Self {
+        match e.downcast::<ProducerFatal>() {
+            Ok(fatal) => Failed::Fatal(fatal),
+            Err(e) => Failed::Retry(e),
+        }
+    }
+}
+
+/// A batch that failed before its Kafka commit is read again from Kafka (not retried in
+/// memory): the failure may be a rebalance, which only a poll resolves. A batch whose
+/// Kafka commit succeeded is never read again: its settlement is retried until it is
+/// stored.
+async fn consume(
+    publisher: &Publisher,
+    consumer: &ResultsConsumer,
+    shutdown: &CancellationToken,
+) -> anyhow::Result<()> {
     let tuning = publisher.settings.publisher.tuning();
     let runtime = &publisher.runtime;
     let mut backoff = Duration::from_millis(200);
     loop {
-        let batch = kafka::next_batch(consumer, tuning, shutdown).await;
+        if consumer.context().take_assigned()
+            && !runtime.until_done(shutdown, MAX_BACKOFF, || reconcile(publisher, consumer)).await
+        {
+            return Ok(());
+        }
+        consumer.context().take_revoked();
+        let mut batch = kafka::next_batch(consumer, tuning, shutdown).await;
         if batch.is_empty() {
             return Ok(());
+        }
+        // Records of a partition revoked meanwhile belong to its new owner now: they
+        // leave the batch (their offsets are not committed here). Where the partition came
+        // back to this consumer, it is read again from them.
+        let revoked = consumer.context().take_revoked();
+        if !revoked.is_empty() {
+            let (dropped, kept): (Vec<_>, Vec<_>) =
+                batch.into_iter().partition(|m| revoked.contains(&(m.topic().to_string(), m.partition())));
+            tracing::info!(dropped = dropped.len(), ?revoked, "records of revoked partitions left the batch");
+            rewind(consumer, &dropped);
+            batch = kept;
+            if batch.is_empty() {
+                continue;
+            }
         }
         for m in &batch {
             runtime.metrics.consumed(m.topic());
@@ -142,14 +240,14 @@ async fn consume(publisher: &Publisher, consumer: &StreamConsumer, shutdown: &Ca
                 backoff = Duration::from_millis(200);
                 runtime.state.set_ready();
             }
-            Err(e) if e.downcast_ref::<ProducerFatal>().is_some() => {
+            Err(Failed::Fatal(e)) => {
                 tracing::error!(error = %e, "stopping: a new publisher takes over where this one committed");
-                return Err(e);
+                return Err(e.into());
             }
-            Err(e) => {
+            Err(Failed::Retry(e)) => {
                 runtime.metrics.batch_retries.inc();
                 let cause = chain(e.as_ref());
-                tracing::error!(error = %cause, "transaction failed; aborted, the batch will be read again");
+                tracing::error!(error = %cause, "batch not committed; it will be read again");
                 runtime.state.set_not_ready(format!("transactions failing: {cause}"));
                 rewind(consumer, &batch);
                 tokio::select! {
@@ -162,9 +260,44 @@ async fn consume(publisher: &Publisher, consumer: &StreamConsumer, shutdown: &Ca
     }
 }
 
+/// Settles what any publisher bound and committed but did not settle (it stopped, or lost
+/// its database, between the two): a binding or a pending dead letter whose record is
+/// behind the group's committed offset was carried by a committed transaction.
+async fn reconcile(publisher: &Publisher, consumer: &ResultsConsumer) -> anyhow::Result<()> {
+    let pipeline = &publisher.settings.pipeline.name;
+    let results = &publisher.settings.topics.results;
+    let (bound, pending) = binding::unsettled(&publisher.runtime.pool, pipeline).await?;
+    if bound.is_empty() && pending.is_empty() {
+        return Ok(());
+    }
+    let partitions: std::collections::BTreeSet<i32> =
+        bound.iter().map(|b| b.partition).chain(pending.iter().map(|p| p.0)).collect();
+    let mut asked = TopicPartitionList::new();
+    for p in &partitions {
+        asked.add_partition(results, *p);
+    }
+    let committed = tokio::task::block_in_place(|| consumer.committed_offsets(asked, Duration::from_secs(10)))?;
+    let committed_at = |partition: i32| match committed.find_partition(results, partition).map(|e| e.offset()) {
+        Some(Offset::Offset(o)) => o,
+        _ => -1,
+    };
+    let bound: Vec<_> = bound.into_iter().filter(|b| b.offset < committed_at(b.partition)).collect();
+    let pending: Vec<_> = pending.into_iter().filter(|(p, o)| *o < committed_at(*p)).collect();
+    if bound.is_empty() && pending.is_empty() {
+        return Ok(());
+    }
+    let settled = binding::settle(&publisher.runtime.pool, pipeline, &bound, &pending).await?;
+    tracing::info!(
+        keys = settled.keys,
+        dead_letters = settled.dead_letters,
+        "settled what an earlier publisher committed to Kafka but had not recorded"
+    );
+    Ok(())
+}
+
 /// Seeks every partition of `batch` back to its first record, so an aborted batch is
 /// read again.
-fn rewind(consumer: &StreamConsumer, batch: &[OwnedMessage]) {
+fn rewind(consumer: &ResultsConsumer, batch: &[OwnedMessage]) {
     let mut first: std::collections::BTreeMap<(String, i32), i64> = std::collections::BTreeMap::new();
     for m in batch {
         let e = first.entry((m.topic().to_string(), m.partition())).or_insert(m.offset());
@@ -177,18 +310,205 @@ fn rewind(consumer: &StreamConsumer, batch: &[OwnedMessage]) {
     }
 }
 
-/// One transaction: outputs (and dead letters) plus the consumed offsets; then the
-/// `published` marks in PostgreSQL.
+/// One key's result in the batch: the first copy of the key, its merged output (or why
+/// there is none), and where its record is.
+struct Candidate {
+    env: Envelope,
+    trace: RecordSpan,
+    partition: i32,
+    offset: i64,
+    output: Result<Vec<u8>, RecordError>,
+}
+
+/// A record that is no result at all (not an envelope, or one without a result).
+struct Reject {
+    env: Envelope,
+    trace: RecordSpan,
+    partition: i32,
+    offset: i64,
+    error: RecordError,
+}
+
+/// One batch in three steps: bind its keys to its records and record its dead letters
+/// as pending (committed in PostgreSQL); one Kafka transaction with the outputs, the
+/// dead letters and the consumed offsets; then settle the keys and dead letters it
+/// carried, retried until stored.
 async fn publish_batch(
     publisher: &Publisher,
-    consumer: &StreamConsumer,
+    consumer: &ResultsConsumer,
     batch: &[OwnedMessage],
     shutdown: &CancellationToken,
-) -> anyhow::Result<()> {
+) -> Result<(), Failed> {
     let pipeline = &publisher.settings.pipeline.name;
     let topics = &publisher.settings.topics;
+    let (candidates, rejects) = decode(publisher, batch);
 
-    // Decode; the first copy of a key in the batch is the one that counts.
+    // 1. Bind. A key bound to another record (or no longer `enriched`) is not ours.
+    let claims: Vec<binding::Claim> = candidates
+        .iter()
+        .map(|c| binding::Claim {
+            key: &c.env.idempotency_key,
+            partition: c.partition,
+            offset: c.offset,
+            outcome: if c.output.is_ok() { binding::Outcome::Published } else { binding::Outcome::DeadLettered },
+            trace_id: c.trace.ids().trace_id_hex(),
+        })
+        .collect();
+    // PRODUCER spans end when the transaction is over.
+    let mut sends: Vec<ChildSpan> = Vec::new();
+    let mut dead: Vec<DeadLetter> = Vec::new();
+    for r in &rejects {
+        dead.push(dead_letter_of(&mut sends, &topics.dlq, &r.env, &r.trace, &r.error, (r.partition, r.offset), None));
+    }
+    let bound = async {
+        let mut tx = publisher.runtime.pool.begin().await?;
+        let bound = binding::bind(&mut tx, pipeline, &claims).await?;
+        // A key that cannot be merged is dead-lettered by the record it is bound to.
+        for c in candidates.iter().filter(|c| bound.contains(&c.env.idempotency_key)) {
+            if let Err(error) = &c.output {
+                let key = c.env.source.as_ref().and_then(|s| s.key.clone());
+                dead.push(dead_letter_of(
+                    &mut sends,
+                    &topics.dlq,
+                    &c.env,
+                    &c.trace,
+                    error,
+                    (c.partition, c.offset),
+                    key,
+                ));
+            }
+        }
+        let contexts: Vec<TraceContext> = sends.iter().map(|s| s.ids().clone()).collect();
+        let pending: Vec<_> = dead.iter().zip(&contexts).map(|((letter, _, _, at), ctx)| (letter, ctx, *at)).collect();
+        enrich_common::dead_letter_store::record_pending(&mut *tx, &pending).await?;
+        tx.commit().await?;
+        anyhow::Ok(bound)
+    }
+    .await?;
+
+    // 2. The Kafka transaction.
+    tokio::task::block_in_place(|| publisher.producer.begin_transaction()).map_err(anyhow::Error::from)?;
+    let mut published = Vec::new();
+    let in_transaction = async {
+        let mut deliveries: Vec<DeliveryFuture> = Vec::new();
+        for c in &candidates {
+            if !bound.contains(&c.env.idempotency_key) {
+                publisher.metrics.outcome("already_published");
+                continue;
+            }
+            if let Ok(value) = &c.output {
+                let out = c.trace.producer(&topics.output);
+                let h = out.ids().inject(headers::owned(&[(headers::IDEMPOTENCY_KEY, &c.env.idempotency_key)]));
+                sends.push(out);
+                let key = c.env.source.as_ref().and_then(|s| s.key.as_deref());
+                deliveries.push(send(&publisher.producer, &topics.output, key, value, h)?);
+                published.push(c);
+            }
+        }
+        for (letter, h, key, _) in &dead {
+            deliveries.push(send(
+                &publisher.producer,
+                &topics.dlq,
+                key.as_deref(),
+                &letter.encode_to_bytes(),
+                h.clone(),
+            )?);
+        }
+        for d in deliveries {
+            d.await.map_err(|_| anyhow::anyhow!("producer dropped a delivery"))?.map_err(|(e, _)| e)?;
+        }
+        let mut offsets = TopicPartitionList::new();
+        for ((topic, partition), next) in kafka::next_offsets(batch) {
+            offsets.add_partition_offset(&topic, partition, Offset::Offset(next))?;
+        }
+        let group = consumer.group_metadata().ok_or_else(|| anyhow::anyhow!("consumer has no group metadata"))?;
+        tokio::task::block_in_place(|| publisher.producer.send_offsets_to_transaction(&offsets, &group, TXN_TIMEOUT))?;
+        anyhow::Ok(())
+    };
+    let committed = match in_transaction.await {
+        Ok(()) => commit(publisher, shutdown).await,
+        Err(e) => Err(e),
+    };
+    if let Err(e) = committed {
+        if e.downcast_ref::<ProducerFatal>().is_some() {
+            return Err(e.into());
+        }
+        abort(publisher, shutdown).await.map_err(|abort| abort.context(format!("aborting after: {e:#}")))?;
+        return Err(Failed::Retry(e));
+    }
+    failpoints::pass(pipeline, failpoints::Instant::AfterKafkaCommit).await;
+    publisher.runtime.metrics.produced(&topics.output, published.len() as u64);
+    publisher.runtime.metrics.produced(&topics.dlq, dead.len() as u64);
+
+    // 3. Settle, before the next batch: the output is committed, and nothing of this
+    // batch is read again.
+    let settled_keys: Vec<binding::Bound> = candidates
+        .iter()
+        .filter(|c| bound.contains(&c.env.idempotency_key))
+        .map(|c| binding::Bound { key: c.env.idempotency_key.clone(), partition: c.partition, offset: c.offset })
+        .collect();
+    let records: Vec<(i32, i64)> = dead.iter().map(|(_, _, _, at)| *at).collect();
+    let settled = publisher
+        .runtime
+        .until_done(shutdown, MAX_BACKOFF, || async {
+            binding::settle(&publisher.runtime.pool, pipeline, &settled_keys, &records).await?;
+            Ok(())
+        })
+        .await;
+    if !settled {
+        tracing::info!("shutting down before the batch was settled; the next publisher settles it");
+    }
+    for (letter, _, _, _) in &dead {
+        if let Some(failure) = letter.failure() {
+            publisher.runtime.metrics.dead_lettered(&failure.reason);
+        }
+    }
+    let now_ms =
+        std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_millis() as i64).unwrap_or(0);
+    for c in &published {
+        publisher.metrics.outcome("published");
+        c.trace.set([KeyValue::new(attr::OUTCOME, "published")]);
+        let source_ms = c.env.source.as_ref().map(|s| s.timestamp_ms).unwrap_or(0);
+        if source_ms > 0 && now_ms >= source_ms {
+            publisher.metrics.end_to_end.observe((now_ms - source_ms) as f64 / 1000.0);
+        }
+    }
+    for c in candidates.iter().filter(|c| bound.contains(&c.env.idempotency_key)) {
+        if let Err(e) = &c.output {
+            c.trace.fail(e.to_string());
+        }
+    }
+    for r in &rejects {
+        r.trace.fail(r.error.to_string());
+    }
+    drop(sends);
+    Ok(())
+}
+
+/// A dead letter of the batch: its envelope and headers, the Kafka key of its DLQ record,
+/// and the results record (partition, offset) it comes from.
+type DeadLetter = (Envelope, OwnedHeaders, Option<Vec<u8>>, (i32, i64));
+
+fn dead_letter_of(
+    sends: &mut Vec<ChildSpan>,
+    dlq_topic: &str,
+    env: &Envelope,
+    trace: &RecordSpan,
+    error: &RecordError,
+    at: (i32, i64),
+    key: Option<Vec<u8>>,
+) -> DeadLetter {
+    let dlq = trace.producer(dlq_topic);
+    let (letter, h) = dead_letter(env.clone(), error, STAGE.as_str(), dlq.ids());
+    sends.push(dlq);
+    (letter, h, key, at)
+}
+
+/// Decodes the batch and merges each result into its output; the first copy of a key in
+/// the batch is the one that counts. A record that is no envelope becomes one (its
+/// bytes as the payload, its coordinates as its source) for the DLQ.
+fn decode(publisher: &Publisher, batch: &[OwnedMessage]) -> (Vec<Candidate>, Vec<Reject>) {
+    let pipeline = &publisher.settings.pipeline.name;
     let mut seen = HashSet::new();
     let mut candidates = Vec::new();
     let mut rejects = Vec::new();
@@ -196,17 +516,20 @@ async fn publish_batch(
         let hdrs = headers::collect(m.headers());
         let incoming = TraceContext::extract(&hdrs);
         let trace = RecordSpan::consume(STAGE.as_str(), &publisher.group, m, incoming.as_ref());
+        let (partition, offset) = (m.partition(), m.offset());
         match Envelope::decode_from(m.payload().unwrap_or_default()) {
             Ok(env) if env.result().is_some() => {
                 trace.set([KeyValue::new(attr::IDEMPOTENCY_KEY, env.idempotency_key.clone())]);
                 if seen.insert(env.idempotency_key.clone()) {
-                    candidates.push((env, trace));
+                    let output = merge_output(&env);
+                    candidates.push(Candidate { env, trace, partition, offset, output });
                 } else {
                     publisher.metrics.outcome("duplicate_result");
                 }
             }
             Ok(env) => {
-                rejects.push((env, trace, RecordError::invalid("no_result", "a results record without a result")))
+                let error = RecordError::invalid("no_result", "a results record without a result");
+                rejects.push(Reject { env, trace, partition, offset, error });
             }
             Err(e) => {
                 let env = Envelope {
@@ -215,129 +538,53 @@ async fn publish_batch(
                     idempotency_key: enrich_common::idempotency::fallback_key(pipeline, m.key(), m.payload())
                         .to_string(),
                     payload: m.payload().unwrap_or_default().to_vec(),
+                    source: Some(enrich_common::envelope::SourceCoordinates {
+                        topic: m.topic().to_string(),
+                        partition,
+                        offset,
+                        timestamp_ms: m.timestamp().to_millis().unwrap_or(0),
+                        key: m.key().map(<[u8]>::to_vec),
+                    }),
                     ..Default::default()
                 };
-                rejects.push((env, trace, RecordError::invalid("invalid_envelope", e.to_string())));
+                let error = RecordError::invalid("invalid_envelope", e.to_string());
+                rejects.push(Reject { env, trace, partition, offset, error });
             }
         }
     }
+    (candidates, rejects)
+}
 
-    let mut db_tx = publisher.runtime.pool.begin().await?;
-    let keys: Vec<String> = candidates.iter().map(|(e, _)| e.idempotency_key.clone()).collect();
-    // Claim the right to publish: only keys not yet published come back.
-    let claimed: Vec<(String,)> = sqlx::query_as(
-        "UPDATE enrich_state SET state = 'published', updated_at = now()
-         WHERE pipeline = $1 AND idempotency_key = ANY($2) AND state <> 'published'
-         RETURNING idempotency_key",
-    )
-    .bind(pipeline)
-    .bind(&keys)
-    .fetch_all(&mut *db_tx)
-    .await?;
-    let claimed: HashSet<String> = claimed.into_iter().map(|(k,)| k).collect();
-
-    tokio::task::block_in_place(|| publisher.producer.begin_transaction())?;
-    // PRODUCER spans end when the transaction is over.
-    let mut sends: Vec<ChildSpan> = Vec::new();
-    let in_transaction = async {
-        let mut deliveries: Vec<DeliveryFuture> = Vec::new();
-        let mut published = Vec::new();
-        for (env, trace) in &candidates {
-            if !claimed.contains(&env.idempotency_key) {
-                publisher.metrics.outcome("already_published");
-                continue;
+/// Commits the open transaction. A commit that did not complete in time (the broker is
+/// away) is still in progress inside librdkafka and must be called again, not aborted;
+/// meanwhile `/readyz` says so. Only an error that requires an abort returns one (the
+/// caller aborts); a fatal error is [`ProducerFatal`].
+async fn commit(publisher: &Publisher, shutdown: &CancellationToken) -> anyhow::Result<()> {
+    let mut wait = Duration::from_millis(200);
+    loop {
+        match tokio::task::block_in_place(|| publisher.producer.commit_transaction(TXN_TIMEOUT)) {
+            Ok(()) => return Ok(()),
+            Err(rdkafka::error::KafkaError::Transaction(e)) if e.is_fatal() => {
+                return Err(ProducerFatal(e.to_string()).into());
             }
-            match merge_output(env) {
-                Ok(value) => {
-                    let out = trace.producer(&topics.output);
-                    let h = out.ids().inject(headers::owned(&[(headers::IDEMPOTENCY_KEY, &env.idempotency_key)]));
-                    sends.push(out);
-                    let key = env.source.as_ref().and_then(|s| s.key.as_deref());
-                    deliveries.push(send(&publisher.producer, &topics.output, key, &value, h)?);
-                    published.push((env, trace));
+            Err(rdkafka::error::KafkaError::Transaction(e)) if e.txn_requires_abort() => {
+                return Err(anyhow::anyhow!("commit_transaction: {e}"));
+            }
+            Err(rdkafka::error::KafkaError::Transaction(e)) if e.is_retriable() => {
+                tracing::warn!(error = %e, "commit_transaction did not complete yet; calling it again");
+                publisher
+                    .runtime
+                    .state
+                    .set_not_ready(format!("the Kafka transaction's commit has not completed yet: {e}"));
+                tokio::select! {
+                    _ = shutdown.cancelled() => return Err(ProducerFatal(format!("shutting down during a commit: {e}")).into()),
+                    _ = tokio::time::sleep(wait) => {}
                 }
-                Err(error) => {
-                    let dlq = trace.producer(&topics.dlq);
-                    let (dead, h) = dead_letter(env.clone(), &error, STAGE.as_str(), dlq.ids());
-                    sends.push(dlq);
-                    trace.fail(error.to_string());
-                    let key = env.source.as_ref().and_then(|s| s.key.clone());
-                    deliveries.push(send(
-                        &publisher.producer,
-                        &topics.dlq,
-                        key.as_deref(),
-                        &dead.encode_to_bytes(),
-                        h,
-                    )?);
-                    publisher.runtime.metrics.dead_lettered(error.reason);
-                }
+                wait = (wait * 2).min(MAX_BACKOFF);
             }
-        }
-        for (env, trace, error) in &rejects {
-            let dlq = trace.producer(&topics.dlq);
-            let (dead, h) = dead_letter(env.clone(), error, STAGE.as_str(), dlq.ids());
-            sends.push(dlq);
-            trace.fail(error.to_string());
-            deliveries.push(send(&publisher.producer, &topics.dlq, None, &dead.encode_to_bytes(), h)?);
-            publisher.runtime.metrics.dead_lettered(error.reason);
-        }
-        for d in deliveries {
-            d.await.map_err(|_| anyhow::anyhow!("producer dropped a delivery"))?.map_err(|(e, _)| e)?;
-        }
-
-        let mut offsets = TopicPartitionList::new();
-        for ((topic, partition), next) in kafka::next_offsets(batch) {
-            offsets.add_partition_offset(&topic, partition, Offset::Offset(next))?;
-        }
-        let group = consumer.group_metadata().ok_or_else(|| anyhow::anyhow!("consumer has no group metadata"))?;
-        tokio::task::block_in_place(|| -> anyhow::Result<()> {
-            publisher.producer.send_offsets_to_transaction(&offsets, &group, TXN_TIMEOUT)?;
-            publisher.producer.commit_transaction(TXN_TIMEOUT)?;
-            Ok(())
-        })?;
-        failpoints::pass(pipeline, failpoints::Instant::AfterKafkaCommit).await;
-        anyhow::Ok(published)
-    };
-    let published = match in_transaction.await {
-        Ok(p) => p,
-        Err(e) => {
-            // The database transaction rolls back when dropped; the Kafka one is aborted here.
-            abort(publisher, shutdown).await.map_err(|abort| abort.context(format!("aborting after: {e}")))?;
-            return Err(e);
-        }
-    };
-    publisher.runtime.metrics.produced(&topics.output, published.len() as u64);
-    publisher.runtime.metrics.produced(&topics.dlq, sends.len().saturating_sub(published.len()) as u64);
-
-    // The output is committed. Record it; a crash right here leaves the key `enriched`
-    // in the database although it was published (see README, "Guarantees").
-    let (audit_keys, audit_traces): (Vec<String>, Vec<String>) =
-        published.iter().map(|(e, t)| (e.idempotency_key.clone(), t.ids().trace_id_hex())).unzip();
-    sqlx::query(
-        "INSERT INTO run_history (pipeline, idempotency_key, stage, attempt, status, trace_id)
-         SELECT $1, k, 'publisher', 0, 'published', t FROM UNNEST($2::text[], $3::text[]) AS u(k, t)",
-    )
-    .bind(pipeline)
-    .bind(&audit_keys)
-    .bind(&audit_traces)
-    .execute(&mut *db_tx)
-    .await?;
-    if let Err(e) = db_tx.commit().await {
-        tracing::error!(error = %e, keys = audit_keys.len(), "output committed but the published marks were not stored");
-        return Ok(());
-    }
-    let now_ms =
-        std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_millis() as i64).unwrap_or(0);
-    for (env, span) in &published {
-        publisher.metrics.outcome("published");
-        span.set([KeyValue::new(attr::OUTCOME, "published")]);
-        let source_ms = env.source.as_ref().map(|s| s.timestamp_ms).unwrap_or(0);
-        if source_ms > 0 && now_ms >= source_ms {
-            publisher.metrics.end_to_end.observe((now_ms - source_ms) as f64 / 1000.0);
+            Err(e) => return Err(anyhow::anyhow!("commit_transaction: {e}")),
         }
     }
-    drop(sends);
-    Ok(())
 }
 
 fn send(

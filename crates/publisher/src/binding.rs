@@ -1,0 +1,142 @@
+//! The publisher's writes to PostgreSQL, in the order of a batch: bind each key to the
+//! results record that will publish it (committed before the Kafka transaction), then
+//! settle what the committed transaction carried (keys `published` or `dead_lettered`,
+//! pending dead letters listed). `reconcile` settles what a publisher that stopped
+//! between the two left behind, from the group's committed offsets.
+
+use sqlx::PgPool;
+
+/// What a bound key becomes once the transaction carrying its record has committed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Outcome {
+    Published,
+    DeadLettered,
+}
+
+impl Outcome {
+    fn as_str(self) -> &'static str {
+        match self {
+            Outcome::Published => "published",
+            Outcome::DeadLettered => "dead_lettered",
+        }
+    }
+}
+
+/// A key and the results record (partition, offset) that carries it.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct Bound {
+    pub key: String,
+    pub partition: i32,
+    pub offset: i64,
+}
+
+/// One key of the batch asking to be bound.
+pub struct Claim<'a> {
+    pub key: &'a str,
+    pub partition: i32,
+    pub offset: i64,
+    pub outcome: Outcome,
+    pub trace_id: String,
+}
+
+/// Binds the keys that are `enriched` and bound to no other record, in the caller's
+/// transaction (which also records the batch's dead letters as pending, and commits
+/// before the Kafka transaction begins). Returns the keys this batch may publish: those
+/// bound to the batch's own records (a record read again after an aborted transaction
+/// gets its binding back).
+pub async fn bind(
+    tx: &mut sqlx::PgConnection,
+    pipeline: &str,
+    claims: &[Claim<'_>],
+) -> sqlx::Result<std::collections::HashSet<String>> {
+    let keys: Vec<&str> = claims.iter().map(|c| c.key).collect();
+    let partitions: Vec<i32> = claims.iter().map(|c| c.partition).collect();
+    let offsets: Vec<i64> = claims.iter().map(|c| c.offset).collect();
+    let outcomes: Vec<&str> = claims.iter().map(|c| c.outcome.as_str()).collect();
+    let traces: Vec<&str> = claims.iter().map(|c| c.trace_id.as_str()).collect();
+    let bound: Vec<(String,)> = sqlx::query_as(
+        "UPDATE enrich_state s
+            SET publish_partition = b.p, publish_offset = b.o, publish_outcome = b.outcome,
+                publish_trace = b.trace, updated_at = now()
+           FROM UNNEST($2::text[], $3::int[], $4::bigint[], $5::text[], $6::text[]) AS b(k, p, o, outcome, trace)
+          WHERE s.pipeline = $1 AND s.idempotency_key = b.k AND s.state = 'enriched'
+            AND (s.publish_offset IS NULL OR (s.publish_partition = b.p AND s.publish_offset = b.o))
+         RETURNING s.idempotency_key",
+    )
+    .bind(pipeline)
+    .bind(&keys)
+    .bind(&partitions)
+    .bind(&offsets)
+    .bind(&outcomes)
+    .bind(&traces)
+    .fetch_all(tx)
+    .await?;
+    Ok(bound.into_iter().map(|(k,)| k).collect())
+}
+
+/// What settling did.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct Settled {
+    pub keys: i64,
+    pub dead_letters: i64,
+}
+
+/// The transaction that carried `bound` keys and the records at `records` (partition,
+/// offset) has committed: each bound key takes its outcome (with its audit row) and the
+/// pending dead letters written by those records are listed. One statement, and
+/// idempotent: run again, it finds nothing left to do.
+pub async fn settle(pool: &PgPool, pipeline: &str, bound: &[Bound], records: &[(i32, i64)]) -> sqlx::Result<Settled> {
+    let keys: Vec<&str> = bound.iter().map(|b| b.key.as_str()).collect();
+    let partitions: Vec<i32> = bound.iter().map(|b| b.partition).collect();
+    let offsets: Vec<i64> = bound.iter().map(|b| b.offset).collect();
+    let (record_partitions, record_offsets): (Vec<i32>, Vec<i64>) = records.iter().copied().unzip();
+    let (keys, dead_letters): (i64, i64) = sqlx::query_as(
+        "WITH marked AS (
+             UPDATE enrich_state s SET state = s.publish_outcome, updated_at = now()
+               FROM UNNEST($2::text[], $3::int[], $4::bigint[]) AS b(k, p, o)
+              WHERE s.pipeline = $1 AND s.idempotency_key = b.k AND s.state = 'enriched'
+                AND s.publish_partition = b.p AND s.publish_offset = b.o
+             RETURNING s.idempotency_key, s.state, s.publish_trace),
+         audit AS (
+             INSERT INTO run_history (pipeline, idempotency_key, stage, attempt, status, trace_id)
+             SELECT $1, idempotency_key, 'publisher', 0, state, publish_trace FROM marked),
+         listed AS (
+             UPDATE dead_letters d SET status = 'dead', updated_at = now()
+               FROM UNNEST($5::int[], $6::bigint[]) AS r(p, o)
+              WHERE d.pipeline = $1 AND d.status = 'pending' AND d.publish_partition = r.p AND d.publish_offset = r.o
+                AND NOT EXISTS (SELECT 1 FROM dead_letters w
+                                 WHERE w.pipeline = d.pipeline AND w.idempotency_key = d.idempotency_key
+                                   AND w.status = 'dead' AND w.stage <> 'ingest-dedup')
+             RETURNING 1)
+         SELECT (SELECT count(*) FROM marked), (SELECT count(*) FROM listed)",
+    )
+    .bind(pipeline)
+    .bind(&keys)
+    .bind(&partitions)
+    .bind(&offsets)
+    .bind(&record_partitions)
+    .bind(&record_offsets)
+    .fetch_one(pool)
+    .await?;
+    Ok(Settled { keys, dead_letters })
+}
+
+/// Bindings and pending dead letters still waiting to be settled: the keys (with their
+/// records) and the records of pending dead letters, by partition of the results topic.
+pub async fn unsettled(pool: &PgPool, pipeline: &str) -> sqlx::Result<(Vec<Bound>, Vec<(i32, i64)>)> {
+    let bound: Vec<(String, i32, i64)> = sqlx::query_as(
+        "SELECT idempotency_key, publish_partition, publish_offset FROM enrich_state
+          WHERE pipeline = $1 AND state = 'enriched' AND publish_offset IS NOT NULL",
+    )
+    .bind(pipeline)
+    .fetch_all(pool)
+    .await?;
+    let pending: Vec<(i32, i64)> = sqlx::query_as(
+        "SELECT publish_partition, publish_offset FROM dead_letters
+          WHERE pipeline = $1 AND status = 'pending' AND publish_offset IS NOT NULL",
+    )
+    .bind(pipeline)
+    .fetch_all(pool)
+    .await?;
+    Ok((bound.into_iter().map(|(key, partition, offset)| Bound { key, partition, offset }).collect(), pending))
+}
