@@ -25,9 +25,13 @@ pub async fn record_pending<'e>(
     insert(db, &rows, "pending").await
 }
 
+/// A dead letter, the span context that wrote it, and (for the publisher's) the results
+/// record it comes from.
+type Row<'a> = (&'a Envelope, &'a TraceContext, Option<(i32, i64)>);
+
 async fn insert<'e>(
     db: impl PgExecutor<'e>,
-    dead: &[(&Envelope, &TraceContext, Option<(i32, i64)>)],
+    dead: &[Row<'_>],
     status: &str,
 ) -> sqlx::Result<()> {
     if dead.is_empty() {
