@@ -48,6 +48,11 @@ pub struct RunningStage {
 }
 
 impl RunningStage {
+    /// The stage ended on its own (an error it stops on, for its supervisor to restart).
+    pub fn has_exited(&self) -> bool {
+        self.join.is_finished()
+    }
+
     /// Asks the stage to stop (as SIGTERM would) and waits for it to drain.
     pub async fn stop(self) -> anyhow::Result<()> {
         self.token.cancel();

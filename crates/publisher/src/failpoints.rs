@@ -6,6 +6,8 @@
 /// The instants a hook can be attached to.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum Instant {
+    /// Right before `commit_transaction`: the outputs are written and the offsets sent.
+    BeforeKafkaCommit,
     /// Right after `commit_transaction` returned success, before anything is written
     /// to PostgreSQL about the batch.
     AfterKafkaCommit,

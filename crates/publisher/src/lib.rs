@@ -33,7 +33,6 @@ pub use merge::merge_output;
 pub use metrics::PublisherMetrics;
 
 const STAGE: Stage = Stage::Publisher;
-const TXN_TIMEOUT: Duration = Duration::from_secs(30);
 const MAX_BACKOFF: Duration = Duration::from_secs(30);
 
 struct Publisher {
@@ -42,6 +41,9 @@ struct Publisher {
     runtime: StageRuntime,
     producer: FutureProducer,
     metrics: PublisherMetrics,
+    /// How long one transactional call may block: the transaction timeout. A call that
+    /// did not complete in it is called again (commit, abort) or fails the batch.
+    call_timeout: Duration,
 }
 
 pub async fn run(settings: Settings, shutdown: CancellationToken) -> anyhow::Result<()> {
@@ -64,7 +66,8 @@ pub async fn run(settings: Settings, shutdown: CancellationToken) -> anyhow::Res
         .unwrap_or_else(|| format!("{}.publisher.{}.{}", settings.pipeline.name, hostname(), runtime.addr.port()));
     let producer = transactional_producer(&settings, &transactional_id)?;
     // Fences any earlier incarnation with this id and aborts its open transaction.
-    tokio::task::block_in_place(|| producer.init_transactions(TXN_TIMEOUT))
+    let call_timeout = Duration::from_millis(settings.publisher.transaction_timeout_ms);
+    tokio::task::block_in_place(|| producer.init_transactions(call_timeout))
         .map_err(|e| anyhow::anyhow!("init_transactions ({transactional_id}): {e}"))?;
     let group = settings.group_id(STAGE);
     let consumer = std::sync::Arc::new(kafka::consumer_with_context(
@@ -79,7 +82,7 @@ pub async fn run(settings: Settings, shutdown: CancellationToken) -> anyhow::Res
     tracing::info!(group, transactional_id, "consuming");
     runtime.state.set_ready();
 
-    let publisher = Publisher { settings, group: group.clone(), runtime, producer, metrics };
+    let publisher = Publisher { settings, group: group.clone(), runtime, producer, metrics, call_timeout };
     let consumed = consume(&publisher, &consumer, &shutdown).await;
     publisher.runtime.finish(&shutdown).await;
     consumed
@@ -97,7 +100,7 @@ struct ProducerFatal(String);
 async fn abort(publisher: &Publisher, shutdown: &CancellationToken) -> anyhow::Result<()> {
     let mut wait = Duration::from_millis(200);
     loop {
-        match tokio::task::block_in_place(|| publisher.producer.abort_transaction(TXN_TIMEOUT)) {
+        match tokio::task::block_in_place(|| publisher.producer.abort_transaction(publisher.call_timeout)) {
             Ok(()) => return Ok(()),
             Err(rdkafka::error::KafkaError::Transaction(e)) if e.is_retriable() && !e.is_fatal() => {
                 tracing::warn!(error = %e, "abort_transaction did not complete yet; calling it again");
@@ -422,11 +425,14 @@ async fn publish_batch(
             offsets.add_partition_offset(&topic, partition, Offset::Offset(next))?;
         }
         let group = consumer.group_metadata().ok_or_else(|| anyhow::anyhow!("consumer has no group metadata"))?;
-        tokio::task::block_in_place(|| publisher.producer.send_offsets_to_transaction(&offsets, &group, TXN_TIMEOUT))?;
+        tokio::task::block_in_place(|| publisher.producer.send_offsets_to_transaction(&offsets, &group, publisher.call_timeout))?;
         anyhow::Ok(())
     };
     let committed = match in_transaction.await {
-        Ok(()) => commit(publisher, shutdown).await,
+        Ok(()) => {
+            failpoints::pass(pipeline, failpoints::Instant::BeforeKafkaCommit).await;
+            commit(publisher, shutdown).await
+        }
         Err(e) => Err(e),
     };
     if let Err(e) = committed {
@@ -562,7 +568,7 @@ fn decode(publisher: &Publisher, batch: &[OwnedMessage]) -> (Vec<Candidate>, Vec
 async fn commit(publisher: &Publisher, shutdown: &CancellationToken) -> anyhow::Result<()> {
     let mut wait = Duration::from_millis(200);
     loop {
-        match tokio::task::block_in_place(|| publisher.producer.commit_transaction(TXN_TIMEOUT)) {
+        match tokio::task::block_in_place(|| publisher.producer.commit_transaction(publisher.call_timeout)) {
             Ok(()) => return Ok(()),
             Err(rdkafka::error::KafkaError::Transaction(e)) if e.is_fatal() => {
                 return Err(ProducerFatal(e.to_string()).into());
