@@ -32,7 +32,8 @@ impl Broker {
     }
 
     fn signal(&self, sig: &str) {
-        let status = std::process::Command::new("kill").arg(format!("-{sig}")).arg("--").arg(format!("-{}", self.0)).status();
+        let status =
+            std::process::Command::new("kill").arg(format!("-{sig}")).arg("--").arg(format!("-{}", self.0)).status();
         assert!(status.map(|s| s.success()).unwrap_or(false), "kill -{sig} of the broker's group");
     }
 }
@@ -48,8 +49,10 @@ impl Drop for Broker {
 async fn a_commit_outlived_by_a_broker_pause_resumes_and_publishes_each_key_once() -> anyhow::Result<()> {
     const N: usize = 60;
     let port = enrich_e2e::free_port()?;
-    let overrides =
-        [("ENRICH_PUBLISHER__TRANSACTION_TIMEOUT_MS", "5000".to_string()), ("ENRICH_PUBLISHER__HTTP_PORT", port.to_string())];
+    let overrides = [
+        ("ENRICH_PUBLISHER__TRANSACTION_TIMEOUT_MS", "5000".to_string()),
+        ("ENRICH_PUBLISHER__HTTP_PORT", port.to_string()),
+    ];
     let env = TestEnv::new(llm_sim::Latency::default(), &overrides).await?;
     let broker = Arc::new(Broker::of_local_stack()?);
     let paused = Arc::new(AtomicBool::new(false));
@@ -102,7 +105,7 @@ async fn a_commit_outlived_by_a_broker_pause_resumes_and_publishes_each_key_once
     let exits = Mutex::new(Vec::<String>::new());
     let group = env.settings.group_id(enrich_common::config::Stage::Publisher);
     let results = env.settings.topics.results.clone();
-    wait_for("every key published, the publisher caught up", DEADLINE, || async {
+    let waited = wait_for("every key published, the publisher caught up", DEADLINE, || async {
         let mut running = publisher.lock().await;
         if running.as_ref().is_some_and(|p| p.has_exited()) {
             let ended = running.take().expect("running").stop().await;
@@ -113,7 +116,16 @@ async fn a_commit_outlived_by_a_broker_pause_resumes_and_publishes_each_key_once
         let caught_up = group_caught_up(&env.settings, &group, &results).unwrap_or(false);
         Ok((published == N as i64 && caught_up).then_some(()))
     })
-    .await?;
+    .await;
+    if let Err(e) = waited {
+        let states = enrich_e2e::count_in_states(&env, &["enriched"]).await.unwrap_or(-1);
+        let published = enrich_e2e::count_in_states(&env, &["published"]).await.unwrap_or(-1);
+        anyhow::bail!(
+            "{e:#}: {published} published, {states} enriched; publisher restarts {:?}; /readyz said {:?}",
+            exits.lock().unwrap(),
+            not_ready.lock().unwrap().last()
+        );
+    }
     env.wait_accounted(&produced, DEADLINE).await?;
     watcher.abort();
 

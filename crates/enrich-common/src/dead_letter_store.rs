@@ -29,11 +29,7 @@ pub async fn record_pending<'e>(
 /// record it comes from.
 type Row<'a> = (&'a Envelope, &'a TraceContext, Option<(i32, i64)>);
 
-async fn insert<'e>(
-    db: impl PgExecutor<'e>,
-    dead: &[Row<'_>],
-    status: &str,
-) -> sqlx::Result<()> {
+async fn insert<'e>(db: impl PgExecutor<'e>, dead: &[Row<'_>], status: &str) -> sqlx::Result<()> {
     if dead.is_empty() {
         return Ok(());
     }

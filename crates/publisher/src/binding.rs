@@ -41,27 +41,34 @@ pub struct Claim<'a> {
 
 /// Binds the keys that are `enriched` and bound to no other record, in the caller's
 /// transaction (which also records the batch's dead letters as pending, and commits
-/// before the Kafka transaction begins). Returns the keys this batch may publish: those
-/// bound to the batch's own records (a record read again after an aborted transaction
-/// gets its binding back).
+/// before the Kafka transaction begins). A key may come in several copies (its result
+/// re-emitted, on one partition or another): the copy it is already bound to wins (a
+/// record read again after an aborted transaction gets its binding back), else the first
+/// by partition and offset. Returns, per key bound, the record it is bound to.
 pub async fn bind(
     tx: &mut sqlx::PgConnection,
     pipeline: &str,
     claims: &[Claim<'_>],
-) -> sqlx::Result<std::collections::HashSet<String>> {
+) -> sqlx::Result<std::collections::HashSet<Bound>> {
     let keys: Vec<&str> = claims.iter().map(|c| c.key).collect();
     let partitions: Vec<i32> = claims.iter().map(|c| c.partition).collect();
     let offsets: Vec<i64> = claims.iter().map(|c| c.offset).collect();
     let outcomes: Vec<&str> = claims.iter().map(|c| c.outcome.as_str()).collect();
     let traces: Vec<&str> = claims.iter().map(|c| c.trace_id.as_str()).collect();
-    let bound: Vec<(String,)> = sqlx::query_as(
+    // One row per key (an UPDATE joined to several would apply any one of them).
+    let bound: Vec<(String, i32, i64)> = sqlx::query_as(
         "UPDATE enrich_state s
             SET publish_partition = b.p, publish_offset = b.o, publish_outcome = b.outcome,
                 publish_trace = b.trace, updated_at = now()
-           FROM UNNEST($2::text[], $3::int[], $4::bigint[], $5::text[], $6::text[]) AS b(k, p, o, outcome, trace)
+           FROM (SELECT DISTINCT ON (c.k) c.*
+                   FROM UNNEST($2::text[], $3::int[], $4::bigint[], $5::text[], $6::text[]) AS c(k, p, o, outcome, trace)
+                   JOIN enrich_state e ON e.pipeline = $1 AND e.idempotency_key = c.k
+                  WHERE e.state = 'enriched'
+                    AND (e.publish_offset IS NULL OR (e.publish_partition = c.p AND e.publish_offset = c.o))
+                  ORDER BY c.k, (e.publish_offset IS NOT NULL) DESC, c.p, c.o) AS b
           WHERE s.pipeline = $1 AND s.idempotency_key = b.k AND s.state = 'enriched'
             AND (s.publish_offset IS NULL OR (s.publish_partition = b.p AND s.publish_offset = b.o))
-         RETURNING s.idempotency_key",
+         RETURNING s.idempotency_key, b.p, b.o",
     )
     .bind(pipeline)
     .bind(&keys)
@@ -71,7 +78,7 @@ pub async fn bind(
     .bind(&traces)
     .fetch_all(tx)
     .await?;
-    Ok(bound.into_iter().map(|(k,)| k).collect())
+    Ok(bound.into_iter().map(|(key, partition, offset)| Bound { key, partition, offset }).collect())
 }
 
 /// What settling did.
@@ -100,14 +107,25 @@ pub async fn settle(pool: &PgPool, pipeline: &str, bound: &[Bound], records: &[(
          audit AS (
              INSERT INTO run_history (pipeline, idempotency_key, stage, attempt, status, trace_id)
              SELECT $1, idempotency_key, 'publisher', 0, state, publish_trace FROM marked),
+         -- A key waits in the DLQ once: of its pending dead letters one is listed, unless
+         -- one is listed already; the others are dropped (their DLQ records stay).
+         pending AS (
+             SELECT d.id, d.idempotency_key FROM dead_letters d
+               JOIN UNNEST($5::int[], $6::bigint[]) AS r(p, o) ON d.publish_partition = r.p AND d.publish_offset = r.o
+              WHERE d.pipeline = $1 AND d.status = 'pending'),
+         chosen AS (
+             SELECT DISTINCT ON (idempotency_key) id FROM pending n
+              WHERE NOT EXISTS (SELECT 1 FROM dead_letters w
+                                 WHERE w.pipeline = $1 AND w.idempotency_key = n.idempotency_key
+                                   AND w.status = 'dead' AND w.stage <> 'ingest-dedup')
+              ORDER BY idempotency_key, id),
          listed AS (
              UPDATE dead_letters d SET status = 'dead', updated_at = now()
-               FROM UNNEST($5::int[], $6::bigint[]) AS r(p, o)
-              WHERE d.pipeline = $1 AND d.status = 'pending' AND d.publish_partition = r.p AND d.publish_offset = r.o
-                AND NOT EXISTS (SELECT 1 FROM dead_letters w
-                                 WHERE w.pipeline = d.pipeline AND w.idempotency_key = d.idempotency_key
-                                   AND w.status = 'dead' AND w.stage <> 'ingest-dedup')
-             RETURNING 1)
+              WHERE d.id IN (SELECT id FROM chosen)
+             RETURNING 1),
+         dropped AS (
+             DELETE FROM dead_letters d
+              WHERE d.id IN (SELECT id FROM pending) AND d.id NOT IN (SELECT id FROM chosen))
          SELECT (SELECT count(*) FROM marked), (SELECT count(*) FROM listed)",
     )
     .bind(pipeline)

@@ -229,7 +229,7 @@ async fn consume(
             let (dropped, kept): (Vec<_>, Vec<_>) =
                 batch.into_iter().partition(|m| revoked.contains(&(m.topic().to_string(), m.partition())));
             tracing::info!(dropped = dropped.len(), ?revoked, "records of revoked partitions left the batch");
-            rewind(consumer, &dropped);
+            rewind(consumer, &dropped)?;
             batch = kept;
             if batch.is_empty() {
                 continue;
@@ -252,7 +252,7 @@ async fn consume(
                 let cause = chain(e.as_ref());
                 tracing::error!(error = %cause, "batch not committed; it will be read again");
                 runtime.state.set_not_ready(format!("transactions failing: {cause}"));
-                rewind(consumer, &batch);
+                rewind(consumer, &batch)?;
                 tokio::select! {
                     _ = shutdown.cancelled() => return Ok(()),
                     _ = tokio::time::sleep(backoff) => {}
@@ -298,19 +298,26 @@ async fn reconcile(publisher: &Publisher, consumer: &ResultsConsumer) -> anyhow:
     Ok(())
 }
 
-/// Seeks every partition of `batch` back to its first record, so an aborted batch is
-/// read again.
-fn rewind(consumer: &ResultsConsumer, batch: &[OwnedMessage]) {
+/// Seeks every partition of `batch` still assigned to this consumer back to its first
+/// record, so those records are read again. A seek that fails would let the next batch
+/// commit past records never published: the stage stops instead, and its successor
+/// starts from the committed offsets.
+fn rewind(consumer: &ResultsConsumer, batch: &[OwnedMessage]) -> anyhow::Result<()> {
     let mut first: std::collections::BTreeMap<(String, i32), i64> = std::collections::BTreeMap::new();
     for m in batch {
         let e = first.entry((m.topic().to_string(), m.partition())).or_insert(m.offset());
         *e = (*e).min(m.offset());
     }
+    let assigned = consumer.assignment()?;
     for ((topic, partition), offset) in first {
-        if let Err(e) = consumer.seek(&topic, partition, Offset::Offset(offset), Duration::from_secs(5)) {
-            tracing::warn!(%topic, partition, offset, error = %e, "seek back failed; the committed offset decides");
+        if assigned.find_partition(&topic, partition).is_none() {
+            continue; // its new owner reads it from the committed offset
         }
+        consumer.seek(&topic, partition, Offset::Offset(offset), Duration::from_secs(10)).map_err(|e| {
+            anyhow::anyhow!("cannot seek {topic}/{partition} back to {offset} to read an uncommitted batch again: {e}")
+        })?;
     }
+    Ok(())
 }
 
 /// One key's result in the batch: the first copy of the key, its merged output (or why
@@ -321,6 +328,12 @@ struct Candidate {
     partition: i32,
     offset: i64,
     output: Result<Vec<u8>, RecordError>,
+}
+
+impl Candidate {
+    fn at(&self) -> binding::Bound {
+        binding::Bound { key: self.env.idempotency_key.clone(), partition: self.partition, offset: self.offset }
+    }
 }
 
 /// A record that is no result at all (not an envelope, or one without a result).
@@ -363,11 +376,12 @@ async fn publish_batch(
     for r in &rejects {
         dead.push(dead_letter_of(&mut sends, &topics.dlq, &r.env, &r.trace, &r.error, (r.partition, r.offset), None));
     }
-    let bound = async {
+    let mine: Vec<bool> = async {
         let mut tx = publisher.runtime.pool.begin().await?;
         let bound = binding::bind(&mut tx, pipeline, &claims).await?;
+        let mine: Vec<bool> = candidates.iter().map(|c| bound.contains(&c.at())).collect();
         // A key that cannot be merged is dead-lettered by the record it is bound to.
-        for c in candidates.iter().filter(|c| bound.contains(&c.env.idempotency_key)) {
+        for (c, _) in candidates.iter().zip(&mine).filter(|(_, mine)| **mine) {
             if let Err(error) = &c.output {
                 let key = c.env.source.as_ref().and_then(|s| s.key.clone());
                 dead.push(dead_letter_of(
@@ -385,18 +399,29 @@ async fn publish_batch(
         let pending: Vec<_> = dead.iter().zip(&contexts).map(|((letter, _, _, at), ctx)| (letter, ctx, *at)).collect();
         enrich_common::dead_letter_store::record_pending(&mut *tx, &pending).await?;
         tx.commit().await?;
-        anyhow::Ok(bound)
+        anyhow::Ok(mine)
     }
     .await?;
+    let bound_keys: HashSet<&str> =
+        candidates.iter().zip(&mine).filter(|(_, m)| **m).map(|(c, _)| c.env.idempotency_key.as_str()).collect();
 
     // 2. The Kafka transaction.
-    tokio::task::block_in_place(|| publisher.producer.begin_transaction()).map_err(anyhow::Error::from)?;
+    tokio::task::block_in_place(|| publisher.producer.begin_transaction()).map_err(|e| match e {
+        rdkafka::error::KafkaError::Transaction(t) if t.is_fatal() => Failed::Fatal(ProducerFatal(t.to_string())),
+        e => Failed::Retry(anyhow::anyhow!("begin_transaction: {e}")),
+    })?;
     let mut published = Vec::new();
     let in_transaction = async {
         let mut deliveries: Vec<DeliveryFuture> = Vec::new();
-        for c in &candidates {
-            if !bound.contains(&c.env.idempotency_key) {
-                publisher.metrics.outcome("already_published");
+        for (c, mine) in candidates.iter().zip(&mine) {
+            if !mine {
+                // Another copy of the key in this batch is the one bound.
+                let outcome = if bound_keys.contains(c.env.idempotency_key.as_str()) {
+                    "duplicate_result"
+                } else {
+                    "already_published"
+                };
+                publisher.metrics.outcome(outcome);
                 continue;
             }
             if let Ok(value) = &c.output {
@@ -425,7 +450,9 @@ async fn publish_batch(
             offsets.add_partition_offset(&topic, partition, Offset::Offset(next))?;
         }
         let group = consumer.group_metadata().ok_or_else(|| anyhow::anyhow!("consumer has no group metadata"))?;
-        tokio::task::block_in_place(|| publisher.producer.send_offsets_to_transaction(&offsets, &group, publisher.call_timeout))?;
+        tokio::task::block_in_place(|| {
+            publisher.producer.send_offsets_to_transaction(&offsets, &group, publisher.call_timeout)
+        })?;
         anyhow::Ok(())
     };
     let committed = match in_transaction.await {
@@ -448,11 +475,8 @@ async fn publish_batch(
 
     // 3. Settle, before the next batch: the output is committed, and nothing of this
     // batch is read again.
-    let settled_keys: Vec<binding::Bound> = candidates
-        .iter()
-        .filter(|c| bound.contains(&c.env.idempotency_key))
-        .map(|c| binding::Bound { key: c.env.idempotency_key.clone(), partition: c.partition, offset: c.offset })
-        .collect();
+    let settled_keys: Vec<binding::Bound> =
+        candidates.iter().zip(&mine).filter(|(_, m)| **m).map(|(c, _)| c.at()).collect();
     let records: Vec<(i32, i64)> = dead.iter().map(|(_, _, _, at)| *at).collect();
     let settled = publisher
         .runtime
@@ -479,7 +503,7 @@ async fn publish_batch(
             publisher.metrics.end_to_end.observe((now_ms - source_ms) as f64 / 1000.0);
         }
     }
-    for c in candidates.iter().filter(|c| bound.contains(&c.env.idempotency_key)) {
+    for (c, _) in candidates.iter().zip(&mine).filter(|(_, m)| **m) {
         if let Err(e) = &c.output {
             c.trace.fail(e.to_string());
         }
@@ -510,12 +534,12 @@ fn dead_letter_of(
     (letter, h, key, at)
 }
 
-/// Decodes the batch and merges each result into its output; the first copy of a key in
-/// the batch is the one that counts. A record that is no envelope becomes one (its
-/// bytes as the payload, its coordinates as its source) for the DLQ.
+/// Decodes the batch and merges each result into its output. Every copy of a key is a
+/// candidate (binding picks the one that publishes). A record that is no envelope of
+/// this pipeline, or one PostgreSQL cannot store (a NUL in its key or topic), becomes
+/// an envelope (its bytes as the payload, its coordinates as its source) for the DLQ.
 fn decode(publisher: &Publisher, batch: &[OwnedMessage]) -> (Vec<Candidate>, Vec<Reject>) {
     let pipeline = &publisher.settings.pipeline.name;
-    let mut seen = HashSet::new();
     let mut candidates = Vec::new();
     let mut rejects = Vec::new();
     for m in batch {
@@ -523,15 +547,22 @@ fn decode(publisher: &Publisher, batch: &[OwnedMessage]) -> (Vec<Candidate>, Vec
         let incoming = TraceContext::extract(&hdrs);
         let trace = RecordSpan::consume(STAGE.as_str(), &publisher.group, m, incoming.as_ref());
         let (partition, offset) = (m.partition(), m.offset());
-        match Envelope::decode_from(m.payload().unwrap_or_default()) {
+        let decoded =
+            Envelope::decode_from(m.payload().unwrap_or_default()).map_err(|e| e.to_string()).and_then(|env| {
+                let topic = env.source.as_ref().map(|s| s.topic.as_str()).unwrap_or_default();
+                if env.pipeline != *pipeline {
+                    Err(format!("the envelope is of pipeline {:?}, not {pipeline:?}", env.pipeline))
+                } else if env.idempotency_key.contains('\0') || topic.contains('\0') {
+                    Err("the envelope's idempotency key or source topic contains a NUL character".to_string())
+                } else {
+                    Ok(env)
+                }
+            });
+        match decoded {
             Ok(env) if env.result().is_some() => {
                 trace.set([KeyValue::new(attr::IDEMPOTENCY_KEY, env.idempotency_key.clone())]);
-                if seen.insert(env.idempotency_key.clone()) {
-                    let output = merge_output(&env);
-                    candidates.push(Candidate { env, trace, partition, offset, output });
-                } else {
-                    publisher.metrics.outcome("duplicate_result");
-                }
+                let output = merge_output(&env);
+                candidates.push(Candidate { env, trace, partition, offset, output });
             }
             Ok(env) => {
                 let error = RecordError::invalid("no_result", "a results record without a result");
@@ -553,7 +584,7 @@ fn decode(publisher: &Publisher, batch: &[OwnedMessage]) -> (Vec<Candidate>, Vec
                     }),
                     ..Default::default()
                 };
-                let error = RecordError::invalid("invalid_envelope", e.to_string());
+                let error = RecordError::invalid("invalid_envelope", e);
                 rejects.push(Reject { env, trace, partition, offset, error });
             }
         }
