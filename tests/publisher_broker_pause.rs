@@ -96,9 +96,20 @@ async fn a_commit_outlived_by_a_broker_pause_resumes_and_publishes_each_key_once
         })
     };
 
+    // Every result on `enrich.results` first, then ingest and the enricher stopped: the
+    // pause is aimed at the publisher alone.
     let records = workload::marked_tickets(&env.id, N, &[]);
     let produced = produce_all(&env.settings, env.source_topic(), &records, |_| false, |_| {}).await?;
     let stages = [StageKind::Ingest, StageKind::Enricher].map(|k| env.spawn(k));
+    let results_topic = env.settings.topics.results.clone();
+    wait_for("every result on the results topic", DEADLINE, || async {
+        let results = tokio::task::block_in_place(|| read_to_end(&env.settings, &results_topic, Duration::from_secs(30)))?;
+        Ok((results.len() >= N).then_some(()))
+    })
+    .await?;
+    for s in stages {
+        s.stop().await?;
+    }
     // The test is the publisher's supervisor: a publisher that stops on a fatal error is
     // started again, as systemd or Kubernetes would.
     let publisher = tokio::sync::Mutex::new(Some(env.spawn(StageKind::Publisher)));
@@ -147,9 +158,6 @@ async fn a_commit_outlived_by_a_broker_pause_resumes_and_publishes_each_key_once
     );
     if let Some(p) = publisher.lock().await.take() {
         p.stop().await?;
-    }
-    for s in stages {
-        s.stop().await?;
     }
     env.teardown().await;
     Ok(())
