@@ -11,6 +11,7 @@ use enrich_e2e::loadgen::kafka_io::{group_caught_up, header, produce_all, read_t
 use enrich_e2e::loadgen::workload;
 use enrich_e2e::{StageKind, TestEnv, wait_for};
 use publisher::failpoints::{self, Instant};
+use rdkafka::consumer::Consumer;
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
@@ -45,6 +46,22 @@ impl Drop for Broker {
     }
 }
 
+/// Waits until the broker leads every partition again with no error (after a pause its
+/// controller may fence it for a moment): the tests that run next need it whole.
+async fn wait_broker_whole(env: &TestEnv) -> anyhow::Result<()> {
+    let consumer: rdkafka::consumer::BaseConsumer = enrich_common::kafka::base_config(&env.settings).create()?;
+    wait_for("the broker to lead every partition", DEADLINE, || async {
+        let whole =
+            tokio::task::block_in_place(|| consumer.fetch_metadata(None, Duration::from_secs(5))).ok().filter(|m| {
+                m.topics().iter().all(|t| {
+                    t.error().is_none() && t.partitions().iter().all(|p| p.error().is_none() && p.leader() >= 0)
+                })
+            });
+        Ok(whole.map(|_| ()))
+    })
+    .await
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_commit_outlived_by_a_broker_pause_resumes_and_publishes_each_key_once() -> anyhow::Result<()> {
     const N: usize = 60;
@@ -54,6 +71,7 @@ async fn a_commit_outlived_by_a_broker_pause_resumes_and_publishes_each_key_once
         ("ENRICH_PUBLISHER__HTTP_PORT", port.to_string()),
     ];
     let env = TestEnv::new(llm_sim::Latency::default(), &overrides).await?;
+    wait_broker_whole(&env).await?;
     let broker = Arc::new(Broker::of_local_stack()?);
     let paused = Arc::new(AtomicBool::new(false));
     {
@@ -103,8 +121,9 @@ async fn a_commit_outlived_by_a_broker_pause_resumes_and_publishes_each_key_once
     let stages = [StageKind::Ingest, StageKind::Enricher].map(|k| env.spawn(k));
     let results_topic = env.settings.topics.results.clone();
     wait_for("every result on the results topic", DEADLINE, || async {
-        let results = tokio::task::block_in_place(|| read_to_end(&env.settings, &results_topic, Duration::from_secs(30)))?;
-        Ok((results.len() >= N).then_some(()))
+        let results =
+            tokio::task::block_in_place(|| read_to_end(&env.settings, &results_topic, Duration::from_secs(30)));
+        Ok(results.ok().filter(|r| r.len() >= N).map(|_| ()))
     })
     .await?;
     for s in stages {
@@ -139,6 +158,7 @@ async fn a_commit_outlived_by_a_broker_pause_resumes_and_publishes_each_key_once
     }
     env.wait_accounted(&produced, DEADLINE).await?;
     watcher.abort();
+    wait_broker_whole(&env).await?;
 
     assert!(paused.load(Ordering::SeqCst), "the broker was stopped inside a commit");
     let output = read_to_end(&env.settings, &env.settings.topics.output, Duration::from_secs(60))?;
