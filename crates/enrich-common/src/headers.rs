@@ -26,12 +26,59 @@ pub const RETRY_COUNT: &str = "retry-count";
 /// Longest error message put in a header; the full text stays in the envelope.
 const MAX_HEADER_TEXT: usize = 1024;
 
-/// Copies Kafka headers into owned pairs.
-pub fn collect<H: Headers>(headers: Option<&H>) -> Vec<(String, Option<Vec<u8>>)> {
+/// A record's headers, copied: the pairs whose names are UTF-8, and how many were not.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct Collected {
+    pub pairs: Vec<(String, Option<Vec<u8>>)>,
+    /// Headers whose name is not UTF-8 (left out of `pairs`: Kafka allows any bytes,
+    /// the product's headers and envelopes hold text).
+    pub invalid_names: usize,
+}
+
+/// Copies Kafka headers into owned pairs, leaving out (and counting) any whose name is
+/// not UTF-8. rdkafka's header reader panics on such a name (it unwraps the UTF-8
+/// conversion of librdkafka's C string); the panic is caught here, silently, so one
+/// hostile header can never stop a stage.
+pub fn collect_checked<H: Headers>(headers: Option<&H>) -> Collected {
+    let mut collected = Collected::default();
     let Some(headers) = headers else {
-        return Vec::new();
+        return collected;
     };
-    headers.iter().map(|h| (h.key.to_string(), h.value.map(<[u8]>::to_vec))).collect()
+    for idx in 0..headers.count() {
+        match quietly(|| headers.try_get(idx).map(|h| (h.key.to_string(), h.value.map(<[u8]>::to_vec)))) {
+            Some(Some(pair)) => collected.pairs.push(pair),
+            Some(None) => {}
+            None => collected.invalid_names += 1,
+        }
+    }
+    collected
+}
+
+/// Copies Kafka headers into owned pairs (those with a UTF-8 name; see [`collect_checked`]).
+pub fn collect<H: Headers>(headers: Option<&H>) -> Vec<(String, Option<Vec<u8>>)> {
+    collect_checked(headers).pairs
+}
+
+thread_local! {
+    static QUIET: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+}
+
+/// Runs `f`, turning a panic into `None` without printing it (the process's panic hook
+/// is wrapped once to stay silent while `f` runs on this thread).
+fn quietly<T>(f: impl FnOnce() -> T) -> Option<T> {
+    static HOOK: std::sync::Once = std::sync::Once::new();
+    HOOK.call_once(|| {
+        let previous = std::panic::take_hook();
+        std::panic::set_hook(Box::new(move |info| {
+            if !QUIET.with(std::cell::Cell::get) {
+                previous(info);
+            }
+        }));
+    });
+    QUIET.with(|q| q.set(true));
+    let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(f));
+    QUIET.with(|q| q.set(false));
+    result.ok()
 }
 
 /// Looks a header up as UTF-8 text.

@@ -5,6 +5,7 @@ use enrich_common::IdempotencyKey;
 use enrich_common::config::PipelineSettings;
 use enrich_common::envelope::{self, Envelope, Header, SourceCoordinates};
 use enrich_common::error::RecordError;
+use enrich_common::headers;
 use enrich_common::idempotency::{RecordView, fallback_key};
 use rdkafka::Message;
 use rdkafka::message::OwnedMessage;
@@ -44,11 +45,8 @@ pub const MAX_KEY_BYTES: usize = 512;
 
 /// `headers` are the message's, collected once by the caller (it reads the trace
 /// context from them too).
-pub fn inspect(
-    pipeline: &PipelineSettings,
-    message: &OwnedMessage,
-    headers: &[(String, Option<Vec<u8>>)],
-) -> Inspected {
+pub fn inspect(pipeline: &PipelineSettings, message: &OwnedMessage, collected: &headers::Collected) -> Inspected {
+    let headers = collected.pairs.as_slice();
     let value = message.payload();
     let key_bytes = message.key();
     let envelope = Envelope {
@@ -70,6 +68,15 @@ pub fn inspect(
 
     let header_bytes: usize = headers.iter().map(|(k, v)| k.len() + v.as_ref().map_or(0, Vec::len)).sum();
     let parsed = validate_payload(pipeline, value).and_then(|json| {
+        if collected.invalid_names > 0 {
+            return Err(RecordError::invalid(
+                "invalid_header_name",
+                format!(
+                    "{} header name(s) are not UTF-8 (left out of this copy; the original record is at its coordinates)",
+                    collected.invalid_names
+                ),
+            ));
+        }
         let total = value.map_or(0, <[u8]>::len) + header_bytes;
         if total > pipeline.max_record_bytes {
             return Err(RecordError::invalid(
@@ -95,6 +102,12 @@ pub fn inspect(
     };
     // Keys index the state table: a key longer than any sane id is bad input.
     let derived = derived.and_then(|key| {
+        if key.as_str().contains('\0') {
+            return Err(RecordError::invalid(
+                "invalid_key",
+                "the idempotency key contains a NUL character, which PostgreSQL text cannot hold",
+            ));
+        }
         if key.as_str().len() > MAX_KEY_BYTES {
             return Err(RecordError::invalid(
                 "key_too_long",
@@ -178,7 +191,7 @@ mod tests {
 
     /// Inspects a message as the stage does: its headers collected first.
     fn check(m: &OwnedMessage) -> Inspected {
-        inspect(&pipeline(), m, &headers::collect(m.headers()))
+        inspect(&pipeline(), m, &headers::collect_checked(m.headers()))
     }
 
     fn reason(v: Option<&[u8]>) -> &'static str {
@@ -212,6 +225,7 @@ mod tests {
         assert_eq!(reason(Some(br#"{"subject":"no id"}"#)), "missing_key_field");
         let long_id = format!(r#"{{"id":"{}"}}"#, "x".repeat(10_000));
         assert_eq!(reason(Some(long_id.as_bytes())), "key_too_long");
+        assert_eq!(reason(Some(br#"{"id":"a\u0000b"}"#)), "invalid_key");
     }
 
     #[test]

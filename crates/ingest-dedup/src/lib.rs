@@ -80,8 +80,8 @@ async fn process_batch(ingest: &Ingest, batch: &[OwnedMessage]) -> anyhow::Resul
     let mut spans: Vec<RecordSpan> = Vec::with_capacity(batch.len());
     let mut inspected: Vec<Inspected> = Vec::with_capacity(batch.len());
     for m in batch {
-        let hdrs = headers::collect(rdkafka::Message::headers(m));
-        let incoming = TraceContext::extract(&hdrs);
+        let hdrs = headers::collect_checked(rdkafka::Message::headers(m));
+        let incoming = TraceContext::extract(&hdrs.pairs);
         spans.push(RecordSpan::consume(STAGE.as_str(), &ingest.group, m, incoming.as_ref()));
         inspected.push(inspect(pipeline, m, &hdrs));
     }

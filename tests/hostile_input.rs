@@ -1,0 +1,69 @@
+//! Bytes a rogue producer can send that the Rust Kafka client cannot even express: a
+//! header name that is not UTF-8 (sent with kcat, which passes its bytes through). The
+//! record ends in the DLQ with a readable reason, no stage stops, and the good records
+//! around it are published once.
+
+#![allow(clippy::expect_used, clippy::unwrap_used)] // a failed expectation is the test failing
+
+use enrich_common::headers;
+use enrich_e2e::loadgen::kafka_io::{header, produce_all, read_to_end};
+use enrich_e2e::loadgen::workload;
+use enrich_e2e::{StageKind, TestEnv, wait_for};
+use std::collections::HashMap;
+use std::ffi::OsStr;
+use std::io::Write;
+use std::os::unix::ffi::OsStrExt;
+use std::time::Duration;
+
+const DEADLINE: Duration = Duration::from_secs(180);
+
+/// Produces one record with kcat: `key`, `value`, and one header given as raw bytes
+/// `name=value`.
+fn kcat_produce(env: &TestEnv, topic: &str, key: &str, value: &[u8], raw_header: &[u8]) -> anyhow::Result<()> {
+    let mut child = std::process::Command::new("kcat")
+        .args(["-P", "-b", &env.settings.kafka.bootstrap_servers, "-t", topic, "-k", key, "-H"])
+        .arg(OsStr::from_bytes(raw_header))
+        .stdin(std::process::Stdio::piped())
+        .spawn()
+        .map_err(|e| anyhow::anyhow!("kcat (make deps installs it): {e}"))?;
+    child.stdin.take().expect("stdin").write_all(value)?;
+    let status = child.wait()?;
+    anyhow::ensure!(status.success(), "kcat exited with {status}");
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_header_name_that_is_not_utf8_is_dead_lettered_and_stops_no_stage() -> anyhow::Result<()> {
+    const N: usize = 30;
+    let env = TestEnv::new(llm_sim::Latency::default(), &[]).await?;
+    let source = env.source_topic().to_string();
+    let hostile = format!(r#"{{"id":"{}-hostile","subject":"hello","body":"a header name of bytes"}}"#, env.id);
+    kcat_produce(&env, &source, "hostile", hostile.as_bytes(), b"\xff\xfe\x80name=value")?;
+    let records = workload::marked_tickets(&env.id, N, &[]);
+    let produced = produce_all(&env.settings, &source, &records, |_| false, |_| {}).await?;
+    let stages = [StageKind::Ingest, StageKind::Enricher, StageKind::Publisher].map(|k| env.spawn(k));
+
+    let dlq_topic = env.settings.topics.dlq.clone();
+    let dead = wait_for("the hostile record in the DLQ", DEADLINE, || async {
+        let dead = tokio::task::block_in_place(|| read_to_end(&env.settings, &dlq_topic, Duration::from_secs(30)));
+        Ok(dead.ok().filter(|d| !d.is_empty()))
+    })
+    .await?;
+    assert_eq!(dead.len(), 1, "one dead letter");
+    assert_eq!(header(&dead[0], headers::DLQ_REASON).as_deref(), Some("invalid_header_name"));
+    assert_eq!(header(&dead[0], headers::DLQ_STAGE).as_deref(), Some("ingest-dedup"));
+    env.wait_accounted(&produced, DEADLINE).await?;
+    let output = read_to_end(&env.settings, &env.settings.topics.output, Duration::from_secs(60))?;
+    let mut counts: HashMap<String, usize> = HashMap::new();
+    for m in &output {
+        *counts.entry(header(m, headers::IDEMPOTENCY_KEY).expect("idempotency-key header")).or_insert(0) += 1;
+    }
+    assert_eq!(counts.len(), N, "every good ticket published");
+    assert!(counts.values().all(|n| *n == 1), "each once");
+    for s in stages {
+        assert!(!s.has_exited(), "the {:?} stage is still running", s.kind);
+        s.stop().await?;
+    }
+    env.teardown().await;
+    Ok(())
+}
