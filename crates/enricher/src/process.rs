@@ -137,6 +137,9 @@ enum AttemptError {
     Budget(Duration),
     /// The stage stopped while the call waited for its turn: no call was made.
     Stopped,
+    /// The key was dead-lettered while this attempt ran (its lease had expired): the
+    /// answer is not stored, and the key is not published.
+    Superseded,
 }
 
 impl From<sqlx::Error> for AttemptError {
@@ -343,6 +346,12 @@ impl Enricher {
                 Err(AttemptError::Db(e)) => {
                     self.breaker.unused(admission);
                     return Err(e);
+                }
+                Err(AttemptError::Superseded) => {
+                    self.breaker_success(admission);
+                    tracing::warn!(idempotency_key = %key, attempt, "the key was dead-lettered while this attempt ran; its answer is dropped");
+                    self.metrics.outcome("superseded");
+                    return handled(Handled::Skipped);
                 }
                 Err(AttemptError::Stopped) => {
                     // Nothing was called: the attempt and the lease go back, so the record
@@ -555,7 +564,10 @@ impl Enricher {
                 }
             }
         };
-        Ok((stored, tokens, cached))
+        match stored {
+            Some(stored) => Ok((stored, tokens, cached)),
+            None => Err(AttemptError::Superseded),
+        }
     }
 
     /// One LLM call for `prompt`, moving on to the next fallback model while a model is

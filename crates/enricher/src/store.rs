@@ -44,6 +44,10 @@ pub struct StoreCore {
     pub owner: String,
     pub lease: Duration,
     pub max_attempts: i32,
+    /// Keys whose lease this process holds for an attempt running now. A lease of ours
+    /// that is not here was left by an earlier incarnation of this replica (a stable
+    /// `enricher.instance_id`).
+    pub live: std::sync::Mutex<std::collections::HashSet<String>>,
 }
 
 /// The enricher's per-key state. `acquire` and `finish` run on the hot path and go
@@ -51,7 +55,7 @@ pub struct StoreCore {
 pub struct Store {
     pub core: Arc<StoreCore>,
     acquire: MicroBatcher<AcquireRequest, KeyState>,
-    finish: MicroBatcher<FinishRequest, StoredResult>,
+    finish: MicroBatcher<FinishRequest, Option<StoredResult>>,
 }
 
 pub struct AcquireRequest {
@@ -80,7 +84,7 @@ const MAX_BATCH: usize = 256;
 /// Statements of one kind in flight at once.
 const WRITERS: usize = 4;
 
-type ResultRow = (String, Option<String>, Option<String>, Option<String>, Option<String>);
+type ResultRow = (String, String, Option<String>, Option<String>, Option<String>, Option<String>);
 type StateRow =
     (String, String, i32, Option<String>, Option<String>, Option<String>, Option<String>, Option<f64>, Option<String>);
 
@@ -118,7 +122,9 @@ impl Store {
     }
 
     /// Stores the result (unless another was stored first), its steps and the run row;
-    /// returns the stored result, so every copy emitted for a key is the same.
+    /// returns the stored result, so every copy emitted for a key is the same; `None` when
+    /// the key was dead-lettered meanwhile (a terminal state is never overwritten: the
+    /// answer is not published).
     pub async fn finish(
         &self,
         envelope: &Envelope,
@@ -126,7 +132,7 @@ impl Store {
         result: &StoredResult,
         steps: &[Step],
         trace_id: &str,
-    ) -> anyhow::Result<StoredResult> {
+    ) -> anyhow::Result<Option<StoredResult>> {
         let src = envelope.source.clone().unwrap_or_default();
         self.finish
             .call(FinishRequest {
@@ -179,6 +185,7 @@ impl StoreCore {
         .fetch_all(&self.pool)
         .await?;
         let mut acquired: HashMap<String, i32> = acquired.into_iter().collect();
+        self.set_live(acquired.keys().map(String::as_str), true);
 
         let others: Vec<&str> = keys.iter().copied().filter(|k| !acquired.contains_key(*k)).collect();
         let mut states: HashMap<String, StateRow> = HashMap::new();
@@ -220,6 +227,17 @@ impl StoreCore {
                                 prompt_version: version.clone().unwrap_or_default(),
                             }),
                             "dead_lettered" => KeyState::DeadLettered,
+                            // A live attempt (another replica's, or one running in this
+                            // process) is waited for before anything else is decided: a
+                            // second delivery during a final attempt must not dead-letter
+                            // the key under it.
+                            _ if lease_left.is_some_and(|l| l > 0.0)
+                                && lease_owner.as_deref().is_some_and(|o| o != self.owner || self.is_live(&r.key)) =>
+                            {
+                                KeyState::Leased {
+                                    remaining: Duration::from_secs_f64(lease_left.unwrap_or(0.0).clamp(0.05, 3600.0)),
+                                }
+                            }
                             _ if *attempts >= self.max_attempts => KeyState::AttemptsExhausted { attempts: *attempts },
                             // A lease left behind by a dead process (expired, or ours from a
                             // previous incarnation of this replica).
@@ -260,7 +278,7 @@ impl StoreCore {
         Ok(answers)
     }
 
-    async fn finish_batch(&self, reqs: Vec<FinishRequest>) -> anyhow::Result<Vec<StoredResult>> {
+    async fn finish_batch(&self, reqs: Vec<FinishRequest>) -> anyhow::Result<Vec<Option<StoredResult>>> {
         let keys: Vec<&str> = reqs.iter().map(|r| r.key.as_str()).collect();
         let results: Vec<&str> = reqs.iter().map(|r| r.result.json.as_str()).collect();
         let hashes: Vec<&str> = reqs.iter().map(|r| r.result.result_hash.as_str()).collect();
@@ -282,7 +300,8 @@ impl StoreCore {
                SET state = 'enriched', result = i.result::jsonb, result_hash = i.hash, model = i.model,
                    prompt_version = i.version, lease_owner = NULL, lease_until = NULL, updated_at = now()
                FROM input i
-               WHERE s.pipeline = $1 AND s.idempotency_key = i.k AND s.state NOT IN ('enriched', 'published')
+               WHERE s.pipeline = $1 AND s.idempotency_key = i.k
+                 AND s.state NOT IN ('enriched', 'published', 'dead_lettered')
                RETURNING s.idempotency_key
              ), steps AS (
                INSERT INTO step_outcomes (pipeline, idempotency_key, stage, step, attempt, status, duration_ms, model, input_tokens, output_tokens, error, cost_usd)
@@ -322,13 +341,16 @@ impl StoreCore {
         .await?;
         let stored: std::collections::HashSet<String> = stored.into_iter().map(|(k,)| k).collect();
 
-        // Keys whose result another attempt stored first: answer with that one.
+        self.set_live(keys.iter().copied(), false);
+
+        // Keys whose result another attempt stored first: answer with that one. A key
+        // dead-lettered meanwhile has none.
         let earlier: Vec<&str> = keys.iter().copied().filter(|k| !stored.contains(*k)).collect();
-        let mut existing: HashMap<String, StoredResult> = HashMap::new();
+        let mut existing: HashMap<String, Option<StoredResult>> = HashMap::new();
         if !earlier.is_empty() {
             let rows: Vec<ResultRow> = sqlx::query_as(
-                "SELECT idempotency_key, result::text, result_hash, model, prompt_version
-                 FROM enrich_state WHERE pipeline = $1 AND idempotency_key = ANY($2)",
+                "SELECT idempotency_key, state, result::text, result_hash, model, prompt_version
+                     FROM enrich_state WHERE pipeline = $1 AND idempotency_key = ANY($2)",
             )
             .bind(&self.pipeline)
             .bind(&earlier)
@@ -336,23 +358,40 @@ impl StoreCore {
             .await?;
             existing = rows
                 .into_iter()
-                .map(|(k, json, hash, model, version)| {
-                    let r = StoredResult {
+                .map(|(k, state, json, hash, model, version)| {
+                    let r = (state != "dead_lettered").then(|| StoredResult {
                         json: json.unwrap_or_default(),
                         result_hash: hash.unwrap_or_default(),
                         model: model.unwrap_or_default(),
                         prompt_version: version.unwrap_or_default(),
-                    };
+                    });
                     (k, r)
                 })
                 .collect();
         }
-        Ok(reqs.into_iter().map(|r| existing.remove(&r.key).unwrap_or(r.result)).collect())
+        Ok(reqs.into_iter().map(|r| existing.remove(&r.key).unwrap_or(Some(r.result))).collect())
+    }
+
+    fn set_live<'a>(&self, keys: impl Iterator<Item = &'a str>, live: bool) {
+        if let Ok(mut set) = self.live.lock() {
+            for k in keys {
+                if live {
+                    set.insert(k.to_string());
+                } else {
+                    set.remove(k);
+                }
+            }
+        }
+    }
+
+    fn is_live(&self, key: &str) -> bool {
+        self.live.lock().map(|s| s.contains(key)).unwrap_or(false)
     }
 
     /// Gives the lease back without spending the attempt (the endpoint is down, or we
     /// are shutting down before the call).
     pub async fn release(&self, key: &str, refund_attempt: bool) -> sqlx::Result<()> {
+        self.set_live(std::iter::once(key), false);
         sqlx::query(
             "UPDATE enrich_state
              SET lease_owner = NULL, lease_until = NULL, updated_at = now(),
@@ -370,6 +409,7 @@ impl StoreCore {
 
     /// The record went to the retry topic: its attempt stays spent, its lease is given back.
     pub async fn schedule_retry(&self, key: &str) -> sqlx::Result<()> {
+        self.set_live(std::iter::once(key), false);
         sqlx::query(
             "UPDATE enrich_state SET state = 'retry_scheduled', lease_owner = NULL, lease_until = NULL, updated_at = now()
              WHERE pipeline = $1 AND idempotency_key = $2 AND state NOT IN ('enriched', 'published', 'dead_lettered')",
@@ -382,6 +422,7 @@ impl StoreCore {
     }
 
     pub async fn mark_dead_lettered(&self, key: &str) -> sqlx::Result<()> {
+        self.set_live(std::iter::once(key), false);
         sqlx::query(
             "UPDATE enrich_state SET state = 'dead_lettered', lease_owner = NULL, lease_until = NULL, updated_at = now()
              WHERE pipeline = $1 AND idempotency_key = $2 AND state NOT IN ('enriched', 'published')",

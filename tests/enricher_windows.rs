@@ -1,0 +1,81 @@
+//! The enricher's windows, each fault landed at its instant and the outcome read from
+//! outside (the output topic, the DLQ topic).
+
+#![allow(clippy::expect_used, clippy::unwrap_used)] // a failed expectation is the test failing
+
+use enrich_common::config::Stage;
+use enrich_common::headers;
+use enrich_e2e::loadgen::kafka_io::{group_caught_up, header, produce_all, read_to_end};
+use enrich_e2e::loadgen::workload;
+use enrich_e2e::{StageKind, TestEnv, wait_for};
+use std::time::Duration;
+
+const DEADLINE: Duration = Duration::from_secs(180);
+
+/// With one attempt allowed and a 3 s call, a second delivery of the request reaches
+/// another replica while the only attempt is calling. It must wait for that attempt,
+/// not dead-letter the key under it: the key ends published or dead-lettered, never
+/// both.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_second_delivery_during_the_final_attempt_ends_the_key_once() -> anyhow::Result<()> {
+    let latency = llm_sim::Latency::Fixed(Duration::from_secs(3));
+    let env = TestEnv::new(latency, &[("ENRICH_LLM__MAX_ATTEMPTS", "1".to_string())]).await?;
+    let records = workload::marked_tickets(&env.id, 1, &[]);
+    produce_all(&env.settings, env.source_topic(), &records, |_| false, |_| {}).await?;
+    let stages = [StageKind::Ingest, StageKind::Enricher, StageKind::Publisher].map(|k| env.spawn(k));
+
+    let pipeline = env.settings.pipeline.name.clone();
+    let key: String = wait_for("the only attempt to be calling", DEADLINE, || async {
+        let row: Option<(String,)> = sqlx::query_as(
+            "SELECT idempotency_key FROM enrich_state WHERE pipeline = $1 AND state = 'enriching' AND lease_owner IS NOT NULL",
+        )
+        .bind(&pipeline)
+        .fetch_optional(&env.pool)
+        .await?;
+        Ok(row.map(|(k,)| k))
+    })
+    .await?;
+    // The second delivery: another replica handed the request while the first still
+    // calls (as after a rebalance): an enricher of another consumer group, which reads
+    // the requests topic from its start.
+    let second = env.spawn_with(StageKind::Enricher, |s| {
+        s.enricher.group_id = Some(format!("{}.enricher.second", s.pipeline.name));
+        s.enricher.instance_id = Some("second-replica".into());
+    });
+    let second_group = format!("{pipeline}.enricher.second");
+    let requests_topic = env.settings.topics.requests.clone();
+    let (enricher, publisher) = (env.settings.group_id(Stage::Enricher), env.settings.group_id(Stage::Publisher));
+    let results_topic = env.settings.topics.results.clone();
+    wait_for("both deliveries handled and their results consumed", DEADLINE, || async {
+        let (state,): (String,) =
+            sqlx::query_as("SELECT state FROM enrich_state WHERE pipeline = $1 AND idempotency_key = $2")
+                .bind(&pipeline)
+                .bind(&key)
+                .fetch_one(&env.pool)
+                .await?;
+        let terminal = state == "published" || state == "dead_lettered";
+        let done = terminal
+            && group_caught_up(&env.settings, &enricher, &requests_topic).unwrap_or(false)
+            && group_caught_up(&env.settings, &second_group, &requests_topic).unwrap_or(false)
+            && group_caught_up(&env.settings, &publisher, &results_topic).unwrap_or(false);
+        Ok(done.then_some(state))
+    })
+    .await?;
+
+    let published = read_to_end(&env.settings, &env.settings.topics.output, Duration::from_secs(60))?
+        .iter()
+        .filter(|m| header(m, headers::IDEMPOTENCY_KEY).as_deref() == Some(key.as_str()))
+        .count();
+    let dead = read_to_end(&env.settings, &env.settings.topics.dlq, Duration::from_secs(60))?.len();
+    assert_eq!(
+        (published, dead),
+        (1, 0),
+        "the key ends once: published {published} time(s), dead-lettered {dead} time(s)"
+    );
+    second.stop().await?;
+    for s in stages {
+        s.stop().await?;
+    }
+    env.teardown().await;
+    Ok(())
+}
