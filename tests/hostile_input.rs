@@ -67,3 +67,34 @@ async fn a_header_name_that_is_not_utf8_is_dead_lettered_and_stops_no_stage() ->
     env.teardown().await;
     Ok(())
 }
+
+/// A ticket whose subject holds U+0000: llm-sim's summary repeats the subject, so the
+/// answer holds it too, and PostgreSQL's jsonb cannot store it. The answer is invalid
+/// output (repaired once, then dead-lettered at the enricher), and the tickets stored
+/// beside it are not held up.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn an_answer_holding_nul_is_dead_lettered_and_holds_nothing_up() -> anyhow::Result<()> {
+    const N: usize = 30;
+    let env = TestEnv::new(llm_sim::Latency::default(), &[]).await?;
+    let mut records = workload::marked_tickets(&env.id, N, &[]);
+    let mut nul = enrich_e2e::loadgen::tickets::ticket(&env.id, N);
+    nul.subject = "Refund\u{0} now".into();
+    records.push(workload::Record::of_ticket(nul));
+    let produced = produce_all(&env.settings, env.source_topic(), &records, |_| false, |_| {}).await?;
+    let stages = [StageKind::Ingest, StageKind::Enricher, StageKind::Publisher].map(|k| env.spawn(k));
+    env.wait_accounted(&produced, DEADLINE).await?;
+
+    let dead = read_to_end(&env.settings, &env.settings.topics.dlq, Duration::from_secs(60))?;
+    assert_eq!(dead.len(), 1, "one dead letter");
+    assert_eq!(header(&dead[0], headers::DLQ_STAGE).as_deref(), Some("enricher"));
+    let error = header(&dead[0], headers::DLQ_ERROR).unwrap_or_default();
+    assert!(error.contains("NUL"), "the reason says why: {error}");
+    let output = read_to_end(&env.settings, &env.settings.topics.output, Duration::from_secs(60))?;
+    assert_eq!(output.len(), N, "every other ticket published once");
+    for s in stages {
+        assert!(!s.has_exited(), "the {:?} stage is still running", s.kind);
+        s.stop().await?;
+    }
+    env.teardown().await;
+    Ok(())
+}

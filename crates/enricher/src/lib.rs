@@ -105,7 +105,6 @@ pub async fn run(settings: Settings, shutdown: CancellationToken) -> anyhow::Res
             owner,
             lease: Duration::from_millis(settings.enricher.lease_ms),
             max_attempts: settings.llm.max_attempts as i32,
-            live: Default::default(),
         }),
         llm,
         prompt,

@@ -156,10 +156,20 @@ impl Enricher {
         let incoming = TraceContext::extract(&headers);
         let span = RecordSpan::consume(STAGE, &self.group, message, incoming.as_ref());
         let record_key = message.key().map(<[u8]>::to_vec);
-        let envelope = match Envelope::decode_from(message.payload().unwrap_or_default()) {
+        let decoded =
+            Envelope::decode_from(message.payload().unwrap_or_default()).map_err(|e| e.to_string()).and_then(|e| {
+                // Text PostgreSQL cannot hold would fail every batch the record joins.
+                let topic = e.source.as_ref().map(|s| s.topic.as_str()).unwrap_or_default();
+                if e.idempotency_key.contains('\0') || topic.contains('\0') {
+                    Err("the envelope's idempotency key or source topic holds a NUL character".to_string())
+                } else {
+                    Ok(e)
+                }
+            });
+        let envelope = match decoded {
             Ok(e) => e,
             Err(e) => {
-                self.reject_foreign(message, &span, e.to_string()).await?;
+                self.reject_foreign(message, &span, e).await?;
                 return Ok(Handled::DeadLettered);
             }
         };

@@ -44,10 +44,6 @@ pub struct StoreCore {
     pub owner: String,
     pub lease: Duration,
     pub max_attempts: i32,
-    /// Keys whose lease this process holds for an attempt running now. A lease of ours
-    /// that is not here was left by an earlier incarnation of this replica (a stable
-    /// `enricher.instance_id`).
-    pub live: std::sync::Mutex<std::collections::HashSet<String>>,
 }
 
 /// The enricher's per-key state. `acquire` and `finish` run on the hot path and go
@@ -185,7 +181,6 @@ impl StoreCore {
         .fetch_all(&self.pool)
         .await?;
         let mut acquired: HashMap<String, i32> = acquired.into_iter().collect();
-        self.set_live(acquired.keys().map(String::as_str), true);
 
         let others: Vec<&str> = keys.iter().copied().filter(|k| !acquired.contains_key(*k)).collect();
         let mut states: HashMap<String, StateRow> = HashMap::new();
@@ -227,12 +222,13 @@ impl StoreCore {
                                 prompt_version: version.clone().unwrap_or_default(),
                             }),
                             "dead_lettered" => KeyState::DeadLettered,
-                            // A live attempt (another replica's, or one running in this
-                            // process) is waited for before anything else is decided: a
-                            // second delivery during a final attempt must not dead-letter
-                            // the key under it.
+                            // Another replica's live attempt is waited for before anything
+                            // else is decided: a second delivery during a final attempt
+                            // must not dead-letter the key under it. (In this process one
+                            // record of a key runs at a time, so a live lease of ours is
+                            // an earlier incarnation's.)
                             _ if lease_left.is_some_and(|l| l > 0.0)
-                                && lease_owner.as_deref().is_some_and(|o| o != self.owner || self.is_live(&r.key)) =>
+                                && lease_owner.as_deref().is_some_and(|o| o != self.owner) =>
                             {
                                 KeyState::Leased {
                                     remaining: Duration::from_secs_f64(lease_left.unwrap_or(0.0).clamp(0.05, 3600.0)),
@@ -341,8 +337,6 @@ impl StoreCore {
         .await?;
         let stored: std::collections::HashSet<String> = stored.into_iter().map(|(k,)| k).collect();
 
-        self.set_live(keys.iter().copied(), false);
-
         // Keys whose result another attempt stored first: answer with that one. A key
         // dead-lettered meanwhile has none.
         let earlier: Vec<&str> = keys.iter().copied().filter(|k| !stored.contains(*k)).collect();
@@ -372,26 +366,9 @@ impl StoreCore {
         Ok(reqs.into_iter().map(|r| existing.remove(&r.key).unwrap_or(Some(r.result))).collect())
     }
 
-    fn set_live<'a>(&self, keys: impl Iterator<Item = &'a str>, live: bool) {
-        if let Ok(mut set) = self.live.lock() {
-            for k in keys {
-                if live {
-                    set.insert(k.to_string());
-                } else {
-                    set.remove(k);
-                }
-            }
-        }
-    }
-
-    fn is_live(&self, key: &str) -> bool {
-        self.live.lock().map(|s| s.contains(key)).unwrap_or(false)
-    }
-
     /// Gives the lease back without spending the attempt (the endpoint is down, or we
     /// are shutting down before the call).
     pub async fn release(&self, key: &str, refund_attempt: bool) -> sqlx::Result<()> {
-        self.set_live(std::iter::once(key), false);
         sqlx::query(
             "UPDATE enrich_state
              SET lease_owner = NULL, lease_until = NULL, updated_at = now(),
@@ -409,7 +386,6 @@ impl StoreCore {
 
     /// The record went to the retry topic: its attempt stays spent, its lease is given back.
     pub async fn schedule_retry(&self, key: &str) -> sqlx::Result<()> {
-        self.set_live(std::iter::once(key), false);
         sqlx::query(
             "UPDATE enrich_state SET state = 'retry_scheduled', lease_owner = NULL, lease_until = NULL, updated_at = now()
              WHERE pipeline = $1 AND idempotency_key = $2 AND state NOT IN ('enriched', 'published', 'dead_lettered')",
@@ -422,7 +398,6 @@ impl StoreCore {
     }
 
     pub async fn mark_dead_lettered(&self, key: &str) -> sqlx::Result<()> {
-        self.set_live(std::iter::once(key), false);
         sqlx::query(
             "UPDATE enrich_state SET state = 'dead_lettered', lease_owner = NULL, lease_until = NULL, updated_at = now()
              WHERE pipeline = $1 AND idempotency_key = $2 AND state NOT IN ('enriched', 'published')",

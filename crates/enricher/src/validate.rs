@@ -27,13 +27,37 @@ impl OutputValidator {
                 format!("the answer is not JSON: {e}"),
             )
         })?;
-        let errors: Vec<String> =
-            self.validator.iter_errors(&value).take(5).map(|e| format!("{} at {}", e, e.instance_path())).collect();
+        // PostgreSQL's jsonb cannot hold U+0000 (the answer could not be stored, and its
+        // micro-batch would fail with it): such an answer is invalid output.
+        if holds_nul(&value) {
+            return Err(RecordError::new(
+                enrich_common::ErrorClass::Permanent,
+                "schema_violation",
+                "the answer contains a NUL character (U+0000), which cannot be stored",
+            ));
+        }
+        // Error texts quote the answer's property names, which may hold anything.
+        let errors: Vec<String> = self
+            .validator
+            .iter_errors(&value)
+            .take(5)
+            .map(|e| format!("{} at {}", e, e.instance_path()).replace('\0', "\\u0000"))
+            .collect();
         if errors.is_empty() {
             Ok(value)
         } else {
             Err(RecordError::new(enrich_common::ErrorClass::Permanent, "schema_violation", errors.join("; ")))
         }
+    }
+}
+
+/// Whether any string (or property name) of `value` holds U+0000.
+fn holds_nul(value: &Value) -> bool {
+    match value {
+        Value::String(s) => s.contains('\0'),
+        Value::Array(items) => items.iter().any(holds_nul),
+        Value::Object(map) => map.iter().any(|(k, v)| k.contains('\0') || holds_nul(v)),
+        _ => false,
     }
 }
 
@@ -43,6 +67,14 @@ mod tests {
 
     const SCHEMA: &str = r#"{"type":"object","required":["category"],"additionalProperties":false,
         "properties":{"category":{"type":"string","enum":["billing","other"]},"summary":{"type":"string","maxLength":5}}}"#;
+
+    #[test]
+    fn refuses_an_answer_holding_nul() {
+        let v = OutputValidator::new(SCHEMA).unwrap();
+        let e = v.validate(r#"{"category":"billing","summary":"a\u0000"}"#).unwrap_err();
+        assert!(e.message.contains("NUL"), "{e}");
+        assert!(v.validate(r#"{"category":"billing","x\u0000":1}"#).is_err());
+    }
 
     #[test]
     fn accepts_conforming_output() {
