@@ -9,7 +9,6 @@ use enrich_common::headers;
 use enrich_e2e::loadgen::kafka_io::{header, produce_all, read_to_end};
 use enrich_e2e::loadgen::workload;
 use enrich_e2e::{StageKind, TestEnv, wait_for};
-use std::collections::HashMap;
 use std::ffi::OsStr;
 use std::io::Write;
 use std::os::unix::ffi::OsStrExt;
@@ -53,11 +52,7 @@ async fn a_header_name_that_is_not_utf8_is_dead_lettered_and_stops_no_stage() ->
     assert_eq!(header(&dead[0], headers::DLQ_REASON).as_deref(), Some("invalid_header_name"));
     assert_eq!(header(&dead[0], headers::DLQ_STAGE).as_deref(), Some("ingest-dedup"));
     env.wait_accounted(&produced, DEADLINE).await?;
-    let output = read_to_end(&env.settings, &env.settings.topics.output, Duration::from_secs(60))?;
-    let mut counts: HashMap<String, usize> = HashMap::new();
-    for m in &output {
-        *counts.entry(header(m, headers::IDEMPOTENCY_KEY).expect("idempotency-key header")).or_insert(0) += 1;
-    }
+    let counts = enrich_e2e::output_counts(&env)?;
     assert_eq!(counts.len(), N, "every good ticket published");
     assert!(counts.values().all(|n| *n == 1), "each once");
     for s in stages {

@@ -6,13 +6,11 @@
 
 #![allow(clippy::expect_used, clippy::unwrap_used)] // a failed expectation is the test failing
 
-use enrich_common::headers;
-use enrich_e2e::loadgen::kafka_io::{group_caught_up, header, produce_all, read_to_end};
+use enrich_e2e::loadgen::kafka_io::{group_caught_up, produce_all, read_to_end};
 use enrich_e2e::loadgen::workload;
 use enrich_e2e::{StageKind, TestEnv, wait_for};
 use publisher::failpoints::{self, Instant};
 use rdkafka::consumer::Consumer;
-use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -161,11 +159,7 @@ async fn a_commit_outlived_by_a_broker_pause_resumes_and_publishes_each_key_once
     wait_broker_whole(&env).await?;
 
     assert!(paused.load(Ordering::SeqCst), "the broker was stopped inside a commit");
-    let output = read_to_end(&env.settings, &env.settings.topics.output, Duration::from_secs(60))?;
-    let mut counts: HashMap<String, usize> = HashMap::new();
-    for m in &output {
-        *counts.entry(header(m, headers::IDEMPOTENCY_KEY).expect("idempotency-key header")).or_insert(0) += 1;
-    }
+    let counts = enrich_e2e::output_counts(&env)?;
     let twice: Vec<_> = counts.iter().filter(|(_, n)| **n > 1).collect();
     assert!(twice.is_empty(), "{} keys published more than once, e.g. {:?}", twice.len(), twice.first());
     assert_eq!(counts.len(), N, "every ticket published");

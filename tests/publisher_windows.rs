@@ -13,23 +13,11 @@ use enrich_e2e::loadgen::workload;
 use enrich_e2e::{StageKind, TestEnv, wait_for};
 use publisher::failpoints::{self, Instant};
 use rdkafka::producer::{FutureProducer, FutureRecord};
-use std::collections::HashMap;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicI64, Ordering};
 use std::time::Duration;
 
 const DEADLINE: Duration = Duration::from_secs(180);
-
-/// Every key read from the output topic, with how many times it was published.
-fn output_counts(env: &TestEnv) -> anyhow::Result<HashMap<String, usize>> {
-    let output = read_to_end(&env.settings, &env.settings.topics.output, Duration::from_secs(60))?;
-    let mut counts = HashMap::new();
-    for m in &output {
-        let key = header(m, headers::IDEMPOTENCY_KEY).expect("idempotency-key header");
-        *counts.entry(key).or_insert(0) += 1;
-    }
-    Ok(counts)
-}
 
 async fn wait_published(env: &TestEnv, produced: &[Produced]) -> anyhow::Result<()> {
     let group = env.settings.group_id(enrich_common::config::Stage::Publisher);
@@ -80,7 +68,7 @@ async fn a_database_session_lost_right_after_the_kafka_commit_publishes_nothing_
 
     assert!(fired.load(Ordering::SeqCst), "the hook ran after a Kafka commit");
     assert!(terminated.load(Ordering::SeqCst) >= 1, "at least one publisher session was terminated");
-    let counts = output_counts(&env)?;
+    let counts = enrich_e2e::output_counts(&env)?;
     let twice: Vec<_> = counts.iter().filter(|(_, n)| **n > 1).collect();
     assert!(
         twice.is_empty(),
@@ -189,7 +177,7 @@ async fn records_the_publisher_dead_letters_are_listed_and_never_marked_publishe
     let replayed = client.replay(&ids, false, Some("test")).await?;
     assert_eq!(replayed.replayed, vec![unmergeable.id], "refused: {:?}", replayed.refused);
     assert_ne!(state(not_an_object.idempotency_key.clone()).await?.as_deref(), Some("published"));
-    assert_eq!(output_counts(&env)?.len(), N, "the good tickets are published");
+    assert_eq!(enrich_e2e::output_counts(&env)?.len(), N, "the good tickets are published");
     for s in stages {
         s.stop().await?;
     }

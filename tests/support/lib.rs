@@ -210,6 +210,19 @@ pub async fn run_cli(binary: &str, args: &[&str], env: &[(&str, &str)]) -> anyho
 
 pub use loadgen::procs::free_port;
 
+/// Every key on the output topic (read `read_committed`, by its `idempotency-key`
+/// header), with how many times it was published.
+pub fn output_counts(env: &TestEnv) -> anyhow::Result<std::collections::HashMap<String, usize>> {
+    let output = loadgen::kafka_io::read_to_end(&env.settings, &env.settings.topics.output, Duration::from_secs(60))?;
+    let mut counts = std::collections::HashMap::new();
+    for m in &output {
+        let key = loadgen::kafka_io::header(m, enrich_common::headers::IDEMPOTENCY_KEY)
+            .ok_or_else(|| anyhow::anyhow!("an output record without an idempotency-key header"))?;
+        *counts.entry(key).or_insert(0) += 1;
+    }
+    Ok(counts)
+}
+
 /// How many keys of the pipeline are in one of `states`.
 pub async fn count_in_states(env: &TestEnv, states: &[&str]) -> anyhow::Result<i64> {
     let states: Vec<String> = states.iter().map(|s| s.to_string()).collect();
