@@ -11,6 +11,7 @@ pub mod dead_letter_store;
 pub mod dlq_limit;
 pub mod envelope;
 pub mod error;
+pub mod failpoints;
 pub mod headers;
 pub mod http;
 pub mod idempotency;

@@ -64,22 +64,24 @@ impl Budgets {
         Ok(Ok(Reservation { estimate, starts }))
     }
 
-    /// Turns the reservation into the real cost (0 for a call that failed before an answer).
-    pub async fn settle(&self, r: Reservation, actual: f64) -> anyhow::Result<()> {
-        for (window_secs, start) in r.starts {
-            sqlx::query(
-                "UPDATE budget_windows SET reserved_usd = GREATEST(reserved_usd - $4, 0), spent_usd = spent_usd + $5,
-                        calls = calls + CASE WHEN $5 > 0 THEN 1 ELSE 0 END
-                 WHERE pipeline = $1 AND window_secs = $2 AND window_start = to_timestamp($3)",
-            )
-            .bind(&self.pipeline)
-            .bind(window_secs)
-            .bind(start as f64)
-            .bind(r.estimate)
-            .bind(actual)
-            .execute(&self.pool)
-            .await?;
-        }
+    /// Turns the reservation into the real cost (0 for a call that failed before an
+    /// answer), in every window at once: one statement, so a retry after a failure never
+    /// settles a window twice.
+    pub async fn settle(&self, r: &Reservation, actual: f64) -> anyhow::Result<()> {
+        let (secs, starts): (Vec<i64>, Vec<f64>) = r.starts.iter().map(|(w, s)| (*w, *s as f64)).unzip();
+        sqlx::query(
+            "UPDATE budget_windows b SET reserved_usd = GREATEST(b.reserved_usd - $4, 0), spent_usd = b.spent_usd + $5,
+                    calls = b.calls + CASE WHEN $5 > 0 THEN 1 ELSE 0 END
+             FROM UNNEST($2::bigint[], $3::float8[]) AS w(secs, start)
+             WHERE b.pipeline = $1 AND b.window_secs = w.secs AND b.window_start = to_timestamp(w.start)",
+        )
+        .bind(&self.pipeline)
+        .bind(&secs)
+        .bind(&starts)
+        .bind(r.estimate)
+        .bind(actual)
+        .execute(&self.pool)
+        .await?;
         Ok(())
     }
 }

@@ -1,7 +1,9 @@
 //! The operator's kill switch: `controls.paused` for the pipeline, set through the
-//! dlq-replayer's admin API. Every replica polls it every second; while it is on, no new
-//! LLM call starts (calls in flight finish), records wait where they are (nothing is
-//! dead-lettered), and `/readyz` says why.
+//! dlq-replayer's admin API. Every replica polls it every second, and each LLM call reads
+//! it again in the statement that checks the call's lease right before the call starts
+//! (`Store::gate`), so no call starts once the pause is committed. While it is on, calls
+//! in flight finish, records wait where they are (nothing is dead-lettered), and
+//! `/readyz` says why. It starts closed: no call starts before its first read.
 
 use enrich_common::http::ServiceState;
 use enrich_common::shutdown::Shutdown;
@@ -15,8 +17,9 @@ pub struct KillSwitch {
 }
 
 impl Default for KillSwitch {
+    /// Closed until the control row is first read.
     fn default() -> Self {
-        Self { paused: watch::channel(false).0 }
+        Self { paused: watch::channel(true).0 }
     }
 }
 
@@ -39,6 +42,12 @@ impl KillSwitch {
         *self.paused.borrow()
     }
 
+    /// A call's gate read the pause before the poller did: close now, so the call waits
+    /// in `wait_open` until the poller reads the switch open again.
+    pub fn saw_paused(&self) {
+        self.paused.send_replace(true);
+    }
+
     /// Polls the control row every `every` until shutdown.
     pub fn spawn(
         self: &Arc<Self>,
@@ -51,6 +60,8 @@ impl KillSwitch {
     ) -> tokio::task::JoinHandle<()> {
         let switch = self.clone();
         tokio::spawn(async move {
+            // Nothing is known before the first read: the switch is closed, silently.
+            let mut known: Option<bool> = None;
             loop {
                 let row: Result<Option<(bool, Option<String>)>, _> =
                     sqlx::query_as("SELECT paused, reason FROM controls WHERE pipeline = $1")
@@ -60,7 +71,9 @@ impl KillSwitch {
                 match row {
                     Ok(row) => {
                         let (paused, reason) = row.unwrap_or((false, None));
-                        if paused != switch.is_paused() {
+                        if known.is_none() && !paused {
+                            tracing::debug!("kill switch read: enrichment is not paused");
+                        } else if Some(paused) != known {
                             let reason = reason.unwrap_or_else(|| "no reason given".into());
                             if paused {
                                 tracing::warn!(%reason, "enrichment paused by the operator: no new LLM call starts");
@@ -73,6 +86,10 @@ impl KillSwitch {
                                 state.set_condition("paused", None);
                             }
                             gauge.set(i64::from(paused));
+                        }
+                        known = Some(paused);
+                        // Also after a gate closed it (`saw_paused`) and the pause ended.
+                        if paused != switch.is_paused() {
                             switch.paused.send_replace(paused);
                         }
                     }

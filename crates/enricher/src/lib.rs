@@ -9,6 +9,7 @@ pub mod budget;
 pub mod cache;
 mod consume;
 mod delay;
+pub mod failpoints;
 pub mod flow;
 pub mod kill_switch;
 pub mod llm;
@@ -104,7 +105,9 @@ pub async fn run(settings: Settings, shutdown: CancellationToken) -> anyhow::Res
             pipeline: settings.pipeline.name.clone(),
             owner,
             lease: Duration::from_millis(settings.enricher.lease_ms),
+            call_timeout: Duration::from_millis(settings.llm.request_timeout_ms),
             max_attempts: settings.llm.max_attempts as i32,
+            held: Default::default(),
         }),
         llm,
         prompt,
@@ -162,11 +165,13 @@ pub async fn run(settings: Settings, shutdown: CancellationToken) -> anyhow::Res
             shutdown.clone(),
         ))
     });
+    let renewal = enricher.store.core.spawn_renewal(shutdown.clone());
     runtime.state.set_ready();
     consume::run(&consumer, rebalance_rx, enricher.clone(), &runtime, limits, &settings.topics.retry, &shutdown).await;
     if let Some(sweeper) = sweeper {
         let _ = sweeper.await;
     }
+    renewal.abort();
     kafka::drain(&consumer, &enricher.producer);
     runtime.finish(&shutdown).await;
     Ok(())

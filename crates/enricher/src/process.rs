@@ -20,7 +20,7 @@ use crate::cache::ResponseCache;
 use crate::llm::{Completion, LlmClient, LlmError};
 use crate::metrics::EnricherMetrics;
 use crate::prompt::{Prompt, PromptTemplate, Repair};
-use crate::store::{KeyState, Step, Store, StoredResult};
+use crate::store::{Gate, KeyState, Step, Store, StoredResult};
 use crate::strict::BlockCheck;
 use crate::validate::OutputValidator;
 use enrich_common::spans::{RecordSpan, attr};
@@ -83,6 +83,8 @@ pub enum Handled {
     Parked,
     /// Dead-lettered earlier: nothing to do.
     Skipped,
+    /// Published earlier: nothing to emit again.
+    AlreadyPublished,
 }
 
 impl Handled {
@@ -94,12 +96,13 @@ impl Handled {
             Handled::RetryScheduled => "retry_scheduled",
             Handled::Parked => "parked",
             Handled::Skipped => "skipped",
+            Handled::AlreadyPublished => "already_published",
         }
     }
 
     /// The record has its result: records parked behind it may go.
     fn resolved(self) -> bool {
-        matches!(self, Handled::Enriched | Handled::Reused)
+        matches!(self, Handled::Enriched | Handled::Reused | Handled::AlreadyPublished)
     }
 }
 
@@ -129,23 +132,20 @@ impl RetryPolicy {
     }
 }
 
-/// Why an attempt did not produce a stored result.
+/// Why an attempt did not produce a stored result. Whether one of its calls was paid is
+/// said beside it (see `attempt`): an attempt whose call was paid is never refunded.
 enum AttemptError {
     Llm(LlmError),
-    Db(anyhow::Error),
-    /// A budget window is spent: no call was made; try again after this long.
+    /// A budget window is spent: the call was not made; try again after this long.
     Budget(Duration),
-    /// The stage stopped while the call waited for its turn: no call was made.
+    /// The stage stopped while the call waited for its turn (or for the database).
     Stopped,
+    /// The lease was no longer ours when the call was to start (it expired and another
+    /// replica took the key, or the key ended): the call was not made.
+    Fenced,
     /// The key was dead-lettered while this attempt ran (its lease had expired): the
     /// answer is not stored, and the key is not published.
     Superseded,
-}
-
-impl From<sqlx::Error> for AttemptError {
-    fn from(e: sqlx::Error) -> Self {
-        AttemptError::Db(e.into())
-    }
 }
 
 impl Enricher {
@@ -289,8 +289,13 @@ impl Enricher {
                     // The previous attempt died with its process. Run this record alone, so
                     // if it is the one that crashes the process, it is the only one charged.
                     self.breaker.unused(admission);
-                    tracing::warn!(idempotency_key = %key, "previous attempt never finished: retrying it in isolation");
-                    isolated = Some(self.isolation.acquire().await.map_err(anyhow::Error::from)?);
+                    if isolated.is_none() {
+                        tracing::warn!(idempotency_key = %key, "previous attempt never finished: retrying it in isolation");
+                        tokio::select! {
+                            _ = self.shutdown.cancelled() => anyhow::bail!("shutting down while {key} waits to run in isolation"),
+                            permit = self.isolation.acquire() => isolated = Some(permit.map_err(anyhow::Error::from)?),
+                        }
+                    }
                     continue;
                 }
                 KeyState::Acquired { attempt } => {
@@ -300,6 +305,16 @@ impl Enricher {
                 other => {
                     self.breaker.unused(admission);
                     match other {
+                        KeyState::Published => {
+                            // Its output is committed: a copy on the results topic would
+                            // only be refused by the publisher.
+                            tracing::debug!(idempotency_key = %key, "already published; nothing to emit");
+                            self.store
+                                .record_run(&envelope, 0, "already_published", &span.ids().trace_id_hex(), None)
+                                .await?;
+                            self.metrics.outcome("already_published");
+                            return handled(Handled::AlreadyPublished);
+                        }
                         KeyState::Enriched(stored) => {
                             self.emit(&envelope, &record_key, &stored, Answer::default(), span).await?;
                             self.store.record_run(&envelope, 0, "reused", &span.ids().trace_id_hex(), None).await?;
@@ -320,7 +335,9 @@ impl Enricher {
                             return handled(Handled::DeadLettered);
                         }
                         KeyState::Leased { remaining } => {
-                            // Another live replica is calling the LLM for this key: wait for it.
+                            // Another live replica is calling the LLM for this key: wait for
+                            // it, without holding the isolation permit meanwhile.
+                            isolated = None;
                             let wait = remaining.min(Duration::from_secs(5));
                             tokio::select! {
                                 _ = self.shutdown.cancelled() => anyhow::bail!("shutting down while {key} is leased elsewhere"),
@@ -335,8 +352,11 @@ impl Enricher {
                 tracing::error!(idempotency_key = %key, attempt, "failpoint: aborting the process (enricher.failpoints)");
                 std::process::abort();
             }
+            // The lease is renewed while the record waits and calls; each call checks it
+            // again right before it starts.
+            let _held = self.store.hold(&key, attempt);
             span.set([KeyValue::new(attr::ATTEMPT, i64::from(attempt))]);
-            let outcome = self.attempt(&envelope, attempt, span).await;
+            let (outcome, paid) = self.attempt(&envelope, attempt, span).await;
             let e = match outcome {
                 Ok((stored, tokens, cached)) => {
                     self.breaker_success(admission);
@@ -353,9 +373,16 @@ impl Enricher {
                     self.state.set_condition("dlq_limit", None);
                     return handled(Handled::Enriched);
                 }
-                Err(AttemptError::Db(e)) => {
+                Err(AttemptError::Fenced) => {
+                    // Another replica holds the key now (this lease expired while the record
+                    // waited): its answer will be the key's. Ask the store again.
                     self.breaker.unused(admission);
-                    return Err(e);
+                    if !paid {
+                        tries = tries.saturating_sub(1);
+                    }
+                    tracing::warn!(idempotency_key = %key, attempt, "the lease was lost before the call; not calling");
+                    self.metrics.outcome("fenced");
+                    continue;
                 }
                 Err(AttemptError::Superseded) => {
                     self.breaker_success(admission);
@@ -364,18 +391,22 @@ impl Enricher {
                     return handled(Handled::Skipped);
                 }
                 Err(AttemptError::Stopped) => {
-                    // Nothing was called: the attempt and the lease go back, so the record
-                    // runs normally after the restart (not as a suspect, in isolation).
+                    // Unless a call of this attempt was paid, the attempt and the lease go
+                    // back, so the record runs normally after the restart (not as a
+                    // suspect, in isolation).
                     self.breaker.unused(admission);
-                    self.store.release(&key, true).await?;
+                    self.store.release(&key, !paid).await?;
                     anyhow::bail!("shutting down while {key} waited for its LLM call");
                 }
                 Err(AttemptError::Budget(wait)) => {
-                    // Nothing was called: give the attempt back and wait for the next
-                    // window (the record keeps its place; nothing is dead-lettered).
+                    // The call was not made: give the attempt back (unless an earlier call
+                    // of it was paid) and wait for the next window (the record keeps its
+                    // place; nothing is dead-lettered).
                     self.breaker.unused(admission);
-                    self.store.release(&key, true).await?;
-                    tries = tries.saturating_sub(1);
+                    self.store.release(&key, !paid).await?;
+                    if !paid {
+                        tries = tries.saturating_sub(1);
+                    }
                     self.metrics.budget_exhausted.set(1);
                     self.state.set_condition(
                         "budget",
@@ -402,10 +433,13 @@ impl Enricher {
                         || e.error.reason == "rate_limited"
                         || matches!(e.error.class, ErrorClass::Outage | ErrorClass::Fatal)
                     {
-                        // The endpoint is down, not this record: give its attempt back and
-                        // wait for the breaker (nothing is dead-lettered during an outage).
-                        self.store.release(&key, true).await?;
-                        tries = tries.saturating_sub(1);
+                        // The endpoint is down, not this record: give its attempt back (unless
+                        // a call of it was paid) and wait for the breaker (nothing is
+                        // dead-lettered during an outage).
+                        self.store.release(&key, !paid).await?;
+                        if !paid {
+                            tries = tries.saturating_sub(1);
+                        }
                         if !self.breaker.is_open() {
                             let wait = e.retry_after.unwrap_or_else(|| jitter(backoff));
                             backoff = (backoff * 2).min(Duration::from_secs(10));
@@ -472,13 +506,26 @@ impl Enricher {
         }
     }
 
-    /// One paid call: render, call, validate, store. Returns the stored result and the
-    /// tokens this call used.
+    /// One attempt: render, call, validate, store. Returns the stored result, the tokens
+    /// its calls used and whether the cache answered; and, beside it, whether one of its
+    /// calls was paid (such an attempt is never refunded).
     async fn attempt(
         &self,
         envelope: &Envelope,
         attempt: i32,
         span: &RecordSpan,
+    ) -> (Result<(StoredResult, (u32, u32), bool), AttemptError>, bool) {
+        let mut steps: Vec<Step> = Vec::with_capacity(4);
+        let outcome = self.attempt_steps(envelope, attempt, span, &mut steps).await;
+        (outcome, steps.iter().any(Step::paid))
+    }
+
+    async fn attempt_steps(
+        &self,
+        envelope: &Envelope,
+        attempt: i32,
+        span: &RecordSpan,
+        steps: &mut Vec<Step>,
     ) -> Result<(StoredResult, (u32, u32), bool), AttemptError> {
         let key = &envelope.idempotency_key;
         let record: serde_json::Value = serde_json::from_slice(&envelope.payload).map_err(|e| {
@@ -489,7 +536,6 @@ impl Enricher {
         })?;
         let mut prompt =
             self.prompt.render(&record).map_err(|error| AttemptError::Llm(LlmError { error, retry_after: None }))?;
-        let mut steps: Vec<Step> = Vec::with_capacity(4);
         let mut tokens = (0u32, 0u32);
         // The response cache: the same input answered before (for any key) is answered
         // again without a call; concurrent records with one input wait for the first.
@@ -521,10 +567,14 @@ impl Enricher {
             loop {
                 let repairing = prompt.repair.is_some();
                 let step_name = if repairing { "llm_repair" } else { "llm_call" };
-                let (completion, model) = match self.call(&prompt, span, key, attempt, step_name, &mut steps).await? {
+                let (completion, model) = match self.call(&prompt, span, key, attempt, step_name, steps).await? {
                     Ok(answered) => answered,
                     Err(e) => {
-                        self.store.record_steps(key, &steps).await?;
+                        let done: &[Step] = steps;
+                        self.until_written("store the steps of a failed call", key, || {
+                            self.store.record_steps(key, done)
+                        })
+                        .await?;
                         return Err(AttemptError::Llm(e));
                     }
                 };
@@ -537,7 +587,11 @@ impl Enricher {
                     Err(error) => {
                         steps.push(Step::validation(attempt).failed(error.to_string()));
                         if repairing {
-                            self.store.record_steps(key, &steps).await?;
+                            let done: &[Step] = steps;
+                            self.until_written("store the steps of a failed repair", key, || {
+                                self.store.record_steps(key, done)
+                            })
+                            .await?;
                             return Err(AttemptError::Llm(LlmError { error, retry_after: None }));
                         }
                         tracing::info!(idempotency_key = %key, reason = error.reason, "invalid output; one repair call");
@@ -560,23 +614,41 @@ impl Enricher {
             prompt_version: self.prompt.version().to_string(),
         };
         // The call is paid: keep trying to store its result rather than paying again.
+        let trace_id = span.ids().trace_id_hex();
+        let done: &[Step] = steps;
+        let stored = self
+            .until_written("store a paid result", key, || {
+                self.store.finish(envelope, attempt, &result, done, &trace_id)
+            })
+            .await?;
+        match stored {
+            Some(stored) => Ok((stored, tokens, cached)),
+            None => Err(AttemptError::Superseded),
+        }
+    }
+
+    /// Runs a database write of the call path until it succeeds: a paid answer, its
+    /// settlement and its audit wait for the database rather than being dropped (and the
+    /// call paid again). Only shutdown ends the wait.
+    async fn until_written<T, E, F, Fut>(&self, what: &str, key: &str, mut write: F) -> Result<T, AttemptError>
+    where
+        E: std::fmt::Display,
+        F: FnMut() -> Fut,
+        Fut: std::future::Future<Output = Result<T, E>>,
+    {
         let mut backoff = Duration::from_millis(100);
-        let stored = loop {
-            match self.store.finish(envelope, attempt, &result, &steps, &span.ids().trace_id_hex()).await {
-                Ok(stored) => break stored,
+        loop {
+            match write().await {
+                Ok(v) => return Ok(v),
                 Err(e) => {
-                    tracing::error!(idempotency_key = %key, error = %e, "cannot store a paid result; retrying");
+                    tracing::error!(idempotency_key = %key, error = %e, "cannot {what}; retrying");
                     tokio::select! {
-                        _ = self.shutdown.cancelled() => return Err(AttemptError::Db(e)),
+                        _ = self.shutdown.cancelled() => return Err(AttemptError::Stopped),
                         _ = tokio::time::sleep(backoff) => {}
                     }
                     backoff = (backoff * 2).min(Duration::from_secs(10));
                 }
             }
-        };
-        match stored {
-            Some(stored) => Ok((stored, tokens, cached)),
-            None => Err(AttemptError::Superseded),
         }
     }
 
@@ -607,11 +679,29 @@ impl Enricher {
             else {
                 return Err(AttemptError::Stopped);
             };
+            // Right before the call: the lease must still be ours (and cover the call),
+            // and the operator must not have paused enrichment meanwhile.
+            match self.until_written("check the lease before a call", key, || self.store.gate(key, attempt)).await? {
+                Gate::Go => {}
+                Gate::Fenced => {
+                    permit.failed();
+                    return Err(AttemptError::Fenced);
+                }
+                Gate::Paused => {
+                    permit.failed();
+                    self.metrics.flow_wait("paused");
+                    self.kill_switch.saw_paused();
+                    if !self.kill_switch.wait_open(&self.shutdown).await {
+                        return Err(AttemptError::Stopped);
+                    }
+                    continue;
+                }
+            }
             // The call's estimated cost is reserved in every budget window.
             let reservation = match &self.budgets {
                 Some(budgets) => {
                     let estimate = self.llm.cost_usd(index, estimated_input, self.llm.max_output_tokens());
-                    match budgets.reserve(estimate).await.map_err(AttemptError::Db)? {
+                    match self.until_written("reserve the budget", key, || budgets.reserve(estimate)).await? {
                         Ok(r) => Some(r),
                         Err(wait) => {
                             permit.failed();
@@ -675,8 +765,11 @@ impl Enricher {
                 }
             }
             drop(call);
+            if called.is_ok() {
+                crate::failpoints::pass(&self.store.pipeline, crate::failpoints::Instant::AfterPaidCall).await;
+            }
             if let (Some(budgets), Some(r)) = (&self.budgets, reservation) {
-                budgets.settle(r, cost).await.map_err(AttemptError::Db)?;
+                self.until_written("settle the budget", key, || budgets.settle(&r, cost)).await?;
             }
             match called {
                 Ok(c) => {

@@ -13,6 +13,8 @@ use crate::batch::MicroBatcher;
 pub enum KeyState {
     /// Already enriched: re-emit this, never call again.
     Enriched(StoredResult),
+    /// Already published: nothing to call or emit.
+    Published,
     /// Dead-lettered earlier: nothing more to do.
     DeadLettered,
     /// Attempts are used up: dead-letter without another call.
@@ -37,13 +39,45 @@ pub struct StoredResult {
     pub prompt_version: String,
 }
 
+/// What the gate before an LLM call found.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Gate {
+    /// The lease is ours and covers the call: call now.
+    Go,
+    /// The operator paused enrichment: the call must not start.
+    Paused,
+    /// The lease is no longer ours (it expired and another replica took the key, or the
+    /// key ended meanwhile): drop the work, never call.
+    Fenced,
+}
+
 /// What the store needs to talk to PostgreSQL about this replica's keys.
 pub struct StoreCore {
     pub pool: PgPool,
     pub pipeline: String,
     pub owner: String,
     pub lease: Duration,
+    /// The longest one LLM call can take (`llm.request_timeout_ms`): a call starts only
+    /// under a lease that outlasts it.
+    pub call_timeout: Duration,
     pub max_attempts: i32,
+    /// Leases this process holds (key → attempt), renewed every third of the lease
+    /// while their records wait or call.
+    pub held: std::sync::Mutex<HashMap<String, i32>>,
+}
+
+/// A lease this process holds: renewed while it lives, forgotten when dropped.
+pub struct Held<'a> {
+    core: &'a StoreCore,
+    key: String,
+}
+
+impl Drop for Held<'_> {
+    fn drop(&mut self) {
+        if let Ok(mut held) = self.core.held.lock() {
+            held.remove(&self.key);
+        }
+    }
 }
 
 /// The enricher's per-key state. `acquire` and `finish` run on the hot path and go
@@ -52,6 +86,7 @@ pub struct Store {
     pub core: Arc<StoreCore>,
     acquire: MicroBatcher<AcquireRequest, KeyState>,
     finish: MicroBatcher<FinishRequest, Option<StoredResult>>,
+    gate: MicroBatcher<(String, i32), Gate>,
 }
 
 pub struct AcquireRequest {
@@ -87,8 +122,12 @@ type StateRow =
 impl Store {
     pub fn new(core: StoreCore) -> Self {
         let core = Arc::new(core);
-        let (a, f) = (core.clone(), core.clone());
+        let (a, f, g) = (core.clone(), core.clone(), core.clone());
         Self {
+            gate: MicroBatcher::spawn(WRITERS, MAX_BATCH, move |reqs| {
+                let core = g.clone();
+                async move { core.gate_batch(reqs).await }
+            }),
             acquire: MicroBatcher::spawn(WRITERS, MAX_BATCH, move |reqs| {
                 let core = a.clone();
                 async move { core.acquire_batch(reqs).await }
@@ -115,6 +154,13 @@ impl Store {
                 kafka_key: src.key,
             })
             .await
+    }
+
+    /// Right before an LLM call: checks in one statement that the lease on `key` is still
+    /// ours for this attempt, extends it to cover the call when it would not, and reads
+    /// the kill switch. A pause committed before this statement stops the call.
+    pub async fn gate(&self, key: &str, attempt: i32) -> anyhow::Result<Gate> {
+        self.gate.call((key.to_string(), attempt)).await
     }
 
     /// Stores the result (unless another was stored first), its steps and the run row;
@@ -154,6 +200,104 @@ impl std::ops::Deref for Store {
 }
 
 impl StoreCore {
+    /// Registers the lease just acquired on `key`, so it is renewed until dropped.
+    pub fn hold(&self, key: &str, attempt: i32) -> Held<'_> {
+        if let Ok(mut held) = self.held.lock() {
+            held.insert(key.to_string(), attempt);
+        }
+        Held { core: self, key: key.to_string() }
+    }
+
+    /// Renews every lease this process holds, in one statement; a lease that is no
+    /// longer ours (expired and taken, or its key finished) is left alone. Returns how
+    /// many were renewed.
+    pub async fn renew_held(&self) -> sqlx::Result<u64> {
+        let (keys, attempts): (Vec<String>, Vec<i32>) = match self.held.lock() {
+            Ok(held) => held.iter().map(|(k, a)| (k.clone(), *a)).unzip(),
+            Err(_) => return Ok(0),
+        };
+        if keys.is_empty() {
+            return Ok(0);
+        }
+        let done = sqlx::query(
+            "UPDATE enrich_state s SET lease_until = now() + make_interval(secs => $5)
+             FROM UNNEST($2::text[], $3::int[]) AS u(k, a)
+             WHERE s.pipeline = $1 AND s.idempotency_key = u.k AND s.attempts = u.a
+               AND s.lease_owner = $4 AND s.state = 'enriching'",
+        )
+        .bind(&self.pipeline)
+        .bind(&keys)
+        .bind(&attempts)
+        .bind(&self.owner)
+        .bind(self.lease.as_secs_f64())
+        .execute(&self.pool)
+        .await?;
+        Ok(done.rows_affected())
+    }
+
+    /// Renews the held leases every third of the lease until `shutdown`.
+    pub fn spawn_renewal(self: &Arc<Self>, shutdown: enrich_common::shutdown::Shutdown) -> tokio::task::JoinHandle<()> {
+        let core = self.clone();
+        tokio::spawn(async move {
+            let every = (core.lease / 3).max(Duration::from_millis(50));
+            loop {
+                tokio::select! {
+                    _ = shutdown.cancelled() => return,
+                    _ = tokio::time::sleep(every) => {}
+                }
+                if let Err(e) = core.renew_held().await {
+                    tracing::warn!(error = %e, "cannot renew the leases held; each call checks its own before it starts");
+                }
+            }
+        })
+    }
+
+    async fn gate_batch(&self, reqs: Vec<(String, i32)>) -> anyhow::Result<Vec<Gate>> {
+        let (keys, attempts): (Vec<&str>, Vec<i32>) = reqs.iter().map(|(k, a)| (k.as_str(), *a)).unzip();
+        // A lease with less than a call's time left is extended (a live lease of ours
+        // cannot be taken meanwhile); one with more is only read.
+        let (paused, ours): (bool, Vec<String>) = sqlx::query_as(
+            "WITH p AS (
+               SELECT coalesce((SELECT paused FROM controls WHERE pipeline = $1), false) AS paused
+             ), mine AS (
+               SELECT s.idempotency_key AS k, s.lease_until < now() + make_interval(secs => $5) AS short
+               FROM enrich_state s JOIN UNNEST($2::text[], $3::int[]) AS u(k, a)
+                 ON s.idempotency_key = u.k AND s.attempts = u.a
+               WHERE s.pipeline = $1 AND s.lease_owner = $4 AND s.state = 'enriching'
+             ), renewed AS (
+               UPDATE enrich_state s SET lease_until = now() + make_interval(secs => $6)
+               FROM mine
+               WHERE s.pipeline = $1 AND s.idempotency_key = mine.k AND mine.short
+                 AND s.lease_owner = $4 AND s.state = 'enriching' AND NOT (SELECT paused FROM p)
+               RETURNING s.idempotency_key
+             )
+             SELECT (SELECT paused FROM p),
+                    ARRAY(SELECT k FROM mine WHERE NOT short UNION ALL SELECT idempotency_key FROM renewed)",
+        )
+        .bind(&self.pipeline)
+        .bind(&keys)
+        .bind(&attempts)
+        .bind(&self.owner)
+        // A second of slack for the statement and the request's own start.
+        .bind(self.call_timeout.as_secs_f64() + 1.0)
+        .bind(self.lease.as_secs_f64())
+        .fetch_one(&self.pool)
+        .await?;
+        let ours: std::collections::HashSet<String> = ours.into_iter().collect();
+        Ok(reqs
+            .iter()
+            .map(|(k, _)| {
+                if paused {
+                    Gate::Paused
+                } else if ours.contains(k) {
+                    Gate::Go
+                } else {
+                    Gate::Fenced
+                }
+            })
+            .collect())
+    }
+
     async fn acquire_batch(&self, reqs: Vec<AcquireRequest>) -> anyhow::Result<Vec<KeyState>> {
         let keys: Vec<&str> = reqs.iter().map(|r| r.key.as_str()).collect();
         let isolated: Vec<bool> = reqs.iter().map(|r| r.isolated).collect();
@@ -215,7 +359,8 @@ impl StoreCore {
                     }
                     Some((_, state, attempts, json, hash, model, version, lease_left, lease_owner)) => {
                         match state.as_str() {
-                            "enriched" | "published" => KeyState::Enriched(StoredResult {
+                            "published" => KeyState::Published,
+                            "enriched" => KeyState::Enriched(StoredResult {
                                 json: json.clone().unwrap_or_default(),
                                 result_hash: hash.clone().unwrap_or_default(),
                                 model: model.clone().unwrap_or_default(),
@@ -520,6 +665,11 @@ impl Step {
 
     pub fn failed(self, error: String) -> Self {
         Self { status: "failed", error: Some(error), ..self }
+    }
+
+    /// An LLM call that answered: it was paid for (a cache hit was not).
+    pub fn paid(&self) -> bool {
+        matches!(self.step, "llm_call" | "llm_repair") && self.status == "ok"
     }
 }
 

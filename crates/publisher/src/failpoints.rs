@@ -1,7 +1,5 @@
-//! Test-only hooks that land a fault at an exact instant of the publish path. They exist
-//! only with the cargo feature `failpoints` (the end-to-end tests enable it; release and
-//! debug builds of the binaries do not), and are keyed by pipeline name so tests running
-//! side by side in one process never see each other's hooks.
+//! The publisher's test-only instants (see `enrich_common::failpoints`): hooks exist
+//! only with the cargo feature `failpoints`.
 
 /// The instants a hook can be attached to.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -13,38 +11,25 @@ pub enum Instant {
     AfterKafkaCommit,
 }
 
-#[cfg(feature = "failpoints")]
-mod hooks {
-    use super::Instant;
-    use std::collections::HashMap;
-    use std::future::Future;
-    use std::pin::Pin;
-    use std::sync::{Arc, Mutex};
-
-    pub type Hook = Arc<dyn Fn() -> Pin<Box<dyn Future<Output = ()> + Send>> + Send + Sync>;
-
-    static HOOKS: Mutex<Option<HashMap<(String, Instant), Hook>>> = Mutex::new(None);
-
-    /// Runs `hook` (and waits for it) each time the publisher of `pipeline` passes `at`.
-    pub fn set(pipeline: &str, at: Instant, hook: Hook) {
-        if let Ok(mut hooks) = HOOKS.lock() {
-            hooks.get_or_insert_with(HashMap::new).insert((pipeline.to_string(), at), hook);
-        }
-    }
-
-    pub(crate) async fn pass(pipeline: &str, at: Instant) {
-        let hook = HOOKS.lock().ok().and_then(|h| h.as_ref()?.get(&(pipeline.to_string(), at)).cloned());
-        if let Some(hook) = hook {
-            hook().await;
+impl Instant {
+    fn name(self) -> &'static str {
+        match self {
+            Instant::BeforeKafkaCommit => "publisher.before_kafka_commit",
+            Instant::AfterKafkaCommit => "publisher.after_kafka_commit",
         }
     }
 }
 
 #[cfg(feature = "failpoints")]
-pub use hooks::{Hook, set};
+pub use enrich_common::failpoints::Hook;
+
+/// Runs `hook` (and waits for it) each time the publisher of `pipeline` passes `at`.
+#[cfg(feature = "failpoints")]
+pub fn set(pipeline: &str, at: Instant, hook: Hook) {
+    enrich_common::failpoints::set(pipeline, at.name(), hook);
+}
 
 /// Where the publish path passes `at`: a no-op without the `failpoints` feature.
-pub(crate) async fn pass(_pipeline: &str, _at: Instant) {
-    #[cfg(feature = "failpoints")]
-    hooks::pass(_pipeline, _at).await;
+pub(crate) async fn pass(pipeline: &str, at: Instant) {
+    enrich_common::failpoints::pass(pipeline, at.name()).await;
 }

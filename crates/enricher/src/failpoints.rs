@@ -1,0 +1,32 @@
+//! The enricher's test-only instants (see `enrich_common::failpoints`): hooks exist
+//! only with the cargo feature `failpoints`.
+
+/// The instants a hook can be attached to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Instant {
+    /// Right after an LLM call answered (paid), before its cost is settled in the
+    /// budgets and its result stored.
+    AfterPaidCall,
+}
+
+impl Instant {
+    fn name(self) -> &'static str {
+        match self {
+            Instant::AfterPaidCall => "enricher.after_paid_call",
+        }
+    }
+}
+
+#[cfg(feature = "failpoints")]
+pub use enrich_common::failpoints::Hook;
+
+/// Runs `hook` (and waits for it) each time an enricher of `pipeline` passes `at`.
+#[cfg(feature = "failpoints")]
+pub fn set(pipeline: &str, at: Instant, hook: Hook) {
+    enrich_common::failpoints::set(pipeline, at.name(), hook);
+}
+
+/// Where the enricher passes `at`: a no-op without the `failpoints` feature.
+pub(crate) async fn pass(pipeline: &str, at: Instant) {
+    enrich_common::failpoints::pass(pipeline, at.name()).await;
+}

@@ -1,0 +1,195 @@
+//! The enricher's call path at its instants: a lease outlived while a record waits for
+//! its call, a settlement that fails after a paid call, a pause while records wait for
+//! their turn. Each outcome is read from outside: llm-sim's counters (what was paid),
+//! the output topic, PostgreSQL.
+
+#![allow(clippy::expect_used, clippy::unwrap_used)] // a failed expectation is the test failing
+
+use enrich_common::config::{BudgetWindow, Stage};
+use enrich_e2e::loadgen::kafka_io::{group_caught_up, produce_all};
+use enrich_e2e::loadgen::workload;
+use enrich_e2e::{StageKind, TestEnv, output_counts, scrape_metrics, wait_for};
+use enricher::failpoints::{self, Instant};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+const DEADLINE: Duration = Duration::from_secs(180);
+
+/// One call slot, 1.5 s calls and a 2.5 s lease: the second record of each pair holds
+/// its lease while it waits 1.5 s for the slot, then calls for 1.5 s, so its lease
+/// would run out in the middle of its call. A second delivery of every request reaches
+/// another replica meanwhile (as after a rebalance: an enricher of another consumer
+/// group, which reads the requests topic from its start). Every key must be paid for
+/// once: the waiting replica keeps its leases alive, and each call checks its lease
+/// right before it starts.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_lease_outlived_while_waiting_for_a_call_slot_is_paid_once_after_a_second_delivery() -> anyhow::Result<()> {
+    const N: usize = 6;
+    let overrides = [
+        ("ENRICH_ENRICHER__LEASE_MS", "2500".to_string()),
+        ("ENRICH_LLM__REQUEST_TIMEOUT_MS", "2000".to_string()),
+        ("ENRICH_ENRICHER__MAX_IN_FLIGHT", "1".to_string()),
+    ];
+    let env = TestEnv::new(llm_sim::Latency::Fixed(Duration::from_millis(1500)), &overrides).await?;
+    let records = workload::marked_tickets(&env.id, N, &[]);
+    let produced = produce_all(&env.settings, env.source_topic(), &records, |_| false, |_| {}).await?;
+    let stages = [StageKind::Ingest, StageKind::Enricher, StageKind::Publisher].map(|k| env.spawn(k));
+    wait_for("the first replica to call", DEADLINE, || async { Ok((!env.sim.requests().is_empty()).then_some(())) })
+        .await?;
+    let pipeline = env.settings.pipeline.name.clone();
+    let second = env.spawn_with(StageKind::Enricher, |s| {
+        s.enricher.group_id = Some(format!("{}.enricher.second", s.pipeline.name));
+        s.enricher.instance_id = Some("second-replica".into());
+    });
+
+    let acct = env.wait_accounted(&produced, DEADLINE).await?;
+    assert_eq!(acct.published, N as i64, "every ticket published: {acct:?}");
+    let second_group = format!("{pipeline}.enricher.second");
+    let requests = env.settings.topics.requests.clone();
+    let results = env.settings.topics.results.clone();
+    let (first_group, publisher) = (env.settings.group_id(Stage::Enricher), env.settings.group_id(Stage::Publisher));
+    wait_for("both replicas and the publisher to catch up", DEADLINE, || async {
+        let done = group_caught_up(&env.settings, &first_group, &requests)?
+            && group_caught_up(&env.settings, &second_group, &requests)?
+            && group_caught_up(&env.settings, &publisher, &results)?;
+        Ok(done.then_some(()))
+    })
+    .await?;
+
+    let counts = output_counts(&env)?;
+    assert_eq!(counts.len(), N, "every key on the output topic: {counts:?}");
+    assert!(counts.values().all(|c| *c == 1), "no key published twice: {counts:?}");
+    assert_eq!(env.sim.completions(), N as u64, "one paid call per key ({N} keys)");
+    second.stop().await?;
+    for s in stages {
+        s.stop().await?;
+    }
+    env.teardown().await;
+    Ok(())
+}
+
+/// The budget's settlement of a paid call fails once (the database refuses the
+/// statement, as a failover or a dropped session would). The answer must be stored on
+/// retry, the call not paid again, and the window charged once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_settlement_failing_after_a_paid_call_is_retried_and_not_paid_again() -> anyhow::Result<()> {
+    let overrides =
+        [("ENRICH_LLM__INPUT_USD_PER_MTOK", "1.0".to_string()), ("ENRICH_LLM__OUTPUT_USD_PER_MTOK", "2.0".to_string())];
+    let env = TestEnv::new(llm_sim::Latency::Fixed(Duration::from_millis(50)), &overrides).await?;
+    let records = workload::marked_tickets(&env.id, 1, &[]);
+    let produced = produce_all(&env.settings, env.source_topic(), &records, |_| false, |_| {}).await?;
+
+    // Right after the paid call, the next update of the budget windows (the settlement)
+    // fails once: a trigger counts through a sequence, which a failed statement does not
+    // roll back.
+    let pool = env.pool.clone();
+    let armed = Arc::new(AtomicBool::new(true));
+    failpoints::set(
+        &env.settings.pipeline.name,
+        Instant::AfterPaidCall,
+        Arc::new(move || {
+            let (pool, armed) = (pool.clone(), armed.clone());
+            Box::pin(async move {
+                if !armed.swap(false, Ordering::SeqCst) {
+                    return;
+                }
+                for statement in [
+                    "CREATE SEQUENCE settle_fault",
+                    "CREATE FUNCTION settle_fault() RETURNS trigger LANGUAGE plpgsql AS $$
+                     BEGIN
+                       IF nextval('settle_fault') = 1 THEN RAISE EXCEPTION 'injected: the settlement is refused once'; END IF;
+                       RETURN NEW;
+                     END $$",
+                    "CREATE TRIGGER settle_fault BEFORE UPDATE ON budget_windows FOR EACH ROW EXECUTE FUNCTION settle_fault()",
+                ] {
+                    sqlx::query(statement).execute(&pool).await.expect("the fault is armed");
+                }
+            })
+        }),
+    );
+    let stages = [
+        env.spawn(StageKind::Ingest),
+        env.spawn_with(StageKind::Enricher, |s| s.llm.budgets = vec![BudgetWindow { usd: 100.0, window_secs: 3600 }]),
+        env.spawn(StageKind::Publisher),
+    ];
+    let acct = env.wait_accounted(&produced, DEADLINE).await?;
+    assert_eq!(acct.published, 1, "the ticket is published: {acct:?}");
+
+    let (fault_fired,): (i64,) = sqlx::query_as("SELECT last_value FROM settle_fault").fetch_one(&env.pool).await?;
+    assert!(fault_fired >= 2, "the settlement failed once and was tried again (sequence at {fault_fired})");
+    assert_eq!(env.sim.completions(), 1, "the call was paid once");
+    let (calls, spent): (i64, f64) = sqlx::query_as(
+        "SELECT calls, spent_usd::float8 FROM budget_windows WHERE pipeline = $1 AND window_secs = 3600",
+    )
+    .bind(&env.settings.pipeline.name)
+    .fetch_one(&env.pool)
+    .await?;
+    assert_eq!(calls, 1, "the window is charged for one call");
+    assert!(spent > 0.0, "the call's cost is spent in the window");
+    let counts = output_counts(&env)?;
+    assert_eq!(counts.values().copied().collect::<Vec<_>>(), vec![1], "published once: {counts:?}");
+    for s in stages {
+        s.stop().await?;
+    }
+    env.teardown().await;
+    Ok(())
+}
+
+/// One call slot and 2 s calls: while one call runs, the next record holds its lease
+/// and waits for the slot. The operator pauses enrichment: once the pause has returned,
+/// no call may start, not even the one that was already waiting for its turn.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_pause_holds_the_calls_already_waiting_for_their_turn() -> anyhow::Result<()> {
+    const N: usize = 4;
+    let admin_port = enrich_e2e::free_port()?;
+    let enricher_port = enrich_e2e::free_port()?;
+    let token = "kill-switch-token-0123".to_string();
+    let overrides = [
+        ("ENRICH_DLQ_REPLAYER__HTTP_PORT", admin_port.to_string()),
+        ("ENRICH_DLQ_REPLAYER__ADMIN_TOKEN", token.clone()),
+        ("ENRICH_ENRICHER__MAX_IN_FLIGHT", "1".to_string()),
+        ("ENRICH_ENRICHER__HTTP_PORT", enricher_port.to_string()),
+    ];
+    let env = TestEnv::new(llm_sim::Latency::Fixed(Duration::from_secs(2)), &overrides).await?;
+    let records = workload::marked_tickets(&env.id, N, &[]);
+    let produced = produce_all(&env.settings, env.source_topic(), &records, |_| false, |_| {}).await?;
+    let stages =
+        [StageKind::Ingest, StageKind::Enricher, StageKind::Publisher, StageKind::DlqReplayer].map(|k| env.spawn(k));
+    let pipeline = env.settings.pipeline.name.clone();
+    wait_for("one call running and a record waiting for the slot", DEADLINE, || async {
+        let (enriching,): (i64,) =
+            sqlx::query_as("SELECT count(*) FROM enrich_state WHERE pipeline = $1 AND state = 'enriching'")
+                .bind(&pipeline)
+                .fetch_one(&env.pool)
+                .await?;
+        Ok((env.sim.requests().len() == 1 && enriching >= 2).then_some(()))
+    })
+    .await?;
+
+    let client = dlq_replayer::cli::Client::new(format!("http://127.0.0.1:{admin_port}"), Some(token));
+    client.set_paused(true, Some("provider incident")).await?;
+    let calls_at_pause = env.sim.requests().len();
+    // The call in flight ends; the record waiting for the slot gets it and reaches its call.
+    let held = wait_for("the waiting record to reach its call", DEADLINE, || async {
+        let metrics = scrape_metrics(enricher_port).await?;
+        let held = metrics.get("enrich_llm_flow_waits_total{cause=\"paused\"}").copied().unwrap_or(0.0);
+        Ok((held >= 1.0 || env.sim.requests().len() > calls_at_pause).then_some(held))
+    })
+    .await?;
+    assert_eq!(
+        env.sim.requests().len(),
+        calls_at_pause,
+        "no call starts after the pause has returned (held at the call: {held})"
+    );
+
+    client.set_paused(false, None).await?;
+    let acct = env.wait_accounted(&produced, DEADLINE).await?;
+    assert_eq!(acct.published, N as i64, "every ticket published after the resume: {acct:?}");
+    assert_eq!(env.sim.completions(), N as u64, "one call per ticket");
+    for s in stages {
+        s.stop().await?;
+    }
+    env.teardown().await;
+    Ok(())
+}
