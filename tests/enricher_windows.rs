@@ -3,11 +3,14 @@
 
 #![allow(clippy::expect_used, clippy::unwrap_used)] // a failed expectation is the test failing
 
+use dlq_replayer::cli::Client;
+use dlq_replayer::replay::Filter;
 use enrich_common::config::Stage;
 use enrich_common::headers;
 use enrich_e2e::loadgen::kafka_io::{group_caught_up, header, produce_all, read_to_end};
 use enrich_e2e::loadgen::workload;
 use enrich_e2e::{StageKind, TestEnv, wait_for};
+use rdkafka::producer::{FutureProducer, FutureRecord};
 use std::time::Duration;
 
 const DEADLINE: Duration = Duration::from_secs(180);
@@ -73,6 +76,53 @@ async fn a_second_delivery_during_the_final_attempt_ends_the_key_once() -> anyho
         "the key ends once: published {published} time(s), dead-lettered {dead} time(s)"
     );
     second.stop().await?;
+    for s in stages {
+        s.stop().await?;
+    }
+    env.teardown().await;
+    Ok(())
+}
+
+/// Bytes that are no envelope, straight onto the requests topic (a rogue producer on an
+/// internal topic): a dead letter like any other, in the DLQ topic and in `dead_letters`,
+/// listed by the admin API and replayable, and the tickets around it are published.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_foreign_record_on_the_requests_topic_is_listed_and_replayable() -> anyhow::Result<()> {
+    const N: usize = 10;
+    let port = enrich_e2e::free_port()?;
+    let token = "enricher-dlq-token-0123456789".to_string();
+    let overrides =
+        [("ENRICH_DLQ_REPLAYER__HTTP_PORT", port.to_string()), ("ENRICH_DLQ_REPLAYER__ADMIN_TOKEN", token.clone())];
+    let env = TestEnv::new(llm_sim::Latency::default(), &overrides).await?;
+    let stages =
+        [StageKind::Ingest, StageKind::Enricher, StageKind::Publisher, StageKind::DlqReplayer].map(|k| env.spawn(k));
+    let producer: FutureProducer = enrich_common::kafka::producer(&env.settings, "test")?;
+    producer
+        .send(
+            FutureRecord::to(&env.settings.topics.requests).key("rogue").payload(&b"\x00\xffnot an envelope"[..]),
+            Duration::from_secs(30),
+        )
+        .await
+        .map_err(|(e, _)| e)?;
+    let records = workload::marked_tickets(&env.id, N, &[]);
+    let produced = produce_all(&env.settings, env.source_topic(), &records, |_| false, |_| {}).await?;
+    let acct = env.wait_accounted(&produced, DEADLINE).await?;
+    assert_eq!(acct.published, N as i64, "the tickets around it are published: {acct:?}");
+
+    let client = Client::new(format!("http://127.0.0.1:{port}"), Some(token));
+    let from_enricher = Filter { stage: Some("enricher".into()), ..Default::default() };
+    let listed = wait_for("the foreign record in the admin API", DEADLINE, || async {
+        Ok(client.list("dead", &from_enricher).await.ok().filter(|d| !d.is_empty()))
+    })
+    .await?;
+    assert_eq!(listed.len(), 1, "one dead letter: {listed:?}");
+    assert_eq!(listed[0].reason, "invalid_envelope");
+    let dlq = read_to_end(&env.settings, &env.settings.topics.dlq, Duration::from_secs(60))?;
+    assert_eq!(dlq.len(), 1, "one DLQ record");
+    assert_eq!(header(&dlq[0], headers::DLQ_STAGE).as_deref(), Some("enricher"));
+    let ids = Filter { ids: Some(vec![listed[0].id]), ..Default::default() };
+    let replayed = client.replay(&ids, false, Some("test")).await?;
+    assert_eq!(replayed.replayed, vec![listed[0].id], "refused: {:?}", replayed.refused);
     for s in stages {
         s.stop().await?;
     }

@@ -934,6 +934,9 @@ impl Enricher {
         let (dead, h) = dead_letter(envelope, &error, STAGE, send.ids());
         let record_key = message.key().unwrap_or(key.as_str().as_bytes()).to_vec();
         self.produce(&self.dlq_topic, &record_key, dead.encode_to_bytes(), h).await?;
+        // Listed and replayable like every other dead letter (the same record read again
+        // is recorded once).
+        enrich_common::dead_letter_store::record(&self.store.pool, &[(&dead, send.ids())]).await?;
         self.metrics.stage.dead_lettered(error.reason);
         tracing::warn!(topic = message.topic(), offset = message.offset(), error = %error, "foreign record dead-lettered");
         Ok(())
