@@ -129,3 +129,64 @@ async fn a_foreign_record_on_the_requests_topic_is_listed_and_replayable() -> an
     env.teardown().await;
     Ok(())
 }
+
+/// A record whose answers break the schema (also on repair) is dead-lettered; right
+/// after its DLQ record is written, the database refuses the next write to
+/// `dead_letters` once. The key must be dead-lettered once (one DLQ record, one listed
+/// dead letter) and its two calls (the answer and the repair) not paid again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_dead_lettering_interrupted_after_its_dlq_record_is_written_once_and_not_paid_again() -> anyhow::Result<()> {
+    let env = TestEnv::new(llm_sim::Latency::Fixed(Duration::from_millis(20)), &[]).await?;
+    let records = workload::marked_tickets(&env.id, 1, &[(0, "schema-violation")]);
+    let produced = produce_all(&env.settings, env.source_topic(), &records, |_| false, |_| {}).await?;
+    let pool = env.pool.clone();
+    let armed = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(true));
+    enricher::failpoints::set(
+        &env.settings.pipeline.name,
+        enricher::failpoints::Instant::AfterDeadLetterProduced,
+        std::sync::Arc::new(move || {
+            let (pool, armed) = (pool.clone(), armed.clone());
+            Box::pin(async move {
+                if !armed.swap(false, std::sync::atomic::Ordering::SeqCst) {
+                    return;
+                }
+                for statement in [
+                    "CREATE SEQUENCE dead_letter_fault",
+                    "CREATE FUNCTION dead_letter_fault() RETURNS trigger LANGUAGE plpgsql AS $$
+                     BEGIN
+                       IF nextval('dead_letter_fault') = 1 THEN RAISE EXCEPTION 'injected: dead_letters refused once'; END IF;
+                       RETURN NEW;
+                     END $$",
+                    "CREATE TRIGGER dead_letter_fault BEFORE INSERT OR UPDATE ON dead_letters
+                     FOR EACH ROW EXECUTE FUNCTION dead_letter_fault()",
+                ] {
+                    sqlx::query(statement).execute(&pool).await.expect("the fault is armed");
+                }
+            })
+        }),
+    );
+    let stages = [StageKind::Ingest, StageKind::Enricher, StageKind::Publisher].map(|k| env.spawn(k));
+    let acct = env.wait_accounted(&produced, DEADLINE).await?;
+    assert_eq!(acct.dead_lettered_at_enricher, 1, "the record is dead-lettered: {acct:?}");
+    let requests = env.settings.topics.requests.clone();
+    let group = env.settings.group_id(Stage::Enricher);
+    wait_for("the enricher to commit the record", DEADLINE, || async {
+        Ok(group_caught_up(&env.settings, &group, &requests)?.then_some(()))
+    })
+    .await?;
+    let (fired,): (i64,) = sqlx::query_as("SELECT last_value FROM dead_letter_fault").fetch_one(&env.pool).await?;
+    assert!(fired >= 2, "the write after the DLQ record failed once and was tried again (sequence at {fired})");
+    let dlq = read_to_end(&env.settings, &env.settings.topics.dlq, Duration::from_secs(60))?;
+    assert_eq!(dlq.len(), 1, "one DLQ record for the key");
+    let (listed,): (i64,) = sqlx::query_as("SELECT count(*) FROM dead_letters WHERE pipeline = $1 AND status = 'dead'")
+        .bind(&env.settings.pipeline.name)
+        .fetch_one(&env.pool)
+        .await?;
+    assert_eq!(listed, 1, "one listed dead letter");
+    assert_eq!(env.sim.requests().len(), 2, "the answer and its repair, not paid again");
+    for s in stages {
+        s.stop().await?;
+    }
+    env.teardown().await;
+    Ok(())
+}

@@ -41,27 +41,35 @@ pub fn dead_letter(
         stage: stage.to_string(),
         payload_truncated_from: truncated_from,
     }));
+    let h = dlq_headers(&envelope, trace);
+    (envelope, h)
+}
+
+/// The DLQ record's headers for a dead envelope (one `dead_letter` made), built from its
+/// failure: the same headers whenever the record is written again.
+pub fn dlq_headers(envelope: &Envelope, trace: &TraceContext) -> OwnedHeaders {
+    let failure = envelope.failure().cloned().unwrap_or_default();
     let source = envelope.source.clone().unwrap_or_default();
     let attempts = envelope.attempt.to_string();
     let partition = source.partition.to_string();
     let offset = source.offset.to_string();
     let pairs = [
         (headers::IDEMPOTENCY_KEY, envelope.idempotency_key.as_str()),
-        (headers::DLQ_REASON_CLASS, error.class.as_str()),
-        (headers::DLQ_REASON, error.reason),
-        (headers::DLQ_ERROR, header_text(&error.message)),
-        (headers::DLQ_STAGE, stage),
+        (headers::DLQ_REASON_CLASS, failure.reason_class.as_str()),
+        (headers::DLQ_REASON, failure.reason.as_str()),
+        (headers::DLQ_ERROR, header_text(&failure.message)),
+        (headers::DLQ_STAGE, failure.stage.as_str()),
         (headers::DLQ_ATTEMPTS, attempts.as_str()),
         (headers::DLQ_ORIGINAL_TOPIC, source.topic.as_str()),
         (headers::DLQ_ORIGINAL_PARTITION, partition.as_str()),
         (headers::DLQ_ORIGINAL_OFFSET, offset.as_str()),
     ];
     let mut h = trace.inject(headers::owned(&pairs));
-    if truncated_from > 0 {
-        let len = truncated_from.to_string();
+    if failure.payload_truncated_from > 0 {
+        let len = failure.payload_truncated_from.to_string();
         h = h.insert(rdkafka::message::Header { key: headers::DLQ_PAYLOAD_TRUNCATED, value: Some(len.as_bytes()) });
     }
-    (envelope, h)
+    h
 }
 
 #[cfg(test)]

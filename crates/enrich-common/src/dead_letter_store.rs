@@ -25,6 +25,82 @@ pub async fn record_pending<'e>(
     insert(db, &rows, "pending").await
 }
 
+/// Records one dead letter as `pending` before its DLQ record is written (the enricher
+/// does, in the transaction that marks the key `dead_lettered`): a record handled again
+/// after a failure finds it and writes its DLQ record, instead of making a second dead
+/// letter. Returns its id.
+pub async fn insert_pending_one<'e>(
+    db: impl PgExecutor<'e>,
+    dead: &Envelope,
+    trace: &TraceContext,
+) -> sqlx::Result<i64> {
+    let failure = dead.failure().cloned().unwrap_or_default();
+    let src = dead.source.clone().unwrap_or_default();
+    let (id,): (i64,) = sqlx::query_as(
+        "INSERT INTO dead_letters (pipeline, idempotency_key, stage, reason_class, reason, error, attempts,
+                                   source_topic, source_partition, source_offset, trace_id, envelope, traceparent, status)
+         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, 'pending')
+         RETURNING id",
+    )
+    .bind(&dead.pipeline)
+    .bind(&dead.idempotency_key)
+    .bind(&failure.stage)
+    .bind(&failure.reason_class)
+    .bind(&failure.reason)
+    .bind(&failure.message)
+    .bind(dead.attempt as i32)
+    .bind(&src.topic)
+    .bind(src.partition)
+    .bind(src.offset)
+    .bind(trace.trace_id_hex())
+    .bind(dead.encode_to_bytes())
+    .bind(trace.traceparent())
+    .fetch_one(db)
+    .await?;
+    Ok(id)
+}
+
+/// A pending dead letter of `stage` for `key`, not yet in the DLQ topic as far as the
+/// database knows: its id, its DLQ record's value and the traceparent of its span.
+pub async fn pending_of(
+    pool: &PgPool,
+    pipeline: &str,
+    key: &str,
+    stage: &str,
+) -> sqlx::Result<Option<(i64, Vec<u8>, Option<String>)>> {
+    sqlx::query_as(
+        "SELECT id, envelope, traceparent FROM dead_letters
+          WHERE pipeline = $1 AND idempotency_key = $2 AND stage = $3 AND status = 'pending'
+            AND publish_partition IS NULL
+          ORDER BY id LIMIT 1",
+    )
+    .bind(pipeline)
+    .bind(key)
+    .bind(stage)
+    .fetch_optional(pool)
+    .await
+}
+
+/// The DLQ record of pending dead letter `id` is written: it is listed (`dead`), unless
+/// its key has one listed already (then it is dropped; its DLQ record stays).
+/// Idempotent.
+pub async fn list_pending(pool: &PgPool, id: i64) -> sqlx::Result<()> {
+    sqlx::query(
+        "WITH listed AS (
+             UPDATE dead_letters d SET status = 'dead', updated_at = now()
+              WHERE d.id = $1 AND d.status = 'pending'
+                AND NOT EXISTS (SELECT 1 FROM dead_letters w
+                                 WHERE w.pipeline = d.pipeline AND w.idempotency_key = d.idempotency_key
+                                   AND w.status = 'dead' AND w.stage <> 'ingest-dedup')
+             RETURNING 1)
+         DELETE FROM dead_letters d WHERE d.id = $1 AND d.status = 'pending' AND NOT EXISTS (SELECT 1 FROM listed)",
+    )
+    .bind(id)
+    .execute(pool)
+    .await?;
+    Ok(())
+}
+
 /// A dead letter, the span context that wrote it, and (for the publisher's) the results
 /// record it comes from.
 type Row<'a> = (&'a Envelope, &'a TraceContext, Option<(i32, i64)>);

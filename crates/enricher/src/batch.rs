@@ -6,7 +6,8 @@
 use std::sync::Arc;
 use tokio::sync::{Mutex, mpsc, oneshot};
 
-type Reply<Resp> = oneshot::Sender<Result<Resp, String>>;
+/// An answer, or the batch's failure and whether it was transient.
+type Reply<Resp> = oneshot::Sender<Result<Resp, (String, bool)>>;
 
 pub struct MicroBatcher<Req, Resp> {
     tx: mpsc::UnboundedSender<(Req, Reply<Resp>)>,
@@ -65,13 +66,14 @@ impl<Req: Send + 'static, Resp: Send + 'static> MicroBatcher<Req, Resp> {
                     Ok(answers) => {
                         let msg = format!("batch answered {} of {expected} requests", answers.len());
                         for reply in replies {
-                            let _ = reply.send(Err(msg.clone()));
+                            let _ = reply.send(Err((msg.clone(), false)));
                         }
                     }
                     Err(e) => {
                         let msg = format!("{e:#}");
+                        let transient = enrich_common::db::is_transient(&e);
                         for reply in replies {
-                            let _ = reply.send(Err(msg.clone()));
+                            let _ = reply.send(Err((msg.clone(), transient)));
                         }
                     }
                 }
@@ -83,7 +85,9 @@ impl<Req: Send + 'static, Resp: Send + 'static> MicroBatcher<Req, Resp> {
     pub async fn call(&self, request: Req) -> anyhow::Result<Resp> {
         let (reply, answer) = oneshot::channel();
         self.tx.send((request, reply)).map_err(|_| anyhow::anyhow!("the batch writer has stopped"))?;
-        answer.await.map_err(|_| anyhow::anyhow!("the batch writer dropped a request"))?.map_err(anyhow::Error::msg)
+        answer.await.map_err(|_| anyhow::anyhow!("the batch writer dropped a request"))?.map_err(|(msg, transient)| {
+            if transient { anyhow::Error::new(enrich_common::db::Transient(msg)) } else { anyhow::Error::msg(msg) }
+        })
     }
 }
 

@@ -7,12 +7,16 @@ pub enum Instant {
     /// Right after an LLM call answered (paid), before its cost is settled in the
     /// budgets and its result stored.
     AfterPaidCall,
+    /// Right after a dead letter's DLQ record is written, before the dead letter is
+    /// listed and its run recorded.
+    AfterDeadLetterProduced,
 }
 
 impl Instant {
     fn name(self) -> &'static str {
         match self {
             Instant::AfterPaidCall => "enricher.after_paid_call",
+            Instant::AfterDeadLetterProduced => "enricher.after_dead_letter_produced",
         }
     }
 }

@@ -146,6 +146,8 @@ enum AttemptError {
     /// The key was dead-lettered while this attempt ran (its lease had expired): the
     /// answer is not stored, and the key is not published.
     Superseded,
+    /// The database refused a write of the attempt (not an outage): the record fails.
+    Db(anyhow::Error),
 }
 
 impl Enricher {
@@ -322,6 +324,9 @@ impl Enricher {
                             return handled(Handled::Reused);
                         }
                         KeyState::DeadLettered => {
+                            if self.finish_pending_dead_letter(&envelope, &record_key).await? {
+                                return handled(Handled::DeadLettered);
+                            }
                             tracing::debug!(idempotency_key = %key, "already dead-lettered; skipping");
                             return handled(Handled::Skipped);
                         }
@@ -331,8 +336,7 @@ impl Enricher {
                                 "max_attempts",
                                 format!("{attempts} attempts already made (llm.max_attempts); not calling again"),
                             );
-                            self.give_up(envelope, &record_key, &err, attempts, span).await?;
-                            return handled(Handled::DeadLettered);
+                            return handled(self.give_up(envelope, &record_key, &err, attempts, span).await?);
                         }
                         KeyState::Leased { remaining } => {
                             // Another live replica is calling the LLM for this key: wait for
@@ -383,6 +387,13 @@ impl Enricher {
                     tracing::warn!(idempotency_key = %key, attempt, "the lease was lost before the call; not calling");
                     self.metrics.outcome("fenced");
                     continue;
+                }
+                Err(AttemptError::Db(e)) => {
+                    self.breaker.unused(admission);
+                    if !paid {
+                        let _ = self.store.release(&key, true).await;
+                    }
+                    return Err(e);
                 }
                 Err(AttemptError::Superseded) => {
                     self.breaker_success(admission);
@@ -471,20 +482,17 @@ impl Enricher {
                         "max_attempts",
                         format!("gave up after {attempt} attempts; last error: {}", e.error),
                     );
-                    self.give_up(envelope, &record_key, &err, attempt, span).await?;
-                    return handled(Handled::DeadLettered);
+                    return handled(self.give_up(envelope, &record_key, &err, attempt, span).await?);
                 }
                 ErrorClass::Permanent => {
                     // The endpoint answered: it is up, the record is the problem.
                     self.breaker_success(admission);
-                    self.give_up(envelope, &record_key, &e.error, attempt, span).await?;
-                    return handled(Handled::DeadLettered);
+                    return handled(self.give_up(envelope, &record_key, &e.error, attempt, span).await?);
                 }
                 ErrorClass::InvalidInput => {
                     // No call was made (the payload could not become a prompt).
                     self.breaker.unused(admission);
-                    self.give_up(envelope, &record_key, &e.error, attempt, span).await?;
-                    return handled(Handled::DeadLettered);
+                    return handled(self.give_up(envelope, &record_key, &e.error, attempt, span).await?);
                 }
             }
         }
@@ -517,7 +525,14 @@ impl Enricher {
     ) -> (Result<(StoredResult, (u32, u32), bool), AttemptError>, bool) {
         let mut steps: Vec<Step> = Vec::with_capacity(4);
         let outcome = self.attempt_steps(envelope, attempt, span, &mut steps).await;
-        (outcome, steps.iter().any(Step::paid))
+        let paid = steps.iter().any(Step::paid);
+        if paid && matches!(outcome, Err(AttemptError::Fenced | AttemptError::Stopped | AttemptError::Budget(_))) {
+            // The audit keeps the paid call the attempt ends without (best effort).
+            if let Err(e) = self.store.record_steps(&envelope.idempotency_key, &steps).await {
+                tracing::warn!(idempotency_key = %envelope.idempotency_key, error = %e, "cannot record the steps of an abandoned attempt");
+            }
+        }
+        (outcome, paid)
     }
 
     async fn attempt_steps(
@@ -564,10 +579,33 @@ impl Enricher {
             steps.push(Step::llm_call(attempt, Duration::ZERO, &model).named("cache_hit").tokens(0, 0));
             (value, model)
         } else {
+            let mut backoff = Duration::from_millis(200);
             loop {
                 let repairing = prompt.repair.is_some();
                 let step_name = if repairing { "llm_repair" } else { "llm_call" };
-                let (completion, model) = match self.call(&prompt, span, key, attempt, step_name, steps).await? {
+                let called = match self.call(&prompt, span, key, attempt, step_name, steps).await {
+                    // The first call is paid: a repair that cannot be made now (a spent
+                    // budget, a 429, an outage) waits, under the renewed lease, rather
+                    // than ending the attempt.
+                    Err(AttemptError::Budget(wait)) if repairing => Err(wait),
+                    Ok(Err(e)) if repairing && (e.error.reason == "rate_limited" || e.endpoint_down()) => {
+                        let wait = e.retry_after.unwrap_or_else(|| jitter(backoff));
+                        backoff = (backoff * 2).min(Duration::from_secs(10));
+                        Err(wait)
+                    }
+                    other => Ok(other?),
+                };
+                let called = match called {
+                    Ok(called) => called,
+                    Err(wait) => {
+                        tracing::warn!(idempotency_key = %key, wait_ms = wait.as_millis() as u64, "the repair call must wait");
+                        tokio::select! {
+                            _ = self.shutdown.cancelled() => return Err(AttemptError::Stopped),
+                            _ = tokio::time::sleep(wait.min(Duration::from_secs(10))) => continue,
+                        }
+                    }
+                };
+                let (completion, model) = match called {
                     Ok(answered) => answered,
                     Err(e) => {
                         let done: &[Step] = steps;
@@ -610,7 +648,7 @@ impl Enricher {
         let result = StoredResult {
             result_hash: hex::encode(Sha256::digest(json.as_bytes())),
             json,
-            model,
+            model: crate::store::storable(&model),
             prompt_version: self.prompt.version().to_string(),
         };
         // The call is paid: keep trying to store its result rather than paying again.
@@ -629,26 +667,50 @@ impl Enricher {
 
     /// Runs a database write of the call path until it succeeds: a paid answer, its
     /// settlement and its audit wait for the database rather than being dropped (and the
-    /// call paid again). Only shutdown ends the wait.
+    /// call paid again); `/readyz` says so meanwhile. An error that is not the database
+    /// being unavailable (a statement it refuses) is tried a few times, then fails the
+    /// record. After shutdown the write is still tried for a few seconds.
     async fn until_written<T, E, F, Fut>(&self, what: &str, key: &str, mut write: F) -> Result<T, AttemptError>
     where
-        E: std::fmt::Display,
+        E: Into<anyhow::Error>,
         F: FnMut() -> Fut,
         Fut: std::future::Future<Output = Result<T, E>>,
     {
         let mut backoff = Duration::from_millis(100);
+        let mut refused = 0;
+        let mut grace: Option<tokio::time::Instant> = None;
         loop {
-            match write().await {
-                Ok(v) => return Ok(v),
-                Err(e) => {
-                    tracing::error!(idempotency_key = %key, error = %e, "cannot {what}; retrying");
-                    tokio::select! {
-                        _ = self.shutdown.cancelled() => return Err(AttemptError::Stopped),
-                        _ = tokio::time::sleep(backoff) => {}
+            let e: anyhow::Error = match write().await {
+                Ok(v) => {
+                    if backoff > Duration::from_millis(100) {
+                        self.state.set_condition("database", None);
                     }
-                    backoff = (backoff * 2).min(Duration::from_secs(10));
+                    return Ok(v);
+                }
+                Err(e) => e.into(),
+            };
+            if !enrich_common::db::is_transient(&e) {
+                refused += 1;
+                if refused >= 3 {
+                    tracing::error!(idempotency_key = %key, error = %e, "cannot {what}: the database refuses it");
+                    return Err(AttemptError::Db(e));
                 }
             }
+            tracing::error!(idempotency_key = %key, error = %e, "cannot {what}; retrying");
+            self.state.set_condition("database", Some(format!("cannot {what}: {e}")));
+            if self.shutdown.is_cancelled() {
+                let until = *grace.get_or_insert_with(|| tokio::time::Instant::now() + Duration::from_secs(5));
+                if tokio::time::Instant::now() >= until {
+                    return Err(AttemptError::Stopped);
+                }
+                tokio::time::sleep(backoff).await;
+            } else {
+                tokio::select! {
+                    _ = self.shutdown.cancelled() => {}
+                    _ = tokio::time::sleep(backoff) => {}
+                }
+            }
+            backoff = (backoff * 2).min(Duration::from_secs(10));
         }
     }
 
@@ -679,24 +741,6 @@ impl Enricher {
             else {
                 return Err(AttemptError::Stopped);
             };
-            // Right before the call: the lease must still be ours (and cover the call),
-            // and the operator must not have paused enrichment meanwhile.
-            match self.until_written("check the lease before a call", key, || self.store.gate(key, attempt)).await? {
-                Gate::Go => {}
-                Gate::Fenced => {
-                    permit.failed();
-                    return Err(AttemptError::Fenced);
-                }
-                Gate::Paused => {
-                    permit.failed();
-                    self.metrics.flow_wait("paused");
-                    self.kill_switch.saw_paused();
-                    if !self.kill_switch.wait_open(&self.shutdown).await {
-                        return Err(AttemptError::Stopped);
-                    }
-                    continue;
-                }
-            }
             // The call's estimated cost is reserved in every budget window.
             let reservation = match &self.budgets {
                 Some(budgets) => {
@@ -711,6 +755,37 @@ impl Enricher {
                 }
                 None => None,
             };
+            // Right before the call: the lease must still be ours (and cover the call),
+            // and the operator must not have paused enrichment meanwhile.
+            let gate = self.until_written("check the lease before a call", key, || self.store.gate(key, attempt)).await;
+            let gate = match gate {
+                Ok(g) => g,
+                Err(e) => {
+                    self.unreserve(key, reservation).await;
+                    return Err(e);
+                }
+            };
+            match gate {
+                Gate::Go => {}
+                Gate::Fenced => {
+                    permit.failed();
+                    self.unreserve(key, reservation).await;
+                    return Err(AttemptError::Fenced);
+                }
+                Gate::Paused => {
+                    permit.failed();
+                    self.unreserve(key, reservation).await;
+                    self.metrics.flow_wait("paused");
+                    self.kill_switch.saw_paused();
+                    // The gate asks again after a while, should the switch's poller be
+                    // slow to read the resume.
+                    let open = tokio::time::timeout(Duration::from_secs(5), self.kill_switch.wait_open(&self.shutdown));
+                    if let Ok(false) = open.await {
+                        return Err(AttemptError::Stopped);
+                    }
+                    continue;
+                }
+            }
             if self.metrics.budget_exhausted.get() == 1 {
                 self.metrics.budget_exhausted.set(0);
                 self.state.set_condition("budget", None);
@@ -765,13 +840,9 @@ impl Enricher {
                 }
             }
             drop(call);
-            if called.is_ok() {
-                crate::failpoints::pass(&self.store.pipeline, crate::failpoints::Instant::AfterPaidCall).await;
-            }
-            if let (Some(budgets), Some(r)) = (&self.budgets, reservation) {
-                self.until_written("settle the budget", key, || budgets.settle(&r, cost)).await?;
-            }
-            match called {
+            // The paid step is recorded before anything can fail: an attempt whose call
+            // was paid is never refunded.
+            let answered = match called {
                 Ok(c) => {
                     self.metrics.llm_call("ok");
                     self.metrics.tokens(c.input_tokens, c.output_tokens);
@@ -786,11 +857,21 @@ impl Enricher {
                     if index > 0 {
                         self.metrics.fallback(model);
                     }
-                    return Ok(Ok((c, answered_by)));
+                    crate::failpoints::pass(&self.store.pipeline, crate::failpoints::Instant::AfterPaidCall).await;
+                    Ok((c, answered_by))
                 }
                 Err(e) => {
                     self.metrics.llm_call(e.error.reason);
                     steps.push(Step::llm_call(attempt, elapsed, model).named(step_name).failed(e.error.to_string()));
+                    Err(e)
+                }
+            };
+            if let (Some(budgets), Some(r)) = (&self.budgets, reservation) {
+                self.until_written("settle the budget", key, || budgets.settle(&r, cost)).await?;
+            }
+            match answered {
+                Ok(answered) => return Ok(Ok(answered)),
+                Err(e) => {
                     if e.try_fallback()
                         && let Some(next) = models.get(index + 1)
                     {
@@ -801,6 +882,16 @@ impl Enricher {
                     return Ok(Err(e));
                 }
             }
+        }
+    }
+
+    /// A reservation whose call was not made is given back (best effort: a reservation
+    /// left over only holds budget until its window ends).
+    async fn unreserve(&self, key: &str, reservation: Option<crate::budget::Reservation>) {
+        if let (Some(budgets), Some(r)) = (&self.budgets, reservation)
+            && let Err(e) = budgets.settle(&r, 0.0).await
+        {
+            tracing::warn!(idempotency_key = %key, error = %e, "cannot give back a budget reservation");
         }
     }
 
@@ -864,7 +955,12 @@ impl Enricher {
         Ok(())
     }
 
-    /// Dead-letters the record (the DLQ record first, then the state), never to be called again.
+    /// Dead-letters the record, never to be called again: first, in one transaction, the
+    /// key is marked `dead_lettered` with its dead letter `pending`; then the DLQ record
+    /// is written and the dead letter listed. A failure after the first step leaves the
+    /// pending dead letter for the record's next handling to write (`DeadLettered`), so a
+    /// key is never dead-lettered twice nor paid for again. `Skipped` when the key ended
+    /// otherwise meanwhile (another replica stored its result).
     async fn give_up(
         &self,
         mut envelope: Envelope,
@@ -872,7 +968,7 @@ impl Enricher {
         error: &RecordError,
         attempts: i32,
         span: &RecordSpan,
-    ) -> anyhow::Result<()> {
+    ) -> anyhow::Result<Handled> {
         envelope.attempt = attempts.max(0) as u32;
         let key = envelope.idempotency_key.clone();
         // Past the DLQ limit the record is held here (its offset waits, no new call is made)
@@ -896,10 +992,18 @@ impl Enricher {
         let snapshot = envelope.clone();
         let send = span.producer(&self.dlq_topic);
         let (dead, h) = dead_letter(envelope, error, STAGE, send.ids());
+        let Some(id) = self.store.claim_dead_letter(&dead, send.ids()).await? else {
+            tracing::info!(idempotency_key = %key, "the key ended meanwhile; not dead-lettering it");
+            return Ok(Handled::Skipped);
+        };
         self.produce(&self.dlq_topic, record_key, dead.encode_to_bytes(), h).await?;
-        enrich_common::dead_letter_store::record(&self.store.pool, &[(&dead, send.ids())]).await?;
         drop(send);
-        self.store.mark_dead_lettered(&key).await?;
+        crate::failpoints::pass(&self.store.pipeline, crate::failpoints::Instant::AfterDeadLetterProduced).await;
+        // Retried here: handled again, the record would write its DLQ record again.
+        let pool = &self.store.pool;
+        self.until_written("list a dead letter", &key, || enrich_common::dead_letter_store::list_pending(pool, id))
+            .await
+            .map_err(|_| anyhow::anyhow!("shutting down while the dead letter of {key} is being listed"))?;
         self.store
             .record_run(&snapshot, attempts, "dead_lettered", &span.ids().trace_id_hex(), Some(&error.to_string()))
             .await?;
@@ -909,7 +1013,34 @@ impl Enricher {
         }
         self.metrics.stage.dead_lettered(error.reason);
         tracing::warn!(idempotency_key = %key, reason = error.reason, error = %error.message, attempts, "dead-lettered");
-        Ok(())
+        Ok(Handled::DeadLettered)
+    }
+
+    /// The key is `dead_lettered`: a dead letter of it still `pending` (its handling
+    /// failed between marking the key and listing the dead letter) is written to the DLQ
+    /// topic now, from its stored value, and listed. Whether there was one.
+    async fn finish_pending_dead_letter(&self, envelope: &Envelope, record_key: &[u8]) -> anyhow::Result<bool> {
+        let key = &envelope.idempotency_key;
+        let pool = &self.store.pool;
+        let Some((id, value, traceparent)) =
+            enrich_common::dead_letter_store::pending_of(pool, &self.store.pipeline, key, STAGE).await?
+        else {
+            return Ok(false);
+        };
+        let dead = Envelope::decode_from(&value).map_err(|e| anyhow::anyhow!("pending dead letter {id}: {e}"))?;
+        let trace =
+            traceparent.as_deref().and_then(|t| TraceContext::parse(t, None)).unwrap_or_else(TraceContext::new_root);
+        let h = enrich_common::dead_letter::dlq_headers(&dead, &trace);
+        self.produce(&self.dlq_topic, record_key, value, h).await?;
+        enrich_common::dead_letter_store::list_pending(pool, id).await?;
+        let failure = dead.failure().cloned().unwrap_or_default();
+        let detail = format!("{}: {} (written after an interrupted dead-lettering)", failure.reason, failure.message);
+        self.store
+            .record_run(&dead, dead.attempt as i32, "dead_lettered", &trace.trace_id_hex(), Some(&detail))
+            .await?;
+        self.metrics.outcome("dead_lettered");
+        tracing::warn!(idempotency_key = %key, reason = %failure.reason, "pending dead letter written to the DLQ");
+        Ok(true)
     }
 
     /// A record on the requests topic that is not an envelope: dead-letter it as it is.

@@ -209,7 +209,8 @@ impl StoreCore {
     }
 
     /// Renews every lease this process holds, in one statement; a lease that is no
-    /// longer ours (expired and taken, or its key finished) is left alone. Returns how
+    /// longer ours (expired — another replica may be deciding on it — or taken, or its
+    /// key finished) is left alone, and the call's gate will find it lost. Returns how
     /// many were renewed.
     pub async fn renew_held(&self) -> sqlx::Result<u64> {
         let (keys, attempts): (Vec<String>, Vec<i32>) = match self.held.lock() {
@@ -223,7 +224,7 @@ impl StoreCore {
             "UPDATE enrich_state s SET lease_until = now() + make_interval(secs => $5)
              FROM UNNEST($2::text[], $3::int[]) AS u(k, a)
              WHERE s.pipeline = $1 AND s.idempotency_key = u.k AND s.attempts = u.a
-               AND s.lease_owner = $4 AND s.state = 'enriching'",
+               AND s.lease_owner = $4 AND s.state = 'enriching' AND s.lease_until > now()",
         )
         .bind(&self.pipeline)
         .bind(&keys)
@@ -255,20 +256,23 @@ impl StoreCore {
     async fn gate_batch(&self, reqs: Vec<(String, i32)>) -> anyhow::Result<Vec<Gate>> {
         let (keys, attempts): (Vec<&str>, Vec<i32>) = reqs.iter().map(|(k, a)| (k.as_str(), *a)).unzip();
         // A lease with less than a call's time left is extended (a live lease of ours
-        // cannot be taken meanwhile); one with more is only read.
+        // cannot be taken meanwhile); one with more is only read. An expired one is lost
+        // even if nobody took it yet: another replica may be deciding on it.
         let (paused, ours): (bool, Vec<String>) = sqlx::query_as(
             "WITH p AS (
                SELECT coalesce((SELECT paused FROM controls WHERE pipeline = $1), false) AS paused
              ), mine AS (
-               SELECT s.idempotency_key AS k, s.lease_until < now() + make_interval(secs => $5) AS short
+               SELECT s.idempotency_key AS k, s.attempts AS a,
+                      s.lease_until < now() + make_interval(secs => $5) AS short
                FROM enrich_state s JOIN UNNEST($2::text[], $3::int[]) AS u(k, a)
                  ON s.idempotency_key = u.k AND s.attempts = u.a
-               WHERE s.pipeline = $1 AND s.lease_owner = $4 AND s.state = 'enriching'
+               WHERE s.pipeline = $1 AND s.lease_owner = $4 AND s.state = 'enriching' AND s.lease_until > now()
              ), renewed AS (
                UPDATE enrich_state s SET lease_until = now() + make_interval(secs => $6)
                FROM mine
-               WHERE s.pipeline = $1 AND s.idempotency_key = mine.k AND mine.short
-                 AND s.lease_owner = $4 AND s.state = 'enriching' AND NOT (SELECT paused FROM p)
+               WHERE s.pipeline = $1 AND s.idempotency_key = mine.k AND mine.short AND s.attempts = mine.a
+                 AND s.lease_owner = $4 AND s.state = 'enriching' AND s.lease_until > now()
+                 AND NOT (SELECT paused FROM p)
                RETURNING s.idempotency_key
              )
              SELECT (SELECT paused FROM p),
@@ -542,16 +546,33 @@ impl StoreCore {
         Ok(())
     }
 
-    pub async fn mark_dead_lettered(&self, key: &str) -> sqlx::Result<()> {
-        sqlx::query(
+    /// Marks the key `dead_lettered` and records `dead` as its pending dead letter, in one
+    /// transaction; None (nothing written) when the key has ended otherwise meanwhile, or
+    /// another replica holds a live lease on it (its attempt decides).
+    pub async fn claim_dead_letter(
+        &self,
+        dead: &Envelope,
+        trace: &enrich_common::TraceContext,
+    ) -> sqlx::Result<Option<i64>> {
+        let mut tx = self.pool.begin().await?;
+        let claimed = sqlx::query(
             "UPDATE enrich_state SET state = 'dead_lettered', lease_owner = NULL, lease_until = NULL, updated_at = now()
-             WHERE pipeline = $1 AND idempotency_key = $2 AND state NOT IN ('enriched', 'published')",
+             WHERE pipeline = $1 AND idempotency_key = $2 AND state NOT IN ('enriched', 'published', 'dead_lettered')
+               AND (lease_owner IS NULL OR lease_owner = $3 OR lease_until IS NULL OR lease_until <= now())",
         )
         .bind(&self.pipeline)
-        .bind(key)
-        .execute(&self.pool)
-        .await?;
-        Ok(())
+        .bind(&dead.idempotency_key)
+        .bind(&self.owner)
+        .execute(&mut *tx)
+        .await?
+        .rows_affected();
+        if claimed == 0 {
+            tx.rollback().await?;
+            return Ok(None);
+        }
+        let id = enrich_common::dead_letter_store::insert_pending_one(&mut *tx, dead, trace).await?;
+        tx.commit().await?;
+        Ok(Some(id))
     }
 
     /// Appends step outcomes (llm_call, validation) to the audit, in one statement.
@@ -629,7 +650,7 @@ impl Step {
             attempt,
             status: "ok",
             duration_ms: Some(took.as_secs_f64() * 1000.0),
-            model: Some(model.to_string()),
+            model: Some(storable(model)),
             input_tokens: None,
             output_tokens: None,
             cost_usd: None,
@@ -664,13 +685,19 @@ impl Step {
     }
 
     pub fn failed(self, error: String) -> Self {
-        Self { status: "failed", error: Some(error), ..self }
+        Self { status: "failed", error: Some(storable(&error)), ..self }
     }
 
     /// An LLM call that answered: it was paid for (a cache hit was not).
     pub fn paid(&self) -> bool {
         matches!(self.step, "llm_call" | "llm_repair") && self.status == "ok"
     }
+}
+
+/// Text PostgreSQL can store: U+0000 (which a provider's error body or model name may
+/// hold) is written as `\u0000`.
+pub fn storable(text: &str) -> String {
+    text.replace('\0', "\\u0000")
 }
 
 /// Steps as columns, for UNNEST.
