@@ -1,9 +1,11 @@
 //! `loadgen chaos`: drives the whole topology (llm-sim and the stages as processes) on
 //! the real local stack under load, injects faults at seeded random times (SIGKILL of a
 //! stage, SIGSTOP of an enricher past its session timeout, a kill during a rebalance, a
-//! broker restart, a PostgreSQL restart, an LLM outage), and checks the guarantees
-//! against its own log of what it sent: the output and DLQ topics are read back and
-//! every record is accounted for.
+//! broker restart, a PostgreSQL restart, an LLM outage, the stages' PostgreSQL sessions
+//! terminated again and again, the broker paused past the transaction timeout, enricher
+//! replicas joining and leaving under short leases), and checks the guarantees against
+//! its own log of what it sent: the output and DLQ topics are read back and every record
+//! is accounted for.
 
 use enrich_common::{Settings, headers, kafka};
 use rand::rngs::StdRng;
@@ -33,6 +35,16 @@ pub enum Fault {
     PostgresRestart,
     /// llm-sim stopped for this many seconds.
     LlmOutage(u64),
+    /// Every PostgreSQL session of the stages terminated (`pg_terminate_backend`) this
+    /// many times, a few hundred milliseconds apart: statements fail at whatever instant
+    /// they were at.
+    SessionKills(u32),
+    /// The broker's processes stopped (SIGSTOP) for this many seconds, past the
+    /// publisher's transaction timeout, then continued.
+    BrokerPause(u64),
+    /// A second enricher joins, runs a few seconds and leaves (SIGTERM), again and again
+    /// for this many seconds: a rebalance every few seconds.
+    ReplicaChurn(u64),
 }
 
 impl Fault {
@@ -44,6 +56,9 @@ impl Fault {
             Fault::BrokerRestart => "restart broker".into(),
             Fault::PostgresRestart => "restart PostgreSQL".into(),
             Fault::LlmOutage(s) => format!("LLM outage {s}s"),
+            Fault::SessionKills(n) => format!("terminate PostgreSQL sessions x{n}"),
+            Fault::BrokerPause(s) => format!("pause broker {s}s"),
+            Fault::ReplicaChurn(s) => format!("enricher replicas join and leave for {s}s"),
         }
     }
 
@@ -69,7 +84,14 @@ pub struct Scenario {
     pub ordering: &'static str,
     /// Records per second while producing (the faults land under load).
     pub rate: f64,
+    /// llm-sim's `--latency`.
+    pub latency: &'static str,
+    /// Settings of this scenario's stages besides the common ones (`ENRICH_*`).
+    pub env: Vec<(&'static str, &'static str)>,
 }
+
+/// llm-sim's latency in most scenarios: log-normal around 40 ms, 1% of calls 1.5 s.
+const LATENCY: &str = "lognormal:40,0.6,0.01:1500";
 
 impl Scenario {
     /// The scenarios of `make chaos`: each fault alone, then all of them mixed.
@@ -80,6 +102,8 @@ impl Scenario {
             faults,
             ordering: "key",
             rate: 400.0,
+            latency: LATENCY,
+            env: Vec::new(),
         };
         vec![
             s(
@@ -98,6 +122,17 @@ impl Scenario {
             s("broker-restart", vec![Fault::BrokerRestart]),
             s("postgres-restart", vec![Fault::PostgresRestart]),
             s("llm-outage", vec![Fault::LlmOutage(30)]),
+            // Statements of every stage cut at random instants, many times a run.
+            s("db-session-kills", vec![Fault::SessionKills(25), Fault::SessionKills(25), Fault::SessionKills(25)]),
+            // The broker stopped past the publisher's transaction timeout (8 s here).
+            s("broker-pause", vec![Fault::BrokerPause(12)]),
+            // Leases shorter than a slow call plus its wait for a slot, a long-tailed LLM,
+            // and a rebalance every few seconds.
+            Scenario {
+                latency: "lognormal:150,0.8,0.05:1800",
+                env: vec![("ENRICH_ENRICHER__LEASE_MS", "2500")],
+                ..s("lease-churn", vec![Fault::ReplicaChurn(40)])
+            },
             // Strict-key ordering under kills: every key in source order, the records
             // behind a poison record parked, not lost.
             Scenario {
@@ -133,9 +168,12 @@ impl Scenario {
                 Fault::Kill("ingest-dedup"),
                 Fault::LlmOutage(10),
                 Fault::Freeze(10),
+                Fault::SessionKills(10),
             ],
             ordering: "key",
             rate: 300.0,
+            latency: LATENCY,
+            env: Vec::new(),
         }
     }
 }
@@ -198,6 +236,24 @@ impl Chaos {
         wait_healthy(p).await
     }
 
+    /// The local stack's broker: its process group (the stack starts it in a session of
+    /// its own), from the pid file under the stack's directory.
+    fn broker_group(&self) -> anyhow::Result<u32> {
+        let dir = match std::env::var("ENRICH_STACK_DIR") {
+            Ok(d) => PathBuf::from(d),
+            Err(_) => self
+                .stack_script
+                .parent()
+                .and_then(|p| p.parent())
+                .and_then(|p| p.parent())
+                .map(|root| root.join(".stack"))
+                .ok_or_else(|| anyhow::anyhow!("no stack directory beside {}", self.stack_script.display()))?,
+        };
+        let pidfile = dir.join("kafka/kafka.pid");
+        let pid = std::fs::read_to_string(&pidfile).map_err(|e| anyhow::anyhow!("{}: {e}", pidfile.display()))?;
+        Ok(pid.trim().parse()?)
+    }
+
     fn stack(&self, command: &str) -> anyhow::Result<()> {
         let status = Command::new(&self.stack_script).arg(command).stdout(Stdio::null()).status()?;
         anyhow::ensure!(status.success(), "{} {command} failed", self.stack_script.display());
@@ -236,10 +292,13 @@ impl Chaos {
                 // A frozen or killed consumer leaves the group quickly.
                 ("ENRICH_KAFKA__CLIENT__SESSION.TIMEOUT.MS", "6000".into()),
                 ("ENRICH_KAFKA__CLIENT__HEARTBEAT.INTERVAL.MS", "1000".into()),
+                // A commit outlived by a broker pause times out, and is called again.
+                ("ENRICH_PUBLISHER__TRANSACTION_TIMEOUT_MS", "8000".into()),
                 ("RUST_LOG", "warn".into()),
             ]
             .map(|(k, v)| (k.to_string(), v)),
         );
+        env.extend(scenario.env.iter().map(|(k, v)| (k.to_string(), v.to_string())));
         let port_of = |stage: &str| -> anyhow::Result<(String, u16)> {
             let var = match stage {
                 "ingest-dedup" => "ENRICH_INGEST__HTTP_PORT",
@@ -262,7 +321,7 @@ impl Chaos {
             "--port",
             &sim_port.to_string(),
             "--latency",
-            "lognormal:40,0.6,0.01:1500",
+            scenario.latency,
             "--rate-429",
             "0.05",
             "--rate-500",
@@ -304,7 +363,7 @@ impl Chaos {
             let wait = Duration::from_secs_f64(at).saturating_sub(started.elapsed());
             tokio::time::sleep(wait).await;
             println!("[chaos] {}: {:>5.1} s  {}", scenario.name, started.elapsed().as_secs_f64(), fault.label());
-            earlier_sim_calls += self.inject(fault, &mut procs, &env, &config_arg, &log).await?;
+            earlier_sim_calls += self.inject(fault, &mut procs, &env, &config_arg, &log, &pool).await?;
             injected.push(fault.clone());
         }
         let produced = producing.await??;
@@ -387,6 +446,7 @@ impl Chaos {
         env: &[(String, String)],
         config_arg: &[String],
         log: &str,
+        pool: &PgPool,
     ) -> anyhow::Result<u64> {
         let mut sim_calls = 0;
         match fault {
@@ -418,6 +478,39 @@ impl Chaos {
                 procs.push(second);
             }
             Fault::BrokerRestart => self.stack("restart-kafka")?,
+            Fault::SessionKills(times) => {
+                for _ in 0..*times {
+                    // Every session of this scenario's database but the runner's own.
+                    let (killed,): (i64,) = sqlx::query_as(
+                        "SELECT count(*) FILTER (WHERE pg_terminate_backend(pid)) FROM pg_stat_activity
+                          WHERE datname = current_database() AND pid <> pg_backend_pid()
+                            AND application_name <> 'loadgen'",
+                    )
+                    .fetch_one(pool)
+                    .await?;
+                    println!("[chaos]   {killed} sessions terminated");
+                    tokio::time::sleep(Duration::from_millis(200 + rand::random::<u64>() % 800)).await;
+                }
+            }
+            Fault::BrokerPause(secs) => {
+                let group = self.broker_group()?;
+                signal_group(group, "STOP");
+                tokio::time::sleep(Duration::from_secs(*secs)).await;
+                signal_group(group, "CONT");
+            }
+            Fault::ReplicaChurn(secs) => {
+                let started = Instant::now();
+                while started.elapsed() < Duration::from_secs(*secs) {
+                    let port = free_port()?;
+                    let mut second_env = env.to_vec();
+                    second_env.push(("ENRICH_ENRICHER__HTTP_PORT".into(), port.to_string()));
+                    let second = self.start("enricher", port, config_arg.to_vec(), second_env, log).await?;
+                    tokio::time::sleep(Duration::from_millis(2000 + rand::random::<u64>() % 3000)).await;
+                    // It leaves as a scaled-down replica does: SIGTERM, its calls finish.
+                    stop(vec![second.child]);
+                    tokio::time::sleep(Duration::from_millis(500 + rand::random::<u64>() % 1500)).await;
+                }
+            }
             Fault::PostgresRestart => self.stack("restart-postgres")?,
             Fault::LlmOutage(secs) => {
                 let sim =
@@ -484,6 +577,11 @@ async fn wait_healthy(p: &mut Proc) -> anyhow::Result<()> {
 
 fn sim_at(port: u16) -> String {
     format!("http://127.0.0.1:{port}")
+}
+
+/// Signals every process of group `group`.
+fn signal_group(group: u32, sig: &str) {
+    let _ = Command::new("kill").arg(format!("-{sig}")).arg("--").arg(format!("-{group}")).status();
 }
 
 /// A broken guarantee, with the keys that show it (at most a few listed).
