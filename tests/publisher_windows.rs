@@ -184,3 +184,45 @@ async fn records_the_publisher_dead_letters_are_listed_and_never_marked_publishe
     env.teardown().await;
     Ok(())
 }
+
+/// A flood of records on `enrich.results` the publisher cannot publish (a rogue
+/// producer, a broken enricher deploy): the DLQ limit holds the publisher as it holds
+/// every stage — it stops dead-lettering, commits nothing past them, and says why.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_publisher_about_to_dead_letter_a_flood_holds_instead() -> anyhow::Result<()> {
+    let port = enrich_e2e::free_port()?;
+    let overrides =
+        [("ENRICH_PUBLISHER__HTTP_PORT", port.to_string()), ("ENRICH_DLQ_LIMIT__MAX_CONSECUTIVE", "5".to_string())];
+    let env = TestEnv::new(llm_sim::Latency::default(), &overrides).await?;
+    let producer: FutureProducer = enrich_common::kafka::producer(&env.settings, "test")?;
+    let results = env.settings.topics.results.clone();
+    enrich_common::kafka::ensure_topics(&env.settings, &[&results]).await?;
+    for i in 0..40 {
+        let value = format!("\x00\u{ff}rogue record {i}");
+        producer
+            .send(
+                FutureRecord::to(&results).key(&format!("rogue-{i}")).payload(value.as_bytes()),
+                Duration::from_secs(30),
+            )
+            .await
+            .map_err(|(e, _)| e)?;
+    }
+    let publisher = env.spawn(StageKind::Publisher);
+    let readyz = format!("http://127.0.0.1:{port}/readyz");
+    let reason = wait_for("the publisher to hold on the DLQ limit", DEADLINE, || async {
+        let Ok(r) = reqwest::get(&readyz).await else { return Ok(None) };
+        let body = r.text().await?;
+        Ok(body.contains("DLQ limit").then_some(body))
+    })
+    .await?;
+    assert!(reason.contains("dead letters in a row"), "{reason}");
+    let metrics = reqwest::get(format!("http://127.0.0.1:{port}/metrics")).await?.text().await?;
+    assert!(metrics.lines().any(|l| l == "enrich_dlq_limit_tripped 1"), "{metrics}");
+    let dlq = read_to_end(&env.settings, &env.settings.topics.dlq, Duration::from_secs(30))?;
+    assert!(dlq.len() <= 5, "the limit held the flood back ({} dead letters)", dlq.len());
+    let group = env.settings.group_id(enrich_common::config::Stage::Publisher);
+    assert!(!group_caught_up(&env.settings, &group, &results)?, "the held records are not committed");
+    publisher.stop().await?;
+    env.teardown().await;
+    Ok(())
+}

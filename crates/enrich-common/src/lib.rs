@@ -7,6 +7,7 @@ pub mod cli;
 pub mod config;
 pub mod db;
 pub mod dead_letter;
+pub mod dead_letter_sink;
 pub mod dead_letter_store;
 pub mod dlq_limit;
 pub mod envelope;

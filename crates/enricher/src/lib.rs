@@ -145,7 +145,12 @@ pub async fn run(settings: Settings, shutdown: CancellationToken) -> anyhow::Res
         failpoints: settings.enricher.failpoints,
         isolation: tokio::sync::Semaphore::new(1),
         keys_in_progress: Default::default(),
-        dlq_limit: std::sync::Mutex::new(enrich_common::dlq_limit::DlqLimit::new(settings.dlq_limit.clone())),
+        dead_letters: enrich_common::dead_letter_sink::DeadLetterSink::new(
+            &settings,
+            STAGE,
+            runtime.metrics.clone(),
+            runtime.state.clone(),
+        ),
         shutdown: shutdown.clone(),
         group: group.clone(),
         capture_content: settings.telemetry.capture_content,

@@ -1,11 +1,10 @@
 //! The per-record logic of the enricher, separate from the consumer loop: one request
 //! in, one result (or dead letter) out, and at most one paid call per key.
 
-use enrich_common::dead_letter::dead_letter;
-use enrich_common::envelope::{self, EnrichmentResult, Envelope, Outcome, SourceCoordinates};
+use enrich_common::dead_letter_sink::DeadLetterSink;
+use enrich_common::envelope::{EnrichmentResult, Envelope, Outcome};
 use enrich_common::error::RecordError;
 use enrich_common::http::ServiceState;
-use enrich_common::idempotency::fallback_key;
 use enrich_common::shutdown::Shutdown as CancellationToken;
 use enrich_common::{ErrorClass, TraceContext, headers};
 use rdkafka::Message;
@@ -49,7 +48,8 @@ pub struct Enricher {
     pub failpoints: bool,
     /// One permit: records whose previous attempt died with its process run one at a time.
     pub isolation: tokio::sync::Semaphore,
-    pub dlq_limit: std::sync::Mutex<enrich_common::dlq_limit::DlqLimit>,
+    /// The DLQ limit, and dead letters built to fit.
+    pub dead_letters: DeadLetterSink,
     /// Idempotency keys being handled in this process.
     pub keys_in_progress: std::sync::Mutex<std::collections::HashSet<String>>,
     /// Readiness, reported not-ready while the breaker is open.
@@ -370,11 +370,7 @@ impl Enricher {
                     let answer = Answer { attempt, tokens, cached };
                     self.emit(&envelope, &record_key, &stored, answer, span).await?;
                     self.metrics.outcome("enriched");
-                    if let Ok(mut limit) = self.dlq_limit.lock() {
-                        limit.record(0, 1);
-                    }
-                    self.metrics.stage.dlq_limit_tripped.set(0);
-                    self.state.set_condition("dlq_limit", None);
+                    self.dead_letters.recorded(0, 1);
                     return handled(Handled::Enriched);
                 }
                 Err(AttemptError::Fenced) => {
@@ -973,25 +969,13 @@ impl Enricher {
         let key = envelope.idempotency_key.clone();
         // Past the DLQ limit the record is held here (its offset waits, no new call is made)
         // until the limit allows it again or the stage stops; the stage says why meanwhile.
-        loop {
-            let verdict = self.dlq_limit.lock().map_err(|_| anyhow::anyhow!("DLQ limit lock poisoned"))?.check(1, 0);
-            let Err(why) = verdict else { break };
-            if self.metrics.stage.dlq_limit_tripped.get() == 0 {
-                tracing::error!(reason = %why, "DLQ limit reached: holding dead letters");
-            }
-            self.metrics.stage.dlq_limit_tripped.set(1);
-            self.state.set_condition("dlq_limit", Some(why.clone()));
-            tokio::select! {
-                _ = self.shutdown.cancelled() => anyhow::bail!(why),
-                _ = tokio::time::sleep(Duration::from_secs(5)) => {}
-            }
-        }
+        self.dead_letters.admit(1, 0, &self.shutdown).await?;
         if let Some(blocks) = &self.strict {
             blocks.block(record_key, &key).await?;
         }
         let snapshot = envelope.clone();
         let send = span.producer(&self.dlq_topic);
-        let (dead, h) = dead_letter(envelope, error, STAGE, send.ids());
+        let (dead, h) = self.dead_letters.letter(envelope, error, send.ids());
         let Some(id) = self.store.claim_dead_letter(&dead, send.ids()).await? else {
             tracing::info!(idempotency_key = %key, "the key ended meanwhile; not dead-lettering it");
             return Ok(Handled::Skipped);
@@ -1008,9 +992,7 @@ impl Enricher {
             .record_run(&snapshot, attempts, "dead_lettered", &span.ids().trace_id_hex(), Some(&error.to_string()))
             .await?;
         self.metrics.outcome("dead_lettered");
-        if let Ok(mut limit) = self.dlq_limit.lock() {
-            limit.record(1, 0);
-        }
+        self.dead_letters.recorded(1, 0);
         self.metrics.stage.dead_lettered(error.reason);
         tracing::warn!(idempotency_key = %key, reason = error.reason, error = %error.message, attempts, "dead-lettered");
         Ok(Handled::DeadLettered)
@@ -1045,29 +1027,17 @@ impl Enricher {
 
     /// A record on the requests topic that is not an envelope: dead-letter it as it is.
     async fn reject_foreign(&self, message: &OwnedMessage, span: &RecordSpan, reason: String) -> anyhow::Result<()> {
-        let key = fallback_key(&self.store.pipeline, message.key(), message.payload());
-        let envelope = Envelope {
-            schema: envelope::SCHEMA.into(),
-            pipeline: self.store.pipeline.clone(),
-            idempotency_key: key.to_string(),
-            source: Some(SourceCoordinates {
-                topic: message.topic().to_string(),
-                partition: message.partition(),
-                offset: message.offset(),
-                timestamp_ms: message.timestamp().to_millis().unwrap_or(0),
-                key: message.key().map(<[u8]>::to_vec),
-            }),
-            payload: message.payload().unwrap_or_default().to_vec(),
-            ..Default::default()
-        };
+        self.dead_letters.admit(1, 0, &self.shutdown).await?;
+        let envelope = self.dead_letters.foreign(message);
         let error = RecordError::invalid("invalid_envelope", reason);
         let send = span.producer(&self.dlq_topic);
-        let (dead, h) = dead_letter(envelope, &error, STAGE, send.ids());
-        let record_key = message.key().unwrap_or(key.as_str().as_bytes()).to_vec();
+        let record_key = message.key().unwrap_or(envelope.idempotency_key.as_bytes()).to_vec();
+        let (dead, h) = self.dead_letters.letter(envelope, &error, send.ids());
         self.produce(&self.dlq_topic, &record_key, dead.encode_to_bytes(), h).await?;
         // Listed and replayable like every other dead letter (the same record read again
         // is recorded once).
         enrich_common::dead_letter_store::record(&self.store.pool, &[(&dead, send.ids())]).await?;
+        self.dead_letters.recorded(1, 0);
         self.metrics.stage.dead_lettered(error.reason);
         tracing::warn!(topic = message.topic(), offset = message.offset(), error = %error, "foreign record dead-lettered");
         Ok(())

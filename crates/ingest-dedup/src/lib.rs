@@ -8,7 +8,7 @@ pub mod inspect;
 mod metrics;
 
 use enrich_common::config::Stage;
-use enrich_common::dead_letter::dead_letter;
+use enrich_common::dead_letter_sink::DeadLetterSink;
 use enrich_common::service::StageRuntime;
 use enrich_common::shutdown::Shutdown as CancellationToken;
 use enrich_common::spans::{ChildSpan, RecordSpan, attr};
@@ -31,7 +31,7 @@ const LAG_EVERY: Duration = Duration::from_secs(5);
 struct Ingest {
     settings: Settings,
     group: String,
-    dlq_limit: std::sync::Mutex<enrich_common::dlq_limit::DlqLimit>,
+    dead_letters: DeadLetterSink,
     runtime: StageRuntime,
     producer: FutureProducer,
     metrics: IngestMetrics,
@@ -54,8 +54,8 @@ pub async fn run(settings: Settings, shutdown: CancellationToken) -> anyhow::Res
     tracing::info!(group, topics = ?settings.source_topics(), "consuming");
     runtime.state.set_ready();
 
-    let dlq_limit = std::sync::Mutex::new(enrich_common::dlq_limit::DlqLimit::new(settings.dlq_limit.clone()));
-    let ingest = Ingest { settings, group, dlq_limit, runtime, producer, metrics };
+    let dead_letters = DeadLetterSink::new(&settings, STAGE, runtime.metrics.clone(), runtime.state.clone());
+    let ingest = Ingest { settings, group, dead_letters, runtime, producer, metrics };
     let tuning = ingest.settings.ingest.tuning();
     loop {
         let batch = kafka::next_batch(&consumer, tuning, &shutdown).await;
@@ -94,9 +94,7 @@ async fn process_batch(ingest: &Ingest, batch: &[OwnedMessage]) -> anyhow::Resul
         .collect();
     // A batch that would pass the DLQ limit is held whole (the stage pauses on it).
     let (n_dead, n_ok) = (inspected.len() - sightings.len(), sightings.len());
-    let verdict = ingest.dlq_limit.lock().map_err(|_| anyhow::anyhow!("DLQ limit lock poisoned"))?.check(n_dead, n_ok);
-    if let Err(why) = verdict {
-        ingest.runtime.metrics.dlq_limit_tripped.set(1);
+    if let Err(why) = ingest.dead_letters.check(n_dead, n_ok) {
         anyhow::bail!(why);
     }
     let claim_spans: Vec<ChildSpan> = inspected
@@ -180,7 +178,7 @@ async fn process_batch(ingest: &Ingest, batch: &[OwnedMessage]) -> anyhow::Resul
                 let src = envelope.source.clone().unwrap_or_default();
                 let record_key = src.key.clone().unwrap_or_else(|| key.as_str().as_bytes().to_vec());
                 let dlq_send = span.producer(&topics.dlq);
-                let (dead, h) = dead_letter(envelope, &error, STAGE.as_str(), dlq_send.ids());
+                let (dead, h) = ingest.dead_letters.letter(envelope, &error, dlq_send.ids());
                 deliveries.push(send(&ingest.producer, &topics.dlq, &record_key, dead.encode_to_bytes(), h)?);
                 dead_letters.push((dead, dlq_send.ids().clone()));
                 sends.push(dlq_send);
@@ -221,10 +219,7 @@ async fn process_batch(ingest: &Ingest, batch: &[OwnedMessage]) -> anyhow::Resul
     for o in outcomes {
         ingest.metrics.outcome(o);
     }
-    if let Ok(mut limit) = ingest.dlq_limit.lock() {
-        limit.record(n_dead, n_ok);
-    }
-    ingest.runtime.metrics.dlq_limit_tripped.set(0);
+    ingest.dead_letters.recorded(n_dead, n_ok);
     Ok(())
 }
 

@@ -363,7 +363,14 @@ impl Chaos {
             let wait = Duration::from_secs_f64(at).saturating_sub(started.elapsed());
             tokio::time::sleep(wait).await;
             println!("[chaos] {}: {:>5.1} s  {}", scenario.name, started.elapsed().as_secs_f64(), fault.label());
-            earlier_sim_calls += self.inject(fault, &mut procs, &env, &config_arg, &log, &pool).await?;
+            match self.inject(fault, &mut procs, &env, &config_arg, &log, &pool).await {
+                Ok(calls) => earlier_sim_calls += calls,
+                Err(e) => {
+                    // The scenario cannot go on: its processes stop with it.
+                    stop(procs.into_iter().map(|p| p.child).collect());
+                    return Err(e);
+                }
+            }
             injected.push(fault.clone());
         }
         let produced = producing.await??;
@@ -480,10 +487,12 @@ impl Chaos {
             Fault::BrokerRestart => self.stack("restart-kafka")?,
             Fault::SessionKills(times) => {
                 for _ in 0..*times {
-                    // Every session of this scenario's database but the runner's own.
+                    // Every session of the stages on this scenario's database (not the
+                    // runner's own, not the server's autovacuum workers).
                     let (killed,): (i64,) = sqlx::query_as(
                         "SELECT count(*) FILTER (WHERE pg_terminate_backend(pid)) FROM pg_stat_activity
                           WHERE datname = current_database() AND pid <> pg_backend_pid()
+                            AND backend_type = 'client backend' AND usename = current_user
                             AND application_name <> 'loadgen'",
                     )
                     .fetch_one(pool)

@@ -13,7 +13,7 @@ mod merge;
 mod metrics;
 
 use enrich_common::config::Stage;
-use enrich_common::dead_letter::dead_letter;
+use enrich_common::dead_letter_sink::DeadLetterSink;
 use enrich_common::envelope::Envelope;
 use enrich_common::error::{RecordError, chain};
 use enrich_common::service::StageRuntime;
@@ -44,6 +44,8 @@ struct Publisher {
     /// How long one transactional call may block: the transaction timeout. A call that
     /// did not complete in it is called again (commit, abort) or fails the batch.
     call_timeout: Duration,
+    /// The DLQ limit, and dead letters built to fit.
+    dead_letters: DeadLetterSink,
 }
 
 pub async fn run(settings: Settings, shutdown: CancellationToken) -> anyhow::Result<()> {
@@ -82,7 +84,9 @@ pub async fn run(settings: Settings, shutdown: CancellationToken) -> anyhow::Res
     tracing::info!(group, transactional_id, "consuming");
     runtime.state.set_ready();
 
-    let publisher = Publisher { settings, group: group.clone(), runtime, producer, metrics, call_timeout };
+    let dead_letters = DeadLetterSink::new(&settings, STAGE, runtime.metrics.clone(), runtime.state.clone());
+    let publisher =
+        Publisher { settings, group: group.clone(), runtime, producer, metrics, call_timeout, dead_letters };
     let consumed = consume(&publisher, &consumer, &shutdown).await;
     publisher.runtime.finish(&shutdown).await;
     consumed
@@ -185,6 +189,10 @@ enum Failed {
     /// aborted): the batch is read again.
     #[error("{0:#}")]
     Retry(anyhow::Error),
+    /// The batch would pass the DLQ limit: it is held (read again later), the stage
+    /// says why.
+    #[error("{0}")]
+    Held(String),
     #[error(transparent)]
     Fatal(#[from] ProducerFatal),
 }
@@ -246,6 +254,15 @@ async fn consume(
             Err(Failed::Fatal(e)) => {
                 tracing::error!(error = %e, "stopping: a new publisher takes over where this one committed");
                 return Err(e.into());
+            }
+            Err(Failed::Held(_)) => {
+                // Read again in a while: the limit may allow it then (good records of
+                // other partitions), or the stage is restarted with the cause fixed.
+                rewind(consumer, &batch)?;
+                tokio::select! {
+                    _ = shutdown.cancelled() => return Ok(()),
+                    _ = tokio::time::sleep(Duration::from_secs(5)) => {}
+                }
             }
             Err(Failed::Retry(e)) => {
                 runtime.metrics.batch_retries.inc();
@@ -358,6 +375,11 @@ async fn publish_batch(
     let pipeline = &publisher.settings.pipeline.name;
     let topics = &publisher.settings.topics;
     let (candidates, rejects) = decode(publisher, batch);
+    // A batch that would pass the DLQ limit is held whole, as in every stage.
+    let unmergeable = candidates.iter().filter(|c| c.output.is_err()).count();
+    if let Err(why) = publisher.dead_letters.check(rejects.len() + unmergeable, candidates.len() - unmergeable) {
+        return Err(Failed::Held(why));
+    }
 
     // 1. Bind. A key bound to another record (or no longer `enriched`) is not ours.
     let claims: Vec<binding::Claim> = candidates
@@ -374,7 +396,17 @@ async fn publish_batch(
     let mut sends: Vec<ChildSpan> = Vec::new();
     let mut dead: Vec<DeadLetter> = Vec::new();
     for r in &rejects {
-        dead.push(dead_letter_of(&mut sends, &topics.dlq, &r.env, &r.trace, &r.error, (r.partition, r.offset), None));
+        let at = (r.partition, r.offset);
+        dead.push(dead_letter_of(
+            &publisher.dead_letters,
+            &mut sends,
+            &topics.dlq,
+            &r.env,
+            &r.trace,
+            &r.error,
+            at,
+            None,
+        ));
     }
     let mine: Vec<bool> = async {
         let mut tx = publisher.runtime.pool.begin().await?;
@@ -385,6 +417,7 @@ async fn publish_batch(
             if let Err(error) = &c.output {
                 let key = c.env.source.as_ref().and_then(|s| s.key.clone());
                 dead.push(dead_letter_of(
+                    &publisher.dead_letters,
                     &mut sends,
                     &topics.dlq,
                     &c.env,
@@ -493,6 +526,7 @@ async fn publish_batch(
             publisher.runtime.metrics.dead_lettered(&failure.reason);
         }
     }
+    publisher.dead_letters.recorded(dead.len(), published.len());
     let now_ms =
         std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_millis() as i64).unwrap_or(0);
     for c in &published {
@@ -519,7 +553,9 @@ async fn publish_batch(
 /// and the results record (partition, offset) it comes from.
 type DeadLetter = (Envelope, OwnedHeaders, Option<Vec<u8>>, (i32, i64));
 
+#[allow(clippy::too_many_arguments)]
 fn dead_letter_of(
+    sink: &DeadLetterSink,
     sends: &mut Vec<ChildSpan>,
     dlq_topic: &str,
     env: &Envelope,
@@ -529,7 +565,7 @@ fn dead_letter_of(
     key: Option<Vec<u8>>,
 ) -> DeadLetter {
     let dlq = trace.producer(dlq_topic);
-    let (letter, h) = dead_letter(env.clone(), error, STAGE.as_str(), dlq.ids());
+    let (letter, h) = sink.letter(env.clone(), error, dlq.ids());
     sends.push(dlq);
     (letter, h, key, at)
 }
@@ -569,21 +605,7 @@ fn decode(publisher: &Publisher, batch: &[OwnedMessage]) -> (Vec<Candidate>, Vec
                 rejects.push(Reject { env, trace, partition, offset, error });
             }
             Err(e) => {
-                let env = Envelope {
-                    schema: enrich_common::envelope::SCHEMA.into(),
-                    pipeline: pipeline.clone(),
-                    idempotency_key: enrich_common::idempotency::fallback_key(pipeline, m.key(), m.payload())
-                        .to_string(),
-                    payload: m.payload().unwrap_or_default().to_vec(),
-                    source: Some(enrich_common::envelope::SourceCoordinates {
-                        topic: m.topic().to_string(),
-                        partition,
-                        offset,
-                        timestamp_ms: m.timestamp().to_millis().unwrap_or(0),
-                        key: m.key().map(<[u8]>::to_vec),
-                    }),
-                    ..Default::default()
-                };
+                let env = publisher.dead_letters.foreign(m);
                 let error = RecordError::invalid("invalid_envelope", e);
                 rejects.push(Reject { env, trace, partition, offset, error });
             }
