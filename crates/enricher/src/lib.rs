@@ -14,6 +14,7 @@ pub mod flow;
 pub mod kill_switch;
 pub mod llm;
 mod metrics;
+pub mod policy;
 pub mod process;
 pub mod prompt;
 pub mod scheduler;

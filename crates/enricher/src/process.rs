@@ -18,6 +18,7 @@ use crate::breaker::{Admission, Breaker, Transition};
 use crate::cache::ResponseCache;
 use crate::llm::{Completion, LlmClient, LlmError};
 use crate::metrics::EnricherMetrics;
+use crate::policy::{self, Next};
 use crate::prompt::{Prompt, PromptTemplate, Repair};
 use crate::store::{Gate, KeyState, Step, Store, StoredResult};
 use crate::strict::BlockCheck;
@@ -426,69 +427,51 @@ impl Enricher {
                 }
                 Err(AttemptError::Llm(e)) => e,
             };
+            // The breaker hears how the endpoint did: down, or up (it answered, or no
+            // call was made).
             match e.error.class {
-                ErrorClass::Transient | ErrorClass::Outage | ErrorClass::Fatal => {
-                    if e.endpoint_down() {
-                        self.breaker_failure(admission, &e.error);
-                    } else {
-                        // A failure that may be this record's own (a plain 500): the endpoint
-                        // answered, so it counts as up.
-                        self.breaker_success(admission);
+                ErrorClass::InvalidInput => self.breaker.unused(admission),
+                ErrorClass::Permanent => self.breaker_success(admission),
+                _ if e.endpoint_down() => self.breaker_failure(admission, &e.error),
+                _ => self.breaker_success(admission),
+            }
+            let limits =
+                policy::Limits { max_attempts: self.store.max_attempts, quick_retries: self.retry.quick_retries };
+            match policy::decide(&e, attempt, tries, self.breaker.is_open(), limits) {
+                Next::WaitForEndpoint => {
+                    // Give the attempt back (unless a call of it was paid) and wait for the
+                    // endpoint (the breaker, or the 429's Retry-After).
+                    self.store.release(&key, !paid).await?;
+                    if !paid {
+                        tries = tries.saturating_sub(1);
                     }
-                    // A 429 slows the record down without spending its attempts.
-                    if (e.endpoint_down() && self.breaker.is_open())
-                        || e.error.reason == "rate_limited"
-                        || matches!(e.error.class, ErrorClass::Outage | ErrorClass::Fatal)
-                    {
-                        // The endpoint is down, not this record: give its attempt back (unless
-                        // a call of it was paid) and wait for the breaker (nothing is
-                        // dead-lettered during an outage).
-                        self.store.release(&key, !paid).await?;
-                        if !paid {
-                            tries = tries.saturating_sub(1);
-                        }
-                        if !self.breaker.is_open() {
-                            let wait = e.retry_after.unwrap_or_else(|| jitter(backoff));
-                            backoff = (backoff * 2).min(Duration::from_secs(10));
-                            tokio::select! {
-                                _ = self.shutdown.cancelled() => anyhow::bail!("shutting down while the LLM endpoint is unavailable"),
-                                _ = tokio::time::sleep(wait) => {}
-                            }
-                        }
-                        continue;
-                    }
-                    if attempt < self.store.max_attempts && tries > self.retry.quick_retries {
-                        self.schedule_retry(&envelope, &record_key, attempt, retries + 1, &e, span).await?;
-                        return handled(Handled::RetryScheduled);
-                    }
-                    if attempt < self.store.max_attempts {
+                    if !self.breaker.is_open() {
                         let wait = e.retry_after.unwrap_or_else(|| jitter(backoff));
                         backoff = (backoff * 2).min(Duration::from_secs(10));
-                        tracing::warn!(idempotency_key = %key, attempt, error = %e, wait_ms = wait.as_millis() as u64, "transient LLM failure; retrying");
-                        // Give the lease back (the attempt stays spent): a lease left set
-                        // marks an attempt that died with its process.
-                        self.store.release(&key, false).await?;
                         tokio::select! {
-                            _ = self.shutdown.cancelled() => anyhow::bail!("shutting down during the backoff of {key}"),
-                            _ = tokio::time::sleep(wait) => continue,
+                            _ = self.shutdown.cancelled() => anyhow::bail!("shutting down while the LLM endpoint is unavailable"),
+                            _ = tokio::time::sleep(wait) => {}
                         }
                     }
-                    let err = RecordError::new(
-                        ErrorClass::Transient,
-                        "max_attempts",
-                        format!("gave up after {attempt} attempts; last error: {}", e.error),
-                    );
-                    return handled(self.give_up(envelope, &record_key, &err, attempt, span).await?);
                 }
-                ErrorClass::Permanent => {
-                    // The endpoint answered: it is up, the record is the problem.
-                    self.breaker_success(admission);
-                    return handled(self.give_up(envelope, &record_key, &e.error, attempt, span).await?);
+                Next::RetryLater => {
+                    self.schedule_retry(&envelope, &record_key, attempt, retries + 1, &e, span).await?;
+                    return handled(Handled::RetryScheduled);
                 }
-                ErrorClass::InvalidInput => {
-                    // No call was made (the payload could not become a prompt).
-                    self.breaker.unused(admission);
-                    return handled(self.give_up(envelope, &record_key, &e.error, attempt, span).await?);
+                Next::RetryHere => {
+                    let wait = e.retry_after.unwrap_or_else(|| jitter(backoff));
+                    backoff = (backoff * 2).min(Duration::from_secs(10));
+                    tracing::warn!(idempotency_key = %key, attempt, error = %e, wait_ms = wait.as_millis() as u64, "transient LLM failure; retrying");
+                    // Give the lease back (the attempt stays spent): a lease left set
+                    // marks an attempt that died with its process.
+                    self.store.release(&key, false).await?;
+                    tokio::select! {
+                        _ = self.shutdown.cancelled() => anyhow::bail!("shutting down during the backoff of {key}"),
+                        _ = tokio::time::sleep(wait) => {}
+                    }
+                }
+                Next::DeadLetter(error) => {
+                    return handled(self.give_up(envelope, &record_key, &error, attempt, span).await?);
                 }
             }
         }
