@@ -80,13 +80,17 @@ impl DeadLetterSink {
         }
     }
 
-    /// Outcomes that happened: `dead` dead letters and `ok` good records. Records that
-    /// went through lift a hold.
+    /// Outcomes that happened: `dead` dead letters and `ok` good records. The hold is
+    /// lifted once another dead letter would pass.
     pub fn recorded(&self, dead: usize, ok: usize) {
-        if let Ok(mut limit) = self.limit.lock() {
-            limit.record(dead, ok);
-        }
-        if self.metrics.dlq_limit_tripped.get() == 1 {
+        let clear = match self.limit.lock() {
+            Ok(mut limit) => {
+                limit.record(dead, ok);
+                limit.check(1, 0).is_ok()
+            }
+            Err(_) => false,
+        };
+        if clear && self.metrics.dlq_limit_tripped.get() == 1 {
             self.metrics.dlq_limit_tripped.set(0);
             self.state.set_condition("dlq_limit", None);
         }
@@ -137,31 +141,43 @@ fn max_value_bytes(settings: &Settings) -> usize {
     limit.saturating_sub(RECORD_OVERHEAD).max(4 * 1024)
 }
 
-/// Cuts `dead` to at most `max` encoded bytes: the payload first, then the source
-/// headers, then the failure's message. Whether anything was cut.
+/// Cuts `dead` so its DLQ record (the source key as the record's key, the value, the
+/// headers) fits in `max` bytes: the failure's message first, then the payload, then the
+/// source headers, then the copy of an oversized source key. Whether anything was cut.
 fn fit(dead: &mut Envelope, max: usize) -> bool {
-    let len = dead.encode_to_bytes().len();
-    if len <= max {
+    let key_len = |d: &Envelope| d.source.as_ref().and_then(|s| s.key.as_ref()).map_or(0, Vec::len);
+    let size = |d: &Envelope| d.encode_to_bytes().len() + key_len(d);
+    if size(dead) <= max {
         return false;
     }
     let original = dead.payload.len();
-    let over = len - max;
-    dead.payload.truncate(original.saturating_sub(over + 16));
-    if dead.encode_to_bytes().len() > max {
+    if let Some(envelope::Outcome::Failure(f)) = &mut dead.outcome
+        && f.message.len() > 4096
+    {
+        let mut end = 4096;
+        while !f.message.is_char_boundary(end) {
+            end -= 1;
+        }
+        f.message.truncate(end);
+    }
+    let over = size(dead).saturating_sub(max);
+    if over > 0 {
+        dead.payload.truncate(original.saturating_sub(over + 16));
+    }
+    let headers_cleared = size(dead) > max && !dead.headers.is_empty();
+    if headers_cleared {
         dead.headers.clear();
     }
-    let cut_payload = dead.payload.len() < original;
-    if let Some(envelope::Outcome::Failure(f)) = &mut dead.outcome {
-        if cut_payload && f.payload_truncated_from == 0 {
-            f.payload_truncated_from = original as u64;
-        }
-        if f.message.len() > 4096 {
-            let mut end = 4096;
-            while !f.message.is_char_boundary(end) {
-                end -= 1;
-            }
-            f.message.truncate(end);
-        }
+    if size(dead) > max
+        && let Some(src) = &mut dead.source
+    {
+        src.key = None;
+    }
+    if let Some(envelope::Outcome::Failure(f)) = &mut dead.outcome
+        && f.payload_truncated_from == 0
+        && (dead.payload.len() < original || headers_cleared)
+    {
+        f.payload_truncated_from = original as u64;
     }
     true
 }

@@ -387,9 +387,18 @@ impl Enricher {
                 }
                 Err(AttemptError::Db(e)) => {
                     self.breaker.unused(admission);
-                    if !paid {
-                        let _ = self.store.release(&key, true).await;
+                    if paid {
+                        // The database refuses what a paid call produced: calling again
+                        // would pay again for the same refusal. The record goes to the DLQ
+                        // with the reason; a replay runs it again once the cause is fixed.
+                        let err = RecordError::new(
+                            ErrorClass::Permanent,
+                            "storage_refused",
+                            format!("the database refused the attempt's writes: {e:#}"),
+                        );
+                        return handled(self.give_up(envelope, &record_key, &err, attempt, span).await?);
                     }
+                    let _ = self.store.release(&key, true).await;
                     return Err(e);
                 }
                 Err(AttemptError::Superseded) => {
@@ -963,6 +972,8 @@ impl Enricher {
             tracing::info!(idempotency_key = %key, "the key ended meanwhile; not dead-lettering it");
             return Ok(Handled::Skipped);
         };
+        // The claim's lease is renewed until the dead letter is listed.
+        let _held = self.store.hold(&key, attempts);
         self.produce(&self.dlq_topic, record_key, dead.encode_to_bytes(), h).await?;
         drop(send);
         crate::failpoints::pass(&self.store.pipeline, crate::failpoints::Instant::AfterDeadLetterProduced).await;
@@ -970,7 +981,8 @@ impl Enricher {
         let pool = &self.store.pool;
         self.until_written("list a dead letter", &key, || enrich_common::dead_letter_store::list_pending(pool, id))
             .await
-            .map_err(|_| anyhow::anyhow!("shutting down while the dead letter of {key} is being listed"))?;
+            .map_err(|_| anyhow::anyhow!("the dead letter of {key} could not be listed"))?;
+        self.store.dead_letter_listed(&key).await?;
         self.store
             .record_run(&snapshot, attempts, "dead_lettered", &span.ids().trace_id_hex(), Some(&error.to_string()))
             .await?;
@@ -992,12 +1004,22 @@ impl Enricher {
         else {
             return Ok(false);
         };
+        // One replica writes it: the one that takes the key's lease (the claimant's has
+        // expired, or is ours from an earlier incarnation).
+        if !self.store.take_dead_lettered(key).await? {
+            return Ok(false);
+        }
+        let dead_attempt = Envelope::decode_from(&value).map(|d| d.attempt as i32).unwrap_or(0);
+        let _held = self.store.hold(key, dead_attempt);
         let dead = Envelope::decode_from(&value).map_err(|e| anyhow::anyhow!("pending dead letter {id}: {e}"))?;
         let trace =
             traceparent.as_deref().and_then(|t| TraceContext::parse(t, None)).unwrap_or_else(TraceContext::new_root);
         let h = enrich_common::dead_letter::dlq_headers(&dead, &trace);
         self.produce(&self.dlq_topic, record_key, value, h).await?;
-        enrich_common::dead_letter_store::list_pending(pool, id).await?;
+        self.until_written("list a dead letter", key, || enrich_common::dead_letter_store::list_pending(pool, id))
+            .await
+            .map_err(|_| anyhow::anyhow!("the dead letter of {key} could not be listed"))?;
+        self.store.dead_letter_listed(key).await?;
         let failure = dead.failure().cloned().unwrap_or_default();
         let detail = format!("{}: {} (written after an interrupted dead-lettering)", failure.reason, failure.message);
         self.store

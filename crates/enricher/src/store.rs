@@ -209,9 +209,10 @@ impl StoreCore {
     }
 
     /// Renews every lease this process holds, in one statement; a lease that is no
-    /// longer ours (expired — another replica may be deciding on it — or taken, or its
-    /// key finished) is left alone, and the call's gate will find it lost. Returns how
-    /// many were renewed.
+    /// longer ours (taken by another replica after it expired, or its key finished) is
+    /// left alone, and the call's gate will find it lost. One that expired but is still
+    /// ours is renewed: taking a key over and dead-lettering it both change the row under
+    /// its lock. Returns how many were renewed.
     pub async fn renew_held(&self) -> sqlx::Result<u64> {
         let (keys, attempts): (Vec<String>, Vec<i32>) = match self.held.lock() {
             Ok(held) => held.iter().map(|(k, a)| (k.clone(), *a)).unzip(),
@@ -224,7 +225,7 @@ impl StoreCore {
             "UPDATE enrich_state s SET lease_until = now() + make_interval(secs => $5)
              FROM UNNEST($2::text[], $3::int[]) AS u(k, a)
              WHERE s.pipeline = $1 AND s.idempotency_key = u.k AND s.attempts = u.a
-               AND s.lease_owner = $4 AND s.state = 'enriching' AND s.lease_until > now()",
+               AND s.lease_owner = $4 AND s.state IN ('enriching', 'dead_lettered')",
         )
         .bind(&self.pipeline)
         .bind(&keys)
@@ -256,8 +257,9 @@ impl StoreCore {
     async fn gate_batch(&self, reqs: Vec<(String, i32)>) -> anyhow::Result<Vec<Gate>> {
         let (keys, attempts): (Vec<&str>, Vec<i32>) = reqs.iter().map(|(k, a)| (k.as_str(), *a)).unzip();
         // A lease with less than a call's time left is extended (a live lease of ours
-        // cannot be taken meanwhile); one with more is only read. An expired one is lost
-        // even if nobody took it yet: another replica may be deciding on it.
+        // cannot be taken meanwhile); one with more is only read. One that expired but
+        // nobody took is still ours (a takeover changes owner and attempts under the
+        // row's lock, and is seen here).
         let (paused, ours): (bool, Vec<String>) = sqlx::query_as(
             "WITH p AS (
                SELECT coalesce((SELECT paused FROM controls WHERE pipeline = $1), false) AS paused
@@ -266,12 +268,12 @@ impl StoreCore {
                       s.lease_until < now() + make_interval(secs => $5) AS short
                FROM enrich_state s JOIN UNNEST($2::text[], $3::int[]) AS u(k, a)
                  ON s.idempotency_key = u.k AND s.attempts = u.a
-               WHERE s.pipeline = $1 AND s.lease_owner = $4 AND s.state = 'enriching' AND s.lease_until > now()
+               WHERE s.pipeline = $1 AND s.lease_owner = $4 AND s.state = 'enriching'
              ), renewed AS (
                UPDATE enrich_state s SET lease_until = now() + make_interval(secs => $6)
                FROM mine
                WHERE s.pipeline = $1 AND s.idempotency_key = mine.k AND mine.short AND s.attempts = mine.a
-                 AND s.lease_owner = $4 AND s.state = 'enriching' AND s.lease_until > now()
+                 AND s.lease_owner = $4 AND s.state = 'enriching'
                  AND NOT (SELECT paused FROM p)
                RETURNING s.idempotency_key
              )
@@ -370,6 +372,16 @@ impl StoreCore {
                                 model: model.clone().unwrap_or_default(),
                                 prompt_version: version.clone().unwrap_or_default(),
                             }),
+                            // Being dead-lettered by another replica (its DLQ record is
+                            // being written): wait for it.
+                            "dead_lettered"
+                                if lease_left.is_some_and(|l| l > 0.0)
+                                    && lease_owner.as_deref().is_some_and(|o| o != self.owner) =>
+                            {
+                                KeyState::Leased {
+                                    remaining: Duration::from_secs_f64(lease_left.unwrap_or(0.0).clamp(0.05, 3600.0)),
+                                }
+                            }
                             "dead_lettered" => KeyState::DeadLettered,
                             // Another replica's live attempt is waited for before anything
                             // else is decided: a second delivery during a final attempt
@@ -547,8 +559,9 @@ impl StoreCore {
     }
 
     /// Marks the key `dead_lettered` and records `dead` as its pending dead letter, in one
-    /// transaction; None (nothing written) when the key has ended otherwise meanwhile, or
-    /// another replica holds a live lease on it (its attempt decides).
+    /// transaction, keeping the lease until the dead letter is listed (`dead_letter_listed`);
+    /// None (nothing written) when the key has ended otherwise meanwhile, or another
+    /// replica holds a live lease on it (its attempt decides).
     pub async fn claim_dead_letter(
         &self,
         dead: &Envelope,
@@ -556,13 +569,15 @@ impl StoreCore {
     ) -> sqlx::Result<Option<i64>> {
         let mut tx = self.pool.begin().await?;
         let claimed = sqlx::query(
-            "UPDATE enrich_state SET state = 'dead_lettered', lease_owner = NULL, lease_until = NULL, updated_at = now()
+            "UPDATE enrich_state SET state = 'dead_lettered', lease_owner = $3,
+                    lease_until = now() + make_interval(secs => $4), updated_at = now()
              WHERE pipeline = $1 AND idempotency_key = $2 AND state NOT IN ('enriched', 'published', 'dead_lettered')
                AND (lease_owner IS NULL OR lease_owner = $3 OR lease_until IS NULL OR lease_until <= now())",
         )
         .bind(&self.pipeline)
         .bind(&dead.idempotency_key)
         .bind(&self.owner)
+        .bind(self.lease.as_secs_f64())
         .execute(&mut *tx)
         .await?
         .rows_affected();
@@ -573,6 +588,37 @@ impl StoreCore {
         let id = enrich_common::dead_letter_store::insert_pending_one(&mut *tx, dead, trace).await?;
         tx.commit().await?;
         Ok(Some(id))
+    }
+
+    /// A pending dead letter left by a handling that failed: its lease (expired, or
+    /// ours) is taken so one replica writes it. False when another replica's lease is live.
+    pub async fn take_dead_lettered(&self, key: &str) -> sqlx::Result<bool> {
+        let taken = sqlx::query(
+            "UPDATE enrich_state SET lease_owner = $3, lease_until = now() + make_interval(secs => $4), updated_at = now()
+             WHERE pipeline = $1 AND idempotency_key = $2 AND state = 'dead_lettered'
+               AND (lease_owner IS NULL OR lease_owner = $3 OR lease_until IS NULL OR lease_until <= now())",
+        )
+        .bind(&self.pipeline)
+        .bind(key)
+        .bind(&self.owner)
+        .bind(self.lease.as_secs_f64())
+        .execute(&self.pool)
+        .await?;
+        Ok(taken.rows_affected() == 1)
+    }
+
+    /// The key's dead letter is listed: its lease goes.
+    pub async fn dead_letter_listed(&self, key: &str) -> sqlx::Result<()> {
+        sqlx::query(
+            "UPDATE enrich_state SET lease_owner = NULL, lease_until = NULL, updated_at = now()
+             WHERE pipeline = $1 AND idempotency_key = $2 AND state = 'dead_lettered' AND lease_owner = $3",
+        )
+        .bind(&self.pipeline)
+        .bind(key)
+        .bind(&self.owner)
+        .execute(&self.pool)
+        .await?;
+        Ok(())
     }
 
     /// Appends step outcomes (llm_call, validation) to the audit, in one statement.

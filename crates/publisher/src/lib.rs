@@ -225,7 +225,18 @@ async fn consume(
             return Ok(());
         }
         consumer.context().take_revoked();
-        let mut batch = kafka::next_batch(consumer, tuning, shutdown).await;
+        let mut batch = tokio::select! {
+            batch = kafka::next_batch(consumer, tuning, shutdown) => batch,
+            waiting = stalled(consumer) => {
+                // Seen after the broker was stopped for longer than the session and the
+                // transaction timeouts: the consumer no longer fetches. A new process
+                // (its supervisor's) starts from the committed offsets.
+                let why = format!("the consumer has delivered nothing for {} s while {waiting} records wait", STALL.as_secs() * 2);
+                tracing::error!("{why}; stopping for a restart");
+                runtime.state.set_not_ready(why.clone());
+                return Err(anyhow::anyhow!(why));
+            }
+        };
         if batch.is_empty() {
             return Ok(());
         }
@@ -276,6 +287,39 @@ async fn consume(
                 }
                 backoff = (backoff * 2).min(MAX_BACKOFF);
             }
+        }
+    }
+}
+
+/// How often a consumer that delivers nothing is asked whether records wait for it.
+const STALL: Duration = Duration::from_secs(30);
+
+/// Returns once two looks `STALL` apart both found records waiting past the group's
+/// committed offsets of the assigned partitions (how many): a consumer that should be
+/// delivering and is not. Never returns while nothing waits or the broker cannot be
+/// asked.
+async fn stalled(consumer: &ResultsConsumer) -> i64 {
+    let mut seen_waiting = false;
+    loop {
+        tokio::time::sleep(STALL).await;
+        let waiting = tokio::task::block_in_place(|| -> rdkafka::error::KafkaResult<i64> {
+            let timeout = Duration::from_secs(5);
+            let committed = consumer.committed(timeout)?;
+            let mut waiting = 0;
+            for e in committed.elements() {
+                let (low, high) = consumer.fetch_watermarks(e.topic(), e.partition(), timeout)?;
+                let from = match e.offset() {
+                    Offset::Offset(o) => o,
+                    _ => low,
+                };
+                waiting += (high - from).max(0);
+            }
+            Ok(waiting)
+        });
+        match waiting {
+            Ok(n) if n > 0 && seen_waiting => return n,
+            Ok(n) => seen_waiting = n > 0,
+            Err(_) => seen_waiting = false,
         }
     }
 }
@@ -374,12 +418,44 @@ async fn publish_batch(
 ) -> Result<(), Failed> {
     let pipeline = &publisher.settings.pipeline.name;
     let topics = &publisher.settings.topics;
-    let (candidates, rejects) = decode(publisher, batch);
-    // A batch that would pass the DLQ limit is held whole, as in every stage.
-    let unmergeable = candidates.iter().filter(|c| c.output.is_err()).count();
-    if let Err(why) = publisher.dead_letters.check(rejects.len() + unmergeable, candidates.len() - unmergeable) {
-        return Err(Failed::Held(why));
+    let (mut candidates, mut rejects) = decode(publisher, batch);
+    // The DLQ limit, as in every stage: a dead letter that would pass it is held, with
+    // every later record of its partition (read again later); the other partitions go on.
+    let dead_at: HashSet<(i32, i64)> = rejects
+        .iter()
+        .map(|r| (r.partition, r.offset))
+        .chain(candidates.iter().filter(|c| c.output.is_err()).map(|c| (c.partition, c.offset)))
+        .collect();
+    let (mut ok, mut dead, mut why) = (0, 0, None);
+    let mut held_partitions: HashSet<i32> = HashSet::new();
+    let mut held: Vec<OwnedMessage> = Vec::new();
+    let mut kept: Vec<OwnedMessage> = Vec::with_capacity(batch.len());
+    for m in batch {
+        if !held_partitions.contains(&m.partition()) && dead_at.contains(&(m.partition(), m.offset())) {
+            match publisher.dead_letters.check(dead + 1, ok) {
+                Ok(()) => dead += 1,
+                Err(e) => {
+                    held_partitions.insert(m.partition());
+                    why = Some(e);
+                }
+            }
+        } else if !held_partitions.contains(&m.partition()) {
+            ok += 1;
+        }
+        if held_partitions.contains(&m.partition()) { held.push(m.clone()) } else { kept.push(m.clone()) }
     }
+    if let Some(why) = why {
+        if kept.is_empty() {
+            return Err(Failed::Held(why));
+        }
+        rewind(consumer, &held)?;
+        let at = |p: i32, o: i64| {
+            !held_partitions.contains(&p) || kept.iter().any(|m| m.partition() == p && m.offset() == o)
+        };
+        candidates.retain(|c| at(c.partition, c.offset));
+        rejects.retain(|r| at(r.partition, r.offset));
+    }
+    let batch = kept.as_slice();
 
     // 1. Bind. A key bound to another record (or no longer `enriched`) is not ours.
     let claims: Vec<binding::Claim> = candidates
