@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Installs what a fresh machine lacks to build and test: protoc (for the envelope), kcat,
-# and checks for Java, Maven and cargo. PostgreSQL is installed by stack.sh when missing.
+# openssl (the local PostgreSQL's TLS certificates), and checks for Java, Maven and cargo.
+# PostgreSQL is installed by stack.sh when missing.
 set -euo pipefail
 say() { printf '[deps] %s\n' "$*"; }
 missing=()
@@ -10,6 +11,8 @@ command -v java >/dev/null 2>&1 || missing+=(openjdk-17-jre-headless)
 command -v mvn >/dev/null 2>&1 || missing+=(maven)
 # The hostile-input tests send raw bytes (header names that are not UTF-8) with kcat.
 command -v kcat >/dev/null 2>&1 || missing+=(kcat)
+# stack.sh makes the local PostgreSQL's TLS certificates with openssl.
+command -v openssl >/dev/null 2>&1 || missing+=(openssl)
 if [ ${#missing[@]} -gt 0 ]; then
   if ! command -v apt-get >/dev/null 2>&1; then
     say "error: missing ${missing[*]} and apt-get is not available to install them"; exit 1

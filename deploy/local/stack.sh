@@ -6,6 +6,8 @@
 #   deploy/local/stack.sh down     stop both
 #   deploy/local/stack.sh status   say what runs
 #   deploy/local/stack.sh restart-kafka | restart-postgres   (the chaos suite's broker and database restarts)
+#   deploy/local/stack.sh pg-tls   give the running PostgreSQL a TLS certificate from a local CA (part of
+#                                  `up`; no restart, plaintext connections still accepted)
 #
 # Environment: ENRICH_STACK_DIR (state and logs, default .stack/ in the repository),
 # KAFKA_HEAP_OPTS (default -Xms256m -Xmx768m), KAFKA_PORT (9092), PG_PORT (5432).
@@ -17,6 +19,10 @@ kafka_port=${KAFKA_PORT:-9092}
 controller_port=$((kafka_port + 1))
 pg_port=${PG_PORT:-5432}
 pg_version=15
+# The server's TLS material sits beside the cluster's configuration, not in a checkout, so
+# the server never depends on a working tree; clients get a copy of the CA in the stack dir.
+pg_tls_dir=/etc/postgresql/$pg_version/main/enrich-tls
+pg_tls_client_ca=$stack_dir/pg-tls/ca.pem
 heap=${KAFKA_HEAP_OPTS:--Xms256m -Xmx768m}
 kafka_libs=$stack_dir/kafka/libs
 kafka_data=$stack_dir/kafka/data
@@ -176,6 +182,90 @@ SELECT 'CREATE DATABASE enrich OWNER enrich' WHERE NOT EXISTS (SELECT FROM pg_da
 SQL
 }
 
+pg_sql() { su postgres -c "psql -q -At -p $pg_port -v ON_ERROR_STOP=1" ; }
+
+# The CA and server certificate are kept while the certificate verifies against the CA and
+# has more than 30 days left; otherwise both are made again.
+pg_tls_material_valid() {
+  [ -f "$pg_tls_dir/ca.pem" ] && [ -f "$pg_tls_dir/server.pem" ] && [ -f "$pg_tls_dir/server.key" ] &&
+    openssl verify -CAfile "$pg_tls_dir/ca.pem" "$pg_tls_dir/server.pem" >/dev/null 2>&1 &&
+    openssl x509 -checkend 2592000 -noout -in "$pg_tls_dir/server.pem" >/dev/null 2>&1
+}
+
+pg_tls_make() {
+  local work; work=$(mktemp -d)
+  cat >"$work/ca.cnf" <<'CNF'
+[req]
+distinguished_name = dn
+prompt = no
+x509_extensions = ca_ext
+[dn]
+CN = kafka-llm-enrich local PostgreSQL CA
+[ca_ext]
+basicConstraints = critical, CA:TRUE
+keyUsage = critical, keyCertSign, cRLSign
+subjectKeyIdentifier = hash
+CNF
+  cat >"$work/server.ext" <<'CNF'
+basicConstraints = critical, CA:FALSE
+keyUsage = critical, digitalSignature
+extendedKeyUsage = serverAuth
+subjectAltName = IP:127.0.0.1, IP:::1, DNS:localhost
+subjectKeyIdentifier = hash
+authorityKeyIdentifier = keyid
+CNF
+  {
+    openssl req -x509 -new -newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes -days 3650 \
+      -config "$work/ca.cnf" -keyout "$work/ca.key" -out "$work/ca.pem" &&
+      openssl req -new -newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes -subj /CN=localhost \
+        -keyout "$work/server.key" -out "$work/server.csr" &&
+      openssl x509 -req -in "$work/server.csr" -CA "$work/ca.pem" -CAkey "$work/ca.key" -set_serial "0x$(openssl rand -hex 16)" \
+        -days 825 -extfile "$work/server.ext" -out "$work/server.pem"
+  } >"$logs/pg-tls.log" 2>&1 || { rm -rf "$work"; die "openssl could not make the certificates; see $logs/pg-tls.log"; }
+  # Nothing else is ever signed with this CA: its key goes.
+  mkdir -p "$pg_tls_dir"
+  install -o postgres -g postgres -m 0644 "$work/ca.pem" "$work/server.pem" "$pg_tls_dir/"
+  install -o postgres -g postgres -m 0600 "$work/server.key" "$pg_tls_dir/"
+  rm -rf "$work"
+  say "made a local CA and a server certificate for 127.0.0.1, ::1 and localhost in $pg_tls_dir"
+}
+
+pg_tls_ready() {
+  PGPASSWORD=enrich psql -At -c 'SELECT ssl FROM pg_stat_ssl WHERE pid = pg_backend_pid()' \
+    "host=127.0.0.1 port=$pg_port user=enrich dbname=enrich sslmode=verify-full sslrootcert=$pg_tls_client_ca" \
+    2>/dev/null | grep -qx t
+}
+
+# Idempotent and safe on a running server: ALTER SYSTEM and a reload, which keep every open
+# session; pg_hba's `host` lines match plaintext and TLS alike, so nothing else changes.
+pg_tls() {
+  need openssl "install it (Debian: apt-get install openssl)"
+  [ "$(id -u)" -eq 0 ] || die "pg-tls writes $pg_tls_dir and runs psql as postgres: run it as root"
+  pg_ready || die "PostgreSQL is not running on 127.0.0.1:$pg_port (deploy/local/stack.sh up)"
+  mkdir -p "$(dirname "$pg_tls_client_ca")"
+  # Two callers at once (two test runs, from any checkout) must not make two CAs.
+  exec 9>"$pg_tls_dir.lock"
+  flock 9
+  pg_tls_material_valid || pg_tls_make
+  cp "$pg_tls_dir/ca.pem" "$pg_tls_client_ca.tmp" && mv "$pg_tls_client_ca.tmp" "$pg_tls_client_ca"
+  local current
+  current=$(echo "SELECT current_setting('ssl') || ' ' || current_setting('ssl_cert_file') || ' ' || current_setting('ssl_key_file');" | pg_sql)
+  if [ "$current" != "on $pg_tls_dir/server.pem $pg_tls_dir/server.key" ] || ! pg_tls_ready; then
+    pg_sql >/dev/null <<SQL
+ALTER SYSTEM SET ssl = on;
+ALTER SYSTEM SET ssl_cert_file = '$pg_tls_dir/server.pem';
+ALTER SYSTEM SET ssl_key_file = '$pg_tls_dir/server.key';
+SELECT pg_reload_conf();
+SQL
+    # The reload is asynchronous: wait until a verified connection succeeds.
+    wait_for "PostgreSQL TLS (verify-full against $pg_tls_client_ca)" 30 pg_tls_ready \
+      || die "PostgreSQL does not accept verify-full connections after the reload; see /var/log/postgresql/"
+  else
+    say "PostgreSQL TLS already set up (CA for clients: $pg_tls_client_ca)"
+  fi
+  exec 9>&-
+}
+
 pg_down() {
   if pg_ready 2>/dev/null; then
     say "stopping PostgreSQL"
@@ -187,7 +277,7 @@ pg_down() {
 
 mkdir -p "$logs"
 case "${1:-}" in
-  up) pg_up; kafka_up; say "stack is up: Kafka 127.0.0.1:$kafka_port, PostgreSQL 127.0.0.1:$pg_port (logs in $logs)" ;;
+  up) pg_up; pg_tls; kafka_up; say "stack is up: Kafka 127.0.0.1:$kafka_port, PostgreSQL 127.0.0.1:$pg_port (logs in $logs)" ;;
   down) kafka_down; pg_down ;;
   status)
     if kafka_running; then say "Kafka: running (pid $(cat "$kafka_pidfile"))"; else say "Kafka: stopped"; fi
@@ -198,5 +288,6 @@ case "${1:-}" in
     say "restarting PostgreSQL"
     pg_ctlcluster "$pg_version" main restart -m fast || die "PostgreSQL did not restart"
     wait_for "PostgreSQL on 127.0.0.1:$pg_port" 60 pg_ready || die "PostgreSQL is not accepting connections" ;;
-  *) echo "usage: $0 up|down|status|restart-kafka|restart-postgres" >&2; exit 2 ;;
+  pg-tls) pg_tls ;;
+  *) echo "usage: $0 up|down|status|restart-kafka|restart-postgres|pg-tls" >&2; exit 2 ;;
 esac

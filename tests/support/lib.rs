@@ -139,16 +139,16 @@ impl TestEnv {
     }
 
     fn process(&self, binary: &str, log: &str, stdout: std::process::Stdio) -> anyhow::Result<std::process::Child> {
-        let path = binary_path(binary)?;
+        Ok(self.command(binary)?.env("RUST_LOG", log).stdout(stdout).spawn()?)
+    }
+
+    /// A stage's binary with this test's settings (`--config` and the `ENRICH_*`
+    /// variables), no stdin, for the caller to add to and spawn.
+    pub fn command(&self, binary: &str) -> anyhow::Result<std::process::Command> {
         let config = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../config/pipeline.toml");
-        Ok(std::process::Command::new(path)
-            .arg("--config")
-            .arg(config)
-            .envs(self.env_vars.iter().cloned())
-            .env("RUST_LOG", log)
-            .stdin(std::process::Stdio::null())
-            .stdout(stdout)
-            .spawn()?)
+        let mut command = std::process::Command::new(binary_path(binary)?);
+        command.arg("--config").arg(config).envs(self.env_vars.iter().cloned()).stdin(std::process::Stdio::null());
+        Ok(command)
     }
 
     /// Waits until every produced record is read by ingest and every forwarded key is
@@ -277,4 +277,42 @@ pub fn parse_metrics(text: &str) -> std::collections::HashMap<String, f64> {
 pub async fn scrape_metrics(port: u16) -> anyhow::Result<std::collections::HashMap<String, f64>> {
     let text = reqwest::get(format!("http://127.0.0.1:{port}/metrics")).await?.text().await?;
     Ok(parse_metrics(&text))
+}
+
+/// The CA file that verifies the local PostgreSQL's TLS certificate: `ENRICH_TEST_PG_CA`
+/// when set (a server whose TLS is set up elsewhere), otherwise the copy that
+/// `deploy/local/stack.sh pg-tls` leaves in the stack directory. That step runs first,
+/// once per test process: it is idempotent and sets TLS up on a running server (a reload,
+/// no restart), so a stack started before it existed gets TLS too.
+pub fn postgres_tls_ca() -> anyhow::Result<std::path::PathBuf> {
+    static CA: std::sync::OnceLock<Result<std::path::PathBuf, String>> = std::sync::OnceLock::new();
+    CA.get_or_init(|| {
+        if let Some(ca) = std::env::var_os("ENRICH_TEST_PG_CA") {
+            return Ok(ca.into());
+        }
+        let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+        let out = std::process::Command::new(root.join("deploy/local/stack.sh"))
+            .arg("pg-tls")
+            .stdin(std::process::Stdio::null())
+            .output()
+            .map_err(|e| format!("cannot run deploy/local/stack.sh pg-tls: {e}"))?;
+        if !out.status.success() {
+            return Err(format!(
+                "deploy/local/stack.sh pg-tls failed (set ENRICH_TEST_PG_CA for a server set up otherwise): {}{}",
+                String::from_utf8_lossy(&out.stdout),
+                String::from_utf8_lossy(&out.stderr)
+            ));
+        }
+        let stack_dir = std::env::var_os("ENRICH_STACK_DIR").map_or_else(|| root.join(".stack"), Into::into);
+        Ok(stack_dir.join("pg-tls/ca.pem"))
+    })
+    .clone()
+    .map_err(|e| anyhow::anyhow!(e))
+}
+
+/// `url` with these query parameters added (percent-encoded).
+pub fn with_query(url: &str, params: &[(&str, &str)]) -> anyhow::Result<String> {
+    let mut url = reqwest::Url::parse(url)?;
+    url.query_pairs_mut().extend_pairs(params);
+    Ok(url.into())
 }
