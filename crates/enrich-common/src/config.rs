@@ -127,6 +127,28 @@ pub struct Settings {
     pub telemetry: TelemetrySettings,
     #[serde(default)]
     pub audit: AuditSettings,
+    #[serde(default)]
+    pub http: HttpSettings,
+}
+
+/// What every HTTP server of the product (health, metrics, the admin API) allows a client.
+#[derive(Debug, Clone, Copy, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct HttpSettings {
+    /// A connection that has not sent a whole request head within this time is closed (a
+    /// half-sent request cannot hold a connection).
+    pub header_read_timeout_ms: u64,
+    /// A request (its body read and its answer) taking longer is answered 503. A replay
+    /// cut short this way still runs to its end.
+    pub request_timeout_ms: u64,
+    /// Connections served at once; more wait in the listen backlog.
+    pub max_connections: usize,
+}
+
+impl Default for HttpSettings {
+    fn default() -> Self {
+        Self { header_read_timeout_ms: 5_000, request_timeout_ms: 60_000, max_connections: 256 }
+    }
 }
 
 /// What the spans may carry (export itself is configured by the standard `OTEL_*`
@@ -611,10 +633,14 @@ pub struct DlqReplayerSettings {
     pub http_port: u16,
     /// The same admin API over gRPC (`enrichment.admin.v1.DeadLetters`).
     pub grpc_port: u16,
-    /// Bearer token every mutating admin call must carry (replay, discard); at least 16
-    /// characters. Unset or empty: those calls are refused with 401. Secret: set it with
-    /// ENRICH_DLQ_REPLAYER__ADMIN_TOKEN.
+    /// Bearer token every mutating admin call must carry (replay, discard, pause,
+    /// resume); it reads too. At least 16 characters. Unset or empty: those calls are
+    /// refused with 401. Secret: set it with ENRICH_DLQ_REPLAYER__ADMIN_TOKEN.
     pub admin_token: Option<Secret>,
+    /// Bearer token for the admin API's reads (list, show, history, the kill switch's
+    /// state); at least 16 characters. With either token set, every read needs one of
+    /// them. With neither, reads are open (a demo) but never return a payload.
+    pub read_token: Option<Secret>,
     /// A key is replayed at most this many times; further replays are refused.
     pub max_replays_per_key: u32,
     /// Replays produced per second at most.
@@ -623,7 +649,14 @@ pub struct DlqReplayerSettings {
 
 impl Default for DlqReplayerSettings {
     fn default() -> Self {
-        Self { http_port: 9104, grpc_port: 9105, admin_token: None, max_replays_per_key: 3, replay_rate_per_sec: 200 }
+        Self {
+            http_port: 9104,
+            grpc_port: 9105,
+            admin_token: None,
+            read_token: None,
+            max_replays_per_key: 3,
+            replay_rate_per_sec: 200,
+        }
     }
 }
 
@@ -896,8 +929,23 @@ impl Settings {
         if self.dlq_replayer.replay_rate_per_sec == 0 {
             return Err(ConfigError::new("dlq_replayer.replay_rate_per_sec", "must be at least 1"));
         }
-        if self.dlq_replayer.admin_token.as_ref().is_some_and(|t| !t.expose().is_empty() && t.expose().len() < 16) {
-            return Err(ConfigError::new("dlq_replayer.admin_token", "must be at least 16 characters"));
+        for (field, token) in [
+            ("dlq_replayer.admin_token", &self.dlq_replayer.admin_token),
+            ("dlq_replayer.read_token", &self.dlq_replayer.read_token),
+        ] {
+            if token.as_ref().is_some_and(|t| !t.expose().is_empty() && t.expose().len() < 16) {
+                return Err(ConfigError::new(field, "must be at least 16 characters"));
+            }
+        }
+        let http = &self.http;
+        for (field, value) in [
+            ("http.header_read_timeout_ms", http.header_read_timeout_ms),
+            ("http.request_timeout_ms", http.request_timeout_ms),
+            ("http.max_connections", http.max_connections as u64),
+        ] {
+            if value == 0 {
+                return Err(ConfigError::new(field, "must be greater than 0"));
+            }
         }
         if self.publisher.transaction_timeout_ms < 1_000 {
             return Err(ConfigError::new("publisher.transaction_timeout_ms", "must be at least 1000"));
@@ -967,12 +1015,12 @@ impl Override {
     }
 }
 
-/// The `ENRICH_*` variables that are configuration paths, in a stable order. Variables
-/// without `__` (such as an API key named by `llm.api_key_env`) are not paths.
+/// The `ENRICH_*` variables that are configuration paths, in a stable order; a name given
+/// twice takes its last value. Variables without `__` (such as an API key named by
+/// `llm.api_key_env`) are not paths.
 fn env_overrides(env: impl IntoIterator<Item = (String, String)>) -> Result<Vec<Override>, ConfigError> {
-    let mut vars: Vec<(String, String)> =
+    let vars: BTreeMap<String, String> =
         env.into_iter().filter(|(k, _)| k.starts_with(ENV_PREFIX) && k.contains("__")).collect();
-    vars.sort();
     vars.into_iter()
         .map(|(name, raw)| {
             let path: Vec<String> = name[ENV_PREFIX.len()..].split("__").map(str::to_ascii_lowercase).collect();
@@ -1072,6 +1120,8 @@ output_schema = '{"type": "object"}'
     fn environment_overrides_any_key() {
         let s = load(&[
             ("ENRICH_TOPICS__OUTPUT", "out.v2"),
+            // Given twice (a test's defaults, then its own): the last value holds.
+            ("ENRICH_KAFKA__PARTITIONS", "9"),
             ("ENRICH_KAFKA__PARTITIONS", "3"),
             ("ENRICH_KAFKA__CLIENT__SECURITY.PROTOCOL", "SASL_SSL"),
             ("ENRICH_KAFKA__CLIENT__SESSION.TIMEOUT.MS", "6000"),
