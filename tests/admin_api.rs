@@ -191,12 +191,57 @@ async fn until_closed(stream: &mut tokio::net::TcpStream, limit: Duration) -> Op
     Some((closed, got))
 }
 
+/// Opens `limit` connections to `addr` that never finish their start (the first sends
+/// nothing, the others `partial`), then runs `complete`; checks that the server closes
+/// every held one after its header-read timeout, and that `complete` was answered only
+/// once a slot had freed. Returns what `complete` returned.
+async fn held_then_answered<T: Send + 'static>(
+    addr: &str,
+    partial: &[u8],
+    limit: usize,
+    complete: impl std::future::Future<Output = anyhow::Result<T>> + Send + 'static,
+) -> anyhow::Result<T> {
+    let mut held = Vec::new();
+    for i in 0..limit {
+        let mut stream = tokio::net::TcpStream::connect(addr).await?;
+        if i > 0 {
+            stream.write_all(partial).await?;
+        }
+        held.push(stream);
+    }
+    let started = Instant::now();
+    let extra = tokio::spawn(async move {
+        let answer = complete.await;
+        (Instant::now(), answer)
+    });
+    // Each watched on its own, so each closing is seen when it happens.
+    let watchers: Vec<_> = held
+        .into_iter()
+        .map(|mut stream| tokio::spawn(async move { until_closed(&mut stream, Duration::from_secs(20)).await }))
+        .collect();
+    let mut closed_at = Vec::new();
+    for (i, watcher) in watchers.into_iter().enumerate() {
+        let (at, _) =
+            watcher.await?.unwrap_or_else(|| panic!("{addr}: half-sent connection {i} still open after 20 s"));
+        closed_at.push(at);
+    }
+    let (answered_at, answer) = extra.await?;
+    let first_freed = closed_at.iter().min().copied().unwrap();
+    assert!(
+        first_freed >= started + Duration::from_millis(400),
+        "{addr}: closed by the header-read timeout, not at once"
+    );
+    assert!(answered_at >= first_freed, "{addr}: the extra connection waited for a free slot (limit {limit})");
+    answer
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn half_sent_and_slow_requests_cannot_hold_the_admin_server() -> anyhow::Result<()> {
     const LIMIT: usize = 4;
-    let port = enrich_e2e::free_port()?;
+    let (port, grpc_port) = (enrich_e2e::free_port()?, enrich_e2e::free_port()?);
     let overrides = [
         ("ENRICH_DLQ_REPLAYER__HTTP_PORT", port.to_string()),
+        ("ENRICH_DLQ_REPLAYER__GRPC_PORT", grpc_port.to_string()),
         ("ENRICH_DLQ_REPLAYER__ADMIN_TOKEN", ADMIN.to_string()),
         ("ENRICH_HTTP__HEADER_READ_TIMEOUT_MS", "500".to_string()),
         ("ENRICH_HTTP__REQUEST_TIMEOUT_MS", "1000".to_string()),
@@ -210,37 +255,25 @@ async fn half_sent_and_slow_requests_cannot_hold_the_admin_server() -> anyhow::R
     })
     .await?;
 
-    // As many half-sent requests as the limit allows: a request head never finished, and
-    // one connection that sends nothing at all.
-    let mut held = Vec::new();
-    for i in 0..LIMIT {
-        let mut stream = tokio::net::TcpStream::connect(&addr).await?;
-        if i > 0 {
-            stream.write_all(b"GET /v1/dead-letters HTTP/1.1\r\nHost: x\r\nX-Slow: ").await?;
-        }
-        held.push(stream);
-    }
-    // One more, complete: it waits for a free connection slot.
-    let started = Instant::now();
-    let extra = tokio::spawn(async move {
-        let response = reqwest::get(format!("http://127.0.0.1:{port}/healthz")).await;
-        (Instant::now(), response.map(|r| r.status()))
-    });
-    // Each watched on its own, so each closing is seen when it happens.
-    let watchers: Vec<_> = held
-        .into_iter()
-        .map(|mut stream| tokio::spawn(async move { until_closed(&mut stream, Duration::from_secs(20)).await }))
-        .collect();
-    let mut closed_at = Vec::new();
-    for (i, watcher) in watchers.into_iter().enumerate() {
-        let (at, _) = watcher.await?.unwrap_or_else(|| panic!("half-sent connection {i} still open after 20 s"));
-        closed_at.push(at);
-    }
-    let (answered_at, status) = extra.await?;
-    assert_eq!(status?, StatusCode::OK, "the server still answers");
-    let first_freed = closed_at.iter().min().copied().unwrap();
-    assert!(first_freed >= started + Duration::from_millis(400), "closed by the header-read timeout, not at once");
-    assert!(answered_at >= first_freed, "the extra connection waited for a free slot (limit {LIMIT})");
+    // As many half-sent requests as the limit allows (one connection sends nothing at
+    // all); one more, complete, waits for a free slot.
+    let partial: &[u8] = b"GET /v1/dead-letters HTTP/1.1\r\nHost: x\r\nX-Slow: ";
+    let status = held_then_answered(&addr, partial, LIMIT, async move {
+        reqwest::get(format!("http://127.0.0.1:{port}/healthz")).await.map(|r| r.status().as_u16()).map_err(Into::into)
+    })
+    .await?;
+    assert_eq!(status, 200, "the server still answers");
+
+    // The gRPC port likewise: a connection must send the whole HTTP/2 preface in time.
+    let grpc_addr = format!("127.0.0.1:{grpc_port}");
+    let endpoint = format!("http://{grpc_addr}");
+    let listed = held_then_answered(&grpc_addr, b"PRI * HTTP/2.0\r\n", LIMIT, async move {
+        let mut client = DeadLettersClient::connect(endpoint).await?;
+        let list = pb::ListRequest { status: "dead".into(), filter: None, after_id: 0, limit: 10 };
+        Ok(client.list(with_token(list, ADMIN)).await?.into_inner().items.len() as u16)
+    })
+    .await?;
+    assert_eq!(listed, 0, "the gRPC server still answers");
 
     // A request whose body never finishes is answered 503 after the request timeout.
     let mut slow = tokio::net::TcpStream::connect(&addr).await?;

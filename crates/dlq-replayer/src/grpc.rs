@@ -144,7 +144,13 @@ impl DeadLetters for Service {
             return Err(Status::invalid_argument("give ids or a filter (reason, stage, idempotency_key, from, to)"));
         }
         let note = (!r.note.is_empty()).then_some(r.note);
-        let outcome = self.api.replayer.replay(&f, r.dry_run, note.as_deref()).await.map_err(internal)?;
+        // In a task of its own: the request timeout or a client leaving never cuts a replay
+        // between producing a record and marking it replayed.
+        let (replayer, filter, why) = (self.api.replayer.clone(), f.clone(), note.clone());
+        let outcome = tokio::spawn(async move { replayer.replay(&filter, r.dry_run, why.as_deref()).await })
+            .await
+            .map_err(internal)?
+            .map_err(internal)?;
         tracing::info!(dry_run = r.dry_run, matched = outcome.matched, replayed = outcome.replayed.len(), refused = outcome.refused.len(), note = ?note, "replay (gRPC)");
         Ok(Response::new(pb::ReplayResponse {
             dry_run: outcome.dry_run,

@@ -8,6 +8,7 @@ pub mod access;
 pub mod api;
 pub mod cli;
 pub mod grpc;
+pub mod incoming;
 pub mod replay;
 pub mod retention;
 
@@ -40,11 +41,13 @@ pub async fn run(settings: Settings, shutdown: Shutdown) -> anyhow::Result<()> {
     let grpc_addr = grpc_listener.local_addr()?;
     let router = http::router(state.clone()).merge(api::routes(api.clone()));
     let (addr, task) = http::serve("0.0.0.0", port, router, http_limits, shutdown.clone()).await?;
+    let connections = incoming::incoming(grpc_listener, http_limits, shutdown.clone());
     let grpc = tonic::transport::Server::builder()
+        .timeout(std::time::Duration::from_millis(http_limits.request_timeout_ms))
+        .http2_keepalive_interval(Some(std::time::Duration::from_secs(30)))
+        .http2_keepalive_timeout(Some(std::time::Duration::from_secs(10)))
         .add_service(grpc::service(api))
-        .serve_with_incoming_shutdown(tonic::transport::server::TcpIncoming::from(grpc_listener), async move {
-            shutdown.cancelled().await
-        });
+        .serve_with_incoming_shutdown(connections, async move { shutdown.cancelled().await });
     tracing::info!(%addr, %grpc_addr, "admin API (HTTP and gRPC) and health endpoints listening");
     state.set_ready();
     let (served, grpc_served) = tokio::join!(task, grpc);
