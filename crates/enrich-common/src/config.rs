@@ -1230,6 +1230,9 @@ output_schema = '{"type": "object"}'
     fn a_bad_value_names_the_field_only() {
         let cases: &[(&str, &str, &str)] = &[
             ("ENRICH_DLQ_REPLAYER__ADMIN_TOKEN", "86753", "dlq_replayer.admin_token"),
+            ("ENRICH_DLQ_REPLAYER__READ_TOKEN", "86753", "dlq_replayer.read_token"),
+            ("ENRICH_HTTP__MAX_CONNECTIONS", "0", "http.max_connections"),
+            ("ENRICH_HTTP__HEADER_READ_TIMEOUT_MS", "s3cr3t", "http.header_read_timeout_ms"),
             ("ENRICH_DLQ_REPLAYER__HTTP_PORT", "8675309", "dlq_replayer.http_port"),
             ("ENRICH_KAFKA__PARTITIONS", "s3cr3t-many", "kafka.partitions"),
             ("ENRICH_KAFKA__CREATE_TOPICS", "s3cr3t", "kafka.create_topics"),
