@@ -266,9 +266,14 @@ async fn dead_letters_are_listed_shown_and_replayed_once_the_cause_is_fixed() ->
     let failed_calls = shown["steps"].as_array().unwrap().iter().filter(|s| s["status"] == "failed").count();
     assert_eq!(failed_calls, 2, "the history shows both failed calls");
 
-    // The operator's CLI: the table, then a replay by reason. Mutations need the token.
+    // The operator's CLI: the table, then a replay by reason. Reads and mutations need the
+    // token.
     let cli_env = [("ENRICH_ADMIN_API", api.as_str())];
-    let (ok, table, _) = enrich_e2e::run_cli("dlq-replayer", &["list", "--reason", "max_attempts"], &cli_env).await?;
+    let with_token = [("ENRICH_ADMIN_API", api.as_str()), ("ENRICH_ADMIN_TOKEN", token.as_str())];
+    let list_args = ["list", "--reason", "max_attempts"];
+    let (ok, _, err) = enrich_e2e::run_cli("dlq-replayer", &list_args, &cli_env).await?;
+    assert!(!ok && err.contains("401"), "a read refused without the token: {err}");
+    let (ok, table, _) = enrich_e2e::run_cli("dlq-replayer", &list_args, &with_token).await?;
     assert!(ok && table.contains("3 dead letter(s)"), "{table}");
     let by_reason_args = ["replay", "--reason", "max_attempts", "--note", "sim fixed"];
     let (ok, _, err) = enrich_e2e::run_cli("dlq-replayer", &by_reason_args, &cli_env).await?;
@@ -279,7 +284,6 @@ async fn dead_letters_are_listed_shown_and_replayed_once_the_cause_is_fixed() ->
     let preview = client.replay(&by_reason, true, Some("sim fixed")).await?;
     assert_eq!((preview.matched, preview.replayed.len()), (3, 3));
     assert_eq!(client.list("dead", &by_reason).await?.len(), 3, "a dry run changes nothing");
-    let with_token = [("ENRICH_ADMIN_API", api.as_str()), ("ENRICH_ADMIN_TOKEN", token.as_str())];
     let (ok, out, progress) = enrich_e2e::run_cli("dlq-replayer", &by_reason_args, &with_token).await?;
     assert!(ok, "{out}{progress}");
     assert!(out.contains("3 matched: 3 to replay, 0 refused") && out.contains("replayed 3, refused 0"), "{out}");
@@ -517,10 +521,16 @@ async fn the_grpc_admin_api_lists_shows_discards_and_replays_with_the_token() ->
     .await?;
     let by_reason = || Some(pb::Filter { reason: Some("max_attempts".into()), ..Default::default() });
     let list = |status: &str| pb::ListRequest { status: status.into(), filter: by_reason(), after_id: 0, limit: 10 };
-    let dead = client.list(list("dead")).await?.into_inner().items;
+    fn with_token<T>(message: T, token: &str) -> tonic::Request<T> {
+        let mut r = tonic::Request::new(message);
+        r.metadata_mut().insert("authorization", format!("Bearer {token}").parse().unwrap());
+        r
+    }
+    let dead = client.list(with_token(list("dead"), &token)).await?.into_inner().items;
     assert_eq!(dead.len(), 2);
     assert!(dead.iter().all(|d| d.stage == "enricher" && d.attempts == 2 && d.reason_class == "transient"));
-    let shown = client.show(pb::ShowRequest { id: dead[0].id }).await?.into_inner();
+    let shown =
+        client.show(with_token(pb::ShowRequest { id: dead[0].id, ..Default::default() }, &token)).await?.into_inner();
     assert!(String::from_utf8(shown.payload)?.contains("[[sim:always-500]]"));
     assert_eq!(shown.steps.iter().filter(|s| s.step == "llm_call" && s.status == "failed").count(), 2);
     assert!(shown.runs.iter().any(|r| r.stage == "enricher" && r.status == "dead_lettered"));
@@ -528,18 +538,13 @@ async fn the_grpc_admin_api_lists_shows_discards_and_replays_with_the_token() ->
     // Mutations without the token are refused, and change nothing.
     let anonymous = client.replay(pb::ReplayRequest { filter: by_reason(), dry_run: false, note: String::new() }).await;
     assert_eq!(anonymous.unwrap_err().code(), tonic::Code::Unauthenticated);
-    fn with_token<T>(message: T, token: &str) -> tonic::Request<T> {
-        let mut r = tonic::Request::new(message);
-        r.metadata_mut().insert("authorization", format!("Bearer {token}").parse().unwrap());
-        r
-    }
     // Discard one, replay the other once the cause is fixed.
     let discarded = client
         .discard(with_token(pb::DiscardRequest { id: dead[0].id, note: "not needed".into() }, &token))
         .await?
         .into_inner();
     assert!(discarded.discarded);
-    assert_eq!(client.list(list("discarded")).await?.into_inner().items.len(), 1);
+    assert_eq!(client.list(with_token(list("discarded"), &token)).await?.into_inner().items.len(), 1);
     env.sim.set_faults(llm_sim::Faults { markers: false, ..Default::default() });
     let request = |dry_run| pb::ReplayRequest { filter: by_reason(), dry_run, note: "sim fixed".into() };
     let preview = client.replay(with_token(request(true), &token)).await?.into_inner();
@@ -550,7 +555,7 @@ async fn the_grpc_admin_api_lists_shows_discards_and_replays_with_the_token() ->
         Ok((count_in_states(&env, &["published"]).await? == (N - 1) as i64).then_some(()))
     })
     .await?;
-    assert!(client.list(list("dead")).await?.into_inner().items.is_empty());
+    assert!(client.list(with_token(list("dead"), &token)).await?.into_inner().items.is_empty());
     for s in stages {
         s.stop().await?;
     }

@@ -1,5 +1,6 @@
-//! Observability on the real stack: spans of every stage arrive at a real OTLP receiver
-//! (a gRPC TraceService inside this test binary) as one trace per event; `/metrics`
+//! Observability on the real stack: spans of every stage arrive at real OTLP receivers
+//! inside this test binary (a gRPC TraceService, and an HTTP server decoding protobuf
+//! `ExportTraceServiceRequest`s), each as one trace per event; `/metrics`
 //! parses and counts the run; a key's history shows every stage with its steps and
 //! tokens; log lines inside a record's span carry its trace id; old audit rows go.
 
@@ -25,10 +26,12 @@ const CONSUMER: i32 = 5;
 const PRODUCER: i32 = 4;
 const CLIENT: i32 = 3;
 
-/// The OTLP receiver and the process's tracer provider exporting to it, alive for the
-/// whole test binary (on a runtime of their own: each test has its own).
+/// The OTLP receivers (one per protocol) and the process's tracer provider exporting every
+/// span to both, alive for the whole test binary (on a runtime of their own: each test has
+/// its own).
 struct Collector {
-    spans: Store,
+    grpc: Store,
+    http: Store,
     telemetry: Telemetry,
 }
 
@@ -39,13 +42,20 @@ fn collector() -> &'static Collector {
         std::thread::spawn(move || {
             let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(1).enable_all().build().unwrap();
             rt.block_on(async move {
-                let spans = Store::new(1_000_000);
+                let (grpc, http) = (Store::new(1_000_000), Store::new(1_000_000));
                 let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-                let addr = listener.local_addr().unwrap();
-                let _receiver = serve_otlp(listener, spans.clone());
-                let export = TraceExport { endpoint: format!("http://{addr}"), protocol: Protocol::Grpc };
-                let telemetry = enrich_common::telemetry::install_tracer("enrich-e2e", Some(&export)).unwrap();
-                tx.send(Collector { spans, telemetry }).unwrap();
+                let grpc_addr = listener.local_addr().unwrap();
+                let _grpc = serve_otlp(listener, grpc.clone());
+                let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+                let http_addr = listener.local_addr().unwrap();
+                let _http = tokio::spawn(serve_otlp_http(listener, http.clone()));
+                // Built inside a runtime, as every stage's main does.
+                let exports = [
+                    TraceExport { endpoint: format!("http://{grpc_addr}"), protocol: Protocol::Grpc },
+                    TraceExport { endpoint: format!("http://{http_addr}"), protocol: Protocol::HttpProtobuf },
+                ];
+                let telemetry = enrich_common::telemetry::install_tracer("enrich-e2e", &exports).unwrap();
+                tx.send(Collector { grpc, http, telemetry }).unwrap();
                 std::future::pending::<()>().await;
             });
         });
@@ -53,11 +63,48 @@ fn collector() -> &'static Collector {
     })
 }
 
+/// The collector's OTLP/HTTP traces endpoint: a protobuf `ExportTraceServiceRequest` in,
+/// a protobuf `ExportTraceServiceResponse` out; anything else is refused.
+async fn serve_otlp_http(listener: tokio::net::TcpListener, store: Store) {
+    use axum::http::{HeaderMap, StatusCode, header::CONTENT_TYPE};
+    use opentelemetry_proto::tonic::collector::trace::v1::{ExportTraceServiceRequest, ExportTraceServiceResponse};
+    use prost::Message;
+    let export = move |headers: HeaderMap, body: axum::body::Bytes| async move {
+        let protobuf = headers.get(CONTENT_TYPE).is_some_and(|v| v.as_bytes() == b"application/x-protobuf");
+        if !protobuf {
+            return (StatusCode::UNSUPPORTED_MEDIA_TYPE, [(CONTENT_TYPE, "text/plain")], Vec::new());
+        }
+        match ExportTraceServiceRequest::decode(body) {
+            Ok(request) => {
+                store.ingest(request);
+                let answer = ExportTraceServiceResponse { partial_success: None }.encode_to_vec();
+                (StatusCode::OK, [(CONTENT_TYPE, "application/x-protobuf")], answer)
+            }
+            Err(_) => (StatusCode::BAD_REQUEST, [(CONTENT_TYPE, "text/plain")], Vec::new()),
+        }
+    };
+    let app = axum::Router::new().route("/v1/traces", axum::routing::post(export));
+    axum::serve(listener, app).await.unwrap();
+}
+
 impl Collector {
-    /// Exports what the batch processor holds, then returns the spans of `trace`.
-    async fn trace(&'static self, trace: [u8; 16]) -> Vec<Received> {
+    fn store(&self, protocol: Protocol) -> &Store {
+        match protocol {
+            Protocol::Grpc => &self.grpc,
+            Protocol::HttpProtobuf => &self.http,
+        }
+    }
+
+    /// Exports what the batch processors hold, then returns the spans of `trace` the
+    /// receiver of `protocol` has.
+    async fn trace_over(&'static self, protocol: Protocol, trace: [u8; 16]) -> Vec<Received> {
         tokio::task::spawn_blocking(move || self.telemetry.flush()).await.unwrap();
-        self.spans.trace(&trace)
+        self.store(protocol).trace(&trace)
+    }
+
+    /// The spans of `trace`, as the gRPC receiver has them.
+    async fn trace(&'static self, trace: [u8; 16]) -> Vec<Received> {
+        self.trace_over(Protocol::Grpc, trace).await
     }
 }
 
@@ -77,7 +124,17 @@ async fn produce_traced(env: &TestEnv, records: &[Record]) -> anyhow::Result<Vec
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn each_event_is_one_trace_from_ingest_through_enricher_to_publisher() -> anyhow::Result<()> {
+async fn each_event_is_one_trace_from_ingest_through_enricher_to_publisher_over_grpc() -> anyhow::Result<()> {
+    each_event_is_one_trace(Protocol::Grpc).await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn each_event_is_one_trace_from_ingest_through_enricher_to_publisher_over_http_protobuf() -> anyhow::Result<()> {
+    each_event_is_one_trace(Protocol::HttpProtobuf).await
+}
+
+/// Every span of every record's chain reaches the receiver of `protocol`.
+async fn each_event_is_one_trace(protocol: Protocol) -> anyhow::Result<()> {
     const N: usize = 20;
     let collector = collector();
     let overrides =
@@ -106,7 +163,7 @@ async fn each_event_is_one_trace_from_ingest_through_enricher_to_publisher() -> 
         let source = sent.trace.clone().expect("the test set a traceparent");
         // The last spans end just after the output commits: look until the chain is whole.
         let chain = wait_for("the record's whole trace", DEADLINE, || async {
-            let spans = collector.trace(source.trace_id).await;
+            let spans = collector.trace_over(protocol, source.trace_id).await;
             let Some(ingest) = one(&spans, "ingest-dedup", CONSUMER, &source.span_id) else { return Ok(None) };
             let Some(forward) = one(&spans, "ingest-dedup", PRODUCER, &ingest.span_id) else { return Ok(None) };
             let Some(enricher) = one(&spans, "enricher", CONSUMER, &forward.span_id) else { return Ok(None) };
@@ -163,12 +220,13 @@ async fn each_event_is_one_trace_from_ingest_through_enricher_to_publisher() -> 
     }
     // `loadgen traces` draws the same trace as a tree, stage after stage.
     let first = produced[0].trace.clone().unwrap();
-    let drawn = render(&collector.trace(first.trace_id).await);
+    let drawn = render(&collector.trace_over(protocol, first.trace_id).await);
     let position = |what: &str| drawn.find(what).unwrap_or_else(|| panic!("{what} in\n{drawn}"));
     assert!(position("ingest-dedup") < position("enricher") && position("enricher") < position("publisher"), "{drawn}");
     assert!(drawn.contains(&format!("trace {}", first.trace_id_hex())));
     // Only the product's spans: none from the exporter's own gRPC traffic.
-    let scopes: std::collections::BTreeSet<String> = collector.spans.all().iter().map(|r| r.scope.clone()).collect();
+    let scopes: std::collections::BTreeSet<String> =
+        collector.store(protocol).all().iter().map(|r| r.scope.clone()).collect();
     assert!(
         scopes.iter().all(|s| ["ingest-dedup", "enricher", "publisher", "dlq-replayer"].contains(&s.as_str())),
         "{scopes:?}"

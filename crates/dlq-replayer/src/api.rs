@@ -1,5 +1,7 @@
-//! The admin HTTP API (under `/v1`, beside `/healthz`, `/readyz`, `/metrics`). Reads are
-//! open; every mutating call needs `Authorization: Bearer <dlq_replayer.admin_token>`.
+//! The admin HTTP API (under `/v1`, beside `/healthz`, `/readyz`, `/metrics`). Reads need
+//! `Authorization: Bearer <read or admin token>` (open, without payloads, when no token is
+//! configured: see `access`); every mutating call needs the admin token. A key's history
+//! and a dead letter's are paged (`limit`, `runs_after`, `steps_after`).
 
 use axum::extract::{Path, Query, State};
 use axum::http::{HeaderMap, StatusCode};
@@ -10,11 +12,12 @@ use serde::Deserialize;
 use serde_json::json;
 use std::sync::Arc;
 
-use crate::replay::{self, Filter, Replayer};
+use crate::access::{Access, Reader};
+use crate::replay::{self, Filter, Page, Replayer};
 
 pub struct Api {
-    pub replayer: Replayer,
-    pub token: Option<String>,
+    pub replayer: Arc<Replayer>,
+    pub access: Access,
 }
 
 #[derive(Deserialize)]
@@ -70,27 +73,22 @@ fn error(status: StatusCode, message: impl Into<String>) -> Response {
     (status, Json(json!({"error": message.into()}))).into_response()
 }
 
+fn authorization(headers: &HeaderMap) -> Option<&str> {
+    headers.get("authorization").and_then(|v| v.to_str().ok())
+}
+
 fn authorized(api: &Api, headers: &HeaderMap) -> Result<(), Box<Response>> {
-    let given = headers.get("authorization").and_then(|v| v.to_str().ok());
-    check_bearer(api.token.as_deref(), given).map_err(|why| Box::new(error(StatusCode::UNAUTHORIZED, why)))
+    api.access.admin(authorization(headers)).map_err(|why| Box::new(error(StatusCode::UNAUTHORIZED, why)))
 }
 
-/// Checks an `Authorization` value against the configured token (HTTP and gRPC alike).
-pub fn check_bearer(token: Option<&str>, authorization: Option<&str>) -> Result<(), &'static str> {
-    let Some(token) = token else {
-        return Err("no admin token is configured (dlq_replayer.admin_token)");
-    };
-    match authorization.and_then(|v| v.strip_prefix("Bearer ")) {
-        Some(g) if constant_time_eq(g.as_bytes(), token.as_bytes()) => Ok(()),
-        _ => Err("missing or wrong bearer token"),
+fn reader(api: &Api, headers: &HeaderMap) -> Result<Reader, Box<Response>> {
+    api.access.read(authorization(headers)).map_err(|why| Box::new(error(StatusCode::UNAUTHORIZED, why)))
+}
+
+async fn list(State(api): State<Arc<Api>>, headers: HeaderMap, Query(q): Query<ListQuery>) -> Response {
+    if let Err(r) = reader(&api, &headers) {
+        return *r;
     }
-}
-
-fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
-    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
-}
-
-async fn list(State(api): State<Arc<Api>>, Query(q): Query<ListQuery>) -> Response {
     let filter = Filter { ids: None, reason: q.reason, stage: q.stage, key: q.key, from: q.from, to: q.to };
     let pipeline = &api.replayer.settings.pipeline.name;
     match replay::list(&api.replayer.pool, pipeline, &q.status, &filter, q.after_id, q.limit.clamp(1, 1000)).await {
@@ -102,8 +100,18 @@ async fn list(State(api): State<Arc<Api>>, Query(q): Query<ListQuery>) -> Respon
     }
 }
 
-async fn show(State(api): State<Arc<Api>>, Path(id): Path<i64>) -> Response {
-    match replay::show(&api.replayer.pool, &api.replayer.settings.pipeline.name, id).await {
+async fn show(
+    State(api): State<Arc<Api>>,
+    headers: HeaderMap,
+    Path(id): Path<i64>,
+    Query(page): Query<Page>,
+) -> Response {
+    let who = match reader(&api, &headers) {
+        Ok(who) => who,
+        Err(r) => return *r,
+    };
+    let with_payload = who == Reader::Authenticated;
+    match replay::show(&api.replayer.pool, &api.replayer.settings.pipeline.name, id, page, with_payload).await {
         Ok(Some(v)) => Json(v).into_response(),
         Ok(None) => error(StatusCode::NOT_FOUND, format!("no dead letter {id}")),
         Err(e) => error(StatusCode::INTERNAL_SERVER_ERROR, format!("{e:#}")),
@@ -116,7 +124,10 @@ struct PauseRequest {
 }
 
 /// The kill switch: whether enrichment is paused, why, since when.
-async fn enrichment_state(State(api): State<Arc<Api>>) -> Response {
+async fn enrichment_state(State(api): State<Arc<Api>>, headers: HeaderMap) -> Response {
+    if let Err(r) = reader(&api, &headers) {
+        return *r;
+    }
     match crate::replay::control(&api.replayer.pool, &api.replayer.settings.pipeline.name).await {
         Ok(c) => Json(c).into_response(),
         Err(e) => error(StatusCode::INTERNAL_SERVER_ERROR, format!("{e:#}")),
@@ -151,10 +162,18 @@ async fn set_paused(api: &Api, paused: bool, reason: Option<String>) -> Response
 }
 
 /// The whole timeline of one idempotency key across stages, with its trace ids.
-async fn history(State(api): State<Arc<Api>>, Path(key): Path<String>) -> Response {
-    match replay::history(&api.replayer.pool, &api.replayer.settings.pipeline.name, &key).await {
+async fn history(
+    State(api): State<Arc<Api>>,
+    headers: HeaderMap,
+    Path(key): Path<String>,
+    Query(page): Query<Page>,
+) -> Response {
+    if let Err(r) = reader(&api, &headers) {
+        return *r;
+    }
+    match replay::history(&api.replayer.pool, &api.replayer.settings.pipeline.name, &key, page).await {
         Ok(Some(h)) => Json(h).into_response(),
-        Ok(None) => error(StatusCode::NOT_FOUND, format!("nothing is known of key {key}")),
+        Ok(None) => error(StatusCode::NOT_FOUND, "nothing is known of this key"),
         Err(e) => error(StatusCode::INTERNAL_SERVER_ERROR, format!("{e:#}")),
     }
 }
@@ -167,7 +186,15 @@ async fn replay(State(api): State<Arc<Api>>, headers: HeaderMap, Json(req): Json
     if f.is_empty() {
         return error(StatusCode::BAD_REQUEST, "give ids or a filter (reason, stage, key, from, to)");
     }
-    match api.replayer.replay(f, req.dry_run, req.note.as_deref()).await {
+    // In a task of its own: a client that stops waiting (or the request timeout) never
+    // cuts a replay between producing a record and marking it replayed.
+    let (replayer, filter, note) = (api.replayer.clone(), f.clone(), req.note.clone());
+    let run = tokio::spawn(async move { replayer.replay(&filter, req.dry_run, note.as_deref()).await });
+    let done = match run.await {
+        Ok(done) => done,
+        Err(e) => Err(anyhow::anyhow!("the replay task failed: {e}")),
+    };
+    match done {
         Ok(outcome) => {
             tracing::info!(dry_run = req.dry_run, matched = outcome.matched, replayed = outcome.replayed.len(), refused = outcome.refused.len(), note = ?req.note, "replay");
             Json(outcome).into_response()

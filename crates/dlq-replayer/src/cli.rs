@@ -1,6 +1,7 @@
 //! The CLI's client side: the admin API over HTTP. The API address comes from
 //! `--api URL` or `ENRICH_ADMIN_API` (default `http://127.0.0.1:9104`), the token from
-//! `ENRICH_ADMIN_TOKEN` (never printed).
+//! `ENRICH_ADMIN_TOKEN` (the read or the admin token; sent with every call, never
+//! printed).
 
 use serde_json::Value;
 
@@ -22,6 +23,15 @@ impl Client {
         let api =
             api.or_else(|| std::env::var("ENRICH_ADMIN_API").ok()).unwrap_or_else(|| "http://127.0.0.1:9104".into());
         Self::new(api, std::env::var("ENRICH_ADMIN_TOKEN").ok().filter(|t| !t.is_empty()))
+    }
+
+    /// A request carrying the token, when there is one.
+    fn request(&self, method: reqwest::Method, url: impl reqwest::IntoUrl) -> reqwest::RequestBuilder {
+        let request = self.http.request(method, url);
+        match &self.token {
+            Some(t) => request.bearer_auth(t),
+            None => request,
+        }
     }
 
     async fn answer(response: reqwest::Response) -> anyhow::Result<Value> {
@@ -52,8 +62,8 @@ impl Client {
                     query.push((k, v.clone()));
                 }
             }
-            let page = Self::answer(self.http.get(format!("{}/v1/dead-letters", self.api)).query(&query).send().await?)
-                .await?;
+            let url = format!("{}/v1/dead-letters", self.api);
+            let page = Self::answer(self.request(reqwest::Method::GET, url).query(&query).send().await?).await?;
             let items: Vec<DeadLetter> = serde_json::from_value(page["items"].clone())?;
             out.extend(items);
             match page["next_after_id"].as_i64() {
@@ -63,29 +73,57 @@ impl Client {
         }
     }
 
-    /// A key's timeline across stages (`GET /v1/messages/{key}`).
+    /// A key's timeline across stages (`GET /v1/messages/{key}`), every page of it.
     pub async fn history(&self, key: &str) -> anyhow::Result<History> {
         let mut url = reqwest::Url::parse(&self.api)?;
         url.path_segments_mut()
             .map_err(|()| anyhow::anyhow!("{} cannot be a base URL", self.api))?
             .pop_if_empty()
             .extend(["v1", "messages", key]);
-        Ok(serde_json::from_value(Self::answer(self.http.get(url).send().await?).await?)?)
+        let (mut runs_after, mut steps_after) = (0i64, 0i64);
+        let mut whole: Option<History> = None;
+        loop {
+            let query = [
+                ("limit", "1000".to_string()),
+                ("runs_after", runs_after.to_string()),
+                ("steps_after", steps_after.to_string()),
+            ];
+            let next: History = serde_json::from_value(
+                Self::answer(self.request(reqwest::Method::GET, url.clone()).query(&query).send().await?).await?,
+            )?;
+            let (more_runs, more_steps) = (next.next_runs_after, next.next_steps_after);
+            match &mut whole {
+                None => whole = Some(next),
+                Some(h) => {
+                    h.runs.extend(next.runs);
+                    h.steps.extend(next.steps);
+                }
+            }
+            if more_runs.is_none() && more_steps.is_none() {
+                break;
+            }
+            // A kind that is done asks for nothing more of it: past every id.
+            runs_after = more_runs.unwrap_or(i64::MAX);
+            steps_after = more_steps.unwrap_or(i64::MAX);
+        }
+        let mut h = whole.ok_or_else(|| anyhow::anyhow!("no answer"))?;
+        h.next_runs_after = None;
+        h.next_steps_after = None;
+        Ok(h)
     }
 
     /// The kill switch: `pause` with a reason, or resume.
     pub async fn set_paused(&self, paused: bool, reason: Option<&str>) -> anyhow::Result<Value> {
         let path = if paused { "pause" } else { "resume" };
-        let mut request =
-            self.http.post(format!("{}/v1/enrichment/{path}", self.api)).json(&serde_json::json!({"reason": reason}));
-        if let Some(t) = &self.token {
-            request = request.bearer_auth(t);
-        }
+        let request = self
+            .request(reqwest::Method::POST, format!("{}/v1/enrichment/{path}", self.api))
+            .json(&serde_json::json!({"reason": reason}));
         Self::answer(request.send().await?).await
     }
 
     pub async fn show(&self, id: i64) -> anyhow::Result<Value> {
-        Self::answer(self.http.get(format!("{}/v1/dead-letters/{id}", self.api)).send().await?).await
+        Self::answer(self.request(reqwest::Method::GET, format!("{}/v1/dead-letters/{id}", self.api)).send().await?)
+            .await
     }
 
     pub async fn replay(&self, filter: &Filter, dry_run: bool, note: Option<&str>) -> anyhow::Result<ReplayOutcome> {
@@ -94,21 +132,14 @@ impl Client {
         if let Some(n) = note {
             body["note"] = Value::String(n.to_string());
         }
-        let mut request = self.http.post(format!("{}/v1/replay", self.api)).json(&body);
-        if let Some(t) = &self.token {
-            request = request.bearer_auth(t);
-        }
+        let request = self.request(reqwest::Method::POST, format!("{}/v1/replay", self.api)).json(&body);
         Ok(serde_json::from_value(Self::answer(request.send().await?).await?)?)
     }
 
     pub async fn discard(&self, id: i64, note: Option<&str>) -> anyhow::Result<()> {
-        let mut request = self
-            .http
-            .post(format!("{}/v1/dead-letters/{id}/discard", self.api))
+        let request = self
+            .request(reqwest::Method::POST, format!("{}/v1/dead-letters/{id}/discard", self.api))
             .json(&serde_json::json!({"note": note}));
-        if let Some(t) = &self.token {
-            request = request.bearer_auth(t);
-        }
         Self::answer(request.send().await?).await.map(|_| ())
     }
 }

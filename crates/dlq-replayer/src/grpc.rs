@@ -1,12 +1,13 @@
 //! The admin API over gRPC (service `enrichment.admin.v1.DeadLetters`, defined in
-//! proto/enrichment/admin/v1/dead_letters.proto): the same operations, rules and token
+//! proto/enrichment/admin/v1/dead_letters.proto): the same operations, rules and tokens
 //! as the HTTP API.
 
 use std::sync::Arc;
 use tonic::{Request, Response, Status};
 
-use crate::api::{Api, check_bearer};
-use crate::replay::{self, Filter};
+use crate::access::Reader;
+use crate::api::Api;
+use crate::replay::{self, Filter, Page};
 
 #[allow(clippy::all, clippy::pedantic, missing_docs)]
 pub mod pb {
@@ -26,13 +27,20 @@ pub fn service(api: Arc<Api>) -> DeadLettersServer<Service> {
 
 impl Service {
     fn authorize<T>(&self, request: &Request<T>) -> Result<(), Status> {
-        let given = request.metadata().get("authorization").and_then(|v| v.to_str().ok());
-        check_bearer(self.api.token.as_deref(), given).map_err(Status::unauthenticated)
+        self.api.access.admin(authorization(request)).map_err(Status::unauthenticated)
+    }
+
+    fn reader<T>(&self, request: &Request<T>) -> Result<Reader, Status> {
+        self.api.access.read(authorization(request)).map_err(Status::unauthenticated)
     }
 
     fn pipeline(&self) -> &str {
         &self.api.replayer.settings.pipeline.name
     }
+}
+
+fn authorization<T>(request: &Request<T>) -> Option<&str> {
+    request.metadata().get("authorization").and_then(|v| v.to_str().ok())
 }
 
 fn filter(f: Option<pb::Filter>) -> Filter {
@@ -72,6 +80,7 @@ fn internal(e: impl std::fmt::Display) -> Status {
 #[tonic::async_trait]
 impl DeadLetters for Service {
     async fn list(&self, request: Request<pb::ListRequest>) -> Result<Response<pb::ListResponse>, Status> {
+        self.reader(&request)?;
         let r = request.into_inner();
         let status = if r.status.is_empty() { "dead".to_string() } else { r.status };
         let limit = if r.limit <= 0 { 50 } else { i64::from(r.limit).min(1000) };
@@ -84,14 +93,21 @@ impl DeadLetters for Service {
     }
 
     async fn show(&self, request: Request<pb::ShowRequest>) -> Result<Response<pb::ShowResponse>, Status> {
-        let id = request.into_inner().id;
-        let shown = replay::show(&self.api.replayer.pool, self.pipeline(), id)
+        let with_payload = self.reader(&request)? == Reader::Authenticated;
+        let r = request.into_inner();
+        let id = r.id;
+        let limit = if r.limit <= 0 { Page::default().limit } else { i64::from(r.limit) };
+        let page = Page { limit, runs_after: r.runs_after_id, steps_after: r.steps_after_id };
+        let shown = replay::show(&self.api.replayer.pool, self.pipeline(), id, page, with_payload)
             .await
             .map_err(internal)?
             .ok_or_else(|| Status::not_found(format!("no dead letter {id}")))?;
         Ok(Response::new(pb::ShowResponse {
             dead_letter: Some(dead_letter(shown.dead_letter)),
-            payload: shown.payload.into_bytes(),
+            payload: shown.payload.map(String::into_bytes).unwrap_or_default(),
+            payload_withheld: shown.payload_withheld,
+            next_runs_after_id: shown.next_runs_after,
+            next_steps_after_id: shown.next_steps_after,
             runs: shown
                 .runs
                 .into_iter()
@@ -128,7 +144,13 @@ impl DeadLetters for Service {
             return Err(Status::invalid_argument("give ids or a filter (reason, stage, idempotency_key, from, to)"));
         }
         let note = (!r.note.is_empty()).then_some(r.note);
-        let outcome = self.api.replayer.replay(&f, r.dry_run, note.as_deref()).await.map_err(internal)?;
+        // In a task of its own: the request timeout or a client leaving never cuts a replay
+        // between producing a record and marking it replayed.
+        let (replayer, filter, why) = (self.api.replayer.clone(), f.clone(), note.clone());
+        let outcome = tokio::spawn(async move { replayer.replay(&filter, r.dry_run, why.as_deref()).await })
+            .await
+            .map_err(internal)?
+            .map_err(internal)?;
         tracing::info!(dry_run = r.dry_run, matched = outcome.matched, replayed = outcome.replayed.len(), refused = outcome.refused.len(), note = ?note, "replay (gRPC)");
         Ok(Response::new(pb::ReplayResponse {
             dry_run: outcome.dry_run,

@@ -1,12 +1,14 @@
 //! dlq-replayer: the operator's tool for dead letters. An admin HTTP API (list, show with
-//! the key's history, replay by id or filter with a dry run, discard; bearer token for
-//! mutating calls) served beside `/healthz`, `/readyz` and `/metrics`; a CLI that talks to
+//! the key's history, replay by id or filter with a dry run, discard; bearer tokens for
+//! reads and mutating calls) served beside `/healthz`, `/readyz` and `/metrics`; a CLI that talks to
 //! it (`dlq-replayer list|show|replay|discard`); and `dlq-replayer setup`, which prepares
 //! a deployment (migrations, topics) and exits.
 
+pub mod access;
 pub mod api;
 pub mod cli;
 pub mod grpc;
+pub mod incoming;
 pub mod replay;
 pub mod retention;
 
@@ -20,10 +22,8 @@ pub async fn run(settings: Settings, shutdown: Shutdown) -> anyhow::Result<()> {
     let state = ServiceState::new("dlq-replayer", registry);
     let pool = enrich_common::db::connect(&settings.database, "dlq-replayer").await?;
     let producer = enrich_common::kafka::producer(&settings, "dlq-replayer")?;
-    let token = settings.dlq_replayer.admin_token.as_ref().map(|t| t.expose().to_string()).filter(|t| !t.is_empty());
-    if token.is_none() {
-        tracing::warn!("no dlq_replayer.admin_token: replay and discard are refused (401)");
-    }
+    let access = access::Access::from_settings(&settings.dlq_replayer);
+    access.announce();
     retention::spawn(
         pool.clone(),
         settings.pipeline.name.clone(),
@@ -33,18 +33,21 @@ pub async fn run(settings: Settings, shutdown: Shutdown) -> anyhow::Result<()> {
     );
     let port = settings.dlq_replayer.http_port;
     let grpc_port = settings.dlq_replayer.grpc_port;
-    let api = Arc::new(api::Api { replayer: replay::Replayer { settings, pool, producer }, token });
+    let http_limits = settings.http;
+    let api = Arc::new(api::Api { replayer: Arc::new(replay::Replayer { settings, pool, producer }), access });
     let grpc_listener = tokio::net::TcpListener::bind(("0.0.0.0", grpc_port))
         .await
         .map_err(|e| anyhow::anyhow!("cannot listen on 0.0.0.0:{grpc_port} (dlq_replayer.grpc_port): {e}"))?;
     let grpc_addr = grpc_listener.local_addr()?;
     let router = http::router(state.clone()).merge(api::routes(api.clone()));
-    let (addr, task) = http::serve("0.0.0.0", port, router, shutdown.clone()).await?;
+    let (addr, task) = http::serve("0.0.0.0", port, router, http_limits, shutdown.clone()).await?;
+    let connections = incoming::incoming(grpc_listener, http_limits, shutdown.clone());
     let grpc = tonic::transport::Server::builder()
+        .timeout(std::time::Duration::from_millis(http_limits.request_timeout_ms))
+        .http2_keepalive_interval(Some(std::time::Duration::from_secs(30)))
+        .http2_keepalive_timeout(Some(std::time::Duration::from_secs(10)))
         .add_service(grpc::service(api))
-        .serve_with_incoming_shutdown(tonic::transport::server::TcpIncoming::from(grpc_listener), async move {
-            shutdown.cancelled().await
-        });
+        .serve_with_incoming_shutdown(connections, async move { shutdown.cancelled().await });
     tracing::info!(%addr, %grpc_addr, "admin API (HTTP and gRPC) and health endpoints listening");
     state.set_ready();
     let (served, grpc_served) = tokio::join!(task, grpc);

@@ -111,9 +111,38 @@ pub async fn list(
     .await
 }
 
+/// One page of a key's audit rows: at most `limit` runs and `limit` steps, those after
+/// the cursors (the ids the previous page ended with).
+#[derive(Debug, Clone, Copy, Deserialize)]
+#[serde(default)]
+pub struct Page {
+    pub limit: i64,
+    pub runs_after: i64,
+    pub steps_after: i64,
+}
+
+impl Default for Page {
+    fn default() -> Self {
+        Self { limit: 200, runs_after: 0, steps_after: 0 }
+    }
+}
+
+impl Page {
+    /// The most rows of each kind one answer carries.
+    pub const MAX: i64 = 1000;
+
+    fn limit(&self) -> i64 {
+        self.limit.clamp(1, Self::MAX)
+    }
+}
+
+/// The dead letters of one key one answer lists at most (replays are few per key).
+const DEAD_LETTERS_PER_KEY: i64 = 100;
+
 /// A stage's run at the key, from the run history.
 #[derive(Debug, Clone, Serialize, Deserialize, sqlx::FromRow)]
 pub struct RunEntry {
+    pub id: i64,
     pub stage: String,
     pub attempt: i32,
     pub status: String,
@@ -126,6 +155,7 @@ pub struct RunEntry {
 /// One step's outcome (a call, a validation), from the audit.
 #[derive(Debug, Clone, Serialize, Deserialize, sqlx::FromRow)]
 pub struct StepEntry {
+    pub id: i64,
     pub stage: String,
     pub step: String,
     pub attempt: i32,
@@ -139,18 +169,28 @@ pub struct StepEntry {
     pub at: String,
 }
 
-/// One dead letter with its payload and the key's whole history.
+/// One dead letter with its payload and a page of the key's history.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Shown {
     pub dead_letter: DeadLetter,
-    /// The original payload (as UTF-8 text, lossy).
-    pub payload: String,
+    /// The original payload (as UTF-8 text, lossy); None for a caller without a token.
+    pub payload: Option<String>,
+    pub payload_withheld: bool,
     pub runs: Vec<RunEntry>,
     pub steps: Vec<StepEntry>,
+    /// Pass as `runs_after` / `steps_after` for the next page; absent on the last.
+    pub next_runs_after: Option<i64>,
+    pub next_steps_after: Option<i64>,
 }
 
-/// One dead letter with its payload and the key's whole history.
-pub async fn show(pool: &PgPool, pipeline: &str, id: i64) -> anyhow::Result<Option<Shown>> {
+/// One dead letter with (when `with_payload`) its payload, and a page of the key's history.
+pub async fn show(
+    pool: &PgPool,
+    pipeline: &str,
+    id: i64,
+    page: Page,
+    with_payload: bool,
+) -> anyhow::Result<Option<Shown>> {
     let row: Option<DeadLetter> = sqlx::query_as(sqlx::AssertSqlSafe(format!(
         "SELECT {COLUMNS} FROM dead_letters WHERE pipeline = $1 AND id = $2"
     )))
@@ -159,40 +199,79 @@ pub async fn show(pool: &PgPool, pipeline: &str, id: i64) -> anyhow::Result<Opti
     .fetch_optional(pool)
     .await?;
     let Some(row) = row else { return Ok(None) };
-    let (bytes,): (Vec<u8>,) =
-        sqlx::query_as("SELECT envelope FROM dead_letters WHERE id = $1").bind(id).fetch_one(pool).await?;
-    let payload =
-        Envelope::decode_from(&bytes).map(|e| String::from_utf8_lossy(&e.payload).into_owned()).unwrap_or_default();
-    let runs = runs_of(pool, pipeline, &row.idempotency_key).await?;
-    let steps = steps_of(pool, pipeline, &row.idempotency_key).await?;
-    Ok(Some(Shown { dead_letter: row, payload, runs, steps }))
+    let payload = if with_payload {
+        let (bytes,): (Vec<u8>,) =
+            sqlx::query_as("SELECT envelope FROM dead_letters WHERE id = $1").bind(id).fetch_one(pool).await?;
+        Some(
+            Envelope::decode_from(&bytes).map(|e| String::from_utf8_lossy(&e.payload).into_owned()).unwrap_or_default(),
+        )
+    } else {
+        None
+    };
+    let (runs, next_runs_after) = runs_of(pool, pipeline, &row.idempotency_key, page).await?;
+    let (steps, next_steps_after) = steps_of(pool, pipeline, &row.idempotency_key, page).await?;
+    Ok(Some(Shown {
+        dead_letter: row,
+        payload_withheld: payload.is_none(),
+        payload,
+        runs,
+        steps,
+        next_runs_after,
+        next_steps_after,
+    }))
+}
+
+/// The rows of a page, and the cursor of the next when there are more.
+fn paged<T>(mut rows: Vec<T>, limit: i64, id: impl Fn(&T) -> i64) -> (Vec<T>, Option<i64>) {
+    let more = rows.len() as i64 > limit;
+    rows.truncate(limit as usize);
+    let next = if more { rows.last().map(id) } else { None };
+    (rows, next)
 }
 
 const AT: &str = "to_char(recorded_at AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS.MS\"Z\"') AS at";
 
-/// Every stage's runs at a key, oldest first.
-pub async fn runs_of(pool: &PgPool, pipeline: &str, key: &str) -> sqlx::Result<Vec<RunEntry>> {
-    sqlx::query_as(sqlx::AssertSqlSafe(format!(
-        "SELECT stage, attempt, status, detail, worker, trace_id, {AT}
-         FROM run_history WHERE pipeline = $1 AND idempotency_key = $2 ORDER BY recorded_at, id"
+/// A page of the stages' runs at a key, in the order they were recorded, and the next
+/// page's cursor.
+pub async fn runs_of(
+    pool: &PgPool,
+    pipeline: &str,
+    key: &str,
+    page: Page,
+) -> sqlx::Result<(Vec<RunEntry>, Option<i64>)> {
+    let rows = sqlx::query_as(sqlx::AssertSqlSafe(format!(
+        "SELECT id, stage, attempt, status, detail, worker, trace_id, {AT}
+         FROM run_history WHERE pipeline = $1 AND idempotency_key = $2 AND id > $3 ORDER BY id LIMIT $4"
     )))
     .bind(pipeline)
     .bind(key)
+    .bind(page.runs_after)
+    .bind(page.limit() + 1)
     .fetch_all(pool)
-    .await
+    .await?;
+    Ok(paged(rows, page.limit(), |r: &RunEntry| r.id))
 }
 
-/// Every step outcome at a key, oldest first.
-pub async fn steps_of(pool: &PgPool, pipeline: &str, key: &str) -> sqlx::Result<Vec<StepEntry>> {
-    sqlx::query_as(sqlx::AssertSqlSafe(format!(
-        "SELECT stage, step, attempt, status, duration_ms, model, input_tokens, output_tokens,
+/// A page of the step outcomes at a key, in the order they were recorded, and the next
+/// page's cursor.
+pub async fn steps_of(
+    pool: &PgPool,
+    pipeline: &str,
+    key: &str,
+    page: Page,
+) -> sqlx::Result<(Vec<StepEntry>, Option<i64>)> {
+    let rows = sqlx::query_as(sqlx::AssertSqlSafe(format!(
+        "SELECT id, stage, step, attempt, status, duration_ms, model, input_tokens, output_tokens,
                 cost_usd::float8 AS cost_usd, error, {AT}
-         FROM step_outcomes WHERE pipeline = $1 AND idempotency_key = $2 ORDER BY recorded_at, id"
+         FROM step_outcomes WHERE pipeline = $1 AND idempotency_key = $2 AND id > $3 ORDER BY id LIMIT $4"
     )))
     .bind(pipeline)
     .bind(key)
+    .bind(page.steps_after)
+    .bind(page.limit() + 1)
     .fetch_all(pool)
-    .await
+    .await?;
+    Ok(paged(rows, page.limit(), |s: &StepEntry| s.id))
 }
 
 /// The kill switch of a pipeline.
@@ -242,7 +321,11 @@ pub struct History {
     pub trace_ids: Vec<String>,
     pub runs: Vec<RunEntry>,
     pub steps: Vec<StepEntry>,
+    /// Pass as `runs_after` / `steps_after` for the next page; absent on the last.
+    pub next_runs_after: Option<i64>,
+    pub next_steps_after: Option<i64>,
     pub dead_letters: Vec<DeadLetter>,
+    /// Over every step of the key, not only this page's.
     pub tokens: Tokens,
 }
 
@@ -255,8 +338,8 @@ pub struct Tokens {
 
 type StateRow = (String, i32, String, i32, i64);
 
-/// The history of one idempotency key; None when nothing is known of it.
-pub async fn history(pool: &PgPool, pipeline: &str, key: &str) -> anyhow::Result<Option<History>> {
+/// A page of the history of one idempotency key; None when nothing is known of it.
+pub async fn history(pool: &PgPool, pipeline: &str, key: &str, page: Page) -> anyhow::Result<Option<History>> {
     let state: Option<StateRow> = sqlx::query_as(
         "SELECT state, attempts, source_topic, source_partition, source_offset
          FROM enrich_state WHERE pipeline = $1 AND idempotency_key = $2",
@@ -265,31 +348,44 @@ pub async fn history(pool: &PgPool, pipeline: &str, key: &str) -> anyhow::Result
     .bind(key)
     .fetch_optional(pool)
     .await?;
-    let runs = runs_of(pool, pipeline, key).await?;
-    let steps = steps_of(pool, pipeline, key).await?;
+    let (runs, next_runs_after) = runs_of(pool, pipeline, key, page).await?;
+    let (steps, next_steps_after) = steps_of(pool, pipeline, key, page).await?;
     let dead_letters: Vec<DeadLetter> = sqlx::query_as(sqlx::AssertSqlSafe(format!(
-        "SELECT {COLUMNS} FROM dead_letters WHERE pipeline = $1 AND idempotency_key = $2 ORDER BY id"
+        "SELECT {COLUMNS} FROM dead_letters WHERE pipeline = $1 AND idempotency_key = $2 ORDER BY id LIMIT $3"
     )))
+    .bind(pipeline)
+    .bind(key)
+    .bind(DEAD_LETTERS_PER_KEY)
+    .fetch_all(pool)
+    .await?;
+    if state.is_none() && runs.is_empty() && dead_letters.is_empty() && page.runs_after == 0 {
+        return Ok(None);
+    }
+    // The key's traces over all its runs (a handful: one, plus one per replay).
+    let traced: Vec<(String,)> = sqlx::query_as(
+        "SELECT trace_id FROM run_history
+         WHERE pipeline = $1 AND idempotency_key = $2 AND trace_id IS NOT NULL AND trace_id <> ''
+         GROUP BY trace_id ORDER BY min(id) LIMIT 100",
+    )
     .bind(pipeline)
     .bind(key)
     .fetch_all(pool)
     .await?;
-    if state.is_none() && runs.is_empty() && dead_letters.is_empty() {
-        return Ok(None);
-    }
-    let mut trace_ids: Vec<String> = Vec::new();
-    for t in
-        runs.iter().filter_map(|r| r.trace_id.clone()).chain(dead_letters.iter().filter_map(|d| d.trace_id.clone()))
-    {
+    let mut trace_ids: Vec<String> = traced.into_iter().map(|(t,)| t).collect();
+    for t in dead_letters.iter().filter_map(|d| d.trace_id.clone()) {
         if !t.is_empty() && !trace_ids.contains(&t) {
             trace_ids.push(t);
         }
     }
-    let tokens = Tokens {
-        input: steps.iter().filter_map(|s| s.input_tokens).map(i64::from).sum(),
-        output: steps.iter().filter_map(|s| s.output_tokens).map(i64::from).sum(),
-        cost_usd: steps.iter().filter_map(|s| s.cost_usd).sum(),
-    };
+    let (input, output, cost_usd): (i64, i64, f64) = sqlx::query_as(
+        "SELECT coalesce(sum(input_tokens), 0)::int8, coalesce(sum(output_tokens), 0)::int8,
+                coalesce(sum(cost_usd), 0)::float8
+         FROM step_outcomes WHERE pipeline = $1 AND idempotency_key = $2",
+    )
+    .bind(pipeline)
+    .bind(key)
+    .fetch_one(pool)
+    .await?;
     let (state, attempts, topic, partition, offset) = match state {
         Some((s, a, t, p, o)) => (Some(s), Some(a), Some(t), Some(p), Some(o)),
         None => (None, None, None, None, None),
@@ -304,8 +400,10 @@ pub async fn history(pool: &PgPool, pipeline: &str, key: &str) -> anyhow::Result
         trace_ids,
         runs,
         steps,
+        next_runs_after,
+        next_steps_after,
         dead_letters,
-        tokens,
+        tokens: Tokens { input, output, cost_usd },
     }))
 }
 

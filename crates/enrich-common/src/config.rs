@@ -1,7 +1,9 @@
 //! Typed configuration: one TOML file per deployment, every key overridable by an
 //! `ENRICH_<SECTION>__<KEY>` environment variable (double underscore between levels,
 //! e.g. `ENRICH_KAFKA__BOOTSTRAP_SERVERS`, `ENRICH_LLM__MODEL`). Validated at start;
-//! errors name the offending field.
+//! errors name the offending field and say what is wrong, never its value (a value may
+//! be a password). An override is text unless the key's type wants a number, a boolean, a
+//! list or a table: a token `0123`, a password `1e3` or `true` stay as they were typed.
 
 use serde::Deserialize;
 use std::collections::BTreeMap;
@@ -44,6 +46,63 @@ impl fmt::Debug for Secret {
     }
 }
 
+/// Client properties passed through as text (librdkafka's `kafka.client`). `Debug` shows
+/// every key but hides the value of each secret-looking one (passwords, keys, tokens,
+/// JAAS or OAuth configuration).
+#[derive(Clone, Default, PartialEq, Eq)]
+pub struct Properties(BTreeMap<String, String>);
+
+impl Properties {
+    pub fn get(&self, key: &str) -> Option<&String> {
+        self.0.get(key)
+    }
+    pub fn iter(&self) -> impl Iterator<Item = (&String, &String)> {
+        self.0.iter()
+    }
+}
+
+impl<'a> IntoIterator for &'a Properties {
+    type Item = (&'a String, &'a String);
+    type IntoIter = std::collections::btree_map::Iter<'a, String, String>;
+    fn into_iter(self) -> Self::IntoIter {
+        self.0.iter()
+    }
+}
+
+impl FromIterator<(String, String)> for Properties {
+    fn from_iter<I: IntoIterator<Item = (String, String)>>(iter: I) -> Self {
+        Self(iter.into_iter().collect())
+    }
+}
+
+impl<'de> Deserialize<'de> for Properties {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        scalar_map(d).map(Self)
+    }
+}
+
+/// Whether a property or header name looks like it holds a credential.
+pub fn secret_looking(key: &str) -> bool {
+    const WORDS: [&str; 9] =
+        ["password", "passwd", "secret", "token", "key", "credential", "jaas", "oauthbearer.config", "auth"];
+    let key = key.to_ascii_lowercase();
+    WORDS.iter().any(|w| key.contains(w))
+}
+
+impl fmt::Debug for Properties {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let mut map = f.debug_map();
+        for (k, v) in &self.0 {
+            if secret_looking(k) {
+                map.entry(k, &format_args!("***"));
+            } else {
+                map.entry(k, v);
+            }
+        }
+        map.finish()
+    }
+}
+
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Settings {
@@ -68,6 +127,28 @@ pub struct Settings {
     pub telemetry: TelemetrySettings,
     #[serde(default)]
     pub audit: AuditSettings,
+    #[serde(default)]
+    pub http: HttpSettings,
+}
+
+/// What every HTTP server of the product (health, metrics, the admin API) allows a client.
+#[derive(Debug, Clone, Copy, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct HttpSettings {
+    /// A connection that has not sent a whole request head within this time is closed (a
+    /// half-sent request cannot hold a connection).
+    pub header_read_timeout_ms: u64,
+    /// A request (its body read and its answer) taking longer is answered 503. A replay
+    /// cut short this way still runs to its end.
+    pub request_timeout_ms: u64,
+    /// Connections served at once; more wait in the listen backlog.
+    pub max_connections: usize,
+}
+
+impl Default for HttpSettings {
+    fn default() -> Self {
+        Self { header_read_timeout_ms: 5_000, request_timeout_ms: 60_000, max_connections: 256 }
+    }
 }
 
 /// What the spans may carry (export itself is configured by the standard `OTEL_*`
@@ -145,9 +226,9 @@ pub struct SourceTopic {
 pub struct KafkaSettings {
     pub bootstrap_servers: String,
     /// librdkafka properties passed through unchanged to every client (SASL, TLS, ...).
-    /// Numbers and booleans are accepted and passed as their text.
-    #[serde(deserialize_with = "scalar_map")]
-    pub client: BTreeMap<String, String>,
+    /// Numbers and booleans are accepted and passed as their text; an `ENRICH_*` override
+    /// is passed exactly as typed. `Debug` hides secret-looking values.
+    pub client: Properties,
     /// Whether stages create the topics they write to when missing.
     pub create_topics: bool,
     /// Partitions of the topics a stage creates.
@@ -159,7 +240,7 @@ impl Default for KafkaSettings {
     fn default() -> Self {
         Self {
             bootstrap_servers: "127.0.0.1:9092".into(),
-            client: BTreeMap::new(),
+            client: Properties::default(),
             create_topics: true,
             partitions: 12,
             replication_factor: 1,
@@ -224,9 +305,9 @@ pub struct LlmSettings {
     #[serde(default)]
     pub response_format: ResponseFormat,
     /// Extra HTTP headers sent with every call (an Azure `api-key`, a gateway's routing
-    /// header). Values are never logged.
+    /// header). Values are never logged (`Debug` hides every one).
     #[serde(default)]
-    pub extra_headers: BTreeMap<String, String>,
+    pub extra_headers: BTreeMap<String, Secret>,
     /// Name of the environment variable holding the API key (the key itself is never in
     /// the file). Unset: no Authorization header.
     #[serde(default)]
@@ -552,10 +633,14 @@ pub struct DlqReplayerSettings {
     pub http_port: u16,
     /// The same admin API over gRPC (`enrichment.admin.v1.DeadLetters`).
     pub grpc_port: u16,
-    /// Bearer token every mutating admin call must carry (replay, discard); at least 16
-    /// characters. Unset or empty: those calls are refused with 401. Secret: set it with
-    /// ENRICH_DLQ_REPLAYER__ADMIN_TOKEN.
+    /// Bearer token every mutating admin call must carry (replay, discard, pause,
+    /// resume); it reads too. At least 16 characters. Unset or empty: those calls are
+    /// refused with 401. Secret: set it with ENRICH_DLQ_REPLAYER__ADMIN_TOKEN.
     pub admin_token: Option<Secret>,
+    /// Bearer token for the admin API's reads (list, show, history, the kill switch's
+    /// state); at least 16 characters. With either token set, every read needs one of
+    /// them. With neither, reads are open (a demo) but never return a payload.
+    pub read_token: Option<Secret>,
     /// A key is replayed at most this many times; further replays are refused.
     pub max_replays_per_key: u32,
     /// Replays produced per second at most.
@@ -564,7 +649,14 @@ pub struct DlqReplayerSettings {
 
 impl Default for DlqReplayerSettings {
     fn default() -> Self {
-        Self { http_port: 9104, grpc_port: 9105, admin_token: None, max_replays_per_key: 3, replay_rate_per_sec: 200 }
+        Self {
+            http_port: 9104,
+            grpc_port: 9105,
+            admin_token: None,
+            read_token: None,
+            max_replays_per_key: 3,
+            replay_rate_per_sec: 200,
+        }
     }
 }
 
@@ -598,15 +690,38 @@ impl Settings {
 
     /// Parses TOML text with the given environment overrides and validates the result.
     pub fn from_toml(text: &str, env: impl IntoIterator<Item = (String, String)>) -> Result<Self, ConfigError> {
-        let mut doc: toml::Table =
-            toml::from_str(text).map_err(|e| ConfigError::new("<file>", e.to_string().trim_end().to_string()))?;
-        apply_env_overrides(&mut doc, env)?;
-        let settings: Settings = serde_path_to_error::deserialize(toml::Value::Table(doc)).map_err(|e| {
-            let path = e.path().to_string();
-            ConfigError::new(path, e.into_inner().to_string().trim_end().to_string())
-        })?;
-        settings.validate()?;
-        Ok(settings)
+        let mut doc: toml::Table = toml::from_str(text).map_err(|e| file_error(text, &e))?;
+        let overrides = env_overrides(env)?;
+        for o in &overrides {
+            o.apply(&mut doc, toml::Value::String(o.raw.clone()))?;
+        }
+        // Every override is text first. One the key's type refuses as text (a number, a
+        // boolean, a list, a table) is read as a TOML value instead, and the whole is read
+        // again: at most once per override.
+        let mut typed = vec![false; overrides.len()];
+        loop {
+            let read: Result<Settings, _> = serde_path_to_error::deserialize(toml::Value::Table(doc.clone()));
+            match read {
+                Ok(settings) => {
+                    settings.validate()?;
+                    return Ok(settings);
+                }
+                Err(e) => {
+                    let at = e.path().to_string();
+                    let retry = overrides.iter().position(|o| o.dotted() == at).filter(|&i| !typed[i]).and_then(|i| {
+                        let value = parse_env_value(&overrides[i].raw);
+                        (!value.is_str()).then_some((i, value))
+                    });
+                    match retry {
+                        Some((i, value)) => {
+                            typed[i] = true;
+                            overrides[i].apply(&mut doc, value)?;
+                        }
+                        None => return Err(ConfigError::new(at, describe(&e.into_inner().to_string()))),
+                    }
+                }
+            }
+        }
     }
 
     pub fn group_id(&self, stage: Stage) -> String {
@@ -649,10 +764,10 @@ impl Settings {
                             "at least one JSON pointer is required",
                         ));
                     }
-                    if let Some(bad) = pointers.iter().find(|ptr| !ptr.starts_with('/')) {
+                    if let Some(j) = pointers.iter().position(|ptr| !ptr.starts_with('/')) {
                         return Err(ConfigError::new(
-                            format!("pipeline.sources[{i}].key.pointers"),
-                            format!("{bad:?} is not a JSON pointer (it must start with '/')"),
+                            format!("pipeline.sources[{i}].key.pointers[{j}]"),
+                            "is not a JSON pointer (it must start with '/')",
                         ));
                     }
                 }
@@ -687,10 +802,10 @@ impl Settings {
                 return Err(ConfigError::new(*field, "must not be empty"));
             }
             if let Some((other, _)) = named[..i].iter().find(|(_, o)| o == topic) {
-                return Err(ConfigError::new(*field, format!("is the same topic as `{other}` ({topic:?})")));
+                return Err(ConfigError::new(*field, format!("is the same topic as `{other}`")));
             }
             if p.sources.iter().any(|s| &s.topic == *topic) {
-                return Err(ConfigError::new(*field, format!("{topic:?} is also a source topic")));
+                return Err(ConfigError::new(*field, "is also a source topic"));
             }
         }
         let url = self.database.url.expose();
@@ -703,7 +818,8 @@ impl Settings {
         }
         let llm = &self.llm;
         if !(llm.base_url.starts_with("http://") || llm.base_url.starts_with("https://")) {
-            return Err(ConfigError::new("llm.base_url", format!("{:?} is not an http(s) URL", llm.base_url)));
+            // The URL may carry a key in its query string or its user part: never echoed.
+            return Err(ConfigError::new("llm.base_url", "must be an http:// or https:// URL"));
         }
         if llm.model.trim().is_empty() {
             return Err(ConfigError::new("llm.model", "must not be empty"));
@@ -749,10 +865,7 @@ impl Settings {
             }
         }
         if llm.min_concurrency == 0 || llm.min_concurrency > self.enricher.max_in_flight {
-            return Err(ConfigError::new(
-                "llm.min_concurrency",
-                format!("must be between 1 and enricher.max_in_flight ({})", self.enricher.max_in_flight),
-            ));
+            return Err(ConfigError::new("llm.min_concurrency", "must be between 1 and enricher.max_in_flight"));
         }
         if !(llm.latency_tolerance == 0.0 || (llm.latency_tolerance > 1.0 && llm.latency_tolerance.is_finite())) {
             return Err(ConfigError::new("llm.latency_tolerance", "must be 0 (off) or greater than 1"));
@@ -797,10 +910,7 @@ impl Settings {
         if self.enricher.lease_ms <= llm.request_timeout_ms {
             return Err(ConfigError::new(
                 "enricher.lease_ms",
-                format!(
-                    "must exceed llm.request_timeout_ms ({} ms), or a slow call could be repeated by another replica",
-                    llm.request_timeout_ms
-                ),
+                "must exceed llm.request_timeout_ms, or a slow call could be repeated by another replica",
             ));
         }
         let limit = &self.dlq_limit;
@@ -819,8 +929,23 @@ impl Settings {
         if self.dlq_replayer.replay_rate_per_sec == 0 {
             return Err(ConfigError::new("dlq_replayer.replay_rate_per_sec", "must be at least 1"));
         }
-        if self.dlq_replayer.admin_token.as_ref().is_some_and(|t| !t.expose().is_empty() && t.expose().len() < 16) {
-            return Err(ConfigError::new("dlq_replayer.admin_token", "must be at least 16 characters"));
+        for (field, token) in [
+            ("dlq_replayer.admin_token", &self.dlq_replayer.admin_token),
+            ("dlq_replayer.read_token", &self.dlq_replayer.read_token),
+        ] {
+            if token.as_ref().is_some_and(|t| !t.expose().is_empty() && t.expose().len() < 16) {
+                return Err(ConfigError::new(field, "must be at least 16 characters"));
+            }
+        }
+        let http = &self.http;
+        for (field, value) in [
+            ("http.header_read_timeout_ms", http.header_read_timeout_ms),
+            ("http.request_timeout_ms", http.request_timeout_ms),
+            ("http.max_connections", http.max_connections as u64),
+        ] {
+            if value == 0 {
+                return Err(ConfigError::new(field, "must be greater than 0"));
+            }
         }
         if self.publisher.transaction_timeout_ms < 1_000 {
             return Err(ConfigError::new("publisher.transaction_timeout_ms", "must be at least 1000"));
@@ -855,7 +980,7 @@ fn scalar_map<'de, D: serde::Deserializer<'de>>(d: D) -> Result<BTreeMap<String,
             toml::Value::Float(f) => Ok((k, f.to_string())),
             toml::Value::Boolean(b) => Ok((k, b.to_string())),
             other => Err(serde::de::Error::custom(format!(
-                "`{k}` must be a string, number or boolean, not {}",
+                "must be a string, number or boolean (`{k}` is {})",
                 other.type_str()
             ))),
         })
@@ -864,36 +989,47 @@ fn scalar_map<'de, D: serde::Deserializer<'de>>(d: D) -> Result<BTreeMap<String,
 
 const ENV_PREFIX: &str = "ENRICH_";
 
-/// `ENRICH_A__B__C=v` sets `a.b.c`. Variables without `__` (such as an API key named by
-/// `llm.api_key_env`) are not configuration paths and are ignored here.
-fn apply_env_overrides(
-    doc: &mut toml::Table,
-    env: impl IntoIterator<Item = (String, String)>,
-) -> Result<(), ConfigError> {
-    let mut vars: Vec<(String, String)> =
-        env.into_iter().filter(|(k, _)| k.starts_with(ENV_PREFIX) && k.contains("__")).collect();
-    vars.sort();
-    for (name, raw) in vars {
-        let path: Vec<String> = name[ENV_PREFIX.len()..].split("__").map(str::to_ascii_lowercase).collect();
-        if path.iter().any(String::is_empty) {
-            return Err(ConfigError::new(name, "empty path segment in environment override"));
-        }
-        let (last, parents) = path.split_last().ok_or_else(|| ConfigError::new(name.clone(), "empty path"))?;
-        let mut table = &mut *doc;
+/// One `ENRICH_A__B__C=v` variable: it sets `a.b.c`.
+struct Override {
+    name: String,
+    path: Vec<String>,
+    raw: String,
+}
+
+impl Override {
+    fn dotted(&self) -> String {
+        self.path.join(".")
+    }
+
+    fn apply(&self, doc: &mut toml::Table, value: toml::Value) -> Result<(), ConfigError> {
+        let (last, parents) = self.path.split_last().ok_or_else(|| ConfigError::new(&self.name, "empty path"))?;
+        let mut table = doc;
         for segment in parents {
             let entry = table.entry(segment.clone()).or_insert_with(|| toml::Value::Table(toml::Table::new()));
             table = entry
                 .as_table_mut()
-                .ok_or_else(|| ConfigError::new(path.join("."), format!("{name}: `{segment}` is not a table")))?;
+                .ok_or_else(|| ConfigError::new(self.dotted(), format!("{}: `{segment}` is not a table", self.name)))?;
         }
-        let value = match table.get(last) {
-            // Keep strings strings, whatever they look like ("0123" stays text).
-            Some(toml::Value::String(_)) => toml::Value::String(raw),
-            _ => parse_env_value(&raw),
-        };
         table.insert(last.clone(), value);
+        Ok(())
     }
-    Ok(())
+}
+
+/// The `ENRICH_*` variables that are configuration paths, in a stable order; a name given
+/// twice takes its last value. Variables without `__` (such as an API key named by
+/// `llm.api_key_env`) are not paths.
+fn env_overrides(env: impl IntoIterator<Item = (String, String)>) -> Result<Vec<Override>, ConfigError> {
+    let vars: BTreeMap<String, String> =
+        env.into_iter().filter(|(k, _)| k.starts_with(ENV_PREFIX) && k.contains("__")).collect();
+    vars.into_iter()
+        .map(|(name, raw)| {
+            let path: Vec<String> = name[ENV_PREFIX.len()..].split("__").map(str::to_ascii_lowercase).collect();
+            if path.iter().any(String::is_empty) {
+                return Err(ConfigError::new(name, "empty path segment in environment override"));
+            }
+            Ok(Override { name, path, raw })
+        })
+        .collect()
 }
 
 /// Numbers, booleans, arrays and inline tables in TOML syntax; anything else is a string.
@@ -902,6 +1038,43 @@ fn parse_env_value(raw: &str) -> toml::Value {
         .ok()
         .and_then(|mut t| t.remove("v"))
         .unwrap_or_else(|| toml::Value::String(raw.to_string()))
+}
+
+/// The file is not TOML: where, and the parser's complaint, without the line itself
+/// (which may hold a password).
+fn file_error(text: &str, e: &toml::de::Error) -> ConfigError {
+    let at = e.span().map(|span| {
+        let before = text.get(..span.start).unwrap_or(text);
+        let line = before.matches('\n').count() + 1;
+        let column = before.rsplit('\n').next().map_or(0, |l| l.chars().count()) + 1;
+        format!(" at line {line}, column {column}")
+    });
+    ConfigError::new("<file>", format!("is not valid TOML{}", at.unwrap_or_default()))
+}
+
+/// What a deserialization error says is wrong, without the value it found: serde's
+/// messages quote it ("invalid type: string \"1234\", expected u32").
+fn describe(message: &str) -> String {
+    let message = message.trim_end();
+    let expected = message.rsplit_once(", expected ").map(|(_, e)| e);
+    let wanted = |what: &str| match expected {
+        Some(e) => format!("{what} (expected {e})"),
+        None => what.to_string(),
+    };
+    if message.starts_with("invalid type") {
+        wanted("has the wrong type")
+    } else if message.starts_with("invalid value") {
+        wanted("has an invalid value")
+    } else if message.starts_with("invalid length") {
+        wanted("has the wrong number of items")
+    } else if message.starts_with("unknown variant") {
+        wanted("is not one of the accepted values")
+    } else if ["missing field", "unknown field", "duplicate field", "must be "].iter().any(|p| message.starts_with(p)) {
+        // These name fields and types only.
+        message.to_string()
+    } else {
+        "is not a valid value".to_string()
+    }
 }
 
 #[cfg(test)]
@@ -947,6 +1120,8 @@ output_schema = '{"type": "object"}'
     fn environment_overrides_any_key() {
         let s = load(&[
             ("ENRICH_TOPICS__OUTPUT", "out.v2"),
+            // Given twice (a test's defaults, then its own): the last value holds.
+            ("ENRICH_KAFKA__PARTITIONS", "9"),
             ("ENRICH_KAFKA__PARTITIONS", "3"),
             ("ENRICH_KAFKA__CLIENT__SECURITY.PROTOCOL", "SASL_SSL"),
             ("ENRICH_KAFKA__CLIENT__SESSION.TIMEOUT.MS", "6000"),
@@ -1024,10 +1199,70 @@ output_schema = '{"type": "object"}'
     }
 
     #[test]
+    fn an_integer_looking_secret_in_an_override_is_text_and_never_printed() {
+        let s = load(&[
+            // Keys the file does not have: their type decides, not their look.
+            ("ENRICH_DLQ_REPLAYER__ADMIN_TOKEN", "8675309867530986753"),
+            ("ENRICH_KAFKA__CLIENT__SASL.PASSWORD", "31415e3"),
+            ("ENRICH_KAFKA__CLIENT__SASL.USERNAME", "true"),
+            ("ENRICH_KAFKA__CLIENT__LINGER.MS", "007"),
+            ("ENRICH_LLM__EXTRA_HEADERS__X-GATEWAY", "27182818284590452"),
+            // A number where the type wants one, still.
+            ("ENRICH_KAFKA__PARTITIONS", "3"),
+            ("ENRICH_LLM__TEMPERATURE", "0.5"),
+        ])
+        .unwrap_or_else(|e| panic!("refused: {e}"));
+        assert_eq!(s.dlq_replayer.admin_token.as_ref().map(Secret::expose), Some("8675309867530986753"));
+        let client = |k: &str| s.kafka.client.get(k).map(String::as_str);
+        assert_eq!(client("sasl.password"), Some("31415e3"), "passed to librdkafka as typed");
+        assert_eq!(client("sasl.username"), Some("true"));
+        assert_eq!(client("linger.ms"), Some("007"));
+        assert_eq!(s.llm.extra_headers.get("x-gateway").map(Secret::expose), Some("27182818284590452"));
+        assert_eq!((s.kafka.partitions, s.llm.temperature), (3, 0.5));
+        let debug = format!("{s:?}");
+        for secret in ["8675309867530986753", "31415", "27182818284590452", "s3cret"] {
+            assert!(!debug.contains(secret), "Debug shows {secret}: {debug}");
+        }
+        assert!(debug.contains("\"sasl.password\": ***") && debug.contains("\"linger.ms\": \"007\""), "{debug}");
+    }
+
+    #[test]
+    fn a_bad_value_names_the_field_only() {
+        let cases: &[(&str, &str, &str)] = &[
+            ("ENRICH_DLQ_REPLAYER__ADMIN_TOKEN", "86753", "dlq_replayer.admin_token"),
+            ("ENRICH_DLQ_REPLAYER__READ_TOKEN", "86753", "dlq_replayer.read_token"),
+            ("ENRICH_HTTP__MAX_CONNECTIONS", "0", "http.max_connections"),
+            ("ENRICH_HTTP__HEADER_READ_TIMEOUT_MS", "s3cr3t", "http.header_read_timeout_ms"),
+            ("ENRICH_DLQ_REPLAYER__HTTP_PORT", "8675309", "dlq_replayer.http_port"),
+            ("ENRICH_KAFKA__PARTITIONS", "s3cr3t-many", "kafka.partitions"),
+            ("ENRICH_KAFKA__CREATE_TOPICS", "s3cr3t", "kafka.create_topics"),
+            ("ENRICH_ENRICHER__ORDERING", "s3cr3t", "enricher.ordering"),
+            ("ENRICH_LLM__BASE_URL", "localhost:8080/v1?api_key=s3cr3t", "llm.base_url"),
+            ("ENRICH_LLM__FALLBACK_MODELS", "[\"a\", 8675309]", "llm.fallback_models[1]"),
+            ("ENRICH_KAFKA__CLIENT", "[\"s3cr3t\"]", "kafka.client"),
+        ];
+        for (name, value, field) in cases {
+            let err = load(&[(name, value)]).expect_err(name);
+            assert_eq!(&err.field, field, "{name}: {err}");
+            assert!(!err.message.is_empty(), "{name}: says what is wrong");
+            let shown = format!("{err} {err:?}");
+            for part in ["s3cr3t", "86753"] {
+                assert!(!shown.contains(part), "{name}: the error shows the value: {shown}");
+            }
+        }
+        let text = format!("{BASE}\n[kafka.client]\n\"sasl.password\" = s3cr3t\n");
+        let err = Settings::from_toml(&text, []).unwrap_err();
+        assert_eq!(err.field, "<file>");
+        let line = text.lines().position(|l| l.contains("s3cr3t")).map(|i| i + 1);
+        assert!(err.message.contains(&format!("line {}", line.unwrap_or(0))), "says where: {err}");
+        assert!(!err.to_string().contains("s3cr3t"), "{err}");
+    }
+
+    #[test]
     fn bad_pointer_and_unknown_strategy_are_named() {
         let text = BASE.replace("[\"/id\"]", "[\"id\"]");
         let err = Settings::from_toml(&text, []).unwrap_err();
-        assert_eq!(err.field, "pipeline.sources[0].key.pointers");
+        assert_eq!(err.field, "pipeline.sources[0].key.pointers[0]");
         let text = BASE.replace("json_pointer", "magic");
         let err = Settings::from_toml(&text, []).unwrap_err();
         assert!(err.field.starts_with("pipeline.sources"), "{err}");

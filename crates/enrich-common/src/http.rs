@@ -1,17 +1,29 @@
 //! The operating surface every service serves on its own port: `/healthz` (the process
 //! runs), `/readyz` (it is doing its job; 503 with the reason otherwise) and `/metrics`
 //! (Prometheus text format).
+//!
+//! Every HTTP server of the product goes through [`serve`], which holds each client to
+//! `[http]`: a whole request head within `header_read_timeout_ms` (or the connection is
+//! closed), an answer within `request_timeout_ms` (or 503), at most `max_connections`
+//! connections at once (more wait in the listen backlog).
 
 use axum::Router;
 use axum::extract::State;
 use axum::http::{StatusCode, header};
 use axum::response::IntoResponse;
 use axum::routing::get;
+use hyper_util::rt::{TokioIo, TokioTimer};
+use hyper_util::service::TowerToHyperService;
 use prometheus_client::registry::Registry;
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::sync::{Arc, RwLock};
+use std::time::Duration;
+use tokio::net::TcpListener;
+use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
+
+use crate::config::HttpSettings;
 
 /// Shared between a service's work loop and its HTTP endpoints.
 ///
@@ -100,26 +112,71 @@ async fn metrics(State(state): State<Arc<ServiceState>>) -> impl IntoResponse {
     ([(header::CONTENT_TYPE, "application/openmetrics-text; version=1.0.0; charset=utf-8")], state.encode_metrics())
 }
 
-/// Binds `127.0.0.1`-or-all on `port` (0 picks a free one) and serves `router` until
-/// `shutdown`. Returns the bound address.
+/// Binds `bind` on `port` (0 picks a free one) and serves `router` until `shutdown`,
+/// within `limits`. Returns the bound address.
 pub async fn serve(
     bind: &str,
     port: u16,
     router: Router,
+    limits: HttpSettings,
     shutdown: CancellationToken,
 ) -> anyhow::Result<(SocketAddr, tokio::task::JoinHandle<()>)> {
     let listener = tokio::net::TcpListener::bind((bind, port))
         .await
         .map_err(|e| anyhow::anyhow!("cannot listen on {bind}:{port}: {e}"))?;
     let addr = listener.local_addr()?;
-    let handle = tokio::spawn(async move {
-        let result =
-            axum::serve(listener, router).with_graceful_shutdown(async move { shutdown.cancelled().await }).await;
-        if let Err(e) = result {
-            tracing::error!(error = %e, "http server failed");
+    Ok((addr, tokio::spawn(serve_on(listener, router, limits, shutdown))))
+}
+
+/// Serves `router` on `listener` within `limits` until `shutdown`; then stops accepting,
+/// lets each connection finish the request it is answering, and returns once all are
+/// closed.
+pub async fn serve_on(listener: TcpListener, router: Router, limits: HttpSettings, shutdown: CancellationToken) {
+    let request_timeout = Duration::from_millis(limits.request_timeout_ms);
+    let router = router.layer(axum::middleware::from_fn(move |request, next: axum::middleware::Next| async move {
+        match tokio::time::timeout(request_timeout, next.run(request)).await {
+            Ok(response) => response,
+            Err(_) => (StatusCode::SERVICE_UNAVAILABLE, "request timed out\n").into_response(),
         }
-    });
-    Ok((addr, handle))
+    }));
+    let max = limits.max_connections.max(1);
+    let slots = Arc::new(Semaphore::new(max));
+    let mut http = hyper::server::conn::http1::Builder::new();
+    http.timer(TokioTimer::new()).header_read_timeout(Duration::from_millis(limits.header_read_timeout_ms));
+    loop {
+        // A free slot first: at the limit, new connections wait in the backlog.
+        let slot = tokio::select! {
+            slot = slots.clone().acquire_owned() => slot,
+            () = shutdown.cancelled() => break,
+        };
+        let Ok(slot) = slot else { break };
+        let (stream, _) = tokio::select! {
+            accepted = listener.accept() => match accepted {
+                Ok(accepted) => accepted,
+                Err(e) => {
+                    // Out of descriptors and the like: pass, without spinning.
+                    tracing::warn!(error = %e, "accepting a connection failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+            () = shutdown.cancelled() => break,
+        };
+        let service = TowerToHyperService::new(router.clone());
+        let connection = http.serve_connection(TokioIo::new(stream), service);
+        let shutdown = shutdown.clone();
+        tokio::spawn(async move {
+            let _slot = slot;
+            let mut connection = std::pin::pin!(connection);
+            tokio::select! {
+                _ = connection.as_mut() => return,
+                () = shutdown.cancelled() => connection.as_mut().graceful_shutdown(),
+            }
+            let _ = connection.await;
+        });
+    }
+    // Every slot back: every connection has closed.
+    let _ = slots.acquire_many(max as u32).await;
 }
 
 #[cfg(test)]

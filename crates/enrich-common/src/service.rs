@@ -99,7 +99,8 @@ impl StageRuntime {
         let metrics = StageMetrics::register(&mut registry);
         let own = register(&mut registry);
         let state = ServiceState::new(stage.as_str(), registry);
-        let (addr, http) = http::serve("0.0.0.0", port, http::router(state.clone()), shutdown.clone()).await?;
+        let (addr, http) =
+            http::serve("0.0.0.0", port, http::router(state.clone()), settings.http, shutdown.clone()).await?;
         tracing::info!(%addr, "health and metrics endpoints listening");
         let pool = db::connect(&settings.database, stage.as_str()).await?;
         kafka::ensure_topics(settings, topics).await?;

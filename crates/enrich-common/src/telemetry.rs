@@ -90,7 +90,7 @@ impl Telemetry {
 pub fn init(service: &str) -> anyhow::Result<Telemetry> {
     init_logs(service);
     let export = TraceExport::from_env()?;
-    let telemetry = install_tracer(service, export.as_ref())?;
+    let telemetry = install_tracer(service, export.as_slice())?;
     match &export {
         Some(e) => tracing::info!(endpoint = %e.endpoint, protocol = ?e.protocol, "exporting traces over OTLP"),
         None => {
@@ -101,41 +101,50 @@ pub fn init(service: &str) -> anyhow::Result<Telemetry> {
 }
 
 /// Installs the global tracer provider (sampler from `OTEL_TRACES_SAMPLER`, resource
-/// from `OTEL_SERVICE_NAME` / `OTEL_RESOURCE_ATTRIBUTES`, `service` when unnamed).
-pub fn install_tracer(service: &str, export: Option<&TraceExport>) -> anyhow::Result<Telemetry> {
-    use opentelemetry_otlp::{WithExportConfig, WithHttpConfig};
+/// from `OTEL_SERVICE_NAME` / `OTEL_RESOURCE_ATTRIBUTES`, `service` when unnamed), every
+/// span going to each of `exports` (a service has at most one; a test may have several).
+pub fn install_tracer(service: &str, exports: &[TraceExport]) -> anyhow::Result<Telemetry> {
     let named = std::env::var("OTEL_SERVICE_NAME").is_ok_and(|v| !v.is_empty());
     let mut resource = Resource::builder();
     if !named {
         resource = resource.with_service_name(service.to_string());
     }
     let mut builder = SdkTracerProvider::builder().with_resource(resource.build());
-    if let Some(e) = export {
-        let exporter = match e.protocol {
-            Protocol::Grpc => {
-                opentelemetry_otlp::SpanExporter::builder().with_tonic().with_endpoint(e.endpoint.clone()).build()?
-            }
-            Protocol::HttpProtobuf => {
-                // The collector's HTTP path for traces, unless the endpoint names one.
-                let url = if e.endpoint.trim_end_matches('/').ends_with("/v1/traces") {
-                    e.endpoint.clone()
-                } else {
-                    format!("{}/v1/traces", e.endpoint.trim_end_matches('/'))
-                };
-                // reqwest is built without a bundled crypto provider.
-                let _ = rustls::crypto::ring::default_provider().install_default();
-                opentelemetry_otlp::SpanExporter::builder()
-                    .with_http()
-                    .with_http_client(reqwest::blocking::Client::new())
-                    .with_endpoint(url)
-                    .build()?
-            }
-        };
-        builder = builder.with_batch_exporter(exporter);
+    for e in exports {
+        builder = builder.with_batch_exporter(span_exporter(e)?);
     }
     let provider = builder.build();
     opentelemetry::global::set_tracer_provider(provider.clone());
     Ok(Telemetry { provider })
+}
+
+/// The OTLP span exporter `export` describes.
+///
+/// The HTTP exporter sends from the batch processor's own thread with a blocking client.
+/// That client owns a small runtime of its own, which tokio refuses to build or drop on a
+/// runtime thread (it panicked at every stage's start), so it is built on a plain thread.
+pub fn span_exporter(export: &TraceExport) -> anyhow::Result<opentelemetry_otlp::SpanExporter> {
+    use opentelemetry_otlp::{WithExportConfig, WithHttpConfig};
+    Ok(match export.protocol {
+        Protocol::Grpc => {
+            opentelemetry_otlp::SpanExporter::builder().with_tonic().with_endpoint(export.endpoint.clone()).build()?
+        }
+        Protocol::HttpProtobuf => {
+            // The collector's HTTP path for traces, unless the endpoint names one.
+            let base = export.endpoint.trim_end_matches('/');
+            let url = if base.ends_with("/v1/traces") { base.to_string() } else { format!("{base}/v1/traces") };
+            // reqwest is built without a bundled crypto provider.
+            let _ = rustls::crypto::ring::default_provider().install_default();
+            let client = std::thread::spawn(|| reqwest::blocking::Client::builder().build())
+                .join()
+                .map_err(|_| anyhow::anyhow!("the OTLP HTTP client could not be built"))??;
+            opentelemetry_otlp::SpanExporter::builder()
+                .with_http()
+                .with_http_client(client)
+                .with_endpoint(url)
+                .build()?
+        }
+    })
 }
 
 /// Installs the JSON log subscriber once; later calls (tests) are no-ops.

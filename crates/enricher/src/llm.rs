@@ -122,7 +122,7 @@ impl LlmClient {
         for (name, value) in &llm.extra_headers {
             let n = reqwest::header::HeaderName::from_bytes(name.as_bytes())
                 .map_err(|e| anyhow::anyhow!("llm.extra_headers: {name:?} is not a header name: {e}"))?;
-            let v = reqwest::header::HeaderValue::from_str(value)
+            let v = reqwest::header::HeaderValue::from_str(value.expose())
                 .map_err(|_| anyhow::anyhow!("llm.extra_headers: the value of {name:?} is not a header value"))?;
             extra_headers.push((n, v));
         }

@@ -36,12 +36,19 @@ impl OutputValidator {
                 "the answer contains a NUL character (U+0000), which cannot be stored",
             ));
         }
-        // Error texts quote the answer's property names, which may hold anything.
+        // Where the answer fails and which rule, never what it holds: the validator's own
+        // messages quote the answer's values (personal data, in a listing of dead letters).
         let errors: Vec<String> = self
             .validator
             .iter_errors(&value)
             .take(5)
-            .map(|e| format!("{} at {}", e, e.instance_path()).replace('\0', "\\u0000"))
+            .map(|e| {
+                let rule = e.schema_path().to_string();
+                let keyword = rule.rsplit('/').next().unwrap_or_default().to_string();
+                let at = e.instance_path().to_string();
+                let at = if at.is_empty() { "/".to_string() } else { at };
+                format!("{at} fails `{keyword}` (schema {rule})").replace('\0', "\\u0000")
+            })
             .collect();
         if errors.is_empty() {
             Ok(value)
@@ -88,8 +95,16 @@ mod tests {
         assert_eq!(v.validate("Sure! {category: billing}").unwrap_err().reason, "invalid_json");
         let e = v.validate(r#"{"category":"food","summary":"too long"}"#).unwrap_err();
         assert_eq!(e.reason, "schema_violation");
-        assert!(e.message.contains("food"), "{}", e.message);
-        assert_eq!(v.validate(r#"{"extra":1}"#).unwrap_err().reason, "schema_violation");
+        // Where and which rule, not the answer's values (they end up in DLQ listings).
+        assert!(
+            e.message.contains("/category fails `enum`") && e.message.contains("/summary fails `maxLength`"),
+            "{}",
+            e.message
+        );
+        assert!(!e.message.contains("food") && !e.message.contains("too long"), "{}", e.message);
+        let e = v.validate(r#"{"extra-4111111111111111":1}"#).unwrap_err();
+        assert_eq!(e.reason, "schema_violation");
+        assert!(!e.message.contains("4111111111111111"), "{}", e.message);
     }
 
     #[test]

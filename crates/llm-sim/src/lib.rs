@@ -194,13 +194,10 @@ pub async fn start(
     Ok(RunningSim { addr, state, handle, router, shutdown, serving })
 }
 
+/// With the product's limits (header-read and request timeouts, a connection limit).
 fn serve(listener: tokio::net::TcpListener, router: Router, stop: CancellationToken) -> tokio::task::JoinHandle<()> {
-    tokio::spawn(async move {
-        let served = axum::serve(listener, router).with_graceful_shutdown(async move { stop.cancelled().await }).await;
-        if let Err(e) = served {
-            tracing::error!(error = %e, "llm-sim server failed");
-        }
-    })
+    let limits = enrich_common::config::HttpSettings::default();
+    tokio::spawn(enrich_common::http::serve_on(listener, router, limits, stop))
 }
 
 fn openai_error(status: StatusCode, kind: &str, message: impl Into<String>) -> Response {
@@ -326,10 +323,15 @@ async fn messages(
     answer(&state, Api::Anthropic, &headers, &body).await
 }
 
-/// The requests received lately (newest last), for conformance tests: path, headers,
-/// body.
+/// The requests received lately (newest last): path and body. Never their headers, which
+/// carry the caller's API key; the in-process `RunningSim::requests` has them for tests.
 async fn requests(State(state): State<Arc<AppState>>) -> Json<Value> {
-    Json(Value::Array(state.requests.lock().map(|r| r.iter().cloned().collect()).unwrap_or_default()))
+    let kept = state.requests.lock().map(|r| r.iter().map(without_headers).collect()).unwrap_or_default();
+    Json(Value::Array(kept))
+}
+
+fn without_headers(request: &Value) -> Value {
+    json!({"path": request["path"], "body": request["body"]})
 }
 
 /// Most requests kept for `GET /admin/requests`.

@@ -43,6 +43,16 @@ impl Store {
             .unwrap_or_default()
     }
 
+    /// Keeps the spans of one OTLP export request (gRPC or HTTP/protobuf alike).
+    pub fn ingest(&self, request: ExportTraceServiceRequest) {
+        for resource in request.resource_spans {
+            for scoped in resource.scope_spans {
+                let scope = scoped.scope.map(|s| s.name).unwrap_or_default();
+                self.push(scoped.spans.into_iter().map(|span| Received { scope: scope.clone(), span }));
+            }
+        }
+    }
+
     fn push(&self, received: impl IntoIterator<Item = Received>) {
         if let Ok(mut spans) = self.spans.lock() {
             spans.extend(received);
@@ -63,12 +73,7 @@ impl TraceService for Receiver {
         &self,
         request: tonic::Request<ExportTraceServiceRequest>,
     ) -> Result<tonic::Response<ExportTraceServiceResponse>, tonic::Status> {
-        for resource in request.into_inner().resource_spans {
-            for scoped in resource.scope_spans {
-                let scope = scoped.scope.map(|s| s.name).unwrap_or_default();
-                self.store.push(scoped.spans.into_iter().map(|span| Received { scope: scope.clone(), span }));
-            }
-        }
+        self.store.ingest(request.into_inner());
         Ok(tonic::Response::new(ExportTraceServiceResponse { partial_success: None }))
     }
 }
