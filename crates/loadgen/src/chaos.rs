@@ -129,7 +129,7 @@ impl Scenario {
             // Leases shorter than a slow call plus its wait for a slot, a long-tailed LLM,
             // and a rebalance every few seconds.
             Scenario {
-                latency: "lognormal:150,0.8,0.05:1800",
+                latency: "lognormal:150,0.6,0.05:1200",
                 env: vec![("ENRICH_ENRICHER__LEASE_MS", "2500")],
                 ..s("lease-churn", vec![Fault::ReplicaChurn(40)])
             },
@@ -767,6 +767,23 @@ async fn verify(
     .collect();
     if !listed_twice.is_empty() {
         violations.push(violation("a dead letter listed more than once by the admin API", &listed_twice));
+    }
+    // Every key that ended dead-lettered can be listed and replayed: it has a listed
+    // dead letter (none left pending).
+    let unlisted: Vec<String> = sqlx::query_as::<_, (String,)>(
+        "SELECT s.idempotency_key FROM enrich_state s
+          WHERE s.pipeline = $1 AND s.state = 'dead_lettered'
+            AND NOT EXISTS (SELECT 1 FROM dead_letters d WHERE d.pipeline = s.pipeline
+                              AND d.idempotency_key = s.idempotency_key AND d.status = 'dead')",
+    )
+    .bind(p)
+    .fetch_all(pool)
+    .await?
+    .into_iter()
+    .map(|(k,)| k)
+    .collect();
+    if !unlisted.is_empty() {
+        violations.push(violation("a dead-lettered key without a listed dead letter", &unlisted));
     }
     if !wrong_dlq.is_empty() {
         violations.push(violation("DLQ misses a record or has the wrong reason", &wrong_dlq));
