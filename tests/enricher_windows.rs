@@ -190,3 +190,53 @@ async fn a_dead_lettering_interrupted_after_its_dlq_record_is_written_once_and_n
     env.teardown().await;
     Ok(())
 }
+
+/// A record on `enrich.retry` whose `retry-due-ms` header lies centuries ahead (a rogue
+/// producer, a corrupted header): it is held no longer than `llm.retry_max_delay_ms`,
+/// then enriched and published, and its retry partition moves on.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_retry_due_far_in_the_future_is_held_no_longer_than_the_longest_delay() -> anyhow::Result<()> {
+    let overrides = [("ENRICH_LLM__RETRY_MAX_DELAY_MS", "2000".to_string())];
+    let env = TestEnv::new(llm_sim::Latency::Fixed(Duration::from_millis(20)), &overrides).await?;
+    let stages = [StageKind::Ingest, StageKind::Enricher, StageKind::Publisher].map(|k| env.spawn(k));
+    let pipeline = env.settings.pipeline.name.clone();
+    let ticket = workload::marked_tickets(&env.id, 1, &[]).remove(0);
+    let envelope = enrich_common::Envelope {
+        schema: enrich_common::envelope::SCHEMA.into(),
+        pipeline: pipeline.clone(),
+        idempotency_key: format!("{pipeline}:rogue-due"),
+        payload: ticket.value.clone().expect("a ticket has a value"),
+        source: Some(enrich_common::envelope::SourceCoordinates {
+            topic: env.source_topic().to_string(),
+            partition: 0,
+            offset: 0,
+            ..Default::default()
+        }),
+        ..Default::default()
+    };
+    let retry = env.settings.topics.retry.clone();
+    enrich_common::kafka::ensure_topics(&env.settings, &[&retry]).await?;
+    let producer: FutureProducer = enrich_common::kafka::producer(&env.settings, "test")?;
+    let h = headers::owned(&[
+        (headers::IDEMPOTENCY_KEY, envelope.idempotency_key.as_str()),
+        (headers::RETRY_DUE_MS, "9000000000000000"),
+        (headers::RETRY_COUNT, "1"),
+    ]);
+    let value = envelope.encode_to_bytes();
+    producer
+        .send(FutureRecord::to(&retry).key("rogue-due").payload(&value).headers(h), Duration::from_secs(30))
+        .await
+        .map_err(|(e, _)| e)?;
+    let key = envelope.idempotency_key.clone();
+    wait_for("the rogue-due record to be published", DEADLINE, || async {
+        // The output topic may not exist yet.
+        let Ok(counts) = enrich_e2e::output_counts(&env) else { return Ok(None) };
+        Ok(counts.get(&key).is_some_and(|n| *n == 1).then_some(()))
+    })
+    .await?;
+    for s in stages {
+        s.stop().await?;
+    }
+    env.teardown().await;
+    Ok(())
+}

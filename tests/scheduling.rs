@@ -109,7 +109,21 @@ async fn replicas_joining_and_leaving_lose_and_duplicate_nothing() -> anyhow::Re
         Ok((count_in_states(&env, &["enriched", "published"]).await? >= 200).then_some(()))
     })
     .await?;
-    let second = env.spawn_with(StageKind::Enricher, |s| s.enricher.instance_id = Some("replica-b".into()));
+    // No call starts while the second replica joins (the kill switch), so the first cannot
+    // finish everything before the group has rebalanced, however fast this machine is.
+    let pipeline = env.settings.pipeline.name.clone();
+    dlq_replayer::replay::set_paused(&env.pool, &pipeline, true, Some("a replica joins")).await?;
+    let port = enrich_e2e::free_port()?;
+    let second = env.spawn_with(StageKind::Enricher, |s| {
+        s.enricher.instance_id = Some("replica-b".into());
+        s.enricher.http_port = port;
+    });
+    wait_for("the second replica to be assigned partitions", DEADLINE, || async {
+        let Ok(m) = enrich_e2e::scrape_metrics(port).await else { return Ok(None) };
+        Ok(m.keys().any(|k| k.starts_with("enrich_consumer_lag{")).then_some(()))
+    })
+    .await?;
+    dlq_replayer::replay::set_paused(&env.pool, &pipeline, false, None).await?;
     let by_worker = |worker: &'static str| {
         let pool = env.pool.clone();
         let pipeline = env.settings.pipeline.name.clone();

@@ -161,7 +161,11 @@ pub async fn run(
                     if m.topic() == retry_topic {
                         // Records held from before the partition's last revocation are stale.
                         delays.revoke_where(std::slice::from_ref(&partition), |(read_at, _)| *read_at < revoked_at);
-                        let due = due_ms(&m);
+                        // A due time further ahead than the longest delay the policy gives is
+                        // a rogue header: it is held no longer than that.
+                        let ceiling = enricher.retry.max_delay.as_millis() as i64;
+                        let written = m.timestamp().to_millis().unwrap_or(i64::MAX);
+                        let due = due_ms(&m).min(now_ms().saturating_add(ceiling)).min(written.saturating_add(ceiling));
                         match delays.offer(&partition, due, (epoch, m), now_ms()) {
                             Offer::Admit((_, m)) => {
                                 let actions = scheduler.admit_at(m, epoch, revoked_at);

@@ -921,7 +921,9 @@ impl Enricher {
         span: &RecordSpan,
     ) -> anyhow::Result<()> {
         let key = &envelope.idempotency_key;
-        let delay = self.retry.delay_for(retry).max(error.retry_after.unwrap_or_default());
+        // The endpoint's Retry-After when longer, up to the longest delay of the policy
+        // (the consumer holds a retry record no longer than that).
+        let delay = self.retry.delay_for(retry).max(error.retry_after.unwrap_or_default()).min(self.retry.max_delay);
         let due = crate::consume::now_ms() + delay.as_millis() as i64;
         if let Some(blocks) = &self.strict {
             blocks.block(record_key, key).await?;
