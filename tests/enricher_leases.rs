@@ -10,8 +10,6 @@ use enrich_e2e::loadgen::kafka_io::{group_caught_up, produce_all};
 use enrich_e2e::loadgen::workload;
 use enrich_e2e::{StageKind, TestEnv, output_counts, scrape_metrics, wait_for};
 use enricher::failpoints::{self, Instant};
-use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 const DEADLINE: Duration = Duration::from_secs(180);
@@ -81,33 +79,9 @@ async fn a_settlement_failing_after_a_paid_call_is_retried_and_not_paid_again() 
     let produced = produce_all(&env.settings, env.source_topic(), &records, |_| false, |_| {}).await?;
 
     // Right after the paid call, the next update of the budget windows (the settlement)
-    // fails once: a trigger counts through a sequence, which a failed statement does not
-    // roll back.
-    let pool = env.pool.clone();
-    let armed = Arc::new(AtomicBool::new(true));
-    failpoints::set(
-        &env.settings.pipeline.name,
-        Instant::AfterPaidCall,
-        Arc::new(move || {
-            let (pool, armed) = (pool.clone(), armed.clone());
-            Box::pin(async move {
-                if !armed.swap(false, Ordering::SeqCst) {
-                    return;
-                }
-                for statement in [
-                    "CREATE SEQUENCE settle_fault",
-                    "CREATE FUNCTION settle_fault() RETURNS trigger LANGUAGE plpgsql AS $$
-                     BEGIN
-                       IF nextval('settle_fault') = 1 THEN RAISE EXCEPTION 'injected: the settlement is refused once'; END IF;
-                       RETURN NEW;
-                     END $$",
-                    "CREATE TRIGGER settle_fault BEFORE UPDATE ON budget_windows FOR EACH ROW EXECUTE FUNCTION settle_fault()",
-                ] {
-                    sqlx::query(statement).execute(&pool).await.expect("the fault is armed");
-                }
-            })
-        }),
-    );
+    // fails once.
+    let hook = enrich_e2e::fail_once_hook(env.pool.clone(), "settle_fault", "budget_windows", "UPDATE");
+    failpoints::set(&env.settings.pipeline.name, Instant::AfterPaidCall, hook);
     let stages = [
         env.spawn(StageKind::Ingest),
         env.spawn_with(StageKind::Enricher, |s| s.llm.budgets = vec![BudgetWindow { usd: 100.0, window_secs: 3600 }]),
@@ -116,7 +90,7 @@ async fn a_settlement_failing_after_a_paid_call_is_retried_and_not_paid_again() 
     let acct = env.wait_accounted(&produced, DEADLINE).await?;
     assert_eq!(acct.published, 1, "the ticket is published: {acct:?}");
 
-    let (fault_fired,): (i64,) = sqlx::query_as("SELECT last_value FROM settle_fault").fetch_one(&env.pool).await?;
+    let fault_fired = enrich_e2e::fail_once_count(&env.pool, "settle_fault").await?;
     assert!(fault_fired >= 2, "the settlement failed once and was tried again (sequence at {fault_fired})");
     assert_eq!(env.sim.completions(), 1, "the call was paid once");
     let (calls, spent): (i64, f64) = sqlx::query_as(

@@ -139,31 +139,12 @@ async fn a_dead_lettering_interrupted_after_its_dlq_record_is_written_once_and_n
     let env = TestEnv::new(llm_sim::Latency::Fixed(Duration::from_millis(20)), &[]).await?;
     let records = workload::marked_tickets(&env.id, 1, &[(0, "schema-violation")]);
     let produced = produce_all(&env.settings, env.source_topic(), &records, |_| false, |_| {}).await?;
-    let pool = env.pool.clone();
-    let armed = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(true));
+    // Right after the DLQ record, the next write to dead_letters fails once.
+    let hook = enrich_e2e::fail_once_hook(env.pool.clone(), "dead_letter_fault", "dead_letters", "INSERT OR UPDATE");
     enricher::failpoints::set(
         &env.settings.pipeline.name,
         enricher::failpoints::Instant::AfterDeadLetterProduced,
-        std::sync::Arc::new(move || {
-            let (pool, armed) = (pool.clone(), armed.clone());
-            Box::pin(async move {
-                if !armed.swap(false, std::sync::atomic::Ordering::SeqCst) {
-                    return;
-                }
-                for statement in [
-                    "CREATE SEQUENCE dead_letter_fault",
-                    "CREATE FUNCTION dead_letter_fault() RETURNS trigger LANGUAGE plpgsql AS $$
-                     BEGIN
-                       IF nextval('dead_letter_fault') = 1 THEN RAISE EXCEPTION 'injected: dead_letters refused once'; END IF;
-                       RETURN NEW;
-                     END $$",
-                    "CREATE TRIGGER dead_letter_fault BEFORE INSERT OR UPDATE ON dead_letters
-                     FOR EACH ROW EXECUTE FUNCTION dead_letter_fault()",
-                ] {
-                    sqlx::query(statement).execute(&pool).await.expect("the fault is armed");
-                }
-            })
-        }),
+        hook,
     );
     let stages = [StageKind::Ingest, StageKind::Enricher, StageKind::Publisher].map(|k| env.spawn(k));
     let acct = env.wait_accounted(&produced, DEADLINE).await?;
@@ -174,7 +155,7 @@ async fn a_dead_lettering_interrupted_after_its_dlq_record_is_written_once_and_n
         Ok(group_caught_up(&env.settings, &group, &requests)?.then_some(()))
     })
     .await?;
-    let (fired,): (i64,) = sqlx::query_as("SELECT last_value FROM dead_letter_fault").fetch_one(&env.pool).await?;
+    let fired = enrich_e2e::fail_once_count(&env.pool, "dead_letter_fault").await?;
     assert!(fired >= 2, "the write after the DLQ record failed once and was tried again (sequence at {fired})");
     let dlq = read_to_end(&env.settings, &env.settings.topics.dlq, Duration::from_secs(60))?;
     assert_eq!(dlq.len(), 1, "one DLQ record for the key");

@@ -316,3 +316,46 @@ pub fn with_query(url: &str, params: &[(&str, &str)]) -> anyhow::Result<String> 
     url.query_pairs_mut().extend_pairs(params);
     Ok(url.into())
 }
+
+/// What the stages' `failpoints::set` take (their cargo feature `failpoints`).
+pub type FailpointHook = std::sync::Arc<dyn Fn() -> std::pin::Pin<Box<dyn Future<Output = ()> + Send>> + Send + Sync>;
+
+/// A failpoint hook that, the first time it runs, makes the next statement that writes
+/// `table` (`events`: `UPDATE`, `INSERT OR UPDATE`) fail once, as a database that
+/// refuses one write would: a trigger counts through the sequence `name`, which a
+/// failed statement does not roll back. Once the write has been tried again,
+/// `fail_once_count(pool, name)` is at least 2.
+pub fn fail_once_hook(pool: PgPool, name: &'static str, table: &'static str, events: &'static str) -> FailpointHook {
+    let armed = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(true));
+    std::sync::Arc::new(move || {
+        let (pool, armed) = (pool.clone(), armed.clone());
+        Box::pin(async move {
+            if !armed.swap(false, std::sync::atomic::Ordering::SeqCst) {
+                return;
+            }
+            let statements = [
+                format!("CREATE SEQUENCE {name}"),
+                format!(
+                    "CREATE FUNCTION {name}() RETURNS trigger LANGUAGE plpgsql AS $$
+                     BEGIN
+                       IF nextval('{name}') = 1 THEN RAISE EXCEPTION 'injected: {table} refused once'; END IF;
+                       RETURN NEW;
+                     END $$"
+                ),
+                format!("CREATE TRIGGER {name} BEFORE {events} ON {table} FOR EACH ROW EXECUTE FUNCTION {name}()"),
+            ];
+            for statement in statements {
+                if let Err(e) = sqlx::query(sqlx::AssertSqlSafe(statement)).execute(&pool).await {
+                    panic!("the fault {name} cannot be armed: {e}");
+                }
+            }
+        })
+    })
+}
+
+/// How far the sequence of `fail_once_hook(_, name, ..)` has counted.
+pub async fn fail_once_count(pool: &PgPool, name: &'static str) -> anyhow::Result<i64> {
+    let (n,): (i64,) =
+        sqlx::query_as(sqlx::AssertSqlSafe(format!("SELECT last_value FROM {name}"))).fetch_one(pool).await?;
+    Ok(n)
+}

@@ -12,7 +12,7 @@ pub enum Instant {
     AfterDeadLetterProduced,
 }
 
-impl Instant {
+impl enrich_common::failpoints::Point for Instant {
     fn name(self) -> &'static str {
         match self {
             Instant::AfterPaidCall => "enricher.after_paid_call",
@@ -22,15 +22,6 @@ impl Instant {
 }
 
 #[cfg(feature = "failpoints")]
-pub use enrich_common::failpoints::Hook;
+pub use enrich_common::failpoints::{Hook, set};
 
-/// Runs `hook` (and waits for it) each time an enricher of `pipeline` passes `at`.
-#[cfg(feature = "failpoints")]
-pub fn set(pipeline: &str, at: Instant, hook: Hook) {
-    enrich_common::failpoints::set(pipeline, at.name(), hook);
-}
-
-/// Where the enricher passes `at`: a no-op without the `failpoints` feature.
-pub(crate) async fn pass(pipeline: &str, at: Instant) {
-    enrich_common::failpoints::pass(pipeline, at.name()).await;
-}
+pub(crate) use enrich_common::failpoints::pass;
