@@ -1011,9 +1011,8 @@ impl Enricher {
         if !self.store.take_dead_lettered(key).await? {
             return Ok(false);
         }
-        let dead_attempt = Envelope::decode_from(&value).map(|d| d.attempt as i32).unwrap_or(0);
-        let _held = self.store.hold(key, dead_attempt);
         let dead = Envelope::decode_from(&value).map_err(|e| anyhow::anyhow!("pending dead letter {id}: {e}"))?;
+        let _held = self.store.hold(key, dead.attempt as i32);
         let trace =
             traceparent.as_deref().and_then(|t| TraceContext::parse(t, None)).unwrap_or_else(TraceContext::new_root);
         let h = enrich_common::dead_letter::dlq_headers(&dead, &trace);

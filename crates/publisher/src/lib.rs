@@ -26,7 +26,7 @@ use rdkafka::consumer::{BaseConsumer, Consumer, ConsumerContext, Rebalance, Stre
 use rdkafka::message::{Message, OwnedHeaders, OwnedMessage};
 use rdkafka::producer::{DeliveryFuture, FutureProducer, FutureRecord, Producer};
 use rdkafka::{Offset, TopicPartitionList};
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::time::Duration;
 
 pub use merge::merge_output;
@@ -426,36 +426,40 @@ async fn publish_batch(
         .map(|r| (r.partition, r.offset))
         .chain(candidates.iter().filter(|c| c.output.is_err()).map(|c| (c.partition, c.offset)))
         .collect();
+    // Per held partition, the offset from which its records wait.
     let (mut ok, mut dead, mut why) = (0, 0, None);
-    let mut held_partitions: HashSet<i32> = HashSet::new();
-    let mut held: Vec<OwnedMessage> = Vec::new();
-    let mut kept: Vec<OwnedMessage> = Vec::with_capacity(batch.len());
+    let mut held_from: HashMap<i32, i64> = HashMap::new();
     for m in batch {
-        if !held_partitions.contains(&m.partition()) && dead_at.contains(&(m.partition(), m.offset())) {
-            match publisher.dead_letters.check(dead + 1, ok) {
-                Ok(()) => dead += 1,
-                Err(e) => {
-                    held_partitions.insert(m.partition());
-                    why = Some(e);
-                }
-            }
-        } else if !held_partitions.contains(&m.partition()) {
+        if held_from.contains_key(&m.partition()) {
+            continue;
+        }
+        if !dead_at.contains(&(m.partition(), m.offset())) {
             ok += 1;
+        } else if let Err(e) = publisher.dead_letters.check(dead + 1, ok) {
+            held_from.insert(m.partition(), m.offset());
+            why = Some(e);
+        } else {
+            dead += 1;
         }
-        if held_partitions.contains(&m.partition()) { held.push(m.clone()) } else { kept.push(m.clone()) }
     }
-    if let Some(why) = why {
-        if kept.is_empty() {
-            return Err(Failed::Held(why));
+    let kept_at = |p: i32, o: i64| held_from.get(&p).is_none_or(|from| o < *from);
+    // Only a batch that holds something is copied.
+    let kept: Vec<OwnedMessage>;
+    let batch = match why {
+        None => batch,
+        Some(why) => {
+            let (k, held): (Vec<OwnedMessage>, Vec<OwnedMessage>) =
+                batch.iter().cloned().partition(|m| kept_at(m.partition(), m.offset()));
+            if k.is_empty() {
+                return Err(Failed::Held(why));
+            }
+            rewind(consumer, &held)?;
+            candidates.retain(|c| kept_at(c.partition, c.offset));
+            rejects.retain(|r| kept_at(r.partition, r.offset));
+            kept = k;
+            kept.as_slice()
         }
-        rewind(consumer, &held)?;
-        let at = |p: i32, o: i64| {
-            !held_partitions.contains(&p) || kept.iter().any(|m| m.partition() == p && m.offset() == o)
-        };
-        candidates.retain(|c| at(c.partition, c.offset));
-        rejects.retain(|r| at(r.partition, r.offset));
-    }
-    let batch = kept.as_slice();
+    };
 
     // 1. Bind. A key bound to another record (or no longer `enriched`) is not ours.
     let claims: Vec<binding::Claim> = candidates
