@@ -539,16 +539,8 @@ impl Replayer {
         } else {
             // The key gets one fresh attempt budget and goes back to the enricher, bound to
             // no results record (the publisher binds it to the new result).
-            sqlx::query(
-                "UPDATE enrich_state SET state = 'requested', attempts = 0, lease_owner = NULL, lease_until = NULL,
-                                         publish_partition = NULL, publish_offset = NULL, publish_outcome = NULL,
-                                         publish_trace = NULL, updated_at = now()
-                 WHERE pipeline = $1 AND idempotency_key = $2 AND state = 'dead_lettered'",
-            )
-            .bind(&self.settings.pipeline.name)
-            .bind(&dead.idempotency_key)
-            .execute(&self.pool)
-            .await?;
+            enrich_common::key_state::replay::reset(&self.pool, &self.settings.pipeline.name, &dead.idempotency_key)
+                .await?;
             let send = span.producer(&self.settings.topics.requests);
             let h = send.ids().inject(headers::owned(&[
                 (headers::IDEMPOTENCY_KEY, &dead.idempotency_key),

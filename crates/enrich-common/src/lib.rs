@@ -17,6 +17,7 @@ pub mod headers;
 pub mod http;
 pub mod idempotency;
 pub mod kafka;
+pub mod key_state;
 pub mod service;
 pub mod shutdown;
 pub mod spans;

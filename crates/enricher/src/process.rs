@@ -398,7 +398,7 @@ impl Enricher {
                         );
                         return handled(self.give_up(envelope, &record_key, &err, attempt, span).await?);
                     }
-                    let _ = self.store.release(&key, true).await;
+                    let _ = self.store.release(&key, attempt, true).await;
                     return Err(e);
                 }
                 Err(AttemptError::Superseded) => {
@@ -412,7 +412,7 @@ impl Enricher {
                     // back, so the record runs normally after the restart (not as a
                     // suspect, in isolation).
                     self.breaker.unused(admission);
-                    self.store.release(&key, !paid).await?;
+                    self.store.release(&key, attempt, !paid).await?;
                     anyhow::bail!("shutting down while {key} waited for its LLM call");
                 }
                 Err(AttemptError::Budget(wait)) => {
@@ -420,7 +420,7 @@ impl Enricher {
                     // of it was paid) and wait for the next window (the record keeps its
                     // place; nothing is dead-lettered).
                     self.breaker.unused(admission);
-                    self.store.release(&key, !paid).await?;
+                    self.store.release(&key, attempt, !paid).await?;
                     if !paid {
                         tries = tries.saturating_sub(1);
                     }
@@ -450,7 +450,7 @@ impl Enricher {
                 Next::WaitForEndpoint => {
                     // Give the attempt back (unless a call of it was paid) and wait for the
                     // endpoint (the breaker, or the 429's Retry-After).
-                    self.store.release(&key, !paid).await?;
+                    self.store.release(&key, attempt, !paid).await?;
                     if !paid {
                         tries = tries.saturating_sub(1);
                     }
@@ -473,7 +473,7 @@ impl Enricher {
                     tracing::warn!(idempotency_key = %key, attempt, error = %e, wait_ms = wait.as_millis() as u64, "transient LLM failure; retrying");
                     // Give the lease back (the attempt stays spent): a lease left set
                     // marks an attempt that died with its process.
-                    self.store.release(&key, false).await?;
+                    self.store.release(&key, attempt, false).await?;
                     tokio::select! {
                         _ = self.shutdown.cancelled() => anyhow::bail!("shutting down during the backoff of {key}"),
                         _ = tokio::time::sleep(wait) => {}
@@ -936,7 +936,11 @@ impl Enricher {
             (headers::RETRY_COUNT, &retry.to_string()),
         ]));
         self.produce(&self.retry.topic, record_key, out.encode_to_bytes(), h).await?;
-        self.store.schedule_retry(key).await?;
+        if !self.store.schedule_retry(key, attempt).await? {
+            // The lease was taken over meanwhile (this attempt outlived it): the other
+            // replica's attempt decides; the retry record, when it comes back, finds it.
+            tracing::warn!(idempotency_key = %key, attempt, "the lease was lost before the retry was recorded");
+        }
         let detail = format!("delayed retry {retry} due in {} ms; last error: {}", delay.as_millis(), error.error);
         self.store.record_run(envelope, attempt, "retry_scheduled", &span.ids().trace_id_hex(), Some(&detail)).await?;
         self.metrics.retries_scheduled.inc();

@@ -1,6 +1,7 @@
 //! The enricher's view of the per-key state: leases, attempts, stored results, audit.
 
 use enrich_common::envelope::Envelope;
+use enrich_common::key_state::{State, lease};
 use sqlx::PgPool;
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -221,20 +222,7 @@ impl StoreCore {
         if keys.is_empty() {
             return Ok(0);
         }
-        let done = sqlx::query(
-            "UPDATE enrich_state s SET lease_until = now() + make_interval(secs => $5)
-             FROM UNNEST($2::text[], $3::int[]) AS u(k, a)
-             WHERE s.pipeline = $1 AND s.idempotency_key = u.k AND s.attempts = u.a
-               AND s.lease_owner = $4 AND s.state IN ('enriching', 'dead_lettered')",
-        )
-        .bind(&self.pipeline)
-        .bind(&keys)
-        .bind(&attempts)
-        .bind(&self.owner)
-        .bind(self.lease.as_secs_f64())
-        .execute(&self.pool)
-        .await?;
-        Ok(done.rows_affected())
+        lease::renew(&self.pool, self.who(), &keys, &attempts).await
     }
 
     /// Renews the held leases every third of the lease until `shutdown`.
@@ -260,36 +248,9 @@ impl StoreCore {
         // cannot be taken meanwhile); one with more is only read. One that expired but
         // nobody took is still ours (a takeover changes owner and attempts under the
         // row's lock, and is seen here).
-        let (paused, ours): (bool, Vec<String>) = sqlx::query_as(
-            "WITH p AS (
-               SELECT coalesce((SELECT paused FROM controls WHERE pipeline = $1), false) AS paused
-             ), mine AS (
-               SELECT s.idempotency_key AS k, s.attempts AS a,
-                      s.lease_until < now() + make_interval(secs => $5) AS short
-               FROM enrich_state s JOIN UNNEST($2::text[], $3::int[]) AS u(k, a)
-                 ON s.idempotency_key = u.k AND s.attempts = u.a
-               WHERE s.pipeline = $1 AND s.lease_owner = $4 AND s.state = 'enriching'
-             ), renewed AS (
-               UPDATE enrich_state s SET lease_until = now() + make_interval(secs => $6)
-               FROM mine
-               WHERE s.pipeline = $1 AND s.idempotency_key = mine.k AND mine.short AND s.attempts = mine.a
-                 AND s.lease_owner = $4 AND s.state = 'enriching'
-                 AND NOT (SELECT paused FROM p)
-               RETURNING s.idempotency_key
-             )
-             SELECT (SELECT paused FROM p),
-                    ARRAY(SELECT k FROM mine WHERE NOT short UNION ALL SELECT idempotency_key FROM renewed)",
-        )
-        .bind(&self.pipeline)
-        .bind(&keys)
-        .bind(&attempts)
-        .bind(&self.owner)
         // A second of slack for the statement and the request's own start.
-        .bind(self.call_timeout.as_secs_f64() + 1.0)
-        .bind(self.lease.as_secs_f64())
-        .fetch_one(&self.pool)
-        .await?;
-        let ours: std::collections::HashSet<String> = ours.into_iter().collect();
+        let call = self.call_timeout + Duration::from_secs(1);
+        let (paused, ours) = lease::gate(&self.pool, self.who(), call, &keys, &attempts).await?;
         Ok(reqs
             .iter()
             .map(|(k, _)| {
@@ -310,26 +271,7 @@ impl StoreCore {
         // A lease still set (expired, or ours from a previous incarnation) means the
         // previous attempt died with its process: such a key is charged only when its
         // caller runs it alone.
-        let acquired: Vec<(String, i32)> = sqlx::query_as(
-            "UPDATE enrich_state s
-             SET state = 'enriching', attempts = s.attempts + 1, lease_owner = $3,
-                 lease_until = now() + make_interval(secs => $4), updated_at = now()
-             FROM (SELECT k, bool_or(iso) AS iso FROM UNNEST($2::text[], $6::bool[]) AS u(k, iso) GROUP BY k) AS u
-             WHERE s.pipeline = $1 AND s.idempotency_key = u.k
-               AND s.state IN ('received', 'requested', 'enriching', 'retry_scheduled')
-               AND s.attempts < $5
-               AND (s.lease_owner IS NULL OR u.iso)
-               AND (s.lease_until IS NULL OR s.lease_until < now() OR s.lease_owner = $3)
-             RETURNING s.idempotency_key, s.attempts",
-        )
-        .bind(&self.pipeline)
-        .bind(&keys)
-        .bind(&self.owner)
-        .bind(self.lease.as_secs_f64())
-        .bind(self.max_attempts)
-        .bind(&isolated)
-        .fetch_all(&self.pool)
-        .await?;
+        let acquired = lease::acquire(&self.pool, self.who(), self.max_attempts, &keys, &isolated).await?;
         let mut acquired: HashMap<String, i32> = acquired.into_iter().collect();
 
         let others: Vec<&str> = keys.iter().copied().filter(|k| !acquired.contains_key(*k)).collect();
@@ -364,9 +306,9 @@ impl StoreCore {
                         KeyState::Adopted
                     }
                     Some((_, state, attempts, json, hash, model, version, lease_left, lease_owner)) => {
-                        match state.as_str() {
-                            "published" => KeyState::Published,
-                            "enriched" => KeyState::Enriched(StoredResult {
+                        match State::parse(state) {
+                            Some(State::Published) => KeyState::Published,
+                            Some(State::Enriched) => KeyState::Enriched(StoredResult {
                                 json: json.clone().unwrap_or_default(),
                                 result_hash: hash.clone().unwrap_or_default(),
                                 model: model.clone().unwrap_or_default(),
@@ -374,7 +316,7 @@ impl StoreCore {
                             }),
                             // Being dead-lettered by another replica (its DLQ record is
                             // being written): wait for it.
-                            "dead_lettered"
+                            Some(State::DeadLettered)
                                 if lease_left.is_some_and(|l| l > 0.0)
                                     && lease_owner.as_deref().is_some_and(|o| o != self.owner) =>
                             {
@@ -382,7 +324,7 @@ impl StoreCore {
                                     remaining: Duration::from_secs_f64(lease_left.unwrap_or(0.0).clamp(0.05, 3600.0)),
                                 }
                             }
-                            "dead_lettered" => KeyState::DeadLettered,
+                            Some(State::DeadLettered) => KeyState::DeadLettered,
                             // Another replica's live attempt is waited for before anything
                             // else is decided: a second delivery during a final attempt
                             // must not dead-letter the key under it. (In this process one
@@ -413,90 +355,43 @@ impl StoreCore {
             .collect();
         if !missing.is_empty() {
             // Requests for keys ingest never recorded (their rows were removed): adopt them.
-            let keys: Vec<&str> = missing.iter().map(|r| r.key.as_str()).collect();
-            let topics: Vec<&str> = missing.iter().map(|r| r.topic.as_str()).collect();
-            let partitions: Vec<i32> = missing.iter().map(|r| r.partition).collect();
-            let offsets: Vec<i64> = missing.iter().map(|r| r.offset).collect();
-            let kafka_keys: Vec<Option<&[u8]>> = missing.iter().map(|r| r.kafka_key.as_deref()).collect();
-            sqlx::query(
-                "INSERT INTO enrich_state (pipeline, idempotency_key, state, source_topic, source_partition, source_offset, kafka_key)
-                 SELECT $1, k, 'requested', t, p, o, kk FROM UNNEST($2::text[], $3::text[], $4::int[], $5::bigint[], $6::bytea[]) AS u(k, t, p, o, kk)
-                 ON CONFLICT DO NOTHING",
-            )
-            .bind(&self.pipeline)
-            .bind(&keys)
-            .bind(&topics)
-            .bind(&partitions)
-            .bind(&offsets)
-            .bind(&kafka_keys)
-            .execute(&self.pool)
-            .await?;
+            let orphans: Vec<lease::Orphan> = missing
+                .iter()
+                .map(|r| lease::Orphan {
+                    key: &r.key,
+                    topic: &r.topic,
+                    partition: r.partition,
+                    offset: r.offset,
+                    kafka_key: r.kafka_key.as_deref(),
+                })
+                .collect();
+            lease::adopt(&self.pool, &self.pipeline, &orphans).await?;
         }
         Ok(answers)
     }
 
     async fn finish_batch(&self, reqs: Vec<FinishRequest>) -> anyhow::Result<Vec<Option<StoredResult>>> {
         let keys: Vec<&str> = reqs.iter().map(|r| r.key.as_str()).collect();
-        let results: Vec<&str> = reqs.iter().map(|r| r.result.json.as_str()).collect();
-        let hashes: Vec<&str> = reqs.iter().map(|r| r.result.result_hash.as_str()).collect();
-        let models: Vec<&str> = reqs.iter().map(|r| r.result.model.as_str()).collect();
-        let versions: Vec<&str> = reqs.iter().map(|r| r.result.prompt_version.as_str()).collect();
-        let attempts: Vec<i32> = reqs.iter().map(|r| r.attempt).collect();
-        let topics: Vec<&str> = reqs.iter().map(|r| r.topic.as_str()).collect();
-        let partitions: Vec<i32> = reqs.iter().map(|r| r.partition).collect();
-        let offsets: Vec<i64> = reqs.iter().map(|r| r.offset).collect();
-        let traces: Vec<&str> = reqs.iter().map(|r| r.trace_id.as_str()).collect();
-        let all_steps: Vec<Step> = reqs.iter().flat_map(|r| r.steps.iter().cloned()).collect();
-        let step_keys: Vec<&str> = reqs.iter().flat_map(|r| r.steps.iter().map(|_| r.key.as_str())).collect();
-        let cols = StepColumns::from(all_steps.as_slice());
-        let stored: Vec<(String,)> = sqlx::query_as(
-            "WITH input AS (
-               SELECT * FROM UNNEST($2::text[], $3::text[], $4::text[], $5::text[], $6::text[]) AS i(k, result, hash, model, version)
-             ), stored AS (
-               UPDATE enrich_state s
-               SET state = 'enriched', result = i.result::jsonb, result_hash = i.hash, model = i.model,
-                   prompt_version = i.version, lease_owner = NULL, lease_until = NULL, updated_at = now()
-               FROM input i
-               WHERE s.pipeline = $1 AND s.idempotency_key = i.k
-                 AND s.state NOT IN ('enriched', 'published', 'dead_lettered')
-               RETURNING s.idempotency_key
-             ), steps AS (
-               INSERT INTO step_outcomes (pipeline, idempotency_key, stage, step, attempt, status, duration_ms, model, input_tokens, output_tokens, error, cost_usd)
-               SELECT $1, k, 'enricher', s, a, st, d, m, it, ot, e, c
-               FROM UNNEST($7::text[], $8::text[], $9::int[], $10::text[], $11::float8[], $12::text[], $13::int[], $14::int[], $15::text[], $22::float8[])
-                    AS u(k, s, a, st, d, m, it, ot, e, c)
-             ), runs AS (
-               INSERT INTO run_history (pipeline, idempotency_key, stage, attempt, status, source_topic, source_partition, source_offset, trace_id, worker)
-               SELECT $1, k, 'enricher', a, 'enriched', t, p, o, tr, $16
-               FROM UNNEST($2::text[], $17::int[], $18::text[], $19::int[], $20::bigint[], $21::text[]) AS r(k, a, t, p, o, tr)
-             )
-             SELECT idempotency_key FROM stored",
-        )
-        .bind(&self.pipeline)
-        .bind(&keys)
-        .bind(&results)
-        .bind(&hashes)
-        .bind(&models)
-        .bind(&versions)
-        .bind(&step_keys)
-        .bind(&cols.step)
-        .bind(&cols.attempt)
-        .bind(&cols.status)
-        .bind(&cols.duration_ms)
-        .bind(&cols.model)
-        .bind(&cols.input_tokens)
-        .bind(&cols.output_tokens)
-        .bind(&cols.error)
-        .bind(&self.owner)
-        .bind(&attempts)
-        .bind(&topics)
-        .bind(&partitions)
-        .bind(&offsets)
-        .bind(&traces)
-        .bind(&cols.cost_usd)
-        .fetch_all(&self.pool)
-        .await?;
-        let stored: std::collections::HashSet<String> = stored.into_iter().map(|(k,)| k).collect();
+        let finished: Vec<lease::Finished> = reqs
+            .iter()
+            .map(|r| lease::Finished {
+                key: &r.key,
+                attempt: r.attempt,
+                json: &r.result.json,
+                result_hash: &r.result.result_hash,
+                model: &r.result.model,
+                prompt_version: &r.result.prompt_version,
+                topic: &r.topic,
+                partition: r.partition,
+                offset: r.offset,
+                trace_id: &r.trace_id,
+            })
+            .collect();
+        let mut steps = lease::StepRows::default();
+        for r in &reqs {
+            step_rows(&mut steps, &r.key, &r.steps);
+        }
+        let stored = lease::finish(&self.pool, &self.pipeline, &self.owner, &finished, &steps).await?;
 
         // Keys whose result another attempt stored first: answer with that one. A key
         // dead-lettered meanwhile has none.
@@ -514,7 +409,7 @@ impl StoreCore {
             existing = rows
                 .into_iter()
                 .map(|(k, state, json, hash, model, version)| {
-                    let r = (state != "dead_lettered").then(|| StoredResult {
+                    let r = (State::parse(&state) != Some(State::DeadLettered)).then(|| StoredResult {
                         json: json.unwrap_or_default(),
                         result_hash: hash.unwrap_or_default(),
                         model: model.unwrap_or_default(),
@@ -527,103 +422,50 @@ impl StoreCore {
         Ok(reqs.into_iter().map(|r| existing.remove(&r.key).unwrap_or(Some(r.result))).collect())
     }
 
-    /// Gives the lease back without spending the attempt (the endpoint is down, or we
-    /// are shutting down before the call).
-    pub async fn release(&self, key: &str, refund_attempt: bool) -> sqlx::Result<()> {
-        sqlx::query(
-            "UPDATE enrich_state
-             SET lease_owner = NULL, lease_until = NULL, updated_at = now(),
-                 attempts = CASE WHEN $4 THEN GREATEST(attempts - 1, 0) ELSE attempts END
-             WHERE pipeline = $1 AND idempotency_key = $2 AND lease_owner = $3 AND state = 'enriching'",
-        )
-        .bind(&self.pipeline)
-        .bind(key)
-        .bind(&self.owner)
-        .bind(refund_attempt)
-        .execute(&self.pool)
-        .await?;
+    /// This replica as the writer of its leases.
+    pub fn who(&self) -> lease::Owner<'_> {
+        lease::Owner { pipeline: &self.pipeline, owner: &self.owner, lease: self.lease }
+    }
+
+    /// Gives the lease on `key` for `attempt` back, the attempt too when `refund_attempt`
+    /// (the endpoint is down, or we are shutting down before the call). Fenced: nothing
+    /// happens when the lease is no longer ours.
+    pub async fn release(&self, key: &str, attempt: i32, refund_attempt: bool) -> sqlx::Result<()> {
+        if !lease::release(&self.pool, self.who(), lease::Token { key, attempt }, refund_attempt).await? {
+            tracing::warn!(idempotency_key = %key, attempt, "the lease was no longer ours to give back");
+        }
         Ok(())
     }
 
-    /// The record went to the retry topic: its attempt stays spent, its lease is given back.
-    pub async fn schedule_retry(&self, key: &str) -> sqlx::Result<()> {
-        sqlx::query(
-            "UPDATE enrich_state SET state = 'retry_scheduled', lease_owner = NULL, lease_until = NULL, updated_at = now()
-             WHERE pipeline = $1 AND idempotency_key = $2 AND state NOT IN ('enriched', 'published', 'dead_lettered')",
-        )
-        .bind(&self.pipeline)
-        .bind(key)
-        .execute(&self.pool)
-        .await?;
-        Ok(())
+    /// The record went to the retry topic: its attempt stays spent, its lease is given
+    /// back. False when the lease was no longer ours (another replica's attempt decides).
+    pub async fn schedule_retry(&self, key: &str, attempt: i32) -> sqlx::Result<bool> {
+        lease::schedule_retry(&self.pool, self.who(), lease::Token { key, attempt }).await
     }
 
-    /// Marks the key `dead_lettered` and records `dead` as its pending dead letter, in one
-    /// transaction, keeping the lease until the dead letter is listed (`dead_letter_listed`);
-    /// None (nothing written) when the key has ended otherwise meanwhile, or another
-    /// replica holds a live lease on it (its attempt decides).
+    /// See [`lease::claim_dead_letter`].
     pub async fn claim_dead_letter(
         &self,
         dead: &Envelope,
         trace: &enrich_common::TraceContext,
     ) -> sqlx::Result<Option<i64>> {
-        let mut tx = self.pool.begin().await?;
-        let claimed = sqlx::query(
-            "UPDATE enrich_state SET state = 'dead_lettered', lease_owner = $3,
-                    lease_until = now() + make_interval(secs => $4), updated_at = now()
-             WHERE pipeline = $1 AND idempotency_key = $2 AND state NOT IN ('enriched', 'published', 'dead_lettered')
-               AND (lease_owner IS NULL OR lease_owner = $3 OR lease_until IS NULL OR lease_until <= now())",
-        )
-        .bind(&self.pipeline)
-        .bind(&dead.idempotency_key)
-        .bind(&self.owner)
-        .bind(self.lease.as_secs_f64())
-        .execute(&mut *tx)
-        .await?
-        .rows_affected();
-        if claimed == 0 {
-            tx.rollback().await?;
-            return Ok(None);
-        }
-        let id = enrich_common::dead_letter_store::insert_pending_one(&mut *tx, dead, trace).await?;
-        tx.commit().await?;
-        Ok(Some(id))
+        lease::claim_dead_letter(&self.pool, self.who(), dead, trace).await
     }
 
-    /// A pending dead letter left by a handling that failed: its lease (expired, or
-    /// ours) is taken so one replica writes it. False when another replica's lease is live.
+    /// See [`lease::take_dead_lettered`].
     pub async fn take_dead_lettered(&self, key: &str) -> sqlx::Result<bool> {
-        let taken = sqlx::query(
-            "UPDATE enrich_state SET lease_owner = $3, lease_until = now() + make_interval(secs => $4), updated_at = now()
-             WHERE pipeline = $1 AND idempotency_key = $2 AND state = 'dead_lettered'
-               AND (lease_owner IS NULL OR lease_owner = $3 OR lease_until IS NULL OR lease_until <= now())",
-        )
-        .bind(&self.pipeline)
-        .bind(key)
-        .bind(&self.owner)
-        .bind(self.lease.as_secs_f64())
-        .execute(&self.pool)
-        .await?;
-        Ok(taken.rows_affected() == 1)
+        lease::take_dead_lettered(&self.pool, self.who(), key).await
     }
 
     /// The key's dead letter is listed: its lease goes.
     pub async fn dead_letter_listed(&self, key: &str) -> sqlx::Result<()> {
-        sqlx::query(
-            "UPDATE enrich_state SET lease_owner = NULL, lease_until = NULL, updated_at = now()
-             WHERE pipeline = $1 AND idempotency_key = $2 AND state = 'dead_lettered' AND lease_owner = $3",
-        )
-        .bind(&self.pipeline)
-        .bind(key)
-        .bind(&self.owner)
-        .execute(&self.pool)
-        .await?;
-        Ok(())
+        lease::dead_letter_listed(&self.pool, self.who(), key).await
     }
 
     /// Appends step outcomes (llm_call, validation) to the audit, in one statement.
     pub async fn record_steps(&self, key: &str, steps: &[Step]) -> sqlx::Result<()> {
-        let cols = StepColumns::from(steps);
+        let mut cols = lease::StepRows::default();
+        step_rows(&mut cols, key, steps);
         sqlx::query(
             "INSERT INTO step_outcomes (pipeline, idempotency_key, stage, step, attempt, status, duration_ms, model, input_tokens, output_tokens, error, cost_usd)
              SELECT $1, $2, 'enricher', s, a, st, d, m, i, o, e, c
@@ -746,31 +588,18 @@ pub fn storable(text: &str) -> String {
     text.replace('\0', "\\u0000")
 }
 
-/// Steps as columns, for UNNEST.
-struct StepColumns<'a> {
-    step: Vec<&'a str>,
-    attempt: Vec<i32>,
-    status: Vec<&'a str>,
-    duration_ms: Vec<Option<f64>>,
-    model: Vec<Option<&'a str>>,
-    input_tokens: Vec<Option<i32>>,
-    output_tokens: Vec<Option<i32>>,
-    cost_usd: Vec<Option<f64>>,
-    error: Vec<Option<&'a str>>,
-}
-
-impl<'a> From<&'a [Step]> for StepColumns<'a> {
-    fn from(steps: &'a [Step]) -> Self {
-        Self {
-            step: steps.iter().map(|s| s.step).collect(),
-            attempt: steps.iter().map(|s| s.attempt).collect(),
-            status: steps.iter().map(|s| s.status).collect(),
-            duration_ms: steps.iter().map(|s| s.duration_ms).collect(),
-            model: steps.iter().map(|s| s.model.as_deref()).collect(),
-            input_tokens: steps.iter().map(|s| s.input_tokens).collect(),
-            output_tokens: steps.iter().map(|s| s.output_tokens).collect(),
-            cost_usd: steps.iter().map(|s| s.cost_usd).collect(),
-            error: steps.iter().map(|s| s.error.as_deref()).collect(),
-        }
+/// Appends `steps` of `key` to the columns of a batched insert.
+fn step_rows<'a>(rows: &mut lease::StepRows<'a>, key: &'a str, steps: &'a [Step]) {
+    for s in steps {
+        rows.key.push(key);
+        rows.step.push(s.step);
+        rows.attempt.push(s.attempt);
+        rows.status.push(s.status);
+        rows.duration_ms.push(s.duration_ms);
+        rows.model.push(s.model.as_deref());
+        rows.input_tokens.push(s.input_tokens);
+        rows.output_tokens.push(s.output_tokens);
+        rows.cost_usd.push(s.cost_usd);
+        rows.error.push(s.error.as_deref());
     }
 }

@@ -1,6 +1,7 @@
 //! Claims in PostgreSQL, one round trip per batch: the first record seen with a key
 //! owns it; every later record with that key is a duplicate.
 
+use enrich_common::key_state::{self, State, ingest::Arrival};
 use sqlx::PgPool;
 use std::collections::HashMap;
 
@@ -46,23 +47,17 @@ pub async fn claim(
         offsets.push(src.offset);
         kafka_keys.push(src.key);
     }
-    // ORDER BY ord: when one batch holds a key twice, the earlier record wins.
-    sqlx::query(
-        "INSERT INTO enrich_state (pipeline, idempotency_key, state, source_topic, source_partition, source_offset, kafka_key, traceparent)
-         SELECT $1, k, 'received', t, p, o, kk, tp
-         FROM UNNEST($2::text[], $3::text[], $4::int[], $5::bigint[], $6::bytea[], $7::text[]) WITH ORDINALITY AS u(k, t, p, o, kk, tp, ord)
-         ORDER BY ord
-         ON CONFLICT (pipeline, idempotency_key) DO NOTHING",
-    )
-    .bind(pipeline)
-    .bind(&keys)
-    .bind(&topics)
-    .bind(&partitions)
-    .bind(&offsets)
-    .bind(&kafka_keys)
-    .bind(traceparents)
-    .execute(pool)
-    .await?;
+    let arrivals: Vec<Arrival> = (0..n)
+        .map(|i| Arrival {
+            key: &keys[i],
+            topic: &topics[i],
+            partition: partitions[i],
+            offset: offsets[i],
+            kafka_key: kafka_keys[i].as_deref(),
+            traceparent: &traceparents[i],
+        })
+        .collect();
+    key_state::ingest::receive(pool, pipeline, &arrivals).await?;
 
     type Owner = (String, String, i32, i64, Option<String>);
     let rows: Vec<(String, String, String, i32, i64, Option<String>)> = sqlx::query_as(
@@ -81,28 +76,13 @@ pub async fn claim(
         .enumerate()
         .map(|(i, _)| match owners.get(&keys[i]) {
             Some((state, t, p, o, tp)) if (t, *p, *o) == (&topics[i], partitions[i], offsets[i]) => {
-                let claim = if state == "received" { Claim::Forward } else { Claim::AlreadyForwarded };
+                let claim =
+                    if State::parse(state) == Some(State::Received) { Claim::Forward } else { Claim::AlreadyForwarded };
                 (claim, tp.clone().filter(|tp| *tp != traceparents[i]))
             }
             _ => (Claim::Duplicate, None),
         })
         .collect())
-}
-
-/// Moves forwarded keys from `received` to `requested`.
-pub async fn mark_requested(pool: &PgPool, pipeline: &str, keys: &[String]) -> sqlx::Result<()> {
-    if keys.is_empty() {
-        return Ok(());
-    }
-    sqlx::query(
-        "UPDATE enrich_state SET state = 'requested', updated_at = now()
-         WHERE pipeline = $1 AND idempotency_key = ANY($2) AND state = 'received'",
-    )
-    .bind(pipeline)
-    .bind(keys)
-    .execute(pool)
-    .await?;
-    Ok(())
 }
 
 /// One audit row per source record.

@@ -208,7 +208,7 @@ async fn process_batch(ingest: &Ingest, batch: &[OwnedMessage]) -> anyhow::Resul
     drop(sends);
     ingest.runtime.metrics.produced(&topics.requests, forwarded.len() as u64);
     ingest.runtime.metrics.produced(&topics.dlq, dead_letters.len() as u64);
-    claims::mark_requested(&ingest.runtime.pool, &pipeline.name, &forwarded).await?;
+    enrich_common::key_state::ingest::mark_requested(&ingest.runtime.pool, &pipeline.name, &forwarded).await?;
     claims::record(&ingest.runtime.pool, &pipeline.name, &dispositions).await?;
     let dead: Vec<(&enrich_common::Envelope, &TraceContext)> = dead_letters.iter().map(|(e, t)| (e, t)).collect();
     enrich_common::dead_letter_store::record(&ingest.runtime.pool, &dead).await?;

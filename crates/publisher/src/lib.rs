@@ -7,7 +7,7 @@
 //! before the next batch. A publisher that stops between the last two leaves bindings
 //! behind its committed offsets, which the next owner of the partition settles.
 
-mod binding;
+use enrich_common::key_state::publish as binding;
 pub mod failpoints;
 mod merge;
 mod metrics;

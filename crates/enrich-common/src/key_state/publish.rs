@@ -1,8 +1,8 @@
-//! The publisher's writes to PostgreSQL, in the order of a batch: bind each key to the
-//! results record that will publish it (committed before the Kafka transaction), then
-//! settle what the committed transaction carried (keys `published` or `dead_lettered`,
-//! pending dead letters listed). `reconcile` settles what a publisher that stopped
-//! between the two left behind, from the group's committed offsets.
+//! The publisher's transitions, in the order of a batch: bind each key to the results
+//! record that will publish it (committed before the Kafka transaction), then settle
+//! what the committed transaction carried (`enriched` → `published` or `dead_lettered`,
+//! pending dead letters listed). `unsettled` finds what a publisher that stopped between
+//! the two left behind, for it to settle from the group's committed offsets.
 
 use sqlx::PgPool;
 
@@ -14,10 +14,10 @@ pub enum Outcome {
 }
 
 impl Outcome {
-    fn as_str(self) -> &'static str {
+    pub fn state(self) -> super::State {
         match self {
-            Outcome::Published => "published",
-            Outcome::DeadLettered => "dead_lettered",
+            Outcome::Published => super::State::Published,
+            Outcome::DeadLettered => super::State::DeadLettered,
         }
     }
 }
@@ -53,7 +53,7 @@ pub async fn bind(
     let keys: Vec<&str> = claims.iter().map(|c| c.key).collect();
     let partitions: Vec<i32> = claims.iter().map(|c| c.partition).collect();
     let offsets: Vec<i64> = claims.iter().map(|c| c.offset).collect();
-    let outcomes: Vec<&str> = claims.iter().map(|c| c.outcome.as_str()).collect();
+    let outcomes: Vec<&str> = claims.iter().map(|c| c.outcome.state().as_str()).collect();
     let traces: Vec<&str> = claims.iter().map(|c| c.trace_id.as_str()).collect();
     // One row per key (an UPDATE joined to several would apply any one of them).
     let bound: Vec<(String, i32, i64)> = sqlx::query_as(

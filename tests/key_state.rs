@@ -1,0 +1,124 @@
+//! The key state machine against the real database: the trigger refuses every
+//! transition `State::may_become` does not have (whatever code path writes it), and the
+//! transitions made under a lease change nothing once the lease is another replica's.
+
+#![allow(clippy::expect_used, clippy::unwrap_used)] // a failed expectation is the test failing
+
+use enrich_common::key_state::{State, TRANSITION_CHECK, lease};
+use enrich_e2e::TestEnv;
+use std::time::Duration;
+
+async fn insert(env: &TestEnv, key: &str, state: State, owner: Option<&str>, attempts: i32) -> anyhow::Result<()> {
+    sqlx::query(
+        "INSERT INTO enrich_state (pipeline, idempotency_key, state, attempts, lease_owner, lease_until,
+                                   source_topic, source_partition, source_offset, result, result_hash)
+         VALUES ($1, $2, $3, $4, $5, CASE WHEN $5 IS NULL THEN NULL ELSE now() + interval '1 hour' END,
+                 't', 0, 0, '{\"a\":1}', 'h1')",
+    )
+    .bind(&env.settings.pipeline.name)
+    .bind(key)
+    .bind(state.as_str())
+    .bind(attempts)
+    .bind(owner)
+    .execute(&env.pool)
+    .await?;
+    Ok(())
+}
+
+async fn row(env: &TestEnv, key: &str) -> anyhow::Result<(String, Option<String>, i32, Option<String>)> {
+    Ok(sqlx::query_as(
+        "SELECT state, lease_owner, attempts, result_hash FROM enrich_state WHERE pipeline = $1 AND idempotency_key = $2",
+    )
+    .bind(&env.settings.pipeline.name)
+    .bind(key)
+    .fetch_one(&env.pool)
+    .await?)
+}
+
+/// A write that fails for the transition check, or anything else.
+fn refused_by_the_check(result: Result<sqlx::postgres::PgQueryResult, sqlx::Error>) -> Option<bool> {
+    match result {
+        Ok(_) => None,
+        Err(sqlx::Error::Database(e)) => {
+            Some(e.constraint() == Some(TRANSITION_CHECK) && e.code().as_deref() == Some("23514"))
+        }
+        Err(_) => Some(false),
+    }
+}
+
+#[tokio::test]
+async fn the_database_refuses_every_transition_the_state_machine_lacks() -> anyhow::Result<()> {
+    let env = TestEnv::new(llm_sim::Latency::default(), &[]).await?;
+    let mut wrong = Vec::new();
+    for from in State::ALL {
+        for to in State::ALL {
+            let key = format!("k-{from}-{to}");
+            insert(&env, &key, from, None, 1).await?;
+            let result = sqlx::query("UPDATE enrich_state SET state = $3 WHERE pipeline = $1 AND idempotency_key = $2")
+                .bind(&env.settings.pipeline.name)
+                .bind(&key)
+                .bind(to.as_str())
+                .execute(&env.pool)
+                .await;
+            let (state, ..) = row(&env, &key).await?;
+            match (from.may_become(to), refused_by_the_check(result)) {
+                (true, None) if state == to.as_str() => {}
+                (false, Some(true)) if state == from.as_str() => {}
+                (allowed, refused) => {
+                    wrong.push(format!("{from} -> {to}: allowed {allowed}, refused {refused:?}, now {state}"))
+                }
+            }
+        }
+    }
+    assert!(wrong.is_empty(), "the trigger and State::may_become disagree:\n{}", wrong.join("\n"));
+
+    // An ended key's stored result is never replaced, even in the same state.
+    for state in [State::Enriched, State::Published] {
+        let key = format!("stored-{state}");
+        insert(&env, &key, state, None, 1).await?;
+        let result = sqlx::query(
+            "UPDATE enrich_state SET result = '{\"a\":2}', result_hash = 'h2' WHERE pipeline = $1 AND idempotency_key = $2",
+        )
+        .bind(&env.settings.pipeline.name)
+        .bind(&key)
+        .execute(&env.pool)
+        .await;
+        assert_eq!(refused_by_the_check(result), Some(true), "{state}: the result was overwritten");
+        assert_eq!(row(&env, &key).await?.3.as_deref(), Some("h1"));
+    }
+    env.teardown().await;
+    Ok(())
+}
+
+#[tokio::test]
+async fn a_lease_taken_over_fences_the_old_owners_transitions() -> anyhow::Result<()> {
+    let env = TestEnv::new(llm_sim::Latency::default(), &[]).await?;
+    let pipeline = env.settings.pipeline.name.clone();
+    let old = lease::Owner { pipeline: &pipeline, owner: "replica-a", lease: Duration::from_secs(60) };
+    let new = lease::Owner { owner: "replica-b", ..old };
+    // replica-a counted attempt 1; its lease expired and replica-b took the key over
+    // (attempt 2) and is calling now.
+    insert(&env, "k", State::Enriching, Some("replica-b"), 2).await?;
+    let stale = lease::Token { key: "k", attempt: 1 };
+
+    assert!(!lease::schedule_retry(&env.pool, old, stale).await?, "a stale owner scheduled a retry");
+    assert!(!lease::release(&env.pool, old, stale, true).await?, "a stale owner gave a lease back");
+    // The same owner with a stale attempt (an earlier incarnation of this replica) is fenced too.
+    let stale_b = lease::Token { key: "k", attempt: 1 };
+    assert!(!lease::schedule_retry(&env.pool, new, stale_b).await?);
+    assert_eq!(row(&env, "k").await?, ("enriching".into(), Some("replica-b".into()), 2, Some("h1".into())));
+
+    // The gate of the stale attempt finds the key lost; the live one's finds it ours.
+    let call = Duration::from_secs(5);
+    let (paused, ours) = lease::gate(&env.pool, old, call, &["k"], &[1]).await?;
+    assert!(!paused && ours.is_empty(), "the stale attempt passed its gate");
+    let (_, ours) = lease::gate(&env.pool, new, call, &["k"], &[2]).await?;
+    assert!(ours.contains("k"));
+
+    // The live owner's transitions go through.
+    let live = lease::Token { key: "k", attempt: 2 };
+    assert!(lease::schedule_retry(&env.pool, new, live).await?);
+    assert_eq!(row(&env, "k").await?, ("retry_scheduled".into(), None, 2, Some("h1".into())));
+    env.teardown().await;
+    Ok(())
+}
