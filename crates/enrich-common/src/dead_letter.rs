@@ -1,6 +1,7 @@
 //! Dead letters: the envelope with its failure, and headers a person can read with any
 //! Kafka tool (reason class, reason, error, failing stage, attempts, original coordinates).
 
+use crate::error::Reason;
 use rdkafka::message::OwnedHeaders;
 
 use crate::envelope::{Envelope, Failure, Outcome};
@@ -25,7 +26,7 @@ pub fn dead_letter(
 ) -> (Envelope, OwnedHeaders) {
     let original_len = envelope.payload.len();
     let mut truncated_from = 0u64;
-    let oversized = error.reason == "too_large";
+    let oversized = error.reason == Reason::TooLarge;
     if oversized && original_len > MAX_DLQ_PAYLOAD {
         envelope.payload.truncate(MAX_DLQ_PAYLOAD);
         truncated_from = original_len as u64;
@@ -91,7 +92,7 @@ mod tests {
             }),
             ..Default::default()
         };
-        let err = RecordError::invalid("invalid_json", "expected value at line 1 column 1");
+        let err = RecordError::invalid(Reason::InvalidJson, "expected value at line 1 column 1");
         let trace = TraceContext::new_root();
         let (env, h) = dead_letter(envelope, &err, "ingest-dedup", &trace);
         let pairs = collect(Some(&h));
@@ -112,7 +113,7 @@ mod tests {
     #[test]
     fn a_huge_payload_is_cut_to_fit_a_kafka_record() {
         let envelope = Envelope { payload: vec![b'x'; 10 * 1024 * 1024], ..Default::default() };
-        let err = RecordError::invalid("too_large", "the value is 10485760 bytes");
+        let err = RecordError::invalid(Reason::TooLarge, "the value is 10485760 bytes");
         let (env, h) = dead_letter(envelope, &err, "ingest-dedup", &TraceContext::new_root());
         assert_eq!(env.payload.len(), MAX_DLQ_PAYLOAD);
         assert_eq!(env.failure().unwrap().payload_truncated_from, 10 * 1024 * 1024);

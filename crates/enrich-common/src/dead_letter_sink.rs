@@ -17,6 +17,7 @@ use crate::dead_letter::{dead_letter, dlq_headers};
 use crate::dlq_limit::DlqLimit;
 use crate::envelope::{self, Envelope, SourceCoordinates};
 use crate::error::RecordError;
+use crate::http::Condition;
 use crate::http::ServiceState;
 use crate::idempotency::fallback_key;
 use crate::service::StageMetrics;
@@ -63,7 +64,7 @@ impl DeadLetterSink {
                 tracing::error!(reason = %why, "DLQ limit reached: holding dead letters");
             }
             self.metrics.dlq_limit_tripped.set(1);
-            self.state.set_condition("dlq_limit", Some(why.clone()));
+            self.state.set_condition(Condition::DlqLimit, Some(why.clone()));
         }
         verdict
     }
@@ -92,7 +93,7 @@ impl DeadLetterSink {
         };
         if clear && self.metrics.dlq_limit_tripped.get() == 1 {
             self.metrics.dlq_limit_tripped.set(0);
-            self.state.set_condition("dlq_limit", None);
+            self.state.set_condition(Condition::DlqLimit, None);
         }
     }
 
@@ -186,6 +187,7 @@ fn fit(dead: &mut Envelope, max: usize) -> bool {
 mod tests {
     use super::*;
     use crate::envelope::Header;
+    use crate::error::Reason;
 
     fn settings() -> Settings {
         Settings::from_toml(include_str!("../../../config/pipeline.toml"), Vec::new()).unwrap()
@@ -209,7 +211,7 @@ mod tests {
             headers: vec![Header { key: "h".into(), value: Some(vec![b'y'; 100_000]) }],
             ..Default::default()
         };
-        let error = RecordError::invalid("invalid_output", "e".repeat(20_000));
+        let error = RecordError::invalid(Reason::InvalidOutput, "e".repeat(20_000));
         let (dead, headers) = sink.letter(big, &error, &TraceContext::new_root());
         assert!(dead.encode_to_bytes().len() <= DEFAULT_MESSAGE_MAX_BYTES - RECORD_OVERHEAD);
         let failure = dead.failure().unwrap();
@@ -223,10 +225,11 @@ mod tests {
     fn a_small_dead_letter_is_kept_whole_and_the_limit_follows_the_client_setting() {
         let sink = sink(&[("message.max.bytes", "200000")]);
         let small = Envelope { payload: vec![b'x'; 100_000], ..Default::default() };
-        let (dead, _) = sink.letter(small.clone(), &RecordError::invalid("r", "m"), &TraceContext::new_root());
+        let (dead, _) =
+            sink.letter(small.clone(), &RecordError::invalid(Reason::InvalidJson, "m"), &TraceContext::new_root());
         assert_eq!(dead.payload.len(), 100_000);
         let larger = Envelope { payload: vec![b'x'; 190_000], ..small };
-        let (dead, _) = sink.letter(larger, &RecordError::invalid("r", "m"), &TraceContext::new_root());
+        let (dead, _) = sink.letter(larger, &RecordError::invalid(Reason::InvalidJson, "m"), &TraceContext::new_root());
         assert!(dead.encode_to_bytes().len() <= 200_000 - RECORD_OVERHEAD);
     }
 

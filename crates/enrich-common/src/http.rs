@@ -33,16 +33,31 @@ use crate::config::HttpSettings;
 pub struct ServiceState {
     pub service: &'static str,
     registry: Registry,
-    not_ready: RwLock<BTreeMap<&'static str, String>>,
+    not_ready: RwLock<BTreeMap<Condition, String>>,
 }
 
-/// The condition `set_ready` / `set_not_ready` drive: the stage's work failing.
-const WORK: &str = "work";
-const STARTING: &str = "starting";
+/// A cause of unreadiness; each holds with its own reason, and clears on its own.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum Condition {
+    /// The stage has not finished starting.
+    Starting,
+    /// The stage's work fails (`set_not_ready`): a batch, a transaction, a commit.
+    Work,
+    /// The operator paused enrichment (kill switch).
+    Paused,
+    /// The LLM endpoint's circuit breaker is open.
+    LlmBreaker,
+    /// A database write of the call path is being retried.
+    Database,
+    /// An LLM budget window is spent.
+    Budget,
+    /// The DLQ limit is reached: dead letters are held.
+    DlqLimit,
+}
 
 impl ServiceState {
     pub fn new(service: &'static str, registry: Registry) -> Arc<Self> {
-        let not_ready = BTreeMap::from([(STARTING, "starting".to_string())]);
+        let not_ready = BTreeMap::from([(Condition::Starting, "starting".to_string())]);
         Arc::new(Self { service, registry, not_ready: RwLock::new(not_ready) })
     }
 
@@ -51,25 +66,25 @@ impl ServiceState {
         if let Ok(mut r) = self.not_ready.write()
             && !r.is_empty()
         {
-            r.remove(STARTING);
-            r.remove(WORK);
+            r.remove(&Condition::Starting);
+            r.remove(&Condition::Work);
         }
     }
 
     /// The work fails, for this reason.
     pub fn set_not_ready(&self, reason: impl Into<String>) {
-        self.set_condition(WORK, Some(reason.into()));
+        self.set_condition(Condition::Work, Some(reason.into()));
     }
 
     /// Sets (Some) or clears (None) a named cause of unreadiness.
-    pub fn set_condition(&self, name: &'static str, reason: Option<String>) {
+    pub fn set_condition(&self, name: Condition, reason: Option<String>) {
         if let Ok(mut r) = self.not_ready.write() {
             match reason {
                 Some(reason) => {
                     r.insert(name, reason);
                 }
                 None => {
-                    r.remove(name);
+                    r.remove(&name);
                 }
             }
         }
@@ -189,11 +204,11 @@ mod tests {
         assert_eq!(s.not_ready_reason().as_deref(), Some("starting"));
         s.set_ready();
         assert_eq!(s.not_ready_reason(), None);
-        s.set_condition("llm_breaker", Some("breaker open".into()));
+        s.set_condition(Condition::LlmBreaker, Some("breaker open".into()));
         s.set_not_ready("database down");
         s.set_ready();
         assert_eq!(s.not_ready_reason().as_deref(), Some("breaker open"), "work recovered, the breaker is still open");
-        s.set_condition("llm_breaker", None);
+        s.set_condition(Condition::LlmBreaker, None);
         assert_eq!(s.not_ready_reason(), None);
     }
 }

@@ -4,6 +4,7 @@
 //! pipeline name (`<pipeline>:<value>`), so two pipelines sharing a database never
 //! collide.
 
+use crate::error::Reason;
 use serde::Deserialize;
 use serde_json::Value;
 use sha2::{Digest, Sha256};
@@ -74,20 +75,19 @@ impl KeyStrategy {
     pub fn derive(&self, pipeline: &str, record: &RecordView<'_>) -> Result<IdempotencyKey, RecordError> {
         match self {
             KeyStrategy::Header { name } => {
-                let raw =
-                    record.headers.iter().find(|(k, _)| k == name).and_then(|(_, v)| v.as_deref()).ok_or_else(
-                        || RecordError::invalid("missing_key_field", format!("header {name:?} is missing")),
-                    )?;
+                let raw = record.headers.iter().find(|(k, _)| k == name).and_then(|(_, v)| v.as_deref()).ok_or_else(
+                    || RecordError::invalid(Reason::MissingKeyField, format!("header {name:?} is missing")),
+                )?;
                 let value = std::str::from_utf8(raw)
-                    .map_err(|_| RecordError::invalid("invalid_key", format!("header {name:?} is not UTF-8")))?;
+                    .map_err(|_| RecordError::invalid(Reason::InvalidKey, format!("header {name:?} is not UTF-8")))?;
                 if value.is_empty() {
-                    return Err(RecordError::invalid("missing_key_field", format!("header {name:?} is empty")));
+                    return Err(RecordError::invalid(Reason::MissingKeyField, format!("header {name:?} is empty")));
                 }
                 Ok(IdempotencyKey::namespaced(pipeline, value))
             }
             KeyStrategy::JsonPointer { pointers } => {
                 let json =
-                    record.json.ok_or_else(|| RecordError::invalid("invalid_json", "the payload is not JSON"))?;
+                    record.json.ok_or_else(|| RecordError::invalid(Reason::InvalidJson, "the payload is not JSON"))?;
                 let mut parts = Vec::with_capacity(pointers.len());
                 for pointer in pointers {
                     parts.push(scalar_at(json, pointer)?);
@@ -113,14 +113,15 @@ fn scalar_at(json: &Value, pointer: &str) -> Result<String, RecordError> {
         Some(Value::Number(n)) => Ok(n.to_string()),
         Some(Value::Bool(b)) => Ok(b.to_string()),
         None | Some(Value::Null) => {
-            Err(RecordError::invalid("missing_key_field", format!("key field {pointer} is missing or null")))
+            Err(RecordError::invalid(Reason::MissingKeyField, format!("key field {pointer} is missing or null")))
         }
         Some(Value::String(_)) => {
-            Err(RecordError::invalid("missing_key_field", format!("key field {pointer} is empty")))
+            Err(RecordError::invalid(Reason::MissingKeyField, format!("key field {pointer} is empty")))
         }
-        Some(_) => {
-            Err(RecordError::invalid("invalid_key", format!("key field {pointer} is not a string, number or boolean")))
-        }
+        Some(_) => Err(RecordError::invalid(
+            Reason::InvalidKey,
+            format!("key field {pointer} is not a string, number or boolean"),
+        )),
     }
 }
 
@@ -180,10 +181,10 @@ mod tests {
     fn json_pointer_missing_null_empty_or_composite_field_is_invalid_input() {
         let doc = json!({"id": null, "empty": "", "obj": {"a": 1}});
         for (p, reason) in [
-            ("/id", "missing_key_field"),
-            ("/nope", "missing_key_field"),
-            ("/empty", "missing_key_field"),
-            ("/obj", "invalid_key"),
+            ("/id", Reason::MissingKeyField),
+            ("/nope", Reason::MissingKeyField),
+            ("/empty", Reason::MissingKeyField),
+            ("/obj", Reason::InvalidKey),
         ] {
             let err = pointers(&[p]).derive("p", &view(Some(&doc), None)).unwrap_err();
             assert_eq!(err.reason, reason, "pointer {p}");
@@ -191,7 +192,7 @@ mod tests {
             assert!(err.message.contains(p));
         }
         let err = pointers(&["/id"]).derive("p", &view(None, Some(b"nope"))).unwrap_err();
-        assert_eq!(err.reason, "invalid_json");
+        assert_eq!(err.reason, Reason::InvalidJson);
     }
 
     #[test]
@@ -205,10 +206,10 @@ mod tests {
         assert_eq!(strategy.derive("p", &rec).unwrap().as_str(), "p:ключ-1");
 
         let missing = KeyStrategy::Header { name: "absent".into() }.derive("p", &rec).unwrap_err();
-        assert_eq!(missing.reason, "missing_key_field");
+        assert_eq!(missing.reason, Reason::MissingKeyField);
         let bad = vec![("idempotency-key".to_string(), Some(vec![0xff, 0xfe]))];
         let rec = RecordView { key: None, headers: &bad, json: None, value: None };
-        assert_eq!(strategy.derive("p", &rec).unwrap_err().reason, "invalid_key");
+        assert_eq!(strategy.derive("p", &rec).unwrap_err().reason, Reason::InvalidKey);
     }
 
     #[test]

@@ -5,6 +5,7 @@
 //! in flight finish, records wait where they are (nothing is dead-lettered), and
 //! `/readyz` says why. It starts closed: no call starts before its first read.
 
+use enrich_common::http::Condition;
 use enrich_common::http::ServiceState;
 use enrich_common::shutdown::Shutdown;
 use sqlx::PgPool;
@@ -78,12 +79,12 @@ impl KillSwitch {
                             if paused {
                                 tracing::warn!(%reason, "enrichment paused by the operator: no new LLM call starts");
                                 state.set_condition(
-                                    "paused",
+                                    Condition::Paused,
                                     Some(format!("enrichment paused by the operator: {reason}")),
                                 );
                             } else {
                                 tracing::info!("enrichment resumed by the operator");
-                                state.set_condition("paused", None);
+                                state.set_condition(Condition::Paused, None);
                             }
                             gauge.set(i64::from(paused));
                         }

@@ -7,6 +7,7 @@
 
 use enrich_common::ErrorClass;
 use enrich_common::config::{LlmSettings, ModelPrice, Provider, ResponseFormat};
+use enrich_common::error::Reason;
 use enrich_common::error::RecordError;
 use reqwest::StatusCode;
 use serde::Deserialize;
@@ -33,17 +34,22 @@ impl LlmError {
     pub fn endpoint_down(&self) -> bool {
         matches!(
             self.error.reason,
-            "timeout" | "connection" | "unavailable" | "unauthorized" | "model_not_found" | "quota_exceeded"
+            Reason::Timeout
+                | Reason::Connection
+                | Reason::Unavailable
+                | Reason::Unauthorized
+                | Reason::ModelNotFound
+                | Reason::QuotaExceeded
         )
     }
 
     /// Whether the next fallback model is worth a try: this model is unavailable or
     /// unknown (the endpoint itself answered or timed out).
     pub fn try_fallback(&self) -> bool {
-        matches!(self.error.reason, "timeout" | "unavailable" | "model_not_found")
+        matches!(self.error.reason, Reason::Timeout | Reason::Unavailable | Reason::ModelNotFound)
     }
 
-    fn new(class: ErrorClass, reason: &'static str, message: impl Into<String>) -> Self {
+    fn new(class: ErrorClass, reason: Reason, message: impl Into<String>) -> Self {
         Self { error: RecordError::new(class, reason, message), retry_after: None }
     }
 }
@@ -302,18 +308,18 @@ impl ChatApi for Anthropic {
     }
 
     fn parse(&self, text: &str, latency: Duration) -> Result<Completion, LlmError> {
-        let bad = |m: String| LlmError::new(ErrorClass::Transient, "bad_response", m);
+        let bad = |m: String| LlmError::new(ErrorClass::Transient, Reason::BadResponse, m);
         let response: Value = serde_json::from_str(text).map_err(|e| bad(format!("not a Messages answer: {e}")))?;
         let usage = |k: &str| response.pointer(&format!("/usage/{k}")).and_then(Value::as_u64).unwrap_or(0) as u32;
         if response.get("stop_reason").and_then(Value::as_str) == Some("max_tokens") {
             return Err(LlmError::new(
                 ErrorClass::Permanent,
-                "output_truncated",
+                Reason::OutputTruncated,
                 "the answer hit llm.max_output_tokens",
             ));
         }
         if response.get("stop_reason").and_then(Value::as_str) == Some("refusal") {
-            return Err(LlmError::new(ErrorClass::Permanent, "refusal", "the model refused"));
+            return Err(LlmError::new(ErrorClass::Permanent, Reason::Refusal, "the model refused"));
         }
         let blocks = response.get("content").and_then(Value::as_array).ok_or_else(|| bad("no content".into()))?;
         // The tool call's input is the answer; a text block (a model that ignored the
@@ -331,7 +337,7 @@ impl ChatApi for Anthropic {
                     .map(str::to_string)
             })
             .filter(|c| !c.trim().is_empty())
-            .ok_or_else(|| LlmError::new(ErrorClass::Permanent, "empty_output", "the answer has no content"))?;
+            .ok_or_else(|| LlmError::new(ErrorClass::Permanent, Reason::EmptyOutput, "the answer has no content"))?;
         Ok(Completion {
             content,
             model: response.get("model").and_then(Value::as_str).unwrap_or_default().to_string(),
@@ -345,11 +351,11 @@ impl ChatApi for Anthropic {
 fn classify_transport(e: reqwest::Error) -> LlmError {
     let message = enrich_common::error::chain(&e);
     if e.is_timeout() {
-        LlmError::new(ErrorClass::Transient, "timeout", message)
+        LlmError::new(ErrorClass::Transient, Reason::Timeout, message)
     } else if e.is_connect() {
-        LlmError::new(ErrorClass::Transient, "connection", message)
+        LlmError::new(ErrorClass::Transient, Reason::Connection, message)
     } else {
-        LlmError::new(ErrorClass::Transient, "http", message)
+        LlmError::new(ErrorClass::Transient, Reason::Http, message)
     }
 }
 
@@ -359,23 +365,23 @@ pub fn classify_status(status: StatusCode, body: &str) -> LlmError {
     let message = format!("HTTP {}: {detail}", status.as_u16());
     match status.as_u16() {
         // A spent quota is not cured by waiting a few seconds.
-        429 if body.contains("insufficient_quota") => LlmError::new(ErrorClass::Outage, "quota_exceeded", message),
-        429 => LlmError::new(ErrorClass::Transient, "rate_limited", message),
+        429 if body.contains("insufficient_quota") => LlmError::new(ErrorClass::Outage, Reason::QuotaExceeded, message),
+        429 => LlmError::new(ErrorClass::Transient, Reason::RateLimited, message),
         // The model does not exist here: a configuration problem, never the record's.
-        404 => LlmError::new(ErrorClass::Outage, "model_not_found", message),
-        408 => LlmError::new(ErrorClass::Transient, "timeout", message),
-        500 => LlmError::new(ErrorClass::Transient, "server_error", message),
-        502 | 503 | 504 | 529 => LlmError::new(ErrorClass::Transient, "unavailable", message),
-        401 | 403 => LlmError::new(ErrorClass::Outage, "unauthorized", message),
+        404 => LlmError::new(ErrorClass::Outage, Reason::ModelNotFound, message),
+        408 => LlmError::new(ErrorClass::Transient, Reason::Timeout, message),
+        500 => LlmError::new(ErrorClass::Transient, Reason::ServerError, message),
+        502 | 503 | 504 | 529 => LlmError::new(ErrorClass::Transient, Reason::Unavailable, message),
+        401 | 403 => LlmError::new(ErrorClass::Outage, Reason::Unauthorized, message),
         400 | 413 | 422
             if body.contains("context_length_exceeded")
                 || body.contains("maximum context length")
                 || body.contains("prompt is too long") =>
         {
-            LlmError::new(ErrorClass::Permanent, "context_too_long", message)
+            LlmError::new(ErrorClass::Permanent, Reason::ContextTooLong, message)
         }
-        400..=499 => LlmError::new(ErrorClass::Permanent, "bad_request", message),
-        _ => LlmError::new(ErrorClass::Transient, "server_error", message),
+        400..=499 => LlmError::new(ErrorClass::Permanent, Reason::BadRequest, message),
+        _ => LlmError::new(ErrorClass::Transient, Reason::ServerError, message),
     }
 }
 
@@ -477,24 +483,29 @@ struct Usage {
 }
 
 fn parse_completion(text: &str, latency: Duration) -> Result<Completion, LlmError> {
-    let response: ChatResponse = serde_json::from_str(text)
-        .map_err(|e| LlmError::new(ErrorClass::Transient, "bad_response", format!("not a chat completion: {e}")))?;
+    let response: ChatResponse = serde_json::from_str(text).map_err(|e| {
+        LlmError::new(ErrorClass::Transient, Reason::BadResponse, format!("not a chat completion: {e}"))
+    })?;
     let choice = response
         .choices
         .into_iter()
         .next()
-        .ok_or_else(|| LlmError::new(ErrorClass::Transient, "bad_response", "the answer has no choices"))?;
+        .ok_or_else(|| LlmError::new(ErrorClass::Transient, Reason::BadResponse, "the answer has no choices"))?;
     if let Some(refusal) = choice.message.refusal.filter(|r| !r.is_empty()) {
-        return Err(LlmError::new(ErrorClass::Permanent, "refusal", refusal));
+        return Err(LlmError::new(ErrorClass::Permanent, Reason::Refusal, refusal));
     }
     if choice.finish_reason.as_deref() == Some("length") {
-        return Err(LlmError::new(ErrorClass::Permanent, "output_truncated", "the answer hit llm.max_output_tokens"));
+        return Err(LlmError::new(
+            ErrorClass::Permanent,
+            Reason::OutputTruncated,
+            "the answer hit llm.max_output_tokens",
+        ));
     }
     let content = choice
         .message
         .content
         .filter(|c| !c.trim().is_empty())
-        .ok_or_else(|| LlmError::new(ErrorClass::Permanent, "empty_output", "the answer has no content"))?;
+        .ok_or_else(|| LlmError::new(ErrorClass::Permanent, Reason::EmptyOutput, "the answer has no content"))?;
     let usage = response.usage.unwrap_or(Usage { prompt_tokens: 0, completion_tokens: 0 });
     Ok(Completion {
         content,
@@ -515,19 +526,22 @@ mod tests {
             let e = classify_status(StatusCode::from_u16(code).unwrap(), body).error;
             (e.class, e.reason)
         };
-        assert_eq!(class(429, ""), (ErrorClass::Transient, "rate_limited"));
-        assert_eq!(class(500, ""), (ErrorClass::Transient, "server_error"));
+        assert_eq!(class(429, ""), (ErrorClass::Transient, Reason::RateLimited));
+        assert_eq!(class(500, ""), (ErrorClass::Transient, Reason::ServerError));
         for code in [502, 503, 504, 529] {
-            assert_eq!(class(code, ""), (ErrorClass::Transient, "unavailable"));
+            assert_eq!(class(code, ""), (ErrorClass::Transient, Reason::Unavailable));
         }
         assert_eq!(
             class(400, r#"{"error":{"code":"context_length_exceeded"}}"#),
-            (ErrorClass::Permanent, "context_too_long")
+            (ErrorClass::Permanent, Reason::ContextTooLong)
         );
-        assert_eq!(class(400, "{}"), (ErrorClass::Permanent, "bad_request"));
-        assert_eq!(class(401, ""), (ErrorClass::Outage, "unauthorized"));
-        assert_eq!(class(404, ""), (ErrorClass::Outage, "model_not_found"));
-        assert_eq!(class(429, r#"{"error":{"code":"insufficient_quota"}}"#), (ErrorClass::Outage, "quota_exceeded"));
+        assert_eq!(class(400, "{}"), (ErrorClass::Permanent, Reason::BadRequest));
+        assert_eq!(class(401, ""), (ErrorClass::Outage, Reason::Unauthorized));
+        assert_eq!(class(404, ""), (ErrorClass::Outage, Reason::ModelNotFound));
+        assert_eq!(
+            class(429, r#"{"error":{"code":"insufficient_quota"}}"#),
+            (ErrorClass::Outage, Reason::QuotaExceeded)
+        );
         let e = classify_status(StatusCode::SERVICE_UNAVAILABLE, "");
         assert!(e.try_fallback() && e.endpoint_down());
         let e = classify_status(StatusCode::TOO_MANY_REQUESTS, "");
@@ -548,10 +562,10 @@ mod tests {
         let text = r#"{"content":[{"type":"text","text":"not json"}],"usage":{}}"#;
         assert_eq!(Anthropic.parse(text, Duration::ZERO).unwrap().content, "not json");
         let cut = r#"{"content":[{"type":"text","text":"{"}],"stop_reason":"max_tokens"}"#;
-        assert_eq!(Anthropic.parse(cut, Duration::ZERO).unwrap_err().error.reason, "output_truncated");
-        assert_eq!(Anthropic.parse("<html>", Duration::ZERO).unwrap_err().error.reason, "bad_response");
+        assert_eq!(Anthropic.parse(cut, Duration::ZERO).unwrap_err().error.reason, Reason::OutputTruncated);
+        assert_eq!(Anthropic.parse("<html>", Duration::ZERO).unwrap_err().error.reason, Reason::BadResponse);
         let too_long = r#"{"type":"error","error":{"type":"invalid_request_error","message":"prompt is too long: 250000 tokens > 200000 maximum"}}"#;
-        assert_eq!(classify_status(StatusCode::BAD_REQUEST, too_long).error.reason, "context_too_long");
+        assert_eq!(classify_status(StatusCode::BAD_REQUEST, too_long).error.reason, Reason::ContextTooLong);
     }
 
     #[test]
@@ -615,9 +629,9 @@ mod tests {
         let c = parse_completion(ok, Duration::ZERO).unwrap();
         assert_eq!((c.content.as_str(), c.model.as_str(), c.input_tokens, c.output_tokens), ("{\"a\":1}", "m1", 12, 3));
         let refused = r#"{"choices":[{"message":{"content":null,"refusal":"I can't"}}]}"#;
-        assert_eq!(parse_completion(refused, Duration::ZERO).unwrap_err().error.reason, "refusal");
+        assert_eq!(parse_completion(refused, Duration::ZERO).unwrap_err().error.reason, Reason::Refusal);
         let cut = r#"{"choices":[{"message":{"content":"{\"a\":"},"finish_reason":"length"}]}"#;
-        assert_eq!(parse_completion(cut, Duration::ZERO).unwrap_err().error.reason, "output_truncated");
+        assert_eq!(parse_completion(cut, Duration::ZERO).unwrap_err().error.reason, Reason::OutputTruncated);
         assert_eq!(parse_completion("<html>", Duration::ZERO).unwrap_err().error.class, ErrorClass::Transient);
     }
 }

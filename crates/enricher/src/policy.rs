@@ -4,6 +4,7 @@
 //! the waits, the retry topic, the DLQ).
 
 use enrich_common::ErrorClass;
+use enrich_common::error::Reason;
 use enrich_common::error::RecordError;
 
 use crate::llm::LlmError;
@@ -39,7 +40,7 @@ pub fn decide(error: &LlmError, attempt: i32, tries: u32, breaker_open: bool, li
         ErrorClass::Transient | ErrorClass::Outage | ErrorClass::Fatal => {
             // A 429 slows the record down without spending its attempts.
             if (error.endpoint_down() && breaker_open)
-                || error.error.reason == "rate_limited"
+                || error.error.reason == Reason::RateLimited
                 || matches!(error.error.class, ErrorClass::Outage | ErrorClass::Fatal)
             {
                 Next::WaitForEndpoint
@@ -50,7 +51,7 @@ pub fn decide(error: &LlmError, attempt: i32, tries: u32, breaker_open: bool, li
             } else {
                 Next::DeadLetter(RecordError::new(
                     ErrorClass::Transient,
-                    "max_attempts",
+                    Reason::MaxAttempts,
                     format!("gave up after {attempt} attempts; last error: {}", error.error),
                 ))
             }
@@ -68,18 +69,18 @@ mod tests {
 
     const LIMITS: Limits = Limits { max_attempts: 3, quick_retries: 1 };
 
-    fn err(class: ErrorClass, reason: &'static str) -> LlmError {
+    fn err(class: ErrorClass, reason: Reason) -> LlmError {
         LlmError { error: RecordError::new(class, reason, "x"), retry_after: None }
     }
 
     #[test]
     fn a_plain_server_error_is_retried_here_then_later_then_dead_lettered() {
-        let e = err(ErrorClass::Transient, "server_error");
+        let e = err(ErrorClass::Transient, Reason::ServerError);
         assert_eq!(decide(&e, 1, 1, false, LIMITS), Next::RetryHere);
         assert_eq!(decide(&e, 2, 2, false, LIMITS), Next::RetryLater);
         match decide(&e, 3, 1, false, LIMITS) {
             Next::DeadLetter(d) => {
-                assert_eq!(d.reason, "max_attempts");
+                assert_eq!(d.reason, Reason::MaxAttempts);
                 assert!(d.message.contains("gave up after 3 attempts"), "{}", d.message);
             }
             other => panic!("expected a dead letter, got {other:?}"),
@@ -89,21 +90,21 @@ mod tests {
     #[test]
     fn throttling_and_outages_never_spend_the_record() {
         let limited =
-            LlmError { retry_after: Some(Duration::from_secs(1)), ..err(ErrorClass::Transient, "rate_limited") };
+            LlmError { retry_after: Some(Duration::from_secs(1)), ..err(ErrorClass::Transient, Reason::RateLimited) };
         assert_eq!(decide(&limited, 3, 9, false, LIMITS), Next::WaitForEndpoint, "even at the last attempt");
-        assert_eq!(decide(&err(ErrorClass::Outage, "unavailable"), 3, 1, false, LIMITS), Next::WaitForEndpoint);
-        assert_eq!(decide(&err(ErrorClass::Fatal, "unauthorized"), 1, 1, false, LIMITS), Next::WaitForEndpoint);
+        assert_eq!(decide(&err(ErrorClass::Outage, Reason::Unavailable), 3, 1, false, LIMITS), Next::WaitForEndpoint);
+        assert_eq!(decide(&err(ErrorClass::Fatal, Reason::Unauthorized), 1, 1, false, LIMITS), Next::WaitForEndpoint);
         // A timeout counts against the record until the breaker says the endpoint is down.
-        let timeout = err(ErrorClass::Transient, "timeout");
+        let timeout = err(ErrorClass::Transient, Reason::Timeout);
         assert_eq!(decide(&timeout, 1, 1, false, LIMITS), Next::RetryHere);
         assert_eq!(decide(&timeout, 1, 1, true, LIMITS), Next::WaitForEndpoint);
     }
 
     #[test]
     fn the_record_s_own_faults_are_dead_lettered_at_once() {
-        let refused = err(ErrorClass::Permanent, "invalid_output");
+        let refused = err(ErrorClass::Permanent, Reason::InvalidOutput);
         assert_eq!(decide(&refused, 1, 1, false, LIMITS), Next::DeadLetter(refused.error.clone()));
-        let bad = err(ErrorClass::InvalidInput, "invalid_json");
+        let bad = err(ErrorClass::InvalidInput, Reason::InvalidJson);
         assert_eq!(decide(&bad, 1, 1, true, LIMITS), Next::DeadLetter(bad.error.clone()));
     }
 }

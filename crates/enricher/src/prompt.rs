@@ -2,6 +2,7 @@
 //! fields. The prompt version is a hash of everything that shapes the answer.
 
 use enrich_common::config::{LlmSettings, OversizedInput};
+use enrich_common::error::Reason;
 use enrich_common::error::RecordError;
 use sha2::{Digest, Sha256};
 
@@ -75,7 +76,7 @@ impl PromptTemplate {
         let template = self
             .env
             .get_template("user")
-            .map_err(|e| RecordError::new(enrich_common::ErrorClass::Fatal, "template_error", e.to_string()))?;
+            .map_err(|e| RecordError::new(enrich_common::ErrorClass::Fatal, Reason::TemplateError, e.to_string()))?;
         let mut visible: serde_json::Map<String, serde_json::Value> = match record {
             serde_json::Value::Object(fields) => fields
                 .iter()
@@ -88,16 +89,16 @@ impl PromptTemplate {
             let whole = serde_json::Value::Object(visible.clone());
             visible.insert("record".into(), whole);
         }
-        let user = template
-            .render(minijinja::value::Serde(serde_json::Value::Object(visible)))
-            .map_err(|e| RecordError::new(enrich_common::ErrorClass::Permanent, "template_error", e.to_string()))?;
+        let user = template.render(minijinja::value::Serde(serde_json::Value::Object(visible))).map_err(|e| {
+            RecordError::new(enrich_common::ErrorClass::Permanent, Reason::TemplateError, e.to_string())
+        })?;
         let mut user = user.trim().to_string();
         let chars = user.chars().count();
         if chars > self.max_chars {
             match self.oversized {
                 OversizedInput::DeadLetter => {
                     return Err(RecordError::invalid(
-                        "input_too_long",
+                        Reason::InputTooLong,
                         format!("the rendered input is {chars} characters; llm.max_input_chars is {}", self.max_chars),
                     ));
                 }
@@ -191,7 +192,7 @@ mod tests {
         assert_eq!(t.render(&serde_json::json!({"body": "short"})).unwrap().user, "short");
         settings.oversized_input = OversizedInput::DeadLetter;
         let t = PromptTemplate::new(&settings).unwrap();
-        assert_eq!(t.render(&serde_json::json!({"body": "too long"})).unwrap_err().reason, "input_too_long");
+        assert_eq!(t.render(&serde_json::json!({"body": "too long"})).unwrap_err().reason, Reason::InputTooLong);
     }
 
     #[test]

@@ -1,6 +1,7 @@
 //! Local validation of the LLM's answer against the pipeline's output JSON schema,
 //! whatever the provider promised.
 
+use enrich_common::error::Reason;
 use enrich_common::error::RecordError;
 use serde_json::Value;
 
@@ -23,7 +24,7 @@ impl OutputValidator {
         let value: Value = serde_json::from_str(content.trim()).map_err(|e| {
             RecordError::new(
                 enrich_common::ErrorClass::Permanent,
-                "invalid_json",
+                Reason::InvalidJson,
                 format!("the answer is not JSON: {e}"),
             )
         })?;
@@ -32,7 +33,7 @@ impl OutputValidator {
         if holds_nul(&value) {
             return Err(RecordError::new(
                 enrich_common::ErrorClass::Permanent,
-                "schema_violation",
+                Reason::SchemaViolation,
                 "the answer contains a NUL character (U+0000), which cannot be stored",
             ));
         }
@@ -53,7 +54,7 @@ impl OutputValidator {
         if errors.is_empty() {
             Ok(value)
         } else {
-            Err(RecordError::new(enrich_common::ErrorClass::Permanent, "schema_violation", errors.join("; ")))
+            Err(RecordError::new(enrich_common::ErrorClass::Permanent, Reason::SchemaViolation, errors.join("; ")))
         }
     }
 }
@@ -92,9 +93,9 @@ mod tests {
     #[test]
     fn rejects_bad_json_and_schema_violations_with_reasons() {
         let v = OutputValidator::new(SCHEMA).unwrap();
-        assert_eq!(v.validate("Sure! {category: billing}").unwrap_err().reason, "invalid_json");
+        assert_eq!(v.validate("Sure! {category: billing}").unwrap_err().reason, Reason::InvalidJson);
         let e = v.validate(r#"{"category":"food","summary":"too long"}"#).unwrap_err();
-        assert_eq!(e.reason, "schema_violation");
+        assert_eq!(e.reason, Reason::SchemaViolation);
         // Where and which rule, not the answer's values (they end up in DLQ listings).
         assert!(
             e.message.contains("/category fails `enum`") && e.message.contains("/summary fails `maxLength`"),
@@ -103,7 +104,7 @@ mod tests {
         );
         assert!(!e.message.contains("food") && !e.message.contains("too long"), "{}", e.message);
         let e = v.validate(r#"{"extra-4111111111111111":1}"#).unwrap_err();
-        assert_eq!(e.reason, "schema_violation");
+        assert_eq!(e.reason, Reason::SchemaViolation);
         assert!(!e.message.contains("4111111111111111"), "{}", e.message);
     }
 

@@ -4,6 +4,7 @@
 use enrich_common::IdempotencyKey;
 use enrich_common::config::PipelineSettings;
 use enrich_common::envelope::{self, Envelope, Header, SourceCoordinates};
+use enrich_common::error::Reason;
 use enrich_common::error::RecordError;
 use enrich_common::headers;
 use enrich_common::idempotency::{RecordView, fallback_key};
@@ -70,7 +71,7 @@ pub fn inspect(pipeline: &PipelineSettings, message: &OwnedMessage, collected: &
     let parsed = validate_payload(pipeline, value).and_then(|json| {
         if collected.invalid_names > 0 {
             return Err(RecordError::invalid(
-                "invalid_header_name",
+                Reason::InvalidHeaderName,
                 format!(
                     "{} header name(s) are not UTF-8 (left out of this copy; the original record is at its coordinates)",
                     collected.invalid_names
@@ -80,7 +81,7 @@ pub fn inspect(pipeline: &PipelineSettings, message: &OwnedMessage, collected: &
         let total = value.map_or(0, <[u8]>::len) + header_bytes;
         if total > pipeline.max_record_bytes {
             return Err(RecordError::invalid(
-                "too_large",
+                Reason::TooLarge,
                 format!(
                     "the record is {total} bytes with its headers ({header_bytes} bytes of headers); the limit (pipeline.max_record_bytes) is {}",
                     pipeline.max_record_bytes
@@ -91,9 +92,10 @@ pub fn inspect(pipeline: &PipelineSettings, message: &OwnedMessage, collected: &
     });
     let strategy = pipeline.sources.iter().find(|s| s.topic == message.topic()).map(|s| &s.key);
     let derived = match (&parsed, strategy) {
-        (_, None) => {
-            Err(RecordError::invalid("unknown_source", format!("topic {} is not a configured source", message.topic())))
-        }
+        (_, None) => Err(RecordError::invalid(
+            Reason::UnknownSource,
+            format!("topic {} is not a configured source", message.topic()),
+        )),
         (Err(e), _) => Err(e.clone()),
         (Ok(json), Some(strategy)) => {
             let view = RecordView { key: key_bytes, headers, json: Some(json), value };
@@ -104,13 +106,13 @@ pub fn inspect(pipeline: &PipelineSettings, message: &OwnedMessage, collected: &
     let derived = derived.and_then(|key| {
         if key.as_str().contains('\0') {
             return Err(RecordError::invalid(
-                "invalid_key",
+                Reason::InvalidKey,
                 "the idempotency key contains a NUL character, which PostgreSQL text cannot hold",
             ));
         }
         if key.as_str().len() > MAX_KEY_BYTES {
             return Err(RecordError::invalid(
-                "key_too_long",
+                Reason::KeyTooLong,
                 format!("the idempotency key is {} bytes; at most {MAX_KEY_BYTES} are accepted", key.as_str().len()),
             ));
         }
@@ -131,16 +133,16 @@ pub fn inspect(pipeline: &PipelineSettings, message: &OwnedMessage, collected: &
 fn validate_payload(pipeline: &PipelineSettings, value: Option<&[u8]>) -> Result<serde_json::Value, RecordError> {
     let bytes = match value {
         None => {
-            return Err(RecordError::invalid("empty_value", "the record has no value"));
+            return Err(RecordError::invalid(Reason::EmptyValue, "the record has no value"));
         }
         Some([]) => {
-            return Err(RecordError::invalid("empty_value", "the record value is empty"));
+            return Err(RecordError::invalid(Reason::EmptyValue, "the record value is empty"));
         }
         Some(b) => b,
     };
     if bytes.len() > pipeline.max_record_bytes {
         return Err(RecordError::invalid(
-            "too_large",
+            Reason::TooLarge,
             format!(
                 "the value is {} bytes; the limit (pipeline.max_record_bytes) is {}",
                 bytes.len(),
@@ -149,11 +151,11 @@ fn validate_payload(pipeline: &PipelineSettings, value: Option<&[u8]>) -> Result
         ));
     }
     let text = std::str::from_utf8(bytes)
-        .map_err(|e| RecordError::invalid("invalid_utf8", format!("the value is not UTF-8: {e}")))?;
+        .map_err(|e| RecordError::invalid(Reason::InvalidUtf8, format!("the value is not UTF-8: {e}")))?;
     let json: serde_json::Value = serde_json::from_str(text)
-        .map_err(|e| RecordError::invalid("invalid_json", format!("the value is not JSON: {e}")))?;
+        .map_err(|e| RecordError::invalid(Reason::InvalidJson, format!("the value is not JSON: {e}")))?;
     if !json.is_object() {
-        return Err(RecordError::invalid("not_an_object", "the value is JSON but not an object"));
+        return Err(RecordError::invalid(Reason::NotAnObject, "the value is JSON but not an object"));
     }
     Ok(json)
 }
@@ -196,7 +198,7 @@ mod tests {
 
     fn reason(v: Option<&[u8]>) -> &'static str {
         match check(&message(v, None)) {
-            Inspected::Invalid { error, .. } => error.reason,
+            Inspected::Invalid { error, .. } => error.reason.as_str(),
             Inspected::Valid(s) => panic!("valid: {s:?}"),
         }
     }
@@ -235,7 +237,7 @@ mod tests {
         let Inspected::Invalid { error, .. } = check(&message(Some(br#"{"id":"T1"}"#), Some(h))) else {
             panic!("valid")
         };
-        assert_eq!(error.reason, "too_large");
+        assert_eq!(error.reason, Reason::TooLarge);
         assert!(error.message.contains("headers"), "{}", error.message);
     }
 

@@ -184,10 +184,10 @@ async fn process_batch(ingest: &Ingest, batch: &[OwnedMessage]) -> anyhow::Resul
                 sends.push(dlq_send);
                 span.set([KeyValue::new(attr::OUTCOME, "dead_lettered")]);
                 span.fail(format!("{}: {}", error.reason, error.message));
-                ingest.runtime.metrics.dead_lettered(error.reason);
+                ingest.runtime.metrics.dead_lettered(error.reason.as_str());
                 tracing::warn!(
                     idempotency_key = %key, topic = %src.topic, partition = src.partition, offset = src.offset,
-                    reason = error.reason, error = %error.message, "malformed record dead-lettered"
+                    reason = %error.reason, error = %error.message, "malformed record dead-lettered"
                 );
                 outcomes.push("dead_lettered");
                 dispositions.push(Disposition {

@@ -7,6 +7,7 @@
 //! before the next batch. A publisher that stops between the last two leaves bindings
 //! behind its committed offsets, which the next owner of the partition settles.
 
+use enrich_common::error::Reason;
 use enrich_common::key_state::publish as binding;
 pub mod failpoints;
 mod merge;
@@ -681,12 +682,12 @@ fn decode(publisher: &Publisher, batch: &[OwnedMessage]) -> (Vec<Candidate>, Vec
                 candidates.push(Candidate { env, trace, partition, offset, output });
             }
             Ok(env) => {
-                let error = RecordError::invalid("no_result", "a results record without a result");
+                let error = RecordError::invalid(Reason::NoResult, "a results record without a result");
                 rejects.push(Reject { env, trace, partition, offset, error });
             }
             Err(e) => {
                 let env = publisher.dead_letters.foreign(m);
-                let error = RecordError::invalid("invalid_envelope", e);
+                let error = RecordError::invalid(Reason::InvalidEnvelope, e);
                 rejects.push(Reject { env, trace, partition, offset, error });
             }
         }

@@ -2,6 +2,7 @@
 //! `enrichment`.
 
 use enrich_common::envelope::Envelope;
+use enrich_common::error::Reason;
 use enrich_common::error::RecordError;
 use serde_json::Value;
 
@@ -9,16 +10,16 @@ pub const FIELD: &str = "enrichment";
 
 pub fn merge_output(envelope: &Envelope) -> Result<Vec<u8>, RecordError> {
     let result =
-        envelope.result().ok_or_else(|| RecordError::invalid("no_result", "the envelope carries no result"))?;
+        envelope.result().ok_or_else(|| RecordError::invalid(Reason::NoResult, "the envelope carries no result"))?;
     let mut source: Value = serde_json::from_slice(&envelope.payload)
-        .map_err(|e| RecordError::invalid("invalid_json", format!("the source payload is not JSON: {e}")))?;
+        .map_err(|e| RecordError::invalid(Reason::InvalidJson, format!("the source payload is not JSON: {e}")))?;
     let enrichment: Value = serde_json::from_str(&result.json)
-        .map_err(|e| RecordError::invalid("invalid_json", format!("the stored result is not JSON: {e}")))?;
+        .map_err(|e| RecordError::invalid(Reason::InvalidJson, format!("the stored result is not JSON: {e}")))?;
     let object = source
         .as_object_mut()
-        .ok_or_else(|| RecordError::invalid("not_an_object", "the source payload is not a JSON object"))?;
+        .ok_or_else(|| RecordError::invalid(Reason::NotAnObject, "the source payload is not a JSON object"))?;
     object.insert(FIELD.to_string(), enrichment);
-    serde_json::to_vec(&source).map_err(|e| RecordError::invalid("invalid_json", e.to_string()))
+    serde_json::to_vec(&source).map_err(|e| RecordError::invalid(Reason::InvalidJson, e.to_string()))
 }
 
 #[cfg(test)]
@@ -46,8 +47,8 @@ mod tests {
 
     #[test]
     fn refuses_non_objects_and_missing_results() {
-        assert_eq!(merge_output(&envelope("[1]", "{}")).unwrap_err().reason, "not_an_object");
+        assert_eq!(merge_output(&envelope("[1]", "{}")).unwrap_err().reason, Reason::NotAnObject);
         let bare = Envelope { payload: b"{}".to_vec(), ..Default::default() };
-        assert_eq!(merge_output(&bare).unwrap_err().reason, "no_result");
+        assert_eq!(merge_output(&bare).unwrap_err().reason, Reason::NoResult);
     }
 }

@@ -4,7 +4,9 @@
 //! rather than dropped.
 
 use enrich_common::envelope::Envelope;
+use enrich_common::error::Reason;
 use enrich_common::error::RecordError;
+use enrich_common::http::Condition;
 use enrich_common::spans::{RecordSpan, attr};
 use opentelemetry::KeyValue;
 use opentelemetry::trace::SpanKind;
@@ -50,7 +52,7 @@ impl Enricher {
         let key = &envelope.idempotency_key;
         let record: serde_json::Value = serde_json::from_slice(&envelope.payload).map_err(|e| {
             AttemptError::Llm(LlmError {
-                error: RecordError::invalid("invalid_json", format!("the payload is not JSON: {e}")),
+                error: RecordError::invalid(Reason::InvalidJson, format!("the payload is not JSON: {e}")),
                 retry_after: None,
             })
         })?;
@@ -93,7 +95,7 @@ impl Enricher {
                     // budget, a 429, an outage) waits, under the renewed lease, rather
                     // than ending the attempt.
                     Err(AttemptError::Budget(wait)) if repairing => Err(wait),
-                    Ok(Err(e)) if repairing && (e.error.reason == "rate_limited" || e.endpoint_down()) => {
+                    Ok(Err(e)) if repairing && (e.error.reason == Reason::RateLimited || e.endpoint_down()) => {
                         let wait = e.retry_after.unwrap_or_else(|| jitter(backoff));
                         backoff = (backoff * 2).min(Duration::from_secs(10));
                         Err(wait)
@@ -137,7 +139,7 @@ impl Enricher {
                             .await?;
                             return Err(AttemptError::Llm(LlmError { error, retry_after: None }));
                         }
-                        tracing::info!(idempotency_key = %key, reason = error.reason, "invalid output; one repair call");
+                        tracing::info!(idempotency_key = %key, reason = %error.reason, "invalid output; one repair call");
                         prompt.repair = Some(Repair { previous: completion.content, error: error.message });
                     }
                 }
@@ -193,7 +195,7 @@ impl Enricher {
             let e: anyhow::Error = match write().await {
                 Ok(v) => {
                     if backoff > Duration::from_millis(100) {
-                        self.state.set_condition("database", None);
+                        self.state.set_condition(Condition::Database, None);
                     }
                     return Ok(v);
                 }
@@ -207,7 +209,7 @@ impl Enricher {
                 }
             }
             tracing::error!(idempotency_key = %key, error = %e, "cannot {what}; retrying");
-            self.state.set_condition("database", Some(format!("cannot {what}: {e}")));
+            self.state.set_condition(Condition::Database, Some(format!("cannot {what}: {e}")));
             if self.shutdown.is_cancelled() {
                 let until = *grace.get_or_insert_with(|| tokio::time::Instant::now() + Duration::from_secs(5));
                 if tokio::time::Instant::now() >= until {
@@ -298,7 +300,7 @@ impl Enricher {
             }
             if self.metrics.budget_exhausted.get() == 1 {
                 self.metrics.budget_exhausted.set(0);
-                self.state.set_condition("budget", None);
+                self.state.set_condition(Condition::Budget, None);
             }
             let mut call = span.child(
                 format!("chat {model}"),
@@ -341,7 +343,7 @@ impl Enricher {
                     }
                 }
                 Err(e) => {
-                    if e.error.reason == "rate_limited" {
+                    if e.error.reason == Reason::RateLimited {
                         permit.rate_limited(e.retry_after);
                     } else {
                         permit.failed();
@@ -371,7 +373,7 @@ impl Enricher {
                     Ok((c, answered_by))
                 }
                 Err(e) => {
-                    self.metrics.llm_call(e.error.reason);
+                    self.metrics.llm_call(e.error.reason.as_str());
                     steps.push(Step::llm_call(attempt, elapsed, model).named(step_name).failed(e.error.to_string()));
                     Err(e)
                 }

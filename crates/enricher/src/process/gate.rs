@@ -4,7 +4,9 @@
 
 use enrich_common::ErrorClass;
 use enrich_common::envelope::Envelope;
+use enrich_common::error::Reason;
 use enrich_common::error::RecordError;
+use enrich_common::http::Condition;
 use enrich_common::spans::RecordSpan;
 use std::time::Duration;
 
@@ -128,7 +130,7 @@ impl Enricher {
             KeyState::AttemptsExhausted { attempts } => {
                 let err = RecordError::new(
                     ErrorClass::Permanent,
-                    "max_attempts",
+                    Reason::MaxAttempts,
                     format!("{attempts} attempts already made (llm.max_attempts); not calling again"),
                 );
                 Ok(Admit::Done(self.give_up(envelope.clone(), record_key, &err, attempts, span).await?))
@@ -151,7 +153,7 @@ impl Enricher {
         if self.breaker.success(admission) == Some(Transition::Closed) {
             tracing::info!("LLM circuit breaker closed: the endpoint answers again; consumption resumes");
             self.metrics.breaker_open.set(0);
-            self.state.set_condition("llm_breaker", None);
+            self.state.set_condition(Condition::LlmBreaker, None);
         }
     }
 
@@ -159,7 +161,8 @@ impl Enricher {
         if self.breaker.failure(admission) == Some(Transition::Opened) {
             tracing::error!(error = %error, "LLM circuit breaker opened: calls paused, offsets kept, nothing dead-lettered");
             self.metrics.breaker_open.set(1);
-            self.state.set_condition("llm_breaker", Some(format!("LLM circuit breaker open; last error: {error}")));
+            self.state
+                .set_condition(Condition::LlmBreaker, Some(format!("LLM circuit breaker open; last error: {error}")));
         }
     }
 }

@@ -3,7 +3,8 @@
 //! and the writes to Kafka that go with each (results, retry topic, DLQ).
 
 use enrich_common::envelope::{EnrichmentResult, Envelope, Outcome};
-use enrich_common::error::RecordError;
+use enrich_common::error::{Reason, RecordError};
+use enrich_common::http::Condition;
 use enrich_common::spans::RecordSpan;
 use enrich_common::{ErrorClass, TraceContext, headers};
 use rdkafka::Message;
@@ -69,7 +70,7 @@ impl Enricher {
                     // reason; a replay runs it again once the cause is fixed.
                     let err = RecordError::new(
                         ErrorClass::Permanent,
-                        "storage_refused",
+                        Reason::StorageRefused,
                         format!("the database refused the attempt's writes: {e:#}"),
                     );
                     return Ok(Some(self.give_up(envelope.clone(), record_key, &err, attempt, span).await?));
@@ -102,7 +103,7 @@ impl Enricher {
                 }
                 self.metrics.budget_exhausted.set(1);
                 self.state.set_condition(
-                    "budget",
+                    Condition::Budget,
                     Some(format!("the LLM budget is spent; calls resume in {} s", wait.as_secs())),
                 );
                 tokio::select! {
@@ -273,8 +274,8 @@ impl Enricher {
             .await?;
         self.metrics.outcome("dead_lettered");
         self.dead_letters.recorded(1, 0);
-        self.metrics.stage.dead_lettered(error.reason);
-        tracing::warn!(idempotency_key = %key, reason = error.reason, error = %error.message, attempts, "dead-lettered");
+        self.metrics.stage.dead_lettered(error.reason.as_str());
+        tracing::warn!(idempotency_key = %key, reason = %error.reason, error = %error.message, attempts, "dead-lettered");
         Ok(Handled::DeadLettered)
     }
 
@@ -327,7 +328,7 @@ impl Enricher {
     ) -> anyhow::Result<()> {
         self.dead_letters.admit(1, 0, &self.shutdown).await?;
         let envelope = self.dead_letters.foreign(message);
-        let error = RecordError::invalid("invalid_envelope", reason);
+        let error = RecordError::invalid(Reason::InvalidEnvelope, reason);
         let send = span.producer(&self.dlq_topic);
         let record_key = message.key().unwrap_or(envelope.idempotency_key.as_bytes()).to_vec();
         let (dead, h) = self.dead_letters.letter(envelope, &error, send.ids());
@@ -336,7 +337,7 @@ impl Enricher {
         // is recorded once).
         enrich_common::dead_letter_store::record(&self.store.pool, &[(&dead, send.ids())]).await?;
         self.dead_letters.recorded(1, 0);
-        self.metrics.stage.dead_lettered(error.reason);
+        self.metrics.stage.dead_lettered(error.reason.as_str());
         tracing::warn!(topic = message.topic(), offset = message.offset(), error = %error, "foreign record dead-lettered");
         Ok(())
     }
