@@ -6,7 +6,9 @@
 CREATE FUNCTION enrich_state_transition() RETURNS trigger LANGUAGE plpgsql AS $$
 BEGIN
     IF NEW.state = OLD.state THEN
-        IF OLD.state IN ('enriched', 'published') AND NEW.result_hash IS DISTINCT FROM OLD.result_hash THEN
+        IF OLD.state IN ('enriched', 'published')
+           AND (NEW.result_hash IS DISTINCT FROM OLD.result_hash OR NEW.result IS DISTINCT FROM OLD.result
+                OR NEW.model IS DISTINCT FROM OLD.model OR NEW.prompt_version IS DISTINCT FROM OLD.prompt_version) THEN
             RAISE EXCEPTION 'the stored result of key % (%) cannot be overwritten', OLD.idempotency_key, OLD.state
                 USING ERRCODE = 'check_violation', CONSTRAINT = 'enrich_state_transition';
         END IF;
@@ -29,7 +31,9 @@ END
 $$;
 
 CREATE TRIGGER enrich_state_transition
-    BEFORE UPDATE OF state, result_hash ON enrich_state
+    BEFORE UPDATE OF state, result, result_hash, model, prompt_version ON enrich_state
     FOR EACH ROW
-    WHEN (OLD.state IS DISTINCT FROM NEW.state OR OLD.result_hash IS DISTINCT FROM NEW.result_hash)
+    WHEN (OLD.state IS DISTINCT FROM NEW.state OR OLD.result_hash IS DISTINCT FROM NEW.result_hash
+          OR OLD.result IS DISTINCT FROM NEW.result OR OLD.model IS DISTINCT FROM NEW.model
+          OR OLD.prompt_version IS DISTINCT FROM NEW.prompt_version)
     EXECUTE FUNCTION enrich_state_transition();

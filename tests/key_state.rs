@@ -72,19 +72,35 @@ async fn the_database_refuses_every_transition_the_state_machine_lacks() -> anyh
     }
     assert!(wrong.is_empty(), "the trigger and State::may_become disagree:\n{}", wrong.join("\n"));
 
-    // An ended key's stored result is never replaced, even in the same state.
+    // An ended key's stored result (its value, hash, model, prompt version) is never
+    // replaced, even in the same state.
+    let changes = [
+        "result = '{\"a\":2}', result_hash = 'h2'",
+        "result = '{\"a\":2}'",
+        "result_hash = 'h2'",
+        "model = 'other'",
+        "prompt_version = 'v9'",
+    ];
     for state in [State::Enriched, State::Published] {
-        let key = format!("stored-{state}");
-        insert(&env, &key, state, None, 1).await?;
-        let result = sqlx::query(
-            "UPDATE enrich_state SET result = '{\"a\":2}', result_hash = 'h2' WHERE pipeline = $1 AND idempotency_key = $2",
-        )
-        .bind(&env.settings.pipeline.name)
-        .bind(&key)
-        .execute(&env.pool)
-        .await;
-        assert_eq!(refused_by_the_check(result), Some(true), "{state}: the result was overwritten");
-        assert_eq!(row(&env, &key).await?.3.as_deref(), Some("h1"));
+        for (i, change) in changes.iter().enumerate() {
+            let key = format!("stored-{state}-{i}");
+            insert(&env, &key, state, None, 1).await?;
+            let result = sqlx::query(sqlx::AssertSqlSafe(format!(
+                "UPDATE enrich_state SET {change} WHERE pipeline = $1 AND idempotency_key = $2"
+            )))
+            .bind(&env.settings.pipeline.name)
+            .bind(&key)
+            .execute(&env.pool)
+            .await;
+            assert_eq!(refused_by_the_check(result), Some(true), "{state}: {change} went through");
+            let (result,): (String,) =
+                sqlx::query_as("SELECT result::text FROM enrich_state WHERE pipeline = $1 AND idempotency_key = $2")
+                    .bind(&env.settings.pipeline.name)
+                    .bind(&key)
+                    .fetch_one(&env.pool)
+                    .await?;
+            assert_eq!((row(&env, &key).await?.3.as_deref(), result.as_str()), (Some("h1"), r#"{"a": 1}"#));
+        }
     }
     env.teardown().await;
     Ok(())
@@ -119,6 +135,20 @@ async fn a_lease_taken_over_fences_the_old_owners_transitions() -> anyhow::Resul
     let live = lease::Token { key: "k", attempt: 2 };
     assert!(lease::schedule_retry(&env.pool, new, live).await?);
     assert_eq!(row(&env, "k").await?, ("retry_scheduled".into(), None, 2, Some("h1".into())));
+
+    // A dead-letter claim over another replica's expired lease keeps that row's attempt
+    // count, and says so: the claim's renewals must name it to keep the lease.
+    insert(&env, "d", State::Enriching, Some("replica-b"), 3).await?;
+    sqlx::query("UPDATE enrich_state SET lease_until = now() - interval '1 second' WHERE pipeline = $1 AND idempotency_key = 'd'")
+        .bind(&pipeline)
+        .execute(&env.pool)
+        .await?;
+    let dead =
+        enrich_common::Envelope { pipeline: pipeline.clone(), idempotency_key: "d".into(), ..Default::default() };
+    let claimed = lease::claim_dead_letter(&env.pool, old, &dead, &enrich_common::TraceContext::new_root()).await?;
+    let (_, attempts) = claimed.expect("the expired lease is taken");
+    assert_eq!(attempts, 3);
+    assert_eq!(lease::renew(&env.pool, old, &["d".to_string()], &[attempts]).await?, 1, "the claim's lease is renewed");
     env.teardown().await;
     Ok(())
 }

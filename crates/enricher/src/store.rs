@@ -448,7 +448,7 @@ impl StoreCore {
         &self,
         dead: &Envelope,
         trace: &enrich_common::TraceContext,
-    ) -> sqlx::Result<Option<i64>> {
+    ) -> sqlx::Result<Option<(i64, i32)>> {
         lease::claim_dead_letter(&self.pool, self.who(), dead, trace).await
     }
 

@@ -298,34 +298,36 @@ pub async fn schedule_retry(pool: &PgPool, who: Owner<'_>, token: Token<'_>) -> 
 /// in one transaction; the lease (ours, or taken when nobody holds a live one) is kept
 /// until the dead letter is listed ([`dead_letter_listed`]). None (nothing written) when
 /// the key ended otherwise meanwhile, or another replica holds a live lease on it (its
-/// attempt decides). Returns the dead letter's id.
+/// attempt decides). Returns the dead letter's id and the row's attempt count, which the
+/// lease's renewals must name (a claim that took over another replica's expired lease
+/// keeps that replica's count).
 pub async fn claim_dead_letter(
     pool: &PgPool,
     who: Owner<'_>,
     dead: &Envelope,
     trace: &TraceContext,
-) -> sqlx::Result<Option<i64>> {
+) -> sqlx::Result<Option<(i64, i32)>> {
     let mut tx = pool.begin().await?;
-    let claimed = sqlx::query(
+    let claimed: Option<(i32,)> = sqlx::query_as(
         "UPDATE enrich_state SET state = 'dead_lettered', lease_owner = $3,
                 lease_until = now() + make_interval(secs => $4), updated_at = now()
          WHERE pipeline = $1 AND idempotency_key = $2 AND state NOT IN ('enriched', 'published', 'dead_lettered')
-           AND (lease_owner IS NULL OR lease_owner = $3 OR lease_until IS NULL OR lease_until <= now())",
+           AND (lease_owner IS NULL OR lease_owner = $3 OR lease_until IS NULL OR lease_until <= now())
+         RETURNING attempts",
     )
     .bind(who.pipeline)
     .bind(&dead.idempotency_key)
     .bind(who.owner)
     .bind(who.lease.as_secs_f64())
-    .execute(&mut *tx)
-    .await?
-    .rows_affected();
-    if claimed == 0 {
+    .fetch_optional(&mut *tx)
+    .await?;
+    let Some((attempts,)) = claimed else {
         tx.rollback().await?;
         return Ok(None);
-    }
+    };
     let id = crate::dead_letter_store::insert_pending_one(&mut *tx, dead, trace).await?;
     tx.commit().await?;
-    Ok(Some(id))
+    Ok(Some((id, attempts)))
 }
 
 /// A `dead_lettered` key whose dead letter is still pending (a handling failed before

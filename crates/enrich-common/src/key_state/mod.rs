@@ -12,10 +12,11 @@
 //! | adopted (row removed)   | [`lease::adopt`]                 | (none) → requested                          |
 //! | lease + attempt         | [`lease::acquire`]               | received, requested, enriching, retry_scheduled → enriching |
 //! | lease kept              | [`lease::renew`], [`lease::gate`] | enriching, dead_lettered (same state)      |
-//! | lease given back        | [`lease::release`]               | enriching (same state)                      |
+//! | lease given back        | [`lease::release`]               | enriching (ours, this attempt; same state)  |
 //! | result stored           | [`lease::finish`]                | not ended → enriched                        |
-//! | retry later             | [`lease::schedule_retry`]        | not ended → retry_scheduled                 |
+//! | retry later             | [`lease::schedule_retry`]        | enriching (ours, this attempt) → retry_scheduled |
 //! | dead-lettered           | [`lease::claim_dead_letter`]     | not ended → dead_lettered                   |
+//! | pending dead letter     | [`lease::take_dead_lettered`], [`lease::dead_letter_listed`] | dead_lettered (same state: its lease) |
 //! | bound to its record     | [`publish::bind`]                | enriched (same state)                       |
 //! | settled                 | [`publish::settle`]              | enriched → published, dead_lettered         |
 //! | replayed                | [`replay::reset`]                | dead_lettered → requested                   |

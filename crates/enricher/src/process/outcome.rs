@@ -254,12 +254,13 @@ impl Enricher {
         let snapshot = envelope.clone();
         let send = span.producer(&self.dlq_topic);
         let (dead, h) = self.dead_letters.letter(envelope, error, send.ids());
-        let Some(id) = self.store.claim_dead_letter(&dead, send.ids()).await? else {
+        let Some((id, held_attempt)) = self.store.claim_dead_letter(&dead, send.ids()).await? else {
             tracing::info!(idempotency_key = %key, "the key ended meanwhile; not dead-lettering it");
             return Ok(Handled::Skipped);
         };
-        // The claim's lease is renewed until the dead letter is listed.
-        let _held = self.store.hold(&key, attempts);
+        // The claim's lease is renewed until the dead letter is listed (under the row's
+        // attempt count: a claim that took over an expired lease keeps its owner's).
+        let _held = self.store.hold(&key, held_attempt);
         self.produce(&self.dlq_topic, record_key, dead.encode_to_bytes(), h).await?;
         drop(send);
         crate::failpoints::pass(&self.store.pipeline, crate::failpoints::Instant::AfterDeadLetterProduced).await;
