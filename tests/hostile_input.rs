@@ -93,3 +93,55 @@ async fn an_answer_holding_nul_is_dead_lettered_and_holds_nothing_up() -> anyhow
     env.teardown().await;
     Ok(())
 }
+
+/// Two tickets whose numeric ids differ only past the 17 digits an f64 keeps: each is its
+/// own key (neither is taken for a duplicate of the other) and its output carries the id
+/// digit for digit.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn ids_beyond_u64_keep_every_digit() -> anyhow::Result<()> {
+    let env = TestEnv::new(llm_sim::Latency::default(), &[]).await?;
+    let run = u32::from_str_radix(&env.id, 16)?;
+    let ids: Vec<String> = (0..2).map(|d| format!("98765432109876543210{run:010}{d}")).collect();
+    let records: Vec<workload::Record> = ids
+        .iter()
+        .map(|id| {
+            let value = format!(
+                r#"{{"id": {id}, "customer": "c-1", "subject": "Refund request", "body": "Please refund order {id}.", "created_at": "2026-12-03T10:00:00Z"}}"#
+            );
+            workload::Record {
+                kind: workload::Kind::Unique,
+                ticket: None,
+                key: Some(id.clone().into_bytes()),
+                value: Some(value.into_bytes()),
+            }
+        })
+        .collect();
+    produce_all(&env.settings, env.source_topic(), &records, |_| false, |_| {}).await?;
+    let stages = [StageKind::Ingest, StageKind::Enricher, StageKind::Publisher].map(|k| env.spawn(k));
+    let output = wait_for("both tickets published", DEADLINE, || async {
+        let output = read_to_end(&env.settings, &env.settings.topics.output, Duration::from_secs(30))?;
+        Ok((output.len() >= 2).then_some(output))
+    })
+    .await?;
+    let duplicates: (i64,) = sqlx::query_as(
+        "SELECT count(*) FROM run_history WHERE pipeline = $1 AND stage = 'ingest-dedup' AND status = 'duplicate'",
+    )
+    .bind(&env.settings.pipeline.name)
+    .fetch_one(&env.pool)
+    .await?;
+    assert_eq!(duplicates.0, 0, "an id beyond u64 was taken for a duplicate of another");
+    assert_eq!(output.len(), 2, "one output per ticket");
+    for id in &ids {
+        let carried = output.iter().any(|m| {
+            let text = String::from_utf8_lossy(rdkafka::Message::payload(m).unwrap_or_default()).to_string();
+            text.contains(&format!(r#""id":{id}"#)) || text.contains(&format!(r#""id": {id}"#))
+        });
+        assert!(carried, "the output carries id {id} digit for digit");
+    }
+    for s in stages {
+        assert!(!s.has_exited(), "the {:?} stage is still running", s.kind);
+        s.stop().await?;
+    }
+    env.teardown().await;
+    Ok(())
+}

@@ -42,10 +42,10 @@ fn default_limit() -> i64 {
     50
 }
 
+/// A replay's body is its filter's fields beside these (read twice from the one JSON
+/// object: serde's `flatten` cannot read numbers that keep their literal text).
 #[derive(Deserialize)]
-struct ReplayRequest {
-    #[serde(flatten)]
-    filter: Filter,
+struct ReplayOptions {
     #[serde(default)]
     dry_run: bool,
     note: Option<String>,
@@ -178,11 +178,17 @@ async fn history(
     }
 }
 
-async fn replay(State(api): State<Arc<Api>>, headers: HeaderMap, Json(req): Json<ReplayRequest>) -> Response {
+async fn replay(State(api): State<Arc<Api>>, headers: HeaderMap, Json(body): Json<serde_json::Value>) -> Response {
     if let Err(r) = authorized(&api, &headers) {
         return *r;
     }
-    let f = &req.filter;
+    let parsed = serde_json::from_value::<Filter>(body.clone())
+        .and_then(|f| serde_json::from_value::<ReplayOptions>(body).map(|o| (f, o)));
+    let (filter, req) = match parsed {
+        Ok(parsed) => parsed,
+        Err(e) => return error(StatusCode::BAD_REQUEST, &format!("the replay request: {e}")),
+    };
+    let f = &filter;
     if f.is_empty() {
         return error(StatusCode::BAD_REQUEST, "give ids or a filter (reason, stage, key, from, to)");
     }

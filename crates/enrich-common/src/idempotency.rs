@@ -178,6 +178,21 @@ mod tests {
     }
 
     #[test]
+    fn numeric_ids_keep_their_literal_text() {
+        let a: serde_json::Value = serde_json::from_str(r#"{"id": 123456789012345678901234567890}"#).unwrap();
+        let b: serde_json::Value = serde_json::from_str(r#"{"id": 123456789012345678901234567891}"#).unwrap();
+        let ka = pointers(&["/id"]).derive("p", &view(Some(&a), None)).unwrap();
+        let kb = pointers(&["/id"]).derive("p", &view(Some(&b), None)).unwrap();
+        assert_eq!(ka.as_str(), "p:123456789012345678901234567890");
+        assert_ne!(ka, kb, "two ids beyond u64 made one key");
+        // 2^53 + 1 is where f64 stops counting by one.
+        let c: serde_json::Value = serde_json::from_str(r#"{"id": 9007199254740993}"#).unwrap();
+        assert_eq!(pointers(&["/id"]).derive("p", &view(Some(&c), None)).unwrap().as_str(), "p:9007199254740993");
+        let f: serde_json::Value = serde_json::from_str(r#"{"id": 1.50}"#).unwrap();
+        assert_eq!(pointers(&["/id"]).derive("p", &view(Some(&f), None)).unwrap().as_str(), "p:1.50");
+    }
+
+    #[test]
     fn json_pointer_missing_null_empty_or_composite_field_is_invalid_input() {
         let doc = json!({"id": null, "empty": "", "obj": {"a": 1}});
         for (p, reason) in [
