@@ -353,6 +353,14 @@ pub struct LlmSettings {
     /// retry topic, due `retry_delay_ms` later.
     #[serde(default = "default_quick_retries")]
     pub quick_retries: u32,
+    /// 429s one record may receive in one delivery while the endpoint answers the
+    /// replica's other calls (since the record's previous 429, more of them answered
+    /// than refused: a provider refusing this record, e.g. an oversized request, not
+    /// throttling everyone); past them its attempts count: the retry topic, then the DLQ
+    /// after `max_attempts`. 429s while the other calls are refused too (a provider-wide
+    /// throttle) are never charged: flow control slows consumption.
+    #[serde(default = "default_max_rate_limited")]
+    pub max_rate_limited: u32,
     /// Delay of the first delayed retry through the retry topic; doubled for each later
     /// one, up to `retry_max_delay_ms`.
     #[serde(default = "default_retry_delay_ms")]
@@ -464,6 +472,9 @@ fn default_max_input_chars() -> usize {
 }
 fn default_quick_retries() -> u32 {
     1
+}
+fn default_max_rate_limited() -> u32 {
+    5
 }
 fn default_retry_delay_ms() -> u64 {
     30_000
@@ -830,6 +841,9 @@ impl Settings {
         if llm.max_attempts == 0 {
             return Err(ConfigError::new("llm.max_attempts", "must be at least 1"));
         }
+        if llm.max_rate_limited == 0 {
+            return Err(ConfigError::new("llm.max_rate_limited", "must be at least 1"));
+        }
         if llm.breaker_failures == 0 {
             return Err(ConfigError::new("llm.breaker_failures", "must be at least 1"));
         }
@@ -1173,6 +1187,7 @@ output_schema = '{"type": "object"}'
             (&[("ENRICH_LLM__RETRY_DELAY_MS", "0")], "llm.retry_delay_ms"),
             (&[("ENRICH_LLM__RETRY_MAX_DELAY_MS", "10")], "llm.retry_max_delay_ms"),
             (&[("ENRICH_LLM__BREAKER_FAILURES", "0")], "llm.breaker_failures"),
+            (&[("ENRICH_LLM__MAX_RATE_LIMITED", "0")], "llm.max_rate_limited"),
             (&[("ENRICH_DLQ_LIMIT__MAX_SHARE", "1.5")], "dlq_limit.max_share"),
             (&[("ENRICH_LLM__FALLBACK_MODELS", r#"["b", "b"]"#)], "llm.fallback_models[1]"),
             (&[("ENRICH_LLM__MIN_CONCURRENCY", "0")], "llm.min_concurrency"),

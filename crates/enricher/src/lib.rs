@@ -158,6 +158,7 @@ pub async fn run(settings: Settings, shutdown: CancellationToken) -> anyhow::Res
         retry: process::RetryPolicy {
             topic: settings.topics.retry.clone(),
             quick_retries: settings.llm.quick_retries,
+            max_rate_limited: settings.llm.max_rate_limited,
             delay: Duration::from_millis(settings.llm.retry_delay_ms),
             max_delay: Duration::from_millis(settings.llm.retry_max_delay_ms),
         },
