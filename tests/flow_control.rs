@@ -203,7 +203,8 @@ async fn a_record_the_endpoint_always_refuses_spends_its_429s_and_reaches_the_dl
     produced.extend(streamed);
     let refused_calls = env.sim.failed();
     // Then a backlog: the concurrency limit grows back to the ceiling.
-    produced.extend(produce_all(&env.settings, env.source_topic(), &records[next..next + BURST], |_| false, |_| {}).await?);
+    produced
+        .extend(produce_all(&env.settings, env.source_topic(), &records[next..next + BURST], |_| false, |_| {}).await?);
     let recovered = wait_for("the concurrency limit to recover", DEADLINE, || async {
         let m = scrape_metrics(port).await?;
         let limit = metric(&m, "enrich_llm_concurrency_limit");
@@ -230,7 +231,8 @@ async fn a_record_the_endpoint_always_refuses_spends_its_429s_and_reaches_the_dl
         "{refused_calls} calls for the always-429 record (at least {least})"
     );
     let output = read_to_end(&env.settings, &env.settings.topics.output, Duration::from_secs(30))?;
-    let keys: std::collections::HashSet<_> = output.iter().filter_map(|m| header(m, headers::IDEMPOTENCY_KEY)).collect();
+    let keys: std::collections::HashSet<_> =
+        output.iter().filter_map(|m| header(m, headers::IDEMPOTENCY_KEY)).collect();
     assert_eq!((output.len(), keys.len()), (n - 1, n - 1), "every good ticket published once");
     let dlq = read_to_end(&env.settings, &env.settings.topics.dlq, Duration::from_secs(30))?;
     assert_eq!(dlq.len(), 1);

@@ -532,6 +532,9 @@ pub enum Provider {
 pub struct ConsumerTuning {
     /// Most records handled as one batch (one database round trip per step).
     pub batch_size: usize,
+    /// Most bytes (values, keys, headers) in one batch: a batch is closed once it holds
+    /// this many, however few records that is (at least one).
+    pub batch_max_bytes: usize,
     /// How long a batch waits for more records after its first.
     pub batch_linger_ms: u64,
 }
@@ -543,12 +546,23 @@ pub struct IngestSettings {
     /// Default `<pipeline>.ingest-dedup`.
     pub group_id: Option<String>,
     pub batch_size: usize,
+    /// Most bytes of source records in one batch (see `ConsumerTuning`).
+    pub batch_max_bytes: usize,
     pub batch_linger_ms: u64,
 }
 
+/// The default byte bound of a stage's batch: a run of 1 MB records makes batches of 8.
+const DEFAULT_BATCH_MAX_BYTES: usize = 8 << 20;
+
 impl Default for IngestSettings {
     fn default() -> Self {
-        Self { http_port: 9101, group_id: None, batch_size: 500, batch_linger_ms: 20 }
+        Self {
+            http_port: 9101,
+            group_id: None,
+            batch_size: 500,
+            batch_max_bytes: DEFAULT_BATCH_MAX_BYTES,
+            batch_linger_ms: 20,
+        }
     }
 }
 
@@ -565,6 +579,10 @@ pub struct EnricherSettings {
     /// A partition holding this many unfinished records is paused until it drains to
     /// half: the bound on memory whatever the backlog.
     pub max_buffered_per_partition: usize,
+    /// Bytes (values, keys, headers) of unfinished records over all partitions of the
+    /// replica: past it, every partition that delivers a record is paused until they
+    /// drain to half. The bound on memory whatever the records' size.
+    pub max_buffered_bytes: usize,
     /// `key`: records of one Kafka key run in order, different keys concurrently; a
     /// delayed retry may be overtaken by later records of its key.
     /// `strict-key`: as `key`, and later records of a key whose earlier record waits for
@@ -592,6 +610,7 @@ impl Default for EnricherSettings {
             batch_linger_ms: 10,
             max_in_flight: 64,
             max_buffered_per_partition: 1000,
+            max_buffered_bytes: 64 << 20,
             ordering: OrderingMode::Key,
             lease_ms: 60_000,
             instance_id: None,
@@ -617,6 +636,9 @@ pub struct PublisherSettings {
     /// Default `<pipeline>.publisher`.
     pub group_id: Option<String>,
     pub batch_size: usize,
+    /// Most bytes of results records in one batch, one transaction (see
+    /// `ConsumerTuning`).
+    pub batch_max_bytes: usize,
     pub batch_linger_ms: u64,
     /// Kafka transactional id; must be stable across restarts of one replica so a
     /// restarted publisher fences its previous incarnation. Default
@@ -631,6 +653,7 @@ impl Default for PublisherSettings {
             http_port: 9103,
             group_id: None,
             batch_size: 500,
+            batch_max_bytes: DEFAULT_BATCH_MAX_BYTES,
             batch_linger_ms: 20,
             transactional_id: None,
             transaction_timeout_ms: 30_000,
@@ -915,7 +938,10 @@ impl Settings {
             ("enricher.batch_size", self.enricher.batch_size),
             ("enricher.max_in_flight", self.enricher.max_in_flight),
             ("enricher.max_buffered_per_partition", self.enricher.max_buffered_per_partition),
+            ("enricher.max_buffered_bytes", self.enricher.max_buffered_bytes),
             ("publisher.batch_size", self.publisher.batch_size),
+            ("ingest.batch_max_bytes", self.ingest.batch_max_bytes),
+            ("publisher.batch_max_bytes", self.publisher.batch_max_bytes),
         ] {
             if size == 0 {
                 return Err(ConfigError::new(field, "must be at least 1"));
@@ -970,17 +996,29 @@ impl Settings {
 
 impl IngestSettings {
     pub fn tuning(&self) -> ConsumerTuning {
-        ConsumerTuning { batch_size: self.batch_size, batch_linger_ms: self.batch_linger_ms }
+        ConsumerTuning {
+            batch_size: self.batch_size,
+            batch_max_bytes: self.batch_max_bytes,
+            batch_linger_ms: self.batch_linger_ms,
+        }
     }
 }
 impl EnricherSettings {
     pub fn tuning(&self) -> ConsumerTuning {
-        ConsumerTuning { batch_size: self.batch_size, batch_linger_ms: self.batch_linger_ms }
+        ConsumerTuning {
+            batch_size: self.batch_size,
+            batch_max_bytes: DEFAULT_BATCH_MAX_BYTES,
+            batch_linger_ms: self.batch_linger_ms,
+        }
     }
 }
 impl PublisherSettings {
     pub fn tuning(&self) -> ConsumerTuning {
-        ConsumerTuning { batch_size: self.batch_size, batch_linger_ms: self.batch_linger_ms }
+        ConsumerTuning {
+            batch_size: self.batch_size,
+            batch_max_bytes: self.batch_max_bytes,
+            batch_linger_ms: self.batch_linger_ms,
+        }
     }
 }
 

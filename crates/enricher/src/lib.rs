@@ -78,6 +78,7 @@ pub async fn run(settings: Settings, shutdown: CancellationToken) -> anyhow::Res
         // finished records never keeps a call slot idle.
         max_in_flight: settings.enricher.max_in_flight * 2,
         max_buffered_per_partition: settings.enricher.max_buffered_per_partition,
+        max_buffered_bytes: settings.enricher.max_buffered_bytes,
         ordering: match settings.enricher.ordering {
             OrderingMode::Key | OrderingMode::StrictKey => scheduler::Ordering::Key,
             OrderingMode::Partition => scheduler::Ordering::Partition,

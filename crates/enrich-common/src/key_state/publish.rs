@@ -49,6 +49,9 @@ pub struct StoredResult {
     pub result_hash: Option<String>,
 }
 
+/// A row the binding returns: key, partition, offset, stored result and its hash.
+type BoundRow = (String, i32, i64, Option<serde_json::Value>, Option<String>);
+
 /// Binds the keys that are `enriched` and bound to no other record, in the caller's
 /// transaction (which also records the batch's dead letters as pending, and commits
 /// before the Kafka transaction begins). A key may come in several copies (its result
@@ -67,7 +70,7 @@ pub async fn bind(
     let outcomes: Vec<&str> = claims.iter().map(|c| c.outcome.state().as_str()).collect();
     let traces: Vec<&str> = claims.iter().map(|c| c.trace_id.as_str()).collect();
     // One row per key (an UPDATE joined to several would apply any one of them).
-    let bound: Vec<(String, i32, i64, Option<serde_json::Value>, Option<String>)> = sqlx::query_as(
+    let bound: Vec<BoundRow> = sqlx::query_as(
         "UPDATE enrich_state s
             SET publish_partition = b.p, publish_offset = b.o, publish_outcome = b.outcome,
                 publish_trace = b.trace, updated_at = now()
