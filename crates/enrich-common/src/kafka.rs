@@ -184,12 +184,10 @@ pub async fn next_batch<C: rdkafka::consumer::ConsumerContext + 'static>(
     batch
 }
 
-/// What a record weighs in a batch: its value, key and headers.
+/// What a record weighs in a batch: its value, key and headers (a header name that is
+/// not UTF-8 is never read as text: rdkafka panics on one).
 pub fn weight<M: Message>(m: &M) -> usize {
-    use rdkafka::message::Headers;
-    let headers =
-        m.headers().map_or(0, |h| h.iter().map(|h| h.key.len() + h.value.map_or(0, <[u8]>::len)).sum::<usize>());
-    m.payload().map_or(0, <[u8]>::len) + m.key().map_or(0, <[u8]>::len) + headers
+    m.payload().map_or(0, <[u8]>::len) + m.key().map_or(0, <[u8]>::len) + crate::headers::size(m.headers())
 }
 
 /// The next offset to read per partition after `messages`: what gets stored or committed.
