@@ -5,7 +5,8 @@
 
 #![allow(clippy::expect_used, clippy::unwrap_used)] // a failed expectation is the test failing
 
-use enrich_e2e::loadgen::kafka_io::{produce_all, read_to_end};
+use enrich_common::headers;
+use enrich_e2e::loadgen::kafka_io::{header, produce_all, read_to_end};
 use enrich_e2e::loadgen::workload::marked_tickets;
 use enrich_e2e::{StageKind, TestEnv, free_port, scrape_metrics, wait_for};
 use std::collections::HashMap;
@@ -138,6 +139,111 @@ async fn the_concurrency_limit_falls_after_429s_and_recovers() -> anyhow::Result
         s.stop().await?;
     }
     assert_eq!((acct.published, acct.dead_lettered_at_enricher), (N as i64, 0), "all complete: {acct:?}");
+    env.teardown().await;
+    Ok(())
+}
+
+/// One record the endpoint always refuses with a 429 (`Retry-After: 1`) among records it
+/// answers: its 429s are charged to it (the endpoint answers the others meanwhile), so
+/// after `llm.max_rate_limited` of them per delivery its attempts count and it reaches
+/// the DLQ after `llm.max_attempts`, after a bounded number of calls; the others are
+/// published once and the concurrency limit recovers.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_record_the_endpoint_always_refuses_spends_its_429s_and_reaches_the_dlq() -> anyhow::Result<()> {
+    const FIRST: usize = 100;
+    const CHUNK: usize = 20;
+    const MOST: usize = 6000;
+    const BURST: usize = 300;
+    const MAX: f64 = 16.0;
+    const MAX_ATTEMPTS: u64 = 3;
+    const MAX_RATE_LIMITED: u64 = 3;
+    const BAD: usize = 3;
+    let port = free_port()?;
+    let overrides = [
+        ("ENRICH_ENRICHER__MAX_IN_FLIGHT", "16".to_string()),
+        ("ENRICH_ENRICHER__HTTP_PORT", port.to_string()),
+        ("ENRICH_LLM__MAX_ATTEMPTS", MAX_ATTEMPTS.to_string()),
+        ("ENRICH_LLM__MAX_RATE_LIMITED", MAX_RATE_LIMITED.to_string()),
+    ];
+    let env = TestEnv::new(llm_sim::Latency::Fixed(Duration::from_millis(50)), &overrides).await?;
+    let records = std::sync::Arc::new(marked_tickets(&env.id, MOST + BURST, &[(BAD, "always-429")]));
+    let mut produced = produce_all(&env.settings, env.source_topic(), &records[..FIRST], |_| false, |_| {}).await?;
+    let stages = [StageKind::Ingest, StageKind::Enricher, StageKind::Publisher].map(|k| env.spawn(k));
+    // Good tickets keep coming while the refused record runs (its 429s are charged only
+    // while the endpoint answers others): a chunk every half second, until it is
+    // dead-lettered.
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let feeder = tokio::spawn({
+        let (settings, topic, records, stop) =
+            (env.settings.clone(), env.source_topic().to_string(), records.clone(), stop.clone());
+        async move {
+            let (mut produced, mut next) = (Vec::new(), FIRST);
+            while !stop.load(std::sync::atomic::Ordering::SeqCst) && next + CHUNK <= MOST {
+                produced.extend(produce_all(&settings, &topic, &records[next..next + CHUNK], |_| false, |_| {}).await?);
+                next += CHUNK;
+                tokio::time::sleep(Duration::from_millis(500)).await; // the pace, not a wait for an event
+            }
+            anyhow::Ok((produced, next))
+        }
+    });
+
+    // The refused record ends in the DLQ while the others flow.
+    let pipeline = env.settings.pipeline.name.clone();
+    let dead = wait_for("the always-429 record to be dead-lettered", Duration::from_secs(120), || async {
+        let (n,): (i64,) = sqlx::query_as("SELECT count(*) FROM dead_letters WHERE pipeline = $1 AND status = 'dead'")
+            .bind(&pipeline)
+            .fetch_one(&env.pool)
+            .await?;
+        Ok((n > 0).then_some(()))
+    })
+    .await;
+    stop.store(true, std::sync::atomic::Ordering::SeqCst);
+    let (streamed, next) = feeder.await??;
+    dead?;
+    produced.extend(streamed);
+    let refused_calls = env.sim.failed();
+    // Then a backlog: the concurrency limit grows back to the ceiling.
+    produced
+        .extend(produce_all(&env.settings, env.source_topic(), &records[next..next + BURST], |_| false, |_| {}).await?);
+    let recovered = wait_for("the concurrency limit to recover", DEADLINE, || async {
+        let m = scrape_metrics(port).await?;
+        let limit = metric(&m, "enrich_llm_concurrency_limit");
+        Ok((limit >= MAX).then_some(limit))
+    })
+    .await?;
+    let acct = env.wait_accounted(&produced, DEADLINE).await?;
+    for s in stages {
+        s.stop().await?;
+    }
+    let n = produced.len();
+    println!(
+        "always-429 record: {refused_calls} calls refused before it was dead-lettered, among {n} tickets; limit back to {recovered}; {acct:?}"
+    );
+    assert_eq!((acct.published, acct.dead_lettered_at_enricher), ((n - 1) as i64, 1), "{acct:?}");
+    assert_eq!(env.sim.completions(), (n - 1) as u64, "one answered call per good ticket");
+    assert_eq!(env.sim.failed(), refused_calls, "no call for the record after its dead letter");
+    // Per delivery: a first 429 (nothing to compare with yet), then the charged ones up to
+    // one past the budget; a 429 that came while no other call was answered is not
+    // charged, hence the slack.
+    let least = MAX_ATTEMPTS * (MAX_RATE_LIMITED + 2);
+    assert!(
+        (least..=least * 3).contains(&refused_calls),
+        "{refused_calls} calls for the always-429 record (at least {least})"
+    );
+    let output = read_to_end(&env.settings, &env.settings.topics.output, Duration::from_secs(30))?;
+    let keys: std::collections::HashSet<_> =
+        output.iter().filter_map(|m| header(m, headers::IDEMPOTENCY_KEY)).collect();
+    assert_eq!((output.len(), keys.len()), (n - 1, n - 1), "every good ticket published once");
+    let dlq = read_to_end(&env.settings, &env.settings.topics.dlq, Duration::from_secs(30))?;
+    assert_eq!(dlq.len(), 1);
+    let h = |name: &str| header(&dlq[0], name).unwrap_or_else(|| panic!("DLQ header {name}"));
+    assert_eq!(h(headers::DLQ_REASON), "max_attempts");
+    assert_eq!(h(headers::DLQ_ATTEMPTS), MAX_ATTEMPTS.to_string());
+    assert!(h(headers::DLQ_ERROR).contains("429"), "{}", h(headers::DLQ_ERROR));
+    assert!(h(headers::IDEMPOTENCY_KEY).ends_with(&records[BAD].ticket.as_ref().unwrap().id));
+    // Its attempts went through the retry topic: one delayed retry per attempt but the last.
+    let retries = read_to_end(&env.settings, &env.settings.topics.retry, Duration::from_secs(30))?;
+    assert_eq!(retries.len() as u64, MAX_ATTEMPTS - 1);
     env.teardown().await;
     Ok(())
 }

@@ -119,7 +119,10 @@ async fn ids_beyond_u64_keep_every_digit() -> anyhow::Result<()> {
     produce_all(&env.settings, env.source_topic(), &records, |_| false, |_| {}).await?;
     let stages = [StageKind::Ingest, StageKind::Enricher, StageKind::Publisher].map(|k| env.spawn(k));
     let output = wait_for("both tickets published", DEADLINE, || async {
-        let output = read_to_end(&env.settings, &env.settings.topics.output, Duration::from_secs(30))?;
+        // The output topic may not be known to the broker's metadata yet.
+        let Ok(output) = read_to_end(&env.settings, &env.settings.topics.output, Duration::from_secs(30)) else {
+            return Ok(None);
+        };
         Ok((output.len() >= 2).then_some(output))
     })
     .await?;
@@ -141,6 +144,91 @@ async fn ids_beyond_u64_keep_every_digit() -> anyhow::Result<()> {
     for s in stages {
         assert!(!s.has_exited(), "the {:?} stage is still running", s.kind);
         s.stop().await?;
+    }
+    env.teardown().await;
+    Ok(())
+}
+
+/// Commits `group`'s offsets at the end of every partition of `topic`: a group that
+/// starts there reads only what is produced afterwards.
+fn skip_to_end(env: &TestEnv, group: &str, topic: &str) -> anyhow::Result<()> {
+    use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer};
+    let mut config = enrich_common::kafka::base_config(&env.settings);
+    config.set("group.id", group).set("enable.auto.commit", "false");
+    let consumer: BaseConsumer = config.create()?;
+    let metadata = consumer.fetch_metadata(Some(topic), Duration::from_secs(10))?;
+    let mut ends = rdkafka::TopicPartitionList::new();
+    for p in metadata.topics().iter().flat_map(|t| t.partitions()) {
+        let (_low, high) = consumer.fetch_watermarks(topic, p.id(), Duration::from_secs(10))?;
+        ends.add_partition_offset(topic, p.id(), rdkafka::Offset::Offset(high))?;
+    }
+    consumer.commit(&ends, CommitMode::Sync)?;
+    Ok(())
+}
+
+/// A rogue or stale record on `enrich.results` for an enriched key, carrying another
+/// enrichment under the key's `idempotency-key` header: the publisher publishes the
+/// result stored for the key, not the one the record carries.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_forged_results_record_publishes_the_stored_result() -> anyhow::Result<()> {
+    use enrich_common::envelope::{Envelope, Outcome};
+    use rdkafka::Message;
+    use rdkafka::producer::{FutureProducer, FutureRecord};
+    const N: usize = 5;
+    let env = TestEnv::new(llm_sim::Latency::default(), &[]).await?;
+    let records = workload::marked_tickets(&env.id, N, &[]);
+    produce_all(&env.settings, env.source_topic(), &records, |_| false, |_| {}).await?;
+    let stages = [StageKind::Ingest, StageKind::Enricher].map(|k| env.spawn(k));
+    let results = env.settings.topics.results.clone();
+    let genuine = wait_for("every key enriched and emitted", DEADLINE, || async {
+        // The topic may not exist yet.
+        let read = tokio::task::block_in_place(|| read_to_end(&env.settings, &results, Duration::from_secs(30)));
+        let Ok(emitted) = read else { return Ok(None) };
+        let enriched = enrich_e2e::count_in_states(&env, &["enriched"]).await?;
+        Ok((emitted.len() >= N && enriched == N as i64).then_some(emitted))
+    })
+    .await?;
+    for s in stages {
+        s.stop().await?;
+    }
+    // The publisher starts past the genuine copies: only the forged ones reach it.
+    let group = env.settings.group_id(enrich_common::config::Stage::Publisher);
+    tokio::task::block_in_place(|| skip_to_end(&env, &group, &results))?;
+    let producer: FutureProducer = enrich_common::kafka::producer(&env.settings, "test")?;
+    let forged_json = r#"{"category":"forged","sentiment":"negative","priority":"urgent","language":"xx","summary":"forged","tags":["forged"]}"#;
+    for m in &genuine {
+        let mut envelope = Envelope::decode_from(m.payload().unwrap())?;
+        let Some(Outcome::Result(result)) = envelope.outcome.as_mut() else { panic!("a result") };
+        result.json = forged_json.into();
+        let key = envelope.idempotency_key.clone();
+        let h = headers::owned(&[(headers::IDEMPOTENCY_KEY, &key)]);
+        producer
+            .send(
+                FutureRecord::to(&results).key(m.key().unwrap()).payload(&envelope.encode_to_bytes()).headers(h),
+                Duration::from_secs(30),
+            )
+            .await
+            .map_err(|(e, _)| e)?;
+    }
+    let publisher = env.spawn(StageKind::Publisher);
+    wait_for("every key published", DEADLINE, || async {
+        Ok((enrich_e2e::count_in_states(&env, &["published"]).await? == N as i64).then_some(()))
+    })
+    .await?;
+    publisher.stop().await?;
+
+    let output = read_to_end(&env.settings, &env.settings.topics.output, Duration::from_secs(30))?;
+    assert_eq!(output.len(), N, "one output per key");
+    for m in &output {
+        let key = header(m, headers::IDEMPOTENCY_KEY).expect("an idempotency key");
+        let (stored,): (serde_json::Value,) =
+            sqlx::query_as("SELECT result FROM enrich_state WHERE pipeline = $1 AND idempotency_key = $2")
+                .bind(&env.settings.pipeline.name)
+                .bind(&key)
+                .fetch_one(&env.pool)
+                .await?;
+        let out: serde_json::Value = serde_json::from_slice(m.payload().unwrap())?;
+        assert_eq!(out["enrichment"], stored, "{key}: the output carries the stored enrichment, not the forged one");
     }
     env.teardown().await;
     Ok(())

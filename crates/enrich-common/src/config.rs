@@ -353,6 +353,14 @@ pub struct LlmSettings {
     /// retry topic, due `retry_delay_ms` later.
     #[serde(default = "default_quick_retries")]
     pub quick_retries: u32,
+    /// 429s one record may receive in one delivery while the endpoint answers the
+    /// replica's other calls (since the record's previous 429, more of them answered
+    /// than refused: a provider refusing this record, e.g. an oversized request, not
+    /// throttling everyone); past them its attempts count: the retry topic, then the DLQ
+    /// after `max_attempts`. 429s while the other calls are refused too (a provider-wide
+    /// throttle) are never charged: flow control slows consumption.
+    #[serde(default = "default_max_rate_limited")]
+    pub max_rate_limited: u32,
     /// Delay of the first delayed retry through the retry topic; doubled for each later
     /// one, up to `retry_max_delay_ms`.
     #[serde(default = "default_retry_delay_ms")]
@@ -465,6 +473,9 @@ fn default_max_input_chars() -> usize {
 fn default_quick_retries() -> u32 {
     1
 }
+fn default_max_rate_limited() -> u32 {
+    5
+}
 fn default_retry_delay_ms() -> u64 {
     30_000
 }
@@ -521,6 +532,9 @@ pub enum Provider {
 pub struct ConsumerTuning {
     /// Most records handled as one batch (one database round trip per step).
     pub batch_size: usize,
+    /// Most bytes (values, keys, headers) in one batch: a batch is closed once it holds
+    /// this many, however few records that is (at least one).
+    pub batch_max_bytes: usize,
     /// How long a batch waits for more records after its first.
     pub batch_linger_ms: u64,
 }
@@ -532,12 +546,23 @@ pub struct IngestSettings {
     /// Default `<pipeline>.ingest-dedup`.
     pub group_id: Option<String>,
     pub batch_size: usize,
+    /// Most bytes of source records in one batch (see `ConsumerTuning`).
+    pub batch_max_bytes: usize,
     pub batch_linger_ms: u64,
 }
 
+/// The default byte bound of a stage's batch: a run of 1 MB records makes batches of 8.
+const DEFAULT_BATCH_MAX_BYTES: usize = 8 << 20;
+
 impl Default for IngestSettings {
     fn default() -> Self {
-        Self { http_port: 9101, group_id: None, batch_size: 500, batch_linger_ms: 20 }
+        Self {
+            http_port: 9101,
+            group_id: None,
+            batch_size: 500,
+            batch_max_bytes: DEFAULT_BATCH_MAX_BYTES,
+            batch_linger_ms: 20,
+        }
     }
 }
 
@@ -554,6 +579,10 @@ pub struct EnricherSettings {
     /// A partition holding this many unfinished records is paused until it drains to
     /// half: the bound on memory whatever the backlog.
     pub max_buffered_per_partition: usize,
+    /// Bytes (values, keys, headers) of unfinished records over all partitions of the
+    /// replica: past it, every partition that delivers a record is paused until they
+    /// drain to half. The bound on memory whatever the records' size.
+    pub max_buffered_bytes: usize,
     /// `key`: records of one Kafka key run in order, different keys concurrently; a
     /// delayed retry may be overtaken by later records of its key.
     /// `strict-key`: as `key`, and later records of a key whose earlier record waits for
@@ -581,6 +610,7 @@ impl Default for EnricherSettings {
             batch_linger_ms: 10,
             max_in_flight: 64,
             max_buffered_per_partition: 1000,
+            max_buffered_bytes: 64 << 20,
             ordering: OrderingMode::Key,
             lease_ms: 60_000,
             instance_id: None,
@@ -606,6 +636,9 @@ pub struct PublisherSettings {
     /// Default `<pipeline>.publisher`.
     pub group_id: Option<String>,
     pub batch_size: usize,
+    /// Most bytes of results records in one batch, one transaction (see
+    /// `ConsumerTuning`).
+    pub batch_max_bytes: usize,
     pub batch_linger_ms: u64,
     /// Kafka transactional id; must be stable across restarts of one replica so a
     /// restarted publisher fences its previous incarnation. Default
@@ -620,6 +653,7 @@ impl Default for PublisherSettings {
             http_port: 9103,
             group_id: None,
             batch_size: 500,
+            batch_max_bytes: DEFAULT_BATCH_MAX_BYTES,
             batch_linger_ms: 20,
             transactional_id: None,
             transaction_timeout_ms: 30_000,
@@ -830,6 +864,9 @@ impl Settings {
         if llm.max_attempts == 0 {
             return Err(ConfigError::new("llm.max_attempts", "must be at least 1"));
         }
+        if llm.max_rate_limited == 0 {
+            return Err(ConfigError::new("llm.max_rate_limited", "must be at least 1"));
+        }
         if llm.breaker_failures == 0 {
             return Err(ConfigError::new("llm.breaker_failures", "must be at least 1"));
         }
@@ -901,7 +938,10 @@ impl Settings {
             ("enricher.batch_size", self.enricher.batch_size),
             ("enricher.max_in_flight", self.enricher.max_in_flight),
             ("enricher.max_buffered_per_partition", self.enricher.max_buffered_per_partition),
+            ("enricher.max_buffered_bytes", self.enricher.max_buffered_bytes),
             ("publisher.batch_size", self.publisher.batch_size),
+            ("ingest.batch_max_bytes", self.ingest.batch_max_bytes),
+            ("publisher.batch_max_bytes", self.publisher.batch_max_bytes),
         ] {
             if size == 0 {
                 return Err(ConfigError::new(field, "must be at least 1"));
@@ -956,17 +996,29 @@ impl Settings {
 
 impl IngestSettings {
     pub fn tuning(&self) -> ConsumerTuning {
-        ConsumerTuning { batch_size: self.batch_size, batch_linger_ms: self.batch_linger_ms }
+        ConsumerTuning {
+            batch_size: self.batch_size,
+            batch_max_bytes: self.batch_max_bytes,
+            batch_linger_ms: self.batch_linger_ms,
+        }
     }
 }
 impl EnricherSettings {
     pub fn tuning(&self) -> ConsumerTuning {
-        ConsumerTuning { batch_size: self.batch_size, batch_linger_ms: self.batch_linger_ms }
+        ConsumerTuning {
+            batch_size: self.batch_size,
+            batch_max_bytes: DEFAULT_BATCH_MAX_BYTES,
+            batch_linger_ms: self.batch_linger_ms,
+        }
     }
 }
 impl PublisherSettings {
     pub fn tuning(&self) -> ConsumerTuning {
-        ConsumerTuning { batch_size: self.batch_size, batch_linger_ms: self.batch_linger_ms }
+        ConsumerTuning {
+            batch_size: self.batch_size,
+            batch_max_bytes: self.batch_max_bytes,
+            batch_linger_ms: self.batch_linger_ms,
+        }
     }
 }
 
@@ -1173,6 +1225,7 @@ output_schema = '{"type": "object"}'
             (&[("ENRICH_LLM__RETRY_DELAY_MS", "0")], "llm.retry_delay_ms"),
             (&[("ENRICH_LLM__RETRY_MAX_DELAY_MS", "10")], "llm.retry_max_delay_ms"),
             (&[("ENRICH_LLM__BREAKER_FAILURES", "0")], "llm.breaker_failures"),
+            (&[("ENRICH_LLM__MAX_RATE_LIMITED", "0")], "llm.max_rate_limited"),
             (&[("ENRICH_DLQ_LIMIT__MAX_SHARE", "1.5")], "dlq_limit.max_share"),
             (&[("ENRICH_LLM__FALLBACK_MODELS", r#"["b", "b"]"#)], "llm.fallback_models[1]"),
             (&[("ENRICH_LLM__MIN_CONCURRENCY", "0")], "llm.min_concurrency"),

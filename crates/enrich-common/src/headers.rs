@@ -54,6 +54,17 @@ pub fn collect_checked<H: Headers>(headers: Option<&H>) -> Collected {
     collected
 }
 
+/// The bytes of a record's headers (names and values), without copying them; a header
+/// whose name is not UTF-8 counts nothing (reading it would panic, see
+/// [`collect_checked`]).
+pub fn size<H: Headers>(headers: Option<&H>) -> usize {
+    let Some(headers) = headers else { return 0 };
+    (0..headers.count())
+        .filter_map(|idx| quietly(|| headers.try_get(idx).map(|h| h.key.len() + h.value.map_or(0, <[u8]>::len))))
+        .flatten()
+        .sum()
+}
+
 /// Copies Kafka headers into owned pairs (those with a UTF-8 name; see [`collect_checked`]).
 pub fn collect<H: Headers>(headers: Option<&H>) -> Vec<(String, Option<Vec<u8>>)> {
     collect_checked(headers).pairs

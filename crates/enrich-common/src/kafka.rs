@@ -151,7 +151,8 @@ pub async fn next_batch<C: rdkafka::consumer::ConsumerContext + 'static>(
     tuning: ConsumerTuning,
     shutdown: &CancellationToken,
 ) -> Vec<OwnedMessage> {
-    let mut batch = Vec::with_capacity(tuning.batch_size);
+    let mut batch = Vec::with_capacity(tuning.batch_size.min(1024));
+    let mut bytes = 0;
     loop {
         let received = tokio::select! {
             biased;
@@ -160,6 +161,7 @@ pub async fn next_batch<C: rdkafka::consumer::ConsumerContext + 'static>(
         };
         match received {
             Ok(m) => {
+                bytes += weight(&m);
                 batch.push(m.detach());
                 break;
             }
@@ -169,14 +171,23 @@ pub async fn next_batch<C: rdkafka::consumer::ConsumerContext + 'static>(
         }
     }
     let deadline = tokio::time::Instant::now() + Duration::from_millis(tuning.batch_linger_ms);
-    while batch.len() < tuning.batch_size {
+    while batch.len() < tuning.batch_size && bytes < tuning.batch_max_bytes {
         match tokio::time::timeout_at(deadline, consumer.recv()).await {
-            Ok(Ok(m)) => batch.push(m.detach()),
+            Ok(Ok(m)) => {
+                bytes += weight(&m);
+                batch.push(m.detach());
+            }
             Ok(Err(e)) => tracing::warn!(error = %e, "kafka consumer error"),
             Err(_) => break,
         }
     }
     batch
+}
+
+/// What a record weighs in a batch: its value, key and headers (a header name that is
+/// not UTF-8 is never read as text: rdkafka panics on one).
+pub fn weight<M: Message>(m: &M) -> usize {
+    m.payload().map_or(0, <[u8]>::len) + m.key().map_or(0, <[u8]>::len) + crate::headers::size(m.headers())
 }
 
 /// The next offset to read per partition after `messages`: what gets stored or committed.

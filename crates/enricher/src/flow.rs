@@ -145,6 +145,8 @@ struct State {
     recent: Ewma,
     long_run: Ewma,
     answers: u64,
+    /// 429s so far.
+    refusals: u64,
     requests: Option<Bucket>,
     tokens: Option<Bucket>,
     /// The adaptive share of the buckets' rates, in [MIN_RATE_FACTOR, 1].
@@ -197,6 +199,13 @@ pub struct Flow {
     on_limit: Box<dyn Fn(usize) + Send + Sync>,
 }
 
+/// Calls answered and refused (429) by the endpoint so far.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Tally {
+    pub answered: u64,
+    pub refused: u64,
+}
+
 /// One admitted call. Dropping it frees its slot; report how it ended first.
 pub struct Permit<'a> {
     flow: &'a Flow,
@@ -222,6 +231,7 @@ impl Flow {
             recent: Ewma::default(),
             long_run: Ewma::default(),
             answers: 0,
+            refusals: 0,
             requests: (settings.requests_per_minute > 0).then(|| Bucket::new(settings.requests_per_minute, now)),
             tokens: (settings.tokens_per_minute > 0).then(|| Bucket::new(settings.tokens_per_minute, now)),
             rate_factor: 1.0,
@@ -238,6 +248,12 @@ impl Flow {
     /// The current concurrency limit.
     pub fn limit(&self) -> usize {
         self.state.lock().map(|s| s.limit as usize).unwrap_or(self.settings.max_concurrency)
+    }
+
+    /// Every call so far: answered, and refused with a 429 (for telling a record the
+    /// endpoint refuses from an endpoint that refuses everyone).
+    pub fn tally(&self) -> Tally {
+        self.state.lock().map(|s| Tally { answered: s.answers, refused: s.refusals }).unwrap_or_default()
     }
 
     /// Waits until a call estimated at `estimated_tokens` may start; None if shutdown
@@ -464,6 +480,7 @@ impl Permit<'_> {
         let until = now + retry_after.unwrap_or(DEFAULT_HOLD).min(MAX_HOLD);
         s.hold_until = Some(s.hold_until.map_or(until, |u| u.max(until)));
         s.last_429 = Some(now);
+        s.refusals += 1;
         s.refused_at.push_back(now);
         trim(&mut s.refused_at, now);
         trim(&mut s.answered_at, now);

@@ -78,6 +78,7 @@ pub async fn run(settings: Settings, shutdown: CancellationToken) -> anyhow::Res
         // finished records never keeps a call slot idle.
         max_in_flight: settings.enricher.max_in_flight * 2,
         max_buffered_per_partition: settings.enricher.max_buffered_per_partition,
+        max_buffered_bytes: settings.enricher.max_buffered_bytes,
         ordering: match settings.enricher.ordering {
             OrderingMode::Key | OrderingMode::StrictKey => scheduler::Ordering::Key,
             OrderingMode::Partition => scheduler::Ordering::Partition,
@@ -158,6 +159,7 @@ pub async fn run(settings: Settings, shutdown: CancellationToken) -> anyhow::Res
         retry: process::RetryPolicy {
             topic: settings.topics.retry.clone(),
             quick_retries: settings.llm.quick_retries,
+            max_rate_limited: settings.llm.max_rate_limited,
             delay: Duration::from_millis(settings.llm.retry_delay_ms),
             max_delay: Duration::from_millis(settings.llm.retry_max_delay_ms),
         },

@@ -137,6 +137,7 @@ mod tests {
             output_schema: "{}".into(),
             max_attempts: 1,
             quick_retries: 0,
+            max_rate_limited: 5,
             retry_delay_ms: 1000,
             retry_max_delay_ms: 1000,
             breaker_failures: 5,

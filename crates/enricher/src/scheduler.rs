@@ -8,13 +8,16 @@
 //!   the highest seen when nothing is unfinished), so nothing is committed past work
 //!   that is still running or waiting.
 //! - A partition holding `max_buffered_per_partition` records is paused until it drains
-//!   to half, so memory is bounded whatever the backlog.
+//!   to half, and every partition that receives a record while the replica holds
+//!   `max_buffered_bytes` of unfinished records is paused until they drain to half, so
+//!   memory is bounded whatever the backlog and whatever the records' size (a run of
+//!   1 MB records cannot hold a thousand of them per partition).
 //! - A revoked partition's waiting records are dropped (its new owner reads them again);
 //!   its running records finish, but their offsets are no longer ours to store.
 
 use rdkafka::Message;
 use rdkafka::message::OwnedMessage;
-use std::collections::{BTreeSet, HashMap, VecDeque};
+use std::collections::{BTreeMap, HashMap, VecDeque};
 
 /// A partition: (topic, partition).
 pub type PartitionId = (String, i32);
@@ -39,6 +42,8 @@ pub enum Ordering {
 pub struct Limits {
     pub max_in_flight: usize,
     pub max_buffered_per_partition: usize,
+    /// Bytes (value, key and headers) of unfinished records over all partitions.
+    pub max_buffered_bytes: usize,
     pub ordering: Ordering,
 }
 
@@ -64,7 +69,10 @@ struct Tracker {
     /// The rebalance epoch when the partition was (re)assigned here: a revocation at a
     /// later epoch ends this tracker.
     epoch: u64,
-    unfinished: BTreeSet<i64>,
+    /// Offsets admitted and not finished, with their records' weight.
+    unfinished: BTreeMap<i64, usize>,
+    /// The weight of the unfinished records.
+    bytes: usize,
     /// One past the highest offset admitted.
     end: i64,
     stored: Option<i64>,
@@ -108,6 +116,11 @@ impl Scheduler {
         self.trackers.values().map(|t| t.unfinished.len()).sum()
     }
 
+    /// Bytes of the records admitted and not yet finished, over all owned partitions.
+    pub fn buffered_bytes(&self) -> usize {
+        self.trackers.values().map(|t| t.bytes).sum()
+    }
+
     /// Takes a record from the consumer (no rebalances to reckon with).
     pub fn admit(&mut self, message: OwnedMessage) -> Vec<Action> {
         self.admit_at(message, 0, 0)
@@ -126,13 +139,30 @@ impl Scheduler {
         let tracker = self.trackers.entry(partition.clone()).or_insert_with(|| {
             let generation = self.next_generation;
             self.next_generation += 1;
-            Tracker { generation, epoch, unfinished: BTreeSet::new(), end: offset, stored: None, paused: false }
+            Tracker {
+                generation,
+                epoch,
+                unfinished: BTreeMap::new(),
+                bytes: 0,
+                end: offset,
+                stored: None,
+                paused: false,
+            }
         });
-        tracker.unfinished.insert(offset);
+        let size = enrich_common::kafka::weight(&message);
+        if let Some(before) = tracker.unfinished.insert(offset, size) {
+            tracker.bytes -= before; // the same offset read again
+        }
+        tracker.bytes += size;
         tracker.end = tracker.end.max(offset + 1);
         let generation = tracker.generation;
+        let full = tracker.unfinished.len() >= self.limits.max_buffered_per_partition;
         let mut actions = Vec::new();
-        if !tracker.paused && tracker.unfinished.len() >= self.limits.max_buffered_per_partition {
+        let over_bytes = self.buffered_bytes() >= self.limits.max_buffered_bytes;
+        if let Some(tracker) = self.trackers.get_mut(&partition)
+            && !tracker.paused
+            && (full || over_bytes)
+        {
             tracker.paused = true;
             actions.push(Action::Pause(partition.clone()));
         }
@@ -186,15 +216,25 @@ impl Scheduler {
         if tracker.generation != generation || !finished {
             return actions;
         }
-        tracker.unfinished.remove(&offset);
-        let position = tracker.unfinished.first().copied().unwrap_or(tracker.end);
+        if let Some(size) = tracker.unfinished.remove(&offset) {
+            tracker.bytes -= size;
+        }
+        let position = tracker.unfinished.first_key_value().map_or(tracker.end, |(o, _)| *o);
         if tracker.stored.is_none_or(|s| position > s) {
             tracker.stored = Some(position);
             actions.push(Action::Store(job_chain.partition.clone(), position));
         }
-        if tracker.paused && tracker.unfinished.len() <= self.limits.max_buffered_per_partition / 2 {
-            tracker.paused = false;
-            actions.push(Action::Resume(job_chain.partition.clone()));
+        // Drained to half of the byte budget: every partition paused and drained to half
+        // its count resumes (one paused by the bytes of others has nothing of its own to
+        // finish).
+        if self.buffered_bytes() <= self.limits.max_buffered_bytes / 2 {
+            let half = self.limits.max_buffered_per_partition / 2;
+            for (p, t) in &mut self.trackers {
+                if t.paused && t.unfinished.len() <= half {
+                    t.paused = false;
+                    actions.push(Action::Resume(p.clone()));
+                }
+            }
         }
         actions
     }
@@ -238,7 +278,7 @@ mod tests {
     }
 
     fn limits(max_in_flight: usize, buffered: usize, ordering: Ordering) -> Limits {
-        Limits { max_in_flight, max_buffered_per_partition: buffered, ordering }
+        Limits { max_in_flight, max_buffered_per_partition: buffered, max_buffered_bytes: usize::MAX, ordering }
     }
 
     fn drain(s: &mut Scheduler) -> Vec<Job> {
@@ -325,6 +365,44 @@ mod tests {
         s.complete(&jobs[0].chain, jobs[0].generation, 0, true);
         let after_two = s.complete(&jobs[1].chain, jobs[1].generation, 1, true);
         assert!(after_two.contains(&Action::Resume(p)), "{after_two:?}");
+    }
+
+    #[test]
+    fn the_bytes_buffered_pause_every_partition_that_reads_more_until_they_drain_to_half() {
+        // 1 MB records, a 3 MB budget over the replica, room for 1,000 records a partition.
+        let mb = |p: i32, o: i64| {
+            OwnedMessage::new(
+                Some(vec![b'x'; 1 << 20]),
+                Some(format!("k{o}").into_bytes()),
+                "t".into(),
+                Timestamp::NotAvailable,
+                p,
+                o,
+                None,
+            )
+        };
+        let mut s = Scheduler::new(Limits {
+            max_in_flight: 100,
+            max_buffered_per_partition: 1000,
+            max_buffered_bytes: 3 << 20,
+            ordering: Ordering::Key,
+        });
+        let (p0, p1): (PartitionId, PartitionId) = (("t".into(), 0), ("t".into(), 1));
+        assert!(s.admit(mb(0, 0)).is_empty());
+        assert!(s.admit(mb(1, 0)).is_empty());
+        assert_eq!(s.admit(mb(0, 1)), vec![Action::Pause(p0.clone())], "the third MB passes the budget");
+        assert_eq!(s.admit(mb(1, 1)), vec![Action::Pause(p1.clone())], "a partition that reads on pauses too");
+        assert!(s.buffered_bytes() >= 4 << 20);
+        let jobs = drain(&mut s);
+        let done = |s: &mut Scheduler, i: usize| {
+            let j = &jobs[i];
+            s.complete(&j.chain, j.generation, j.message.offset(), true)
+        };
+        assert!(!done(&mut s, 0).iter().any(|a| matches!(a, Action::Resume(_))), "3 MB left");
+        let resumed = done(&mut s, 1);
+        assert!(resumed.iter().all(|a| !matches!(a, Action::Resume(_))), "2 MB left: more than half: {resumed:?}");
+        let resumed = done(&mut s, 2);
+        assert!(resumed.contains(&Action::Resume(p0)) && resumed.contains(&Action::Resume(p1)), "{resumed:?}");
     }
 
     #[test]

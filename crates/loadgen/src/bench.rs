@@ -29,6 +29,9 @@ pub struct Scenario {
     /// `key` or `partition`.
     pub ordering: &'static str,
     pub pace: Pace,
+    /// Bytes appended to each ticket's body (0: the sample tickets as they are): a run of
+    /// records near the size limit, for the stages' memory.
+    pub padding: usize,
 }
 
 pub struct Bench {
@@ -104,7 +107,16 @@ impl Bench {
 
         let duplicates = (scenario.records as f64 * scenario.duplicate_share).round() as usize;
         let unique = scenario.records - duplicates;
-        let records = build(&Spec { run: p.clone(), unique, duplicates, malformed: 0 });
+        let mut records = build(&Spec { run: p.clone(), unique, duplicates, malformed: 0 });
+        if scenario.padding > 0 {
+            for r in &mut records {
+                if let Some(mut t) = r.ticket.clone() {
+                    t.body.push(' ');
+                    t.body.push_str(&"x".repeat(scenario.padding));
+                    *r = crate::workload::Record { kind: r.kind.clone(), ..crate::workload::Record::of_ticket(t) };
+                }
+            }
+        }
 
         let logs = self.out_dir.join("logs");
         std::fs::create_dir_all(&logs)?;

@@ -84,6 +84,7 @@ fn bench_scenarios(scale: f64) -> Vec<Scenario> {
             in_flight,
             ordering,
             pace,
+            padding: 0,
         };
     vec![
         s("fixed-200ms", 20_000, "fixed:200", 256, "key", Pace::Unlimited),
@@ -94,6 +95,13 @@ fn bench_scenarios(scale: f64) -> Vec<Scenario> {
         s("inflight-64", 5_120, "fixed:200", 64, "key", Pace::Unlimited),
         s("inflight-128", 10_240, "fixed:200", 128, "key", Pace::Unlimited),
         s("paced-600rps", 6_000, "fixed:200", 256, "key", Pace::PerSecond(600.0 * scale.min(1.0))),
+        // A hostile corpus for memory, run alone (`--only large-records`): a few hundred
+        // records of about 900 KB (the envelopes stay under librdkafka's 1 MB message.max.bytes).
+        Scenario {
+            duplicate_share: 0.0,
+            padding: 900_000,
+            ..s("large-records", 300, "fixed:50", 64, "key", Pace::Unlimited)
+        },
     ]
 }
 
@@ -114,8 +122,13 @@ async fn bench(mut args: impl Iterator<Item = String>) -> anyhow::Result<()> {
             other => anyhow::bail!("unknown flag {other:?} (try --help)"),
         }
     }
-    let scenarios: Vec<Scenario> =
-        bench_scenarios(scale).into_iter().filter(|s| only.as_ref().is_none_or(|o| o.contains(&s.name))).collect();
+    let scenarios: Vec<Scenario> = bench_scenarios(scale)
+        .into_iter()
+        .filter(|s| match &only {
+            Some(o) => o.contains(&s.name),
+            None => s.padding == 0,
+        })
+        .collect();
     let runner = loadgen::bench::Bench { config, bin_dir, out_dir: out.clone() };
     let mut results = Vec::new();
     for (i, scenario) in scenarios.iter().enumerate() {

@@ -30,7 +30,7 @@ use rdkafka::{Offset, TopicPartitionList};
 use std::collections::{HashMap, HashSet};
 use std::time::Duration;
 
-pub use merge::merge_output;
+pub use merge::{merge_output, source_of};
 pub use metrics::PublisherMetrics;
 
 const STAGE: Stage = Stage::Publisher;
@@ -382,14 +382,14 @@ fn rewind(consumer: &ResultsConsumer, batch: &[OwnedMessage]) -> anyhow::Result<
     Ok(())
 }
 
-/// One key's result in the batch: the first copy of the key, its merged output (or why
-/// there is none), and where its record is.
+/// One key's result in the batch: a copy of the key, the source object its output is
+/// built on (or why there is none), and where its record is.
 struct Candidate {
     env: Envelope,
     trace: RecordSpan,
     partition: i32,
     offset: i64,
-    output: Result<Vec<u8>, RecordError>,
+    source: Result<serde_json::Map<String, serde_json::Value>, RecordError>,
 }
 
 impl Candidate {
@@ -425,7 +425,7 @@ async fn publish_batch(
     let dead_at: HashSet<(i32, i64)> = rejects
         .iter()
         .map(|r| (r.partition, r.offset))
-        .chain(candidates.iter().filter(|c| c.output.is_err()).map(|c| (c.partition, c.offset)))
+        .chain(candidates.iter().filter(|c| c.source.is_err()).map(|c| (c.partition, c.offset)))
         .collect();
     // Per held partition, the offset from which its records wait.
     let (mut ok, mut dead, mut why) = (0, 0, None);
@@ -469,7 +469,7 @@ async fn publish_batch(
             key: &c.env.idempotency_key,
             partition: c.partition,
             offset: c.offset,
-            outcome: if c.output.is_ok() { binding::Outcome::Published } else { binding::Outcome::DeadLettered },
+            outcome: if c.source.is_ok() { binding::Outcome::Published } else { binding::Outcome::DeadLettered },
             trace_id: c.trace.ids().trace_id_hex(),
         })
         .collect();
@@ -489,13 +489,15 @@ async fn publish_batch(
             None,
         ));
     }
-    let mine: Vec<bool> = async {
+    // Per candidate, the output of the record bound to its key (None: not bound).
+    let outputs: Vec<Option<Result<Vec<u8>, RecordError>>> = async {
         let mut tx = publisher.runtime.pool.begin().await?;
-        let bound = binding::bind(&mut tx, pipeline, &claims).await?;
-        let mine: Vec<bool> = candidates.iter().map(|c| bound.contains(&c.at())).collect();
+        let mut bound = binding::bind(&mut tx, pipeline, &claims).await?;
+        let outputs: Vec<Option<Result<Vec<u8>, RecordError>>> =
+            candidates.iter().map(|c| bound.remove(&c.at()).map(|stored| output_of(publisher, c, stored))).collect();
         // A key that cannot be merged is dead-lettered by the record it is bound to.
-        for (c, _) in candidates.iter().zip(&mine).filter(|(_, mine)| **mine) {
-            if let Err(error) = &c.output {
+        for (c, output) in candidates.iter().zip(&outputs) {
+            if let Some(Err(error)) = output {
                 let key = c.env.source.as_ref().and_then(|s| s.key.clone());
                 dead.push(dead_letter_of(
                     &publisher.dead_letters,
@@ -513,9 +515,10 @@ async fn publish_batch(
         let pending: Vec<_> = dead.iter().zip(&contexts).map(|((letter, _, _, at), ctx)| (letter, ctx, *at)).collect();
         enrich_common::dead_letter_store::record_pending(&mut *tx, &pending).await?;
         tx.commit().await?;
-        anyhow::Ok(mine)
+        anyhow::Ok(outputs)
     }
     .await?;
+    let mine: Vec<bool> = outputs.iter().map(Option::is_some).collect();
     let bound_keys: HashSet<&str> =
         candidates.iter().zip(&mine).filter(|(_, m)| **m).map(|(c, _)| c.env.idempotency_key.as_str()).collect();
 
@@ -527,8 +530,8 @@ async fn publish_batch(
     let mut published = Vec::new();
     let in_transaction = async {
         let mut deliveries: Vec<DeliveryFuture> = Vec::new();
-        for (c, mine) in candidates.iter().zip(&mine) {
-            if !mine {
+        for (c, output) in candidates.iter().zip(&outputs) {
+            let Some(output) = output else {
                 // Another copy of the key in this batch is the one bound.
                 let outcome = if bound_keys.contains(c.env.idempotency_key.as_str()) {
                     "duplicate_result"
@@ -537,8 +540,8 @@ async fn publish_batch(
                 };
                 publisher.metrics.outcome(outcome);
                 continue;
-            }
-            if let Ok(value) = &c.output {
+            };
+            if let Ok(value) = output {
                 let out = c.trace.producer(&topics.output);
                 let h = out.ids().inject(headers::owned(&[(headers::IDEMPOTENCY_KEY, &c.env.idempotency_key)]));
                 sends.push(out);
@@ -618,8 +621,8 @@ async fn publish_batch(
             publisher.metrics.end_to_end.observe((now_ms - source_ms) as f64 / 1000.0);
         }
     }
-    for (c, _) in candidates.iter().zip(&mine).filter(|(_, m)| **m) {
-        if let Err(e) = &c.output {
+    for (c, output) in candidates.iter().zip(&outputs) {
+        if let Some(Err(e)) = output {
             c.trace.fail(e.to_string());
         }
     }
@@ -628,6 +631,25 @@ async fn publish_batch(
     }
     drop(sends);
     Ok(())
+}
+
+/// The output of a bound record: its source with the result stored for its key, not the
+/// one it carries (which a stale or forged record may have changed). A key without a
+/// stored result was bound to be dead-lettered.
+fn output_of(publisher: &Publisher, c: &Candidate, stored: binding::StoredResult) -> Result<Vec<u8>, RecordError> {
+    let source = c.source.clone()?;
+    let Some(json) = stored.json else {
+        return Err(RecordError::invalid(Reason::NoResult, "the key has no stored result"));
+    };
+    let carried = c.env.result().map(|r| r.result_hash.as_str());
+    if stored.result_hash.as_deref() != carried {
+        tracing::warn!(
+            idempotency_key = %c.env.idempotency_key, partition = c.partition, offset = c.offset,
+            "the results record carries another result than the stored one; publishing the stored one"
+        );
+        publisher.metrics.outcome("result_replaced");
+    }
+    merge_output(source, json)
 }
 
 /// A dead letter of the batch: its envelope and headers, the Kafka key of its DLQ record,
@@ -678,8 +700,8 @@ fn decode(publisher: &Publisher, batch: &[OwnedMessage]) -> (Vec<Candidate>, Vec
         match decoded {
             Ok(env) if env.result().is_some() => {
                 trace.set([KeyValue::new(attr::IDEMPOTENCY_KEY, env.idempotency_key.clone())]);
-                let output = merge_output(&env);
-                candidates.push(Candidate { env, trace, partition, offset, output });
+                let source = source_of(&env);
+                candidates.push(Candidate { env, trace, partition, offset, source });
             }
             Ok(env) => {
                 let error = RecordError::invalid(Reason::NoResult, "a results record without a result");

@@ -6,7 +6,8 @@ use prometheus_client::registry::Registry;
 
 #[derive(Clone)]
 pub struct PublisherMetrics {
-    /// Results by outcome: published, already_published, duplicate_result.
+    /// Results by outcome: published, already_published, duplicate_result, and
+    /// result_replaced (the record carried another result than the stored one).
     pub records: Family<Labels, Counter>,
     /// From the source record's timestamp to its output being committed.
     pub end_to_end: Histogram,

@@ -17,7 +17,7 @@
 //! | retry later             | [`lease::schedule_retry`]        | enriching (ours, this attempt) → retry_scheduled |
 //! | dead-lettered           | [`lease::claim_dead_letter`]     | not ended → dead_lettered                   |
 //! | pending dead letter     | [`lease::take_dead_lettered`], [`lease::dead_letter_listed`] | dead_lettered (same state: its lease) |
-//! | bound to its record     | [`publish::bind`]                | enriched (same state)                       |
+//! | bound to its record     | [`publish::bind`] (returns the stored result it publishes) | enriched (same state)   |
 //! | settled                 | [`publish::settle`]              | enriched → published, dead_lettered         |
 //! | replayed                | [`replay::reset`]                | dead_lettered → requested                   |
 //!

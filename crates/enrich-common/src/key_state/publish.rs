@@ -39,28 +39,43 @@ pub struct Claim<'a> {
     pub trace_id: String,
 }
 
+/// What a bound key publishes: the result the enricher stored for it (every copy it
+/// emitted carries the same), never the one a results record carries (a stale or
+/// forged record could carry any). `None`: the key has no stored result, and its
+/// binding is a dead letter's.
+#[derive(Debug, Clone, PartialEq)]
+pub struct StoredResult {
+    pub json: Option<serde_json::Value>,
+    pub result_hash: Option<String>,
+}
+
+/// A row the binding returns: key, partition, offset, stored result and its hash.
+type BoundRow = (String, i32, i64, Option<serde_json::Value>, Option<String>);
+
 /// Binds the keys that are `enriched` and bound to no other record, in the caller's
 /// transaction (which also records the batch's dead letters as pending, and commits
 /// before the Kafka transaction begins). A key may come in several copies (its result
 /// re-emitted, on one partition or another): the copy it is already bound to wins (a
 /// record read again after an aborted transaction gets its binding back), else the first
-/// by partition and offset. Returns, per key bound, the record it is bound to.
+/// by partition and offset. Returns, per key bound, the record it is bound to and the
+/// result stored for the key (a key without one is bound to be dead-lettered).
 pub async fn bind(
     tx: &mut sqlx::PgConnection,
     pipeline: &str,
     claims: &[Claim<'_>],
-) -> sqlx::Result<std::collections::HashSet<Bound>> {
+) -> sqlx::Result<std::collections::HashMap<Bound, StoredResult>> {
     let keys: Vec<&str> = claims.iter().map(|c| c.key).collect();
     let partitions: Vec<i32> = claims.iter().map(|c| c.partition).collect();
     let offsets: Vec<i64> = claims.iter().map(|c| c.offset).collect();
     let outcomes: Vec<&str> = claims.iter().map(|c| c.outcome.state().as_str()).collect();
     let traces: Vec<&str> = claims.iter().map(|c| c.trace_id.as_str()).collect();
     // One row per key (an UPDATE joined to several would apply any one of them).
-    let bound: Vec<(String, i32, i64)> = sqlx::query_as(
+    let bound: Vec<BoundRow> = sqlx::query_as(
         "UPDATE enrich_state s
             SET publish_partition = b.p, publish_offset = b.o, publish_outcome = b.outcome,
                 publish_trace = b.trace, updated_at = now()
-           FROM (SELECT DISTINCT ON (c.k) c.*
+           FROM (SELECT DISTINCT ON (c.k) c.k, c.p, c.o, c.trace,
+                        CASE WHEN e.result IS NULL THEN 'dead_lettered' ELSE c.outcome END AS outcome
                    FROM UNNEST($2::text[], $3::int[], $4::bigint[], $5::text[], $6::text[]) AS c(k, p, o, outcome, trace)
                    JOIN enrich_state e ON e.pipeline = $1 AND e.idempotency_key = c.k
                   WHERE e.state = 'enriched'
@@ -68,7 +83,7 @@ pub async fn bind(
                   ORDER BY c.k, (e.publish_offset IS NOT NULL) DESC, c.p, c.o) AS b
           WHERE s.pipeline = $1 AND s.idempotency_key = b.k AND s.state = 'enriched'
             AND (s.publish_offset IS NULL OR (s.publish_partition = b.p AND s.publish_offset = b.o))
-         RETURNING s.idempotency_key, b.p, b.o",
+         RETURNING s.idempotency_key, b.p, b.o, s.result, s.result_hash",
     )
     .bind(pipeline)
     .bind(&keys)
@@ -78,7 +93,12 @@ pub async fn bind(
     .bind(&traces)
     .fetch_all(tx)
     .await?;
-    Ok(bound.into_iter().map(|(key, partition, offset)| Bound { key, partition, offset }).collect())
+    Ok(bound
+        .into_iter()
+        .map(|(key, partition, offset, json, result_hash)| {
+            (Bound { key, partition, offset }, StoredResult { json, result_hash })
+        })
+        .collect())
 }
 
 /// What settling did.

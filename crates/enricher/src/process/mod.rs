@@ -127,6 +127,9 @@ pub struct RetryPolicy {
     pub topic: String,
     /// In-process retries within one delivery before the retry topic.
     pub quick_retries: u32,
+    /// `llm.max_rate_limited`: 429s charged to a record in one delivery before its
+    /// attempts count.
+    pub max_rate_limited: u32,
     pub delay: Duration,
     pub max_delay: Duration,
 }
@@ -151,6 +154,10 @@ struct Run<'a> {
     isolated: Option<tokio::sync::SemaphorePermit<'a>>,
     /// Delayed retries the record has been through.
     retries: u32,
+    /// 429s charged to the record in this delivery (`policy::charged`).
+    rate_limited: u32,
+    /// The endpoint's tally at the record's latest 429.
+    last_429: Option<crate::flow::Tally>,
 }
 
 /// Why an attempt did not produce a stored result. Whether one of its calls was paid is
@@ -262,7 +269,14 @@ impl Enricher {
         let Some(own_block) = self.take_turn(record_key, &envelope, span).await? else {
             return Ok((Handled::Parked, false));
         };
-        let mut run = Run { tries: 0, backoff: Duration::from_millis(200), isolated: None, retries };
+        let mut run = Run {
+            tries: 0,
+            backoff: Duration::from_millis(200),
+            isolated: None,
+            retries,
+            rate_limited: 0,
+            last_429: None,
+        };
         loop {
             let (attempt, admission) = match self.admit_record(&envelope, record_key, span, &mut run).await? {
                 Admit::Run { attempt, admission } => (attempt, admission),
@@ -322,6 +336,7 @@ mod tests {
         let p = RetryPolicy {
             topic: "retry".into(),
             quick_retries: 1,
+            max_rate_limited: 5,
             delay: Duration::from_secs(30),
             max_delay: Duration::from_secs(100),
         };

@@ -121,8 +121,30 @@ impl Enricher {
             _ if e.endpoint_down() => self.breaker_failure(admission, &e.error),
             _ => self.breaker_success(admission),
         }
-        let limits = policy::Limits { max_attempts: self.store.max_attempts, quick_retries: self.retry.quick_retries };
-        match policy::decide(&e, attempt, run.tries, self.breaker.is_open(), limits) {
+        if e.error.reason == Reason::RateLimited {
+            // Since the record's previous 429: the other calls answered and refused (this
+            // 429 is counted in the tally already).
+            let now = self.flow.tally();
+            if let Some(before) = run.last_429 {
+                let answered = now.answered.saturating_sub(before.answered);
+                let refused = now.refused.saturating_sub(before.refused).saturating_sub(1);
+                if policy::charged(answered, refused) {
+                    run.rate_limited += 1;
+                    tracing::warn!(
+                        idempotency_key = %key, attempt, charged = run.rate_limited, budget = self.retry.max_rate_limited,
+                        answered, refused, "429 while the endpoint answers other calls: charged to the record"
+                    );
+                }
+            }
+            run.last_429 = Some(now);
+        }
+        let limits = policy::Limits {
+            max_attempts: self.store.max_attempts,
+            quick_retries: self.retry.quick_retries,
+            max_rate_limited: self.retry.max_rate_limited,
+        };
+        let tries = policy::Tries { attempts: run.tries, rate_limited: run.rate_limited };
+        match policy::decide(&e, attempt, tries, self.breaker.is_open(), limits) {
             Next::WaitForEndpoint => {
                 // Give the attempt back (unless a call of it was paid) and wait for the
                 // endpoint (the breaker, or the 429's Retry-After).
