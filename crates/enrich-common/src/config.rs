@@ -236,6 +236,23 @@ pub struct KafkaSettings {
     pub replication_factor: i32,
 }
 
+/// librdkafka's default `message.max.bytes`.
+pub const DEFAULT_MESSAGE_MAX_BYTES: usize = 1_000_000;
+/// librdkafka's bounds of `message.max.bytes`.
+const MESSAGE_MAX_BYTES_RANGE: std::ops::RangeInclusive<usize> = 1_000..=1_000_000_000;
+
+impl KafkaSettings {
+    /// The largest record the stages' producers accept (`message.max.bytes`: the
+    /// `kafka.client` override, else librdkafka's default), value, key and headers
+    /// together. Validated at start.
+    pub fn message_max_bytes(&self) -> usize {
+        self.client
+            .get("message.max.bytes")
+            .and_then(|v| v.trim().parse::<usize>().ok())
+            .unwrap_or(DEFAULT_MESSAGE_MAX_BYTES)
+    }
+}
+
 impl Default for KafkaSettings {
     fn default() -> Self {
         Self {
@@ -779,6 +796,14 @@ impl Settings {
         }
         if p.max_record_bytes == 0 {
             return Err(ConfigError::new("pipeline.max_record_bytes", "must be greater than 0"));
+        }
+        if let Some(v) = self.kafka.client.get("message.max.bytes")
+            && !v.trim().parse::<usize>().is_ok_and(|n| MESSAGE_MAX_BYTES_RANGE.contains(&n))
+        {
+            return Err(ConfigError::new(
+                "kafka.client.message.max.bytes",
+                "must be a whole number of bytes from 1000 to 1000000000",
+            ));
         }
         if self.kafka.bootstrap_servers.trim().is_empty() {
             return Err(ConfigError::new("kafka.bootstrap_servers", "must not be empty"));
