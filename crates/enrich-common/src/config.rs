@@ -343,6 +343,10 @@ pub struct LlmSettings {
     pub temperature: f32,
     #[serde(default = "default_max_output_tokens")]
     pub max_output_tokens: u32,
+    /// The most bytes of an answer's body read; a longer one fails the call
+    /// (`bad_response`, permanent) and is not read further.
+    #[serde(default = "default_max_response_bytes")]
+    pub max_response_bytes: usize,
     /// The system message, sent as is.
     pub system_prompt: String,
     /// A minijinja template rendered over the record's JSON fields (and `record`, the
@@ -472,6 +476,9 @@ fn default_request_timeout_ms() -> u64 {
 }
 fn default_max_output_tokens() -> u32 {
     512
+}
+fn default_max_response_bytes() -> usize {
+    4 * 1024 * 1024
 }
 fn default_max_attempts() -> u32 {
     4
@@ -851,6 +858,9 @@ impl Settings {
         }
         if llm.request_timeout_ms == 0 || llm.connect_timeout_ms == 0 {
             return Err(ConfigError::new("llm.request_timeout_ms", "timeouts must be greater than 0"));
+        }
+        if llm.max_response_bytes < 1024 {
+            return Err(ConfigError::new("llm.max_response_bytes", "must be at least 1024"));
         }
         if llm.max_attempts == 0 {
             return Err(ConfigError::new("llm.max_attempts", "must be at least 1"));
