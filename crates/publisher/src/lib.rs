@@ -20,7 +20,7 @@ use enrich_common::error::{RecordError, chain};
 use enrich_common::service::StageRuntime;
 use enrich_common::shutdown::Shutdown as CancellationToken;
 use enrich_common::spans::{ChildSpan, RecordSpan, attr};
-use enrich_common::{Settings, TraceContext, headers, kafka};
+use enrich_common::{ErrorClass, Settings, TraceContext, headers, kafka};
 use opentelemetry::KeyValue;
 use rdkafka::ClientContext;
 use rdkafka::consumer::{BaseConsumer, Consumer, ConsumerContext, Rebalance, StreamConsumer};
@@ -47,7 +47,58 @@ struct Publisher {
     call_timeout: Duration,
     /// The DLQ limit, and dead letters built to fit.
     dead_letters: DeadLetterSink,
+    /// Records of the results topic whose output the producer or the broker refused as
+    /// too large (`MSG_SIZE_TOO_LARGE`): the batch is aborted, and read again they are
+    /// dead-lettered `too_large` instead of being sent again for ever.
+    refused: std::sync::Mutex<HashSet<(i32, i64)>>,
 }
+
+impl Publisher {
+    fn refuse(&self, at: (i32, i64)) {
+        if let Ok(mut refused) = self.refused.lock() {
+            refused.insert(at);
+        }
+    }
+
+    fn was_refused(&self, at: (i32, i64)) -> bool {
+        self.refused.lock().is_ok_and(|r| r.contains(&at))
+    }
+
+    /// `value`, unless its output record cannot be produced: larger than the producer's
+    /// `message.max.bytes` as librdkafka counts it (value, key, the three headers this
+    /// stage writes, framing), or refused already.
+    fn fitting(&self, env: &Envelope, at: (i32, i64), tracestate: usize, value: Vec<u8>) -> Result<Vec<u8>, RecordError> {
+        let topic = &self.settings.topics.output;
+        let limit = self.settings.kafka.message_max_bytes();
+        let key = env.source.as_ref().and_then(|s| s.key.as_ref()).map_or(0, Vec::len);
+        let headers = (headers::IDEMPOTENCY_KEY.len() + env.idempotency_key.len() + 10)
+            + (headers::TRACEPARENT.len() + 55 + 10)
+            + (headers::TRACESTATE.len() + tracestate + 10);
+        let size = value.len() + key + headers + RECORD_FRAMING;
+        if size > limit {
+            return Err(RecordError::new(
+                ErrorClass::Permanent,
+                Reason::TooLarge,
+                format!(
+                    "the merged output makes a record of {size} bytes for {topic}; the producer's message.max.bytes is {limit}"
+                ),
+            ));
+        }
+        if self.was_refused(at) {
+            return Err(RecordError::new(
+                ErrorClass::Permanent,
+                Reason::TooLarge,
+                format!(
+                    "the merged output ({size} bytes) was refused as too large for {topic} (the topic's max.message.bytes is lower than message.max.bytes)"
+                ),
+            ));
+        }
+        Ok(value)
+    }
+}
+
+/// librdkafka's framing of one record, at most (`RD_KAFKAP_MESSAGE_V2_MAX_OVERHEAD`).
+const RECORD_FRAMING: usize = 36;
 
 pub async fn run(settings: Settings, shutdown: CancellationToken) -> anyhow::Result<()> {
     let topics = [settings.topics.results.as_str(), settings.topics.output.as_str(), settings.topics.dlq.as_str()];
@@ -87,7 +138,16 @@ pub async fn run(settings: Settings, shutdown: CancellationToken) -> anyhow::Res
 
     let dead_letters = DeadLetterSink::new(&settings, STAGE, runtime.metrics.clone(), runtime.state.clone());
     let publisher =
-        Publisher { settings, group: group.clone(), runtime, producer, metrics, call_timeout, dead_letters };
+        Publisher {
+            settings,
+            group: group.clone(),
+            runtime,
+            producer,
+            metrics,
+            call_timeout,
+            dead_letters,
+            refused: Default::default(),
+        };
     let consumed = consume(&publisher, &consumer, &shutdown).await;
     publisher.runtime.finish(&shutdown).await;
     consumed
@@ -526,7 +586,8 @@ async fn publish_batch(
     })?;
     let mut published = Vec::new();
     let in_transaction = async {
-        let mut deliveries: Vec<DeliveryFuture> = Vec::new();
+        // Each with the results record whose output it is, if it is one.
+        let mut deliveries: Vec<(DeliveryFuture, Option<(i32, i64)>)> = Vec::new();
         for (c, mine) in candidates.iter().zip(&mine) {
             if !mine {
                 // Another copy of the key in this batch is the one bound.
@@ -543,21 +604,31 @@ async fn publish_batch(
                 let h = out.ids().inject(headers::owned(&[(headers::IDEMPOTENCY_KEY, &c.env.idempotency_key)]));
                 sends.push(out);
                 let key = c.env.source.as_ref().and_then(|s| s.key.as_deref());
-                deliveries.push(send(&publisher.producer, &topics.output, key, value, h)?);
+                let at = (c.partition, c.offset);
+                let sent = send(&publisher.producer, &topics.output, key, value, h).inspect_err(|e| {
+                    if kafka::is_too_large(e) {
+                        publisher.refuse(at);
+                    }
+                })?;
+                deliveries.push((sent, Some(at)));
                 published.push(c);
             }
         }
         for (letter, h, key, _) in &dead {
-            deliveries.push(send(
-                &publisher.producer,
-                &topics.dlq,
-                key.as_deref(),
-                &letter.encode_to_bytes(),
-                h.clone(),
-            )?);
+            let sent = send(&publisher.producer, &topics.dlq, key.as_deref(), &letter.encode_to_bytes(), h.clone())?;
+            deliveries.push((sent, None));
         }
-        for d in deliveries {
-            d.await.map_err(|_| anyhow::anyhow!("producer dropped a delivery"))?.map_err(|(e, _)| e)?;
+        for (d, output_of) in deliveries {
+            let delivered = d.await.map_err(|_| anyhow::anyhow!("producer dropped a delivery"))?;
+            if let Err((e, _)) = delivered {
+                let e = anyhow::Error::new(e);
+                if let Some(at) = output_of
+                    && kafka::is_too_large(&e)
+                {
+                    publisher.refuse(at);
+                }
+                return Err(e);
+            }
         }
         let mut offsets = TopicPartitionList::new();
         for ((topic, partition), next) in kafka::next_offsets(batch) {
@@ -678,7 +749,9 @@ fn decode(publisher: &Publisher, batch: &[OwnedMessage]) -> (Vec<Candidate>, Vec
         match decoded {
             Ok(env) if env.result().is_some() => {
                 trace.set([KeyValue::new(attr::IDEMPOTENCY_KEY, env.idempotency_key.clone())]);
-                let output = merge_output(&env);
+                let tracestate = incoming.as_ref().and_then(|t| t.tracestate.as_ref()).map_or(0, String::len);
+                let output =
+                    merge_output(&env).and_then(|v| publisher.fitting(&env, (partition, offset), tracestate, v));
                 candidates.push(Candidate { env, trace, partition, offset, output });
             }
             Ok(env) => {
@@ -738,5 +811,7 @@ fn send(
     if let Some(k) = key {
         record = record.key(k);
     }
-    producer.send_result(record).map_err(|(e, _)| anyhow::anyhow!("cannot enqueue a record for {topic}: {e}"))
+    producer
+        .send_result(record)
+        .map_err(|(e, _)| anyhow::Error::new(e).context(format!("cannot enqueue a record for {topic}")))
 }
