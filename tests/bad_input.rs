@@ -69,7 +69,9 @@ async fn a_corpus_of_bad_input_is_dead_lettered_or_enriched_and_nothing_else_suf
         v.extend_from_slice(b"\"}");
         v
     };
-    let empty_headers: Vec<(String, Vec<u8>)> = (0..500_000).map(|_| (String::new(), Vec::new())).collect();
+    // Fewer than the 100,000 headers librdkafka parses at most (a record with more
+    // reaches the consumer without any).
+    let empty_headers: Vec<(String, Vec<u8>)> = (0..90_000).map(|_| (String::new(), Vec::new())).collect();
     let corpus = vec![
         good(0),
         Case {
@@ -136,7 +138,7 @@ async fn a_corpus_of_bad_input_is_dead_lettered_or_enriched_and_nothing_else_suf
             reason: Some("too_large"),
         },
         Case {
-            name: "500,000 empty headers",
+            name: "90,000 empty headers",
             key: Some(b"z".to_vec()),
             value: Some(ticket(&env.id, 904).to_json()),
             headers: empty_headers,
