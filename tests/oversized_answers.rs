@@ -118,7 +118,9 @@ async fn an_output_the_broker_refuses_as_too_large_is_dead_lettered_once() -> an
     let mut records = workload::marked_tickets(&env.id, N, &[]);
     let big = ticket(&env.id, N);
     let mut value: serde_json::Value = serde_json::from_slice(&big.to_json())?;
-    value["attachment"] = serde_json::Value::String("a".repeat(200 * 1024));
+    // Text that does not compress (the producer compresses; the broker checks the
+    // compressed batch).
+    value["attachment"] = serde_json::Value::String(incompressible(300 * 1024));
     let big_id = big.id.clone();
     records.insert(
         7,
@@ -147,4 +149,18 @@ async fn an_output_the_broker_refuses_as_too_large_is_dead_lettered_once() -> an
     assert_eq!(state.0, "dead_lettered");
     env.teardown().await;
     Ok(())
+}
+
+/// `len` characters from a 64-letter alphabet, pseudo-random.
+fn incompressible(len: usize) -> String {
+    const ALPHABET: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
+    let mut x: u64 = 0x9e37_79b9_7f4a_7c15;
+    (0..len)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            ALPHABET[(x >> 58) as usize] as char
+        })
+        .collect()
 }
