@@ -186,7 +186,7 @@ async fn replay(State(api): State<Arc<Api>>, headers: HeaderMap, Json(body): Jso
         .and_then(|f| serde_json::from_value::<ReplayOptions>(body).map(|o| (f, o)));
     let (filter, req) = match parsed {
         Ok(parsed) => parsed,
-        Err(e) => return error(StatusCode::BAD_REQUEST, &format!("the replay request: {e}")),
+        Err(e) => return error(StatusCode::BAD_REQUEST, format!("the replay request: {e}")),
     };
     let f = &filter;
     if f.is_empty() {
