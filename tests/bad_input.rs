@@ -230,7 +230,11 @@ async fn a_corpus_of_bad_input_is_dead_lettered_or_enriched_and_nothing_else_suf
         assert!(m.payload().map_or(0, <[u8]>::len) < 1024 * 1024, "{}: the DLQ record fits", case.name);
         if case.reason == Some("too_large") && case.name.contains("value") {
             let error = header(m, headers::DLQ_ERROR).unwrap_or_default();
-            assert!(error.contains("message.max.bytes") || error.contains("max_record_bytes"), "{}: {error}", case.name);
+            assert!(
+                error.contains("message.max.bytes") || error.contains("max_record_bytes"),
+                "{}: {error}",
+                case.name
+            );
         }
         if case.name == "10 MB value" {
             let original: usize = header(m, headers::DLQ_PAYLOAD_TRUNCATED).expect("truncation noted").parse()?;

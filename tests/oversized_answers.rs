@@ -20,7 +20,10 @@ const N: usize = 20;
 
 /// Runs `records` through the three stages; the DLQ and output once every record is
 /// accounted for. No stage may stop on the way.
-async fn run(env: &TestEnv, records: &[workload::Record]) -> anyhow::Result<(Vec<rdkafka::message::OwnedMessage>, usize)> {
+async fn run(
+    env: &TestEnv,
+    records: &[workload::Record],
+) -> anyhow::Result<(Vec<rdkafka::message::OwnedMessage>, usize)> {
     let produced = produce_all(&env.settings, env.source_topic(), records, |_| false, |_| {}).await?;
     let stages = [StageKind::Ingest, StageKind::Enricher, StageKind::Publisher].map(|k| env.spawn(k));
     env.wait_accounted(&produced, DEADLINE).await?;
@@ -93,10 +96,11 @@ async fn a_result_too_large_for_the_results_topic_is_dead_lettered_once() -> any
     .fetch_one(&env.pool)
     .await?;
     assert_eq!(state, ("dead_lettered".to_string(), true), "dead-lettered, its paid answer kept");
-    let listed: (i64,) = sqlx::query_as("SELECT count(*) FROM dead_letters WHERE pipeline = $1 AND reason = 'too_large'")
-        .bind(&env.settings.pipeline.name)
-        .fetch_one(&env.pool)
-        .await?;
+    let listed: (i64,) =
+        sqlx::query_as("SELECT count(*) FROM dead_letters WHERE pipeline = $1 AND reason = 'too_large'")
+            .bind(&env.settings.pipeline.name)
+            .fetch_one(&env.pool)
+            .await?;
     assert_eq!(listed.0, 1, "listed once in dead_letters");
     assert_eq!(env.sim.completions(), (N + 1) as u64, "one paid call per ticket");
     env.teardown().await;

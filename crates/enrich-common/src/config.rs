@@ -1275,6 +1275,9 @@ output_schema = '{"type": "object"}'
             ("ENRICH_LLM__BASE_URL", "localhost:8080/v1?api_key=s3cr3t", "llm.base_url"),
             ("ENRICH_LLM__FALLBACK_MODELS", "[\"a\", 8675309]", "llm.fallback_models[1]"),
             ("ENRICH_KAFKA__CLIENT", "[\"s3cr3t\"]", "kafka.client"),
+            ("ENRICH_KAFKA__CLIENT__MESSAGE.MAX.BYTES", "86753s3cr3t", "kafka.client.message.max.bytes"),
+            ("ENRICH_KAFKA__CLIENT__MESSAGE.MAX.BYTES", "999", "kafka.client.message.max.bytes"),
+            ("ENRICH_LLM__MAX_RESPONSE_BYTES", "1023", "llm.max_response_bytes"),
         ];
         for (name, value, field) in cases {
             let err = load(&[(name, value)]).expect_err(name);

@@ -58,10 +58,8 @@ impl TraceContext {
             return None;
         }
         let flags = u8::from_str_radix(flags, 16).ok()?;
-        let tracestate = tracestate
-            .map(str::trim)
-            .filter(|s| !s.is_empty() && s.len() <= MAX_TRACESTATE_BYTES)
-            .map(str::to_string);
+        let tracestate =
+            tracestate.map(str::trim).filter(|s| !s.is_empty() && s.len() <= MAX_TRACESTATE_BYTES).map(str::to_string);
         Some(Self { trace_id, span_id, flags, tracestate })
     }
 

@@ -67,7 +67,13 @@ impl Publisher {
     /// `value`, unless its output record cannot be produced: larger than the producer's
     /// `message.max.bytes` as librdkafka counts it (value, key, the three headers this
     /// stage writes, framing), or refused already.
-    fn fitting(&self, env: &Envelope, at: (i32, i64), tracestate: usize, value: Vec<u8>) -> Result<Vec<u8>, RecordError> {
+    fn fitting(
+        &self,
+        env: &Envelope,
+        at: (i32, i64),
+        tracestate: usize,
+        value: Vec<u8>,
+    ) -> Result<Vec<u8>, RecordError> {
         let topic = &self.settings.topics.output;
         let limit = self.settings.kafka.message_max_bytes();
         let key = env.source.as_ref().and_then(|s| s.key.as_ref()).map_or(0, Vec::len);
@@ -137,17 +143,16 @@ pub async fn run(settings: Settings, shutdown: CancellationToken) -> anyhow::Res
     runtime.state.set_ready();
 
     let dead_letters = DeadLetterSink::new(&settings, STAGE, runtime.metrics.clone(), runtime.state.clone());
-    let publisher =
-        Publisher {
-            settings,
-            group: group.clone(),
-            runtime,
-            producer,
-            metrics,
-            call_timeout,
-            dead_letters,
-            refused: Default::default(),
-        };
+    let publisher = Publisher {
+        settings,
+        group: group.clone(),
+        runtime,
+        producer,
+        metrics,
+        call_timeout,
+        dead_letters,
+        refused: Default::default(),
+    };
     let consumed = consume(&publisher, &consumer, &shutdown).await;
     publisher.runtime.finish(&shutdown).await;
     consumed
