@@ -137,7 +137,14 @@ async fn an_output_the_broker_refuses_as_too_large_is_dead_lettered_once() -> an
     );
     let (dead, published) = run(&env, &records).await?;
 
-    assert_eq!(dead.len(), 1, "one dead letter, written once");
+    let seen: Vec<_> = dead
+        .iter()
+        .map(|m| {
+            let h = |n| header(m, n).unwrap_or_default();
+            (h(headers::DLQ_STAGE), h(headers::DLQ_REASON), h(headers::IDEMPOTENCY_KEY), h(headers::DLQ_ERROR))
+        })
+        .collect();
+    assert_eq!(dead.len(), 1, "one dead letter, written once: {seen:?}");
     assert_eq!(header(&dead[0], headers::DLQ_STAGE).as_deref(), Some("publisher"));
     assert_eq!(header(&dead[0], headers::DLQ_REASON).as_deref(), Some("too_large"));
     let error = header(&dead[0], headers::DLQ_ERROR).unwrap_or_default();

@@ -48,8 +48,9 @@ struct Publisher {
     /// The DLQ limit, and dead letters built to fit.
     dead_letters: DeadLetterSink,
     /// Records of the results topic whose output the producer or the broker refused as
-    /// too large (`MSG_SIZE_TOO_LARGE`): the batch is aborted, and read again they are
-    /// dead-lettered `too_large` instead of being sent again for ever.
+    /// too large (`MSG_SIZE_TOO_LARGE`; of a refused batch, its largest output): the batch
+    /// is aborted, and read again they are dead-lettered `too_large` instead of being sent
+    /// again for ever.
     refused: std::sync::Mutex<HashSet<(i32, i64)>>,
 }
 
@@ -591,8 +592,8 @@ async fn publish_batch(
     })?;
     let mut published = Vec::new();
     let in_transaction = async {
-        // Each with the results record whose output it is, if it is one.
-        let mut deliveries: Vec<(DeliveryFuture, Option<(i32, i64)>)> = Vec::new();
+        // Each with the results record whose output it is (and its size), if it is one.
+        let mut deliveries: Vec<(DeliveryFuture, Option<((i32, i64), usize)>)> = Vec::new();
         for (c, mine) in candidates.iter().zip(&mine) {
             if !mine {
                 // Another copy of the key in this batch is the one bound.
@@ -615,7 +616,7 @@ async fn publish_batch(
                         publisher.refuse(at);
                     }
                 })?;
-                deliveries.push((sent, Some(at)));
+                deliveries.push((sent, Some((at, value.len()))));
                 published.push(c);
             }
         }
@@ -623,17 +624,30 @@ async fn publish_batch(
             let sent = send(&publisher.producer, &topics.dlq, key.as_deref(), &letter.encode_to_bytes(), h.clone())?;
             deliveries.push((sent, None));
         }
+        // The broker refuses a whole batch of records when it is over the topic's
+        // `max.message.bytes`, and every record of it fails alike: only the largest output
+        // refused is taken for too large (dead-lettered when read again); the others go
+        // again, and if the batch is still refused, the next largest, one per round.
+        let mut failed: Option<anyhow::Error> = None;
+        let mut largest_refused: Option<((i32, i64), usize)> = None;
         for (d, output_of) in deliveries {
             let delivered = d.await.map_err(|_| anyhow::anyhow!("producer dropped a delivery"))?;
             if let Err((e, _)) = delivered {
                 let e = anyhow::Error::new(e);
-                if let Some(at) = output_of
+                if let Some((at, len)) = output_of
                     && kafka::is_too_large(&e)
+                    && largest_refused.is_none_or(|(_, l)| len > l)
                 {
-                    publisher.refuse(at);
+                    largest_refused = Some((at, len));
                 }
-                return Err(e);
+                failed.get_or_insert(e);
             }
+        }
+        if let Some(e) = failed {
+            if let Some((at, _)) = largest_refused {
+                publisher.refuse(at);
+            }
+            return Err(e);
         }
         let mut offsets = TopicPartitionList::new();
         for ((topic, partition), next) in kafka::next_offsets(batch) {
