@@ -593,7 +593,7 @@ async fn publish_batch(
     let mut published = Vec::new();
     let in_transaction = async {
         // Each with the results record whose output it is (and its size), if it is one.
-        let mut deliveries: Vec<(DeliveryFuture, Option<((i32, i64), usize)>)> = Vec::new();
+        let mut deliveries: Vec<(DeliveryFuture, Option<OutputAt>)> = Vec::new();
         for (c, mine) in candidates.iter().zip(&mine) {
             if !mine {
                 // Another copy of the key in this batch is the one bound.
@@ -719,6 +719,9 @@ async fn publish_batch(
     drop(sends);
     Ok(())
 }
+
+/// Where an output comes from (its results record) and its size.
+type OutputAt = ((i32, i64), usize);
 
 /// A dead letter of the batch: its envelope and headers, the Kafka key of its DLQ record,
 /// and the results record (partition, offset) it comes from.
