@@ -1,6 +1,7 @@
 //! A corpus of bad input through the whole pipeline: each record ends in the DLQ with a
 //! readable reason or is enriched with schema-valid output; no stage stops, and the good
-//! records around them are not affected.
+//! records around them are not affected. The stages run with the producer's default
+//! `message.max.bytes`; only the test's producer and the source topic take 16 MB records.
 
 #![allow(clippy::expect_used, clippy::unwrap_used)] // a failed expectation is the test failing
 
@@ -31,9 +32,9 @@ struct Case {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_corpus_of_bad_input_is_dead_lettered_or_enriched_and_nothing_else_suffers() -> anyhow::Result<()> {
+    let env = TestEnv::new(llm_sim::Latency::default(), &[]).await?;
+    assert_eq!(env.settings.kafka.message_max_bytes(), 1_000_000, "the stages keep the producer's default");
     // Records up to 16 MB may reach the source topic (the broker's default is 1 MB).
-    let overrides = [("ENRICH_KAFKA__CLIENT__MESSAGE.MAX.BYTES", BIG.to_string())];
-    let env = TestEnv::new(llm_sim::Latency::default(), &overrides).await?;
     let admin: AdminClient<DefaultClientContext> = kafka::base_config(&env.settings).create()?;
     let topic = env.source_topic().to_string();
     let alter = AlterConfig::new(ResourceSpecifier::Topic(&topic)).set("max.message.bytes", "16777216");
@@ -59,6 +60,18 @@ async fn a_corpus_of_bad_input_is_dead_lettered_or_enriched_and_nothing_else_suf
     null_key.body = "A ticket sent without a Kafka key.".into();
     let huge = format!(r#"{{"id":"huge-{}","body":"{}"}}"#, env.id, "x".repeat(10 * 1024 * 1024));
     let long_id = format!(r#"{{"id":"{}","body":"long id"}}"#, "i".repeat(10_000));
+    // A ticket of `len` bytes: under pipeline.max_record_bytes (1 MiB), over what the
+    // producer (1,000,000 bytes) takes once it is an envelope.
+    let sized = |name: &str, len: usize| {
+        let head = format!(r#"{{"id":"{name}-{}","body":""#, env.id);
+        let mut v = head.clone().into_bytes();
+        v.resize(len - 2, b'x');
+        v.extend_from_slice(b"\"}");
+        v
+    };
+    // Fewer than the 100,000 headers librdkafka parses at most (a record with more
+    // reaches the consumer without any).
+    let empty_headers: Vec<(String, Vec<u8>)> = (0..90_000).map(|_| (String::new(), Vec::new())).collect();
     let corpus = vec![
         good(0),
         Case {
@@ -100,6 +113,46 @@ async fn a_corpus_of_bad_input_is_dead_lettered_or_enriched_and_nothing_else_suf
             reason: Some("too_large"),
         },
         Case {
+            name: "value just under max_record_bytes",
+            key: Some(b"m".to_vec()),
+            value: Some(sized("under-max-record", 1_040_000)),
+            headers: vec![],
+            reason: Some("too_large"),
+        },
+        Case {
+            name: "value under message.max.bytes, over it as an envelope",
+            key: Some(b"n".to_vec()),
+            value: Some(sized("under-producer", 999_500)),
+            headers: vec![],
+            reason: Some("too_large"),
+        },
+        good(5),
+        Case {
+            name: "600 KB tracestate (copied into the envelope and onto every record)",
+            key: Some(b"t".to_vec()),
+            value: Some(ticket(&env.id, 903).to_json()),
+            headers: vec![
+                ("traceparent".into(), b"00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01".to_vec()),
+                ("tracestate".into(), format!("v={}", "s".repeat(600 * 1024)).into_bytes()),
+            ],
+            reason: Some("too_large"),
+        },
+        Case {
+            name: "90,000 empty headers",
+            key: Some(b"z".to_vec()),
+            value: Some(ticket(&env.id, 904).to_json()),
+            headers: empty_headers,
+            reason: Some("too_large"),
+        },
+        Case {
+            name: "600 KB header within the budget",
+            key: Some(ticket(&env.id, 905).id.into_bytes()),
+            value: Some(ticket(&env.id, 905).to_json()),
+            headers: vec![("x-blob".into(), vec![b'b'; 600 * 1024])],
+            reason: None,
+        },
+        good(6),
+        Case {
             name: "10,000-character id",
             key: Some(b"l".to_vec()),
             value: Some(long_id.into_bytes()),
@@ -117,7 +170,16 @@ async fn a_corpus_of_bad_input_is_dead_lettered_or_enriched_and_nothing_else_suf
         good(4),
     ];
 
-    let producer: FutureProducer = kafka::producer(&env.settings, "bad-input")?;
+    let mut sender = env.settings.clone();
+    sender.kafka.client = env
+        .settings
+        .kafka
+        .client
+        .iter()
+        .map(|(k, v)| (k.clone(), v.clone()))
+        .chain([("message.max.bytes".to_string(), BIG.to_string())])
+        .collect();
+    let producer: FutureProducer = kafka::producer(&sender, "bad-input")?;
     let mut at: HashMap<(i32, i64), usize> = HashMap::new();
     for (i, case) in corpus.iter().enumerate() {
         let mut h = OwnedHeaders::new();
@@ -151,6 +213,7 @@ async fn a_corpus_of_bad_input_is_dead_lettered_or_enriched_and_nothing_else_suf
     .await?;
     // No stage stopped on any of it.
     for s in stages {
+        assert!(!s.has_exited(), "the {:?} stage is still running", s.kind);
         s.stop().await?;
     }
 
@@ -165,6 +228,14 @@ async fn a_corpus_of_bad_input_is_dead_lettered_or_enriched_and_nothing_else_suf
         assert_eq!(header(m, headers::DLQ_STAGE).as_deref(), Some("ingest-dedup"), "{}", case.name);
         assert!(!header(m, headers::DLQ_ERROR).unwrap_or_default().is_empty(), "{}: a readable error", case.name);
         assert!(m.payload().map_or(0, <[u8]>::len) < 1024 * 1024, "{}: the DLQ record fits", case.name);
+        if case.reason == Some("too_large") && case.name.contains("value") {
+            let error = header(m, headers::DLQ_ERROR).unwrap_or_default();
+            assert!(
+                error.contains("message.max.bytes") || error.contains("max_record_bytes"),
+                "{}: {error}",
+                case.name
+            );
+        }
         if case.name == "10 MB value" {
             let original: usize = header(m, headers::DLQ_PAYLOAD_TRUNCATED).expect("truncation noted").parse()?;
             assert_eq!(original, case.value.as_ref().unwrap().len());

@@ -236,6 +236,23 @@ pub struct KafkaSettings {
     pub replication_factor: i32,
 }
 
+/// librdkafka's default `message.max.bytes`.
+pub const DEFAULT_MESSAGE_MAX_BYTES: usize = 1_000_000;
+/// librdkafka's bounds of `message.max.bytes`.
+const MESSAGE_MAX_BYTES_RANGE: std::ops::RangeInclusive<usize> = 1_000..=1_000_000_000;
+
+impl KafkaSettings {
+    /// The largest record the stages' producers accept (`message.max.bytes`: the
+    /// `kafka.client` override, else librdkafka's default), value, key and headers
+    /// together. Validated at start.
+    pub fn message_max_bytes(&self) -> usize {
+        self.client
+            .get("message.max.bytes")
+            .and_then(|v| v.trim().parse::<usize>().ok())
+            .unwrap_or(DEFAULT_MESSAGE_MAX_BYTES)
+    }
+}
+
 impl Default for KafkaSettings {
     fn default() -> Self {
         Self {
@@ -326,6 +343,10 @@ pub struct LlmSettings {
     pub temperature: f32,
     #[serde(default = "default_max_output_tokens")]
     pub max_output_tokens: u32,
+    /// The most bytes of an answer's body read; a longer one fails the call
+    /// (`bad_response`, permanent) and is not read further.
+    #[serde(default = "default_max_response_bytes")]
+    pub max_response_bytes: usize,
     /// The system message, sent as is.
     pub system_prompt: String,
     /// A minijinja template rendered over the record's JSON fields (and `record`, the
@@ -463,6 +484,9 @@ fn default_request_timeout_ms() -> u64 {
 }
 fn default_max_output_tokens() -> u32 {
     512
+}
+fn default_max_response_bytes() -> usize {
+    4 * 1024 * 1024
 }
 fn default_max_attempts() -> u32 {
     4
@@ -814,6 +838,14 @@ impl Settings {
         if p.max_record_bytes == 0 {
             return Err(ConfigError::new("pipeline.max_record_bytes", "must be greater than 0"));
         }
+        if let Some(v) = self.kafka.client.get("message.max.bytes")
+            && !v.trim().parse::<usize>().is_ok_and(|n| MESSAGE_MAX_BYTES_RANGE.contains(&n))
+        {
+            return Err(ConfigError::new(
+                "kafka.client.message.max.bytes",
+                "must be a whole number of bytes from 1000 to 1000000000",
+            ));
+        }
         if self.kafka.bootstrap_servers.trim().is_empty() {
             return Err(ConfigError::new("kafka.bootstrap_servers", "must not be empty"));
         }
@@ -860,6 +892,9 @@ impl Settings {
         }
         if llm.request_timeout_ms == 0 || llm.connect_timeout_ms == 0 {
             return Err(ConfigError::new("llm.request_timeout_ms", "timeouts must be greater than 0"));
+        }
+        if llm.max_response_bytes < 1024 {
+            return Err(ConfigError::new("llm.max_response_bytes", "must be at least 1024"));
         }
         if llm.max_attempts == 0 {
             return Err(ConfigError::new("llm.max_attempts", "must be at least 1"));
@@ -1293,6 +1328,9 @@ output_schema = '{"type": "object"}'
             ("ENRICH_LLM__BASE_URL", "localhost:8080/v1?api_key=s3cr3t", "llm.base_url"),
             ("ENRICH_LLM__FALLBACK_MODELS", "[\"a\", 8675309]", "llm.fallback_models[1]"),
             ("ENRICH_KAFKA__CLIENT", "[\"s3cr3t\"]", "kafka.client"),
+            ("ENRICH_KAFKA__CLIENT__MESSAGE.MAX.BYTES", "86753s3cr3t", "kafka.client.message.max.bytes"),
+            ("ENRICH_KAFKA__CLIENT__MESSAGE.MAX.BYTES", "999", "kafka.client.message.max.bytes"),
+            ("ENRICH_LLM__MAX_RESPONSE_BYTES", "1023", "llm.max_response_bytes"),
         ];
         for (name, value, field) in cases {
             let err = load(&[(name, value)]).expect_err(name);

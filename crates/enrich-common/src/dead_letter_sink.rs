@@ -24,8 +24,6 @@ use crate::service::StageMetrics;
 use crate::shutdown::Shutdown;
 use crate::trace_context::TraceContext;
 
-/// librdkafka's default `message.max.bytes`.
-const DEFAULT_MESSAGE_MAX_BYTES: usize = 1_000_000;
 /// Room kept for a DLQ record's key, headers and framing.
 const RECORD_OVERHEAD: usize = 64 * 1024;
 
@@ -133,13 +131,7 @@ impl DeadLetterSink {
 /// The producer's `message.max.bytes` (a `kafka.client` override, else librdkafka's
 /// default) less the room for headers and framing.
 fn max_value_bytes(settings: &Settings) -> usize {
-    let limit = settings
-        .kafka
-        .client
-        .get("message.max.bytes")
-        .and_then(|v| v.trim().parse::<usize>().ok())
-        .unwrap_or(DEFAULT_MESSAGE_MAX_BYTES);
-    limit.saturating_sub(RECORD_OVERHEAD).max(4 * 1024)
+    settings.kafka.message_max_bytes().saturating_sub(RECORD_OVERHEAD).max(4 * 1024)
 }
 
 /// Cuts `dead` so its DLQ record (the source key as the record's key, the value, the
@@ -186,6 +178,7 @@ fn fit(dead: &mut Envelope, max: usize) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::config::DEFAULT_MESSAGE_MAX_BYTES;
     use crate::envelope::Header;
     use crate::error::Reason;
 

@@ -26,6 +26,19 @@ pub fn base_config(settings: &Settings) -> ClientConfig {
     config
 }
 
+/// Whether `e` (or its cause) is the producer refusing a record as larger than it or
+/// the broker accepts (`MSG_SIZE_TOO_LARGE`, at enqueue or at delivery): sending it
+/// again can never succeed.
+pub fn is_too_large(e: &anyhow::Error) -> bool {
+    use rdkafka::error::{KafkaError, RDKafkaErrorCode};
+    e.chain().any(|cause| {
+        matches!(
+            cause.downcast_ref::<KafkaError>(),
+            Some(KafkaError::MessageProduction(RDKafkaErrorCode::MessageSizeTooLarge))
+        )
+    })
+}
+
 /// How a consumer's offsets reach the broker.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum OffsetCommit {

@@ -58,7 +58,8 @@ impl TraceContext {
             return None;
         }
         let flags = u8::from_str_radix(flags, 16).ok()?;
-        let tracestate = tracestate.map(str::trim).filter(|s| !s.is_empty()).map(str::to_string);
+        let tracestate =
+            tracestate.map(str::trim).filter(|s| !s.is_empty() && s.len() <= MAX_TRACESTATE_BYTES).map(str::to_string);
         Some(Self { trace_id, span_id, flags, tracestate })
     }
 
@@ -85,6 +86,12 @@ impl TraceContext {
         }
     }
 }
+
+/// The longest `tracestate` carried on. The specification bounds a valid one (32 list
+/// members of at most 256-character keys and values) near 16 KB and asks vendors to
+/// propagate at least 512 characters; one longer than this is dropped, not copied onto
+/// every record the product writes (a 600 KB one made even the DLQ record too large).
+pub const MAX_TRACESTATE_BYTES: usize = 8 * 1024;
 
 fn new_span_id() -> [u8; 8] {
     let mut id: [u8; 8] = rand::random();
@@ -130,6 +137,15 @@ mod tests {
         }
         // A future version may carry more fields; the first four are read.
         assert!(TraceContext::parse(&format!("01{}-more", &TP[2..]), None).is_some());
+    }
+
+    #[test]
+    fn an_oversized_tracestate_is_dropped() {
+        let tp = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
+        let long = format!("v={}", "s".repeat(MAX_TRACESTATE_BYTES));
+        let ctx = TraceContext::parse(tp, Some(&long)).unwrap();
+        assert_eq!(ctx.tracestate, None);
+        assert_eq!(ctx.trace_id_hex(), "4bf92f3577b34da6a3ce929d0e0e4736", "the trace is kept");
     }
 
     #[test]

@@ -116,6 +116,7 @@ pub async fn run(settings: Settings, shutdown: CancellationToken) -> anyhow::Res
         validator,
         producer,
         results_topic: settings.topics.results.clone(),
+        message_max_bytes: settings.kafka.message_max_bytes(),
         dlq_topic: settings.topics.dlq.clone(),
         metrics,
         flow: flow::Flow::new(

@@ -95,6 +95,8 @@ pub struct LlmClient {
     models: Vec<String>,
     temperature: f32,
     max_output_tokens: u32,
+    /// `llm.max_response_bytes`: the most of a body read.
+    max_response_bytes: usize,
     schema: Value,
     format: ResponseFormat,
     /// USD per million tokens, in and out, per model called.
@@ -141,6 +143,7 @@ impl LlmClient {
             models: std::iter::once(&llm.model).chain(&llm.fallback_models).cloned().collect(),
             temperature: llm.temperature,
             max_output_tokens: llm.max_output_tokens,
+            max_response_bytes: llm.max_response_bytes,
             schema: schema.clone(),
             format: llm.response_format,
             prices: std::iter::once(&llm.model).chain(&llm.fallback_models).map(|m| llm.price_of(m)).collect(),
@@ -205,15 +208,44 @@ impl LlmClient {
         *declared = declared_limits(response.headers());
         let status = response.status();
         let retry_after = retry_after(response.headers());
-        let text = response.text().await.map_err(classify_transport)?;
+        let (text, cut) = read_capped(response, self.max_response_bytes).await?;
         if !status.is_success() {
+            // An error's body only explains it: its beginning is enough.
             let mut err = classify_status(status, &text);
             err.retry_after = retry_after;
             return Err(err);
         }
+        if cut {
+            return Err(LlmError::new(
+                ErrorClass::Permanent,
+                Reason::BadResponse,
+                format!(
+                    "the answer's body is longer than llm.max_response_bytes ({} bytes); it was not read further",
+                    self.max_response_bytes
+                ),
+            ));
+        }
         let latency = started.elapsed();
         self.api.parse(&text, latency)
     }
+}
+
+/// The body, read chunk by chunk up to `cap` bytes (an answer longer than any enrichment
+/// must not take the replica's memory); whether it was cut there. Nothing past the cap is
+/// buffered: reading stops at the chunk that crosses it, and the connection is dropped.
+async fn read_capped(mut response: reqwest::Response, cap: usize) -> Result<(String, bool), LlmError> {
+    if response.content_length().is_some_and(|n| n > cap as u64) {
+        return Ok((String::new(), true));
+    }
+    let mut body: Vec<u8> = Vec::new();
+    while let Some(chunk) = response.chunk().await.map_err(classify_transport)? {
+        if body.len() + chunk.len() > cap {
+            body.extend_from_slice(&chunk[..cap - body.len()]);
+            return Ok((String::from_utf8_lossy(&body).into_owned(), true));
+        }
+        body.extend_from_slice(&chunk);
+    }
+    Ok((String::from_utf8_lossy(&body).into_owned(), false))
 }
 
 /// OpenAI chat completions.

@@ -129,6 +129,7 @@ mod tests {
             request_timeout_ms: 1,
             temperature: 0.0,
             max_output_tokens: 1,
+            max_response_bytes: 1024,
             system_prompt: " sys \n".into(),
             user_template: template.into(),
             input_fields: None,

@@ -452,6 +452,15 @@ impl StoreCore {
         lease::claim_dead_letter(&self.pool, self.who(), dead, trace).await
     }
 
+    /// See [`lease::claim_stored_dead_letter`].
+    pub async fn claim_stored_dead_letter(
+        &self,
+        dead: &Envelope,
+        trace: &enrich_common::TraceContext,
+    ) -> sqlx::Result<Option<(i64, i32)>> {
+        lease::claim_stored_dead_letter(&self.pool, self.who(), dead, trace).await
+    }
+
     /// See [`lease::take_dead_lettered`].
     pub async fn take_dead_lettered(&self, key: &str) -> sqlx::Result<bool> {
         lease::take_dead_lettered(&self.pool, self.who(), key).await

@@ -11,6 +11,8 @@ use enrich_common::idempotency::{RecordView, fallback_key};
 use rdkafka::Message;
 use rdkafka::message::OwnedMessage;
 
+use crate::budget::{self, Budget};
+
 /// A valid record, ready to be claimed and forwarded.
 #[derive(Debug)]
 pub struct Sighting {
@@ -45,8 +47,13 @@ impl Inspected {
 pub const MAX_KEY_BYTES: usize = 512;
 
 /// `headers` are the message's, collected once by the caller (it reads the trace
-/// context from them too).
-pub fn inspect(pipeline: &PipelineSettings, message: &OwnedMessage, collected: &headers::Collected) -> Inspected {
+/// context from them too). `budget` bounds the record's weight (see [`budget`]).
+pub fn inspect(
+    pipeline: &PipelineSettings,
+    budget: &Budget,
+    message: &OwnedMessage,
+    collected: &headers::Collected,
+) -> Inspected {
     let headers = collected.pairs.as_slice();
     let value = message.payload();
     let key_bytes = message.key();
@@ -67,8 +74,7 @@ pub fn inspect(pipeline: &PipelineSettings, message: &OwnedMessage, collected: &
         outcome: None,
     };
 
-    let header_bytes: usize = headers.iter().map(|(k, v)| k.len() + v.as_ref().map_or(0, Vec::len)).sum();
-    let parsed = validate_payload(pipeline, value).and_then(|json| {
+    let parsed = validate_payload(budget, value).and_then(|json| {
         if collected.invalid_names > 0 {
             return Err(RecordError::invalid(
                 Reason::InvalidHeaderName,
@@ -78,13 +84,15 @@ pub fn inspect(pipeline: &PipelineSettings, message: &OwnedMessage, collected: &
                 ),
             ));
         }
-        let total = value.map_or(0, <[u8]>::len) + header_bytes;
-        if total > pipeline.max_record_bytes {
+        let weight = budget::weight(value.map_or(0, <[u8]>::len), key_bytes.map_or(0, <[u8]>::len), headers);
+        if weight > budget.max_bytes {
             return Err(RecordError::invalid(
                 Reason::TooLarge,
                 format!(
-                    "the record is {total} bytes with its headers ({header_bytes} bytes of headers); the limit (pipeline.max_record_bytes) is {}",
-                    pipeline.max_record_bytes
+                    "the record weighs {weight} bytes with its key and {} headers (each counted with {} bytes of framing); the limit is {}",
+                    headers.len(),
+                    budget::HEADER_OVERHEAD,
+                    budget.describe()
                 ),
             ));
         }
@@ -130,7 +138,7 @@ pub fn inspect(pipeline: &PipelineSettings, message: &OwnedMessage, collected: &
 }
 
 /// The pipeline's format is JSON objects: anything else is invalid input.
-fn validate_payload(pipeline: &PipelineSettings, value: Option<&[u8]>) -> Result<serde_json::Value, RecordError> {
+fn validate_payload(budget: &Budget, value: Option<&[u8]>) -> Result<serde_json::Value, RecordError> {
     let bytes = match value {
         None => {
             return Err(RecordError::invalid(Reason::EmptyValue, "the record has no value"));
@@ -140,14 +148,11 @@ fn validate_payload(pipeline: &PipelineSettings, value: Option<&[u8]>) -> Result
         }
         Some(b) => b,
     };
-    if bytes.len() > pipeline.max_record_bytes {
+    // Not parsed at all when the value alone is over the limit.
+    if bytes.len() > budget.max_bytes {
         return Err(RecordError::invalid(
             Reason::TooLarge,
-            format!(
-                "the value is {} bytes; the limit (pipeline.max_record_bytes) is {}",
-                bytes.len(),
-                pipeline.max_record_bytes
-            ),
+            format!("the value is {} bytes; the limit is {}", bytes.len(), budget.describe()),
         ));
     }
     let text = std::str::from_utf8(bytes)
@@ -193,7 +198,8 @@ mod tests {
 
     /// Inspects a message as the stage does: its headers collected first.
     fn check(m: &OwnedMessage) -> Inspected {
-        inspect(&pipeline(), m, &headers::collect_checked(m.headers()))
+        let budget = Budget { max_bytes: 16 * 1024, producer_bytes: 1_000_000, max_record_bytes: 16 * 1024 };
+        inspect(&pipeline(), &budget, m, &headers::collect_checked(m.headers()))
     }
 
     fn reason(v: Option<&[u8]>) -> &'static str {
@@ -239,6 +245,19 @@ mod tests {
         };
         assert_eq!(error.reason, Reason::TooLarge);
         assert!(error.message.contains("headers"), "{}", error.message);
+    }
+
+    #[test]
+    fn a_flood_of_empty_headers_is_too_large() {
+        let mut h = OwnedHeaders::new();
+        for _ in 0..1_000 {
+            h = h.insert(rdkafka::message::Header { key: "", value: None::<&[u8]> });
+        }
+        let Inspected::Invalid { error, .. } = check(&message(Some(br#"{"id":"T1"}"#), Some(h))) else {
+            panic!("valid")
+        };
+        assert_eq!(error.reason, Reason::TooLarge);
+        assert!(error.message.contains("1000 headers"), "{}", error.message);
     }
 
     #[test]

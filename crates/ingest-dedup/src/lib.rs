@@ -3,6 +3,7 @@
 //! `enrich.requests`, records duplicates, and dead-letters malformed records. Offsets
 //! are stored only after the forward is acknowledged and the claim is durable.
 
+pub mod budget;
 pub mod claims;
 pub mod inspect;
 mod metrics;
@@ -20,6 +21,7 @@ use rdkafka::message::{OwnedHeaders, OwnedMessage};
 use rdkafka::producer::{FutureProducer, FutureRecord};
 use std::time::Duration;
 
+use budget::Budget;
 use claims::{Claim, Disposition};
 use inspect::{Inspected, inspect};
 pub use metrics::IngestMetrics;
@@ -32,6 +34,7 @@ struct Ingest {
     settings: Settings,
     group: String,
     dead_letters: DeadLetterSink,
+    budget: Budget,
     runtime: StageRuntime,
     producer: FutureProducer,
     metrics: IngestMetrics,
@@ -55,7 +58,9 @@ pub async fn run(settings: Settings, shutdown: CancellationToken) -> anyhow::Res
     runtime.state.set_ready();
 
     let dead_letters = DeadLetterSink::new(&settings, STAGE, runtime.metrics.clone(), runtime.state.clone());
-    let ingest = Ingest { settings, group, dead_letters, runtime, producer, metrics };
+    let budget = Budget::new(&settings);
+    tracing::info!(max_bytes = budget.max_bytes, limit = %budget.describe(), "largest source record forwarded");
+    let ingest = Ingest { settings, group, dead_letters, budget, runtime, producer, metrics };
     let tuning = ingest.settings.ingest.tuning();
     loop {
         let batch = kafka::next_batch(&consumer, tuning, &shutdown).await;
@@ -83,7 +88,7 @@ async fn process_batch(ingest: &Ingest, batch: &[OwnedMessage]) -> anyhow::Resul
         let hdrs = headers::collect_checked(rdkafka::Message::headers(m));
         let incoming = TraceContext::extract(&hdrs.pairs);
         spans.push(RecordSpan::consume(STAGE.as_str(), &ingest.group, m, incoming.as_ref()));
-        inspected.push(inspect(pipeline, m, &hdrs));
+        inspected.push(inspect(pipeline, &ingest.budget, m, &hdrs));
     }
     let sightings: Vec<_> = inspected
         .iter()

@@ -5,6 +5,7 @@
 use enrich_common::config::{PipelineSettings, SourceTopic};
 use enrich_common::error::Reason;
 use enrich_common::{ErrorClass, KeyStrategy, headers};
+use ingest_dedup::budget::Budget;
 use ingest_dedup::inspect::{Inspected, inspect};
 use proptest::prelude::*;
 use rdkafka::Timestamp;
@@ -46,7 +47,8 @@ proptest! {
         }
         let message = OwnedMessage::new(value.clone(), key, "raw".into(), Timestamp::CreateTime(1), 0, 7, Some(owned));
         let collected = headers::collect_checked(rdkafka::Message::headers(&message));
-        match inspect(&settings, &message, &collected) {
+        let budget = Budget { max_bytes: 4 * 1024, producer_bytes: 1_000_000, max_record_bytes: 4 * 1024 };
+        match inspect(&settings, &budget, &message, &collected) {
             Inspected::Valid(s) => {
                 prop_assert_eq!(s.envelope.idempotency_key.as_str(), s.key.as_str());
                 prop_assert!(!s.key.as_str().contains('\0'));

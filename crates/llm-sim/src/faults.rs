@@ -10,6 +10,7 @@
 //! | `[[sim:invalid-json]]` | the answer is not JSON, also on a repair request |
 //! | `[[sim:invalid-json-once]]` | the answer is not JSON; a repair request gets a valid one |
 //! | `[[sim:schema-violation]]` | valid JSON that breaks the schema, also on repair |
+//! | `[[sim:answer-bytes:N]]` | a valid answer of at least N bytes (its `tags` padded) |
 //!
 //! Markers and rates can be switched off at runtime (`POST /admin/faults`), so a test
 //! can fix the cause and then replay.
@@ -84,6 +85,16 @@ pub fn decide(faults: &Faults, text: &str, first_time: bool, repair: bool, roll:
     Decision::Answer
 }
 
+/// The size `[[sim:answer-bytes:N]]` asks the answer to reach, if any.
+pub fn answer_bytes(faults: &Faults, text: &str) -> Option<usize> {
+    const MARKER: &str = "[[sim:answer-bytes:";
+    if !faults.markers {
+        return None;
+    }
+    let rest = &text[text.find(MARKER)? + MARKER.len()..];
+    rest[..rest.find("]]")?].trim().parse().ok()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -118,5 +129,14 @@ mod tests {
         assert_eq!(decide(&f, "x", true, false, 0.25), Decision::Status { code: 500, retry_after_ms: None });
         assert_eq!(decide(&f, "x", true, false, 0.31), Decision::Hang);
         assert_eq!(decide(&f, "x", true, false, 0.36), Decision::Answer);
+    }
+
+    #[test]
+    fn an_answer_size_marker_is_read() {
+        let f = Faults::default();
+        assert_eq!(answer_bytes(&f, "x [[sim:answer-bytes:5000]] y"), Some(5000));
+        assert_eq!(answer_bytes(&f, "x [[sim:answer-bytes:]]"), None);
+        assert_eq!(answer_bytes(&f, "no marker"), None);
+        assert_eq!(answer_bytes(&Faults { markers: false, ..f }, "[[sim:answer-bytes:5]]"), None);
     }
 }

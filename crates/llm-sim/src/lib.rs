@@ -442,6 +442,9 @@ async fn answer(state: &AppState, api: Api, headers: &axum::http::HeaderMap, bod
     {
         fields.retain(|k, _| props.contains_key(k));
     }
+    if let Some(n) = faults::answer_bytes(&faults, &text) {
+        pad_tags(&mut answer, n);
+    }
     let content = match decision {
         faults::Decision::InvalidJson => format!("Sure! Here is the enrichment: {answer}"),
         faults::Decision::SchemaViolation => json!({"category": "spaceship", "mood": "?"}).to_string(),
@@ -534,4 +537,18 @@ async fn metrics(State(state): State<Arc<AppState>>) -> impl IntoResponse {
         c.prompt_tokens.load(Ordering::SeqCst),
         c.completion_tokens.load(Ordering::SeqCst),
     )
+}
+
+/// Pads the answer's `tags` with schema-valid tags of 1,000 characters until its JSON is at
+/// least `n` bytes (`[[sim:answer-bytes:N]]`).
+fn pad_tags(answer: &mut Value, n: usize) {
+    let mut len = answer.to_string().len();
+    let Some(tags) = answer.get_mut("tags").and_then(Value::as_array_mut) else { return };
+    let mut i = 0usize;
+    while len < n {
+        let tag = format!("pad-{i:06}-{}", "x".repeat(989));
+        len += tag.len() + 3;
+        tags.push(Value::String(tag));
+        i += 1;
+    }
 }

@@ -20,7 +20,7 @@ use enrich_common::error::{RecordError, chain};
 use enrich_common::service::StageRuntime;
 use enrich_common::shutdown::Shutdown as CancellationToken;
 use enrich_common::spans::{ChildSpan, RecordSpan, attr};
-use enrich_common::{Settings, TraceContext, headers, kafka};
+use enrich_common::{ErrorClass, Settings, TraceContext, headers, kafka};
 use opentelemetry::KeyValue;
 use rdkafka::ClientContext;
 use rdkafka::consumer::{BaseConsumer, Consumer, ConsumerContext, Rebalance, StreamConsumer};
@@ -47,7 +47,65 @@ struct Publisher {
     call_timeout: Duration,
     /// The DLQ limit, and dead letters built to fit.
     dead_letters: DeadLetterSink,
+    /// Records of the results topic whose output the producer or the broker refused as
+    /// too large (`MSG_SIZE_TOO_LARGE`; of a refused batch, its largest output): the batch
+    /// is aborted, and read again they are dead-lettered `too_large` instead of being sent
+    /// again for ever.
+    refused: std::sync::Mutex<HashSet<(i32, i64)>>,
 }
+
+impl Publisher {
+    fn refuse(&self, at: (i32, i64)) {
+        if let Ok(mut refused) = self.refused.lock() {
+            refused.insert(at);
+        }
+    }
+
+    fn was_refused(&self, at: (i32, i64)) -> bool {
+        self.refused.lock().is_ok_and(|r| r.contains(&at))
+    }
+
+    /// `value`, unless its output record cannot be produced: larger than the producer's
+    /// `message.max.bytes` as librdkafka counts it (value, key, the three headers this
+    /// stage writes, framing), or refused already.
+    fn fitting(
+        &self,
+        env: &Envelope,
+        at: (i32, i64),
+        tracestate: usize,
+        value: Vec<u8>,
+    ) -> Result<Vec<u8>, RecordError> {
+        let topic = &self.settings.topics.output;
+        let limit = self.settings.kafka.message_max_bytes();
+        let key = env.source.as_ref().and_then(|s| s.key.as_ref()).map_or(0, Vec::len);
+        let headers = (headers::IDEMPOTENCY_KEY.len() + env.idempotency_key.len() + 10)
+            + (headers::TRACEPARENT.len() + 55 + 10)
+            + (headers::TRACESTATE.len() + tracestate + 10);
+        let size = value.len() + key + headers + RECORD_FRAMING;
+        if size > limit {
+            return Err(RecordError::new(
+                ErrorClass::Permanent,
+                Reason::TooLarge,
+                format!(
+                    "the merged output makes a record of {size} bytes for {topic}; the producer's message.max.bytes is {limit}"
+                ),
+            ));
+        }
+        if self.was_refused(at) {
+            return Err(RecordError::new(
+                ErrorClass::Permanent,
+                Reason::TooLarge,
+                format!(
+                    "the merged output ({size} bytes) was refused as too large for {topic} (the topic's max.message.bytes is lower than message.max.bytes)"
+                ),
+            ));
+        }
+        Ok(value)
+    }
+}
+
+/// librdkafka's framing of one record, at most (`RD_KAFKAP_MESSAGE_V2_MAX_OVERHEAD`).
+const RECORD_FRAMING: usize = 36;
 
 pub async fn run(settings: Settings, shutdown: CancellationToken) -> anyhow::Result<()> {
     let topics = [settings.topics.results.as_str(), settings.topics.output.as_str(), settings.topics.dlq.as_str()];
@@ -86,8 +144,16 @@ pub async fn run(settings: Settings, shutdown: CancellationToken) -> anyhow::Res
     runtime.state.set_ready();
 
     let dead_letters = DeadLetterSink::new(&settings, STAGE, runtime.metrics.clone(), runtime.state.clone());
-    let publisher =
-        Publisher { settings, group: group.clone(), runtime, producer, metrics, call_timeout, dead_letters };
+    let publisher = Publisher {
+        settings,
+        group: group.clone(),
+        runtime,
+        producer,
+        metrics,
+        call_timeout,
+        dead_letters,
+        refused: Default::default(),
+    };
     let consumed = consume(&publisher, &consumer, &shutdown).await;
     publisher.runtime.finish(&shutdown).await;
     consumed
@@ -390,6 +456,8 @@ struct Candidate {
     partition: i32,
     offset: i64,
     source: Result<serde_json::Map<String, serde_json::Value>, RecordError>,
+    /// The length of the `tracestate` its output record will carry.
+    tracestate: usize,
 }
 
 impl Candidate {
@@ -495,6 +563,15 @@ async fn publish_batch(
         let mut bound = binding::bind(&mut tx, pipeline, &claims).await?;
         let outputs: Vec<Option<Result<Vec<u8>, RecordError>>> =
             candidates.iter().map(|c| bound.remove(&c.at()).map(|stored| output_of(publisher, c, stored))).collect();
+        // An output that cannot be built from the stored result (or does not fit) is known
+        // only now: its key is bound to be dead-lettered, in this same transaction.
+        let unbuildable: Vec<binding::Bound> = candidates
+            .iter()
+            .zip(&outputs)
+            .filter(|(c, o)| matches!(o, Some(Err(_))) && c.source.is_ok())
+            .map(|(c, _)| c.at())
+            .collect();
+        binding::rebind_dead_lettered(&mut tx, pipeline, &unbuildable).await?;
         // A key that cannot be merged is dead-lettered by the record it is bound to.
         for (c, output) in candidates.iter().zip(&outputs) {
             if let Some(Err(error)) = output {
@@ -529,7 +606,8 @@ async fn publish_batch(
     })?;
     let mut published = Vec::new();
     let in_transaction = async {
-        let mut deliveries: Vec<DeliveryFuture> = Vec::new();
+        // Each with the results record whose output it is (and its size), if it is one.
+        let mut deliveries: Vec<(DeliveryFuture, Option<OutputAt>)> = Vec::new();
         for (c, output) in candidates.iter().zip(&outputs) {
             let Some(output) = output else {
                 // Another copy of the key in this batch is the one bound.
@@ -546,21 +624,44 @@ async fn publish_batch(
                 let h = out.ids().inject(headers::owned(&[(headers::IDEMPOTENCY_KEY, &c.env.idempotency_key)]));
                 sends.push(out);
                 let key = c.env.source.as_ref().and_then(|s| s.key.as_deref());
-                deliveries.push(send(&publisher.producer, &topics.output, key, value, h)?);
+                let at = (c.partition, c.offset);
+                let sent = send(&publisher.producer, &topics.output, key, value, h).inspect_err(|e| {
+                    if kafka::is_too_large(e) {
+                        publisher.refuse(at);
+                    }
+                })?;
+                deliveries.push((sent, Some((at, value.len()))));
                 published.push(c);
             }
         }
         for (letter, h, key, _) in &dead {
-            deliveries.push(send(
-                &publisher.producer,
-                &topics.dlq,
-                key.as_deref(),
-                &letter.encode_to_bytes(),
-                h.clone(),
-            )?);
+            let sent = send(&publisher.producer, &topics.dlq, key.as_deref(), &letter.encode_to_bytes(), h.clone())?;
+            deliveries.push((sent, None));
         }
-        for d in deliveries {
-            d.await.map_err(|_| anyhow::anyhow!("producer dropped a delivery"))?.map_err(|(e, _)| e)?;
+        // The broker refuses a whole batch of records when it is over the topic's
+        // `max.message.bytes`, and every record of it fails alike: only the largest output
+        // refused is taken for too large (dead-lettered when read again); the others go
+        // again, and if the batch is still refused, the next largest, one per round.
+        let mut failed: Option<anyhow::Error> = None;
+        let mut largest_refused: Option<((i32, i64), usize)> = None;
+        for (d, output_of) in deliveries {
+            let delivered = d.await.map_err(|_| anyhow::anyhow!("producer dropped a delivery"))?;
+            if let Err((e, _)) = delivered {
+                let e = anyhow::Error::new(e);
+                if let Some((at, len)) = output_of
+                    && kafka::is_too_large(&e)
+                    && largest_refused.is_none_or(|(_, l)| len > l)
+                {
+                    largest_refused = Some((at, len));
+                }
+                failed.get_or_insert(e);
+            }
+        }
+        if let Some(e) = failed {
+            if let Some((at, _)) = largest_refused {
+                publisher.refuse(at);
+            }
+            return Err(e);
         }
         let mut offsets = TopicPartitionList::new();
         for ((topic, partition), next) in kafka::next_offsets(batch) {
@@ -649,8 +750,12 @@ fn output_of(publisher: &Publisher, c: &Candidate, stored: binding::StoredResult
         );
         publisher.metrics.outcome("result_replaced");
     }
-    merge_output(source, json)
+    let tracestate = c.tracestate;
+    merge_output(source, json).and_then(|v| publisher.fitting(&c.env, (c.partition, c.offset), tracestate, v))
 }
+
+/// Where an output comes from (its results record) and its size.
+type OutputAt = ((i32, i64), usize);
 
 /// A dead letter of the batch: its envelope and headers, the Kafka key of its DLQ record,
 /// and the results record (partition, offset) it comes from.
@@ -700,8 +805,9 @@ fn decode(publisher: &Publisher, batch: &[OwnedMessage]) -> (Vec<Candidate>, Vec
         match decoded {
             Ok(env) if env.result().is_some() => {
                 trace.set([KeyValue::new(attr::IDEMPOTENCY_KEY, env.idempotency_key.clone())]);
+                let tracestate = incoming.as_ref().and_then(|t| t.tracestate.as_ref()).map_or(0, String::len);
                 let source = source_of(&env);
-                candidates.push(Candidate { env, trace, partition, offset, source });
+                candidates.push(Candidate { env, trace, partition, offset, source, tracestate });
             }
             Ok(env) => {
                 let error = RecordError::invalid(Reason::NoResult, "a results record without a result");
@@ -760,5 +866,7 @@ fn send(
     if let Some(k) = key {
         record = record.key(k);
     }
-    producer.send_result(record).map_err(|(e, _)| anyhow::anyhow!("cannot enqueue a record for {topic}: {e}"))
+    producer
+        .send_result(record)
+        .map_err(|(e, _)| anyhow::Error::new(e).context(format!("cannot enqueue a record for {topic}")))
 }

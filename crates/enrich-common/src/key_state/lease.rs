@@ -307,14 +307,36 @@ pub async fn claim_dead_letter(
     dead: &Envelope,
     trace: &TraceContext,
 ) -> sqlx::Result<Option<(i64, i32)>> {
+    claim(pool, who, dead, trace, "state NOT IN ('enriched', 'published', 'dead_lettered')").await
+}
+
+/// `enriched` → `dead_lettered`, as [`claim_dead_letter`]: the key's stored result can
+/// never be written to the results topic (the producer refuses it as too large), so it
+/// would otherwise be emitted again on every delivery. The result stays stored.
+pub async fn claim_stored_dead_letter(
+    pool: &PgPool,
+    who: Owner<'_>,
+    dead: &Envelope,
+    trace: &TraceContext,
+) -> sqlx::Result<Option<(i64, i32)>> {
+    claim(pool, who, dead, trace, "state = 'enriched'").await
+}
+
+async fn claim(
+    pool: &PgPool,
+    who: Owner<'_>,
+    dead: &Envelope,
+    trace: &TraceContext,
+    from: &'static str,
+) -> sqlx::Result<Option<(i64, i32)>> {
     let mut tx = pool.begin().await?;
-    let claimed: Option<(i32,)> = sqlx::query_as(
+    let claimed: Option<(i32,)> = sqlx::query_as(sqlx::AssertSqlSafe(format!(
         "UPDATE enrich_state SET state = 'dead_lettered', lease_owner = $3,
                 lease_until = now() + make_interval(secs => $4), updated_at = now()
-         WHERE pipeline = $1 AND idempotency_key = $2 AND state NOT IN ('enriched', 'published', 'dead_lettered')
+         WHERE pipeline = $1 AND idempotency_key = $2 AND {from}
            AND (lease_owner IS NULL OR lease_owner = $3 OR lease_until IS NULL OR lease_until <= now())
-         RETURNING attempts",
-    )
+         RETURNING attempts"
+    )))
     .bind(who.pipeline)
     .bind(&dead.idempotency_key)
     .bind(who.owner)

@@ -16,6 +16,7 @@
 //! | result stored           | [`lease::finish`]                | not ended → enriched                        |
 //! | retry later             | [`lease::schedule_retry`]        | enriching (ours, this attempt) → retry_scheduled |
 //! | dead-lettered           | [`lease::claim_dead_letter`]     | not ended → dead_lettered                   |
+//! | result too large to emit | [`lease::claim_stored_dead_letter`] | enriched → dead_lettered                |
 //! | pending dead letter     | [`lease::take_dead_lettered`], [`lease::dead_letter_listed`] | dead_lettered (same state: its lease) |
 //! | bound to its record     | [`publish::bind`] (returns the stored result it publishes) | enriched (same state)   |
 //! | settled                 | [`publish::settle`]              | enriched → published, dead_lettered         |

@@ -101,6 +101,31 @@ pub async fn bind(
         .collect())
 }
 
+/// Keys bound to be published whose output turned out impossible to build (too large
+/// for the output topic, say) once the stored result was read: bound to be
+/// dead-lettered instead, in the caller's binding transaction (`enriched` kept).
+pub async fn rebind_dead_lettered(tx: &mut sqlx::PgConnection, pipeline: &str, bound: &[Bound]) -> sqlx::Result<()> {
+    if bound.is_empty() {
+        return Ok(());
+    }
+    let keys: Vec<&str> = bound.iter().map(|b| b.key.as_str()).collect();
+    let partitions: Vec<i32> = bound.iter().map(|b| b.partition).collect();
+    let offsets: Vec<i64> = bound.iter().map(|b| b.offset).collect();
+    sqlx::query(
+        "UPDATE enrich_state s SET publish_outcome = 'dead_lettered', updated_at = now()
+           FROM UNNEST($2::text[], $3::int[], $4::bigint[]) AS b(k, p, o)
+          WHERE s.pipeline = $1 AND s.idempotency_key = b.k AND s.state = 'enriched'
+            AND s.publish_partition = b.p AND s.publish_offset = b.o",
+    )
+    .bind(pipeline)
+    .bind(&keys)
+    .bind(&partitions)
+    .bind(&offsets)
+    .execute(tx)
+    .await?;
+    Ok(())
+}
+
 /// What settling did.
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
 pub struct Settled {

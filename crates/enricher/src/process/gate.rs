@@ -115,7 +115,9 @@ impl Enricher {
                 Ok(Admit::Done(Handled::AlreadyPublished))
             }
             KeyState::Enriched(stored) => {
-                self.emit(envelope, record_key, &stored, super::Answer::default(), span).await?;
+                if let Some(handled) = self.emit(envelope, record_key, &stored, super::Answer::default(), span).await? {
+                    return Ok(Admit::Done(handled));
+                }
                 self.store.record_run(envelope, 0, "reused", &span.ids().trace_id_hex(), None).await?;
                 self.metrics.outcome("reused");
                 Ok(Admit::Done(Handled::Reused))

@@ -45,6 +45,8 @@ pub struct Enricher {
     pub validator: OutputValidator,
     pub producer: FutureProducer,
     pub results_topic: String,
+    /// The producer's `message.max.bytes`, for the message of a result too large to emit.
+    pub message_max_bytes: usize,
     pub dlq_topic: String,
     pub metrics: EnricherMetrics,
     /// Flow control of the LLM calls: the adaptive concurrency limit (at most

@@ -18,6 +18,15 @@ use crate::llm::LlmError;
 use crate::policy::{self, Next};
 use crate::store::StoredResult;
 
+/// Which key states a dead letter may be claimed from.
+#[derive(Debug, Clone, Copy)]
+enum Claim {
+    /// Not ended: the attempt's failure.
+    Unfinished,
+    /// `enriched`: a stored result that cannot be emitted.
+    Stored,
+}
+
 /// The attempt this outcome belongs to.
 pub(super) struct Attempted {
     pub attempt: i32,
@@ -46,7 +55,9 @@ impl Enricher {
                     span.set([opentelemetry::KeyValue::new("enrich.cache_hit", true)]);
                 }
                 let answer = Answer { attempt, tokens, cached };
-                self.emit(envelope, record_key, &stored, answer, span).await?;
+                if let Some(handled) = self.emit(envelope, record_key, &stored, answer, span).await? {
+                    return Ok(Some(handled));
+                }
                 self.metrics.outcome("enriched");
                 self.dead_letters.recorded(0, 1);
                 return Ok(Some(Handled::Enriched));
@@ -185,6 +196,10 @@ impl Enricher {
         }
     }
 
+    /// Writes the stored result to the results topic. A result the producer refuses as
+    /// too large (at enqueue or at delivery) can never be written: the key is
+    /// dead-lettered `too_large` instead (its result stays stored) and that outcome is
+    /// returned; `None` when the result was written.
     pub(super) async fn emit(
         &self,
         envelope: &Envelope,
@@ -192,7 +207,7 @@ impl Enricher {
         stored: &StoredResult,
         Answer { attempt, tokens: (input_tokens, output_tokens), cached }: Answer,
         span: &RecordSpan,
-    ) -> anyhow::Result<()> {
+    ) -> anyhow::Result<Option<Handled>> {
         let out = Envelope {
             attempt: attempt.max(0) as u32,
             outcome: Some(Outcome::Result(EnrichmentResult {
@@ -208,7 +223,27 @@ impl Enricher {
         };
         let send = span.producer(&self.results_topic);
         let h = send.ids().inject(headers::owned(&[(headers::IDEMPOTENCY_KEY, &envelope.idempotency_key)]));
-        self.produce(&self.results_topic, record_key, out.encode_to_bytes(), h).await
+        let value = out.encode_to_bytes();
+        let size = value.len() + record_key.len();
+        match self.produce(&self.results_topic, record_key, value, h).await {
+            Ok(()) => Ok(None),
+            Err(e) if enrich_common::kafka::is_too_large(&e) => {
+                drop(send);
+                let error = RecordError::new(
+                    ErrorClass::Permanent,
+                    Reason::TooLarge,
+                    format!(
+                        "the enrichment result ({} bytes of JSON) makes a record of {size} bytes, which the producer refuses for {} (message.max.bytes is {}): {e:#}",
+                        stored.json.len(),
+                        self.results_topic,
+                        self.message_max_bytes
+                    ),
+                );
+                let attempts = attempt.max(envelope.attempt as i32);
+                Ok(Some(self.give_up_as(envelope.clone(), record_key, &error, attempts, span, Claim::Stored).await?))
+            }
+            Err(e) => Err(e),
+        }
     }
 
     /// Sends the record to the retry topic, due after the policy's delay (or the
@@ -259,11 +294,24 @@ impl Enricher {
     /// otherwise meanwhile (another replica stored its result).
     pub(super) async fn give_up(
         &self,
+        envelope: Envelope,
+        record_key: &[u8],
+        error: &RecordError,
+        attempts: i32,
+        span: &RecordSpan,
+    ) -> anyhow::Result<Handled> {
+        self.give_up_as(envelope, record_key, error, attempts, span, Claim::Unfinished).await
+    }
+
+    /// [`Self::give_up`], from the state `from` says.
+    async fn give_up_as(
+        &self,
         mut envelope: Envelope,
         record_key: &[u8],
         error: &RecordError,
         attempts: i32,
         span: &RecordSpan,
+        from: Claim,
     ) -> anyhow::Result<Handled> {
         envelope.attempt = attempts.max(0) as u32;
         let key = envelope.idempotency_key.clone();
@@ -276,7 +324,11 @@ impl Enricher {
         let snapshot = envelope.clone();
         let send = span.producer(&self.dlq_topic);
         let (dead, h) = self.dead_letters.letter(envelope, error, send.ids());
-        let Some((id, held_attempt)) = self.store.claim_dead_letter(&dead, send.ids()).await? else {
+        let claimed = match from {
+            Claim::Unfinished => self.store.claim_dead_letter(&dead, send.ids()).await?,
+            Claim::Stored => self.store.claim_stored_dead_letter(&dead, send.ids()).await?,
+        };
+        let Some((id, held_attempt)) = claimed else {
             tracing::info!(idempotency_key = %key, "the key ended meanwhile; not dead-lettering it");
             return Ok(Handled::Skipped);
         };
@@ -375,7 +427,7 @@ impl Enricher {
         self.producer
             .send(FutureRecord::to(topic).key(key).payload(&payload).headers(headers), Duration::from_secs(30))
             .await
-            .map_err(|(e, _)| anyhow::anyhow!("cannot produce to {topic}: {e}"))?;
+            .map_err(|(e, _)| anyhow::Error::new(e).context(format!("cannot produce to {topic}")))?;
         self.metrics.stage.produced(topic, 1);
         Ok(())
     }
