@@ -14,6 +14,14 @@ BEGIN
         END IF;
         RETURN NEW;
     END IF;
+    -- A key bound to a results record is settled by the publisher: only to the outcome
+    -- it was bound for.
+    IF OLD.state = 'enriched' AND OLD.publish_offset IS NOT NULL
+       AND NEW.state IS DISTINCT FROM COALESCE(NEW.publish_outcome, 'published') THEN
+        RAISE EXCEPTION 'key % is bound to be %; it cannot become %', OLD.idempotency_key,
+            COALESCE(OLD.publish_outcome, 'published'), NEW.state
+            USING ERRCODE = 'check_violation', CONSTRAINT = 'enrich_state_transition';
+    END IF;
     IF NOT (CASE OLD.state
         WHEN 'received' THEN NEW.state IN ('requested', 'enriching', 'retry_scheduled', 'enriched', 'dead_lettered')
         WHEN 'requested' THEN NEW.state IN ('enriching', 'retry_scheduled', 'enriched', 'dead_lettered')

@@ -102,6 +102,38 @@ async fn the_database_refuses_every_transition_the_state_machine_lacks() -> anyh
             assert_eq!((row(&env, &key).await?.3.as_deref(), result.as_str()), (Some("h1"), r#"{"a": 1}"#));
         }
     }
+    // A key bound to a results record is settled only to the outcome it was bound for: a
+    // late dead-lettering of its result (another replica's emit refused as too large) is
+    // refused, so it is never published *and* dead-lettered.
+    insert(&env, "bound", State::Enriched, None, 1).await?;
+    sqlx::query(
+        "UPDATE enrich_state SET publish_partition = 0, publish_offset = 7, publish_outcome = 'published'
+          WHERE pipeline = $1 AND idempotency_key = 'bound'",
+    )
+    .bind(&env.settings.pipeline.name)
+    .execute(&env.pool)
+    .await?;
+    let result = sqlx::query(
+        "UPDATE enrich_state SET state = 'dead_lettered' WHERE pipeline = $1 AND idempotency_key = 'bound'",
+    )
+    .bind(&env.settings.pipeline.name)
+    .execute(&env.pool)
+    .await;
+    assert_eq!(refused_by_the_check(result), Some(true), "a bound key was dead-lettered under its binding");
+    let who =
+        lease::Owner { pipeline: &env.settings.pipeline.name, owner: "replica-a", lease: Duration::from_secs(60) };
+    let dead = enrich_common::Envelope {
+        pipeline: env.settings.pipeline.name.clone(),
+        idempotency_key: "bound".into(),
+        ..Default::default()
+    };
+    let trace = enrich_common::TraceContext::new_root();
+    assert_eq!(
+        lease::claim_stored_dead_letter(&env.pool, who, &dead, &trace).await?,
+        None,
+        "the claim leaves a bound key"
+    );
+    assert_eq!(row(&env, "bound").await?.0, "enriched");
     env.teardown().await;
     Ok(())
 }

@@ -312,14 +312,16 @@ pub async fn claim_dead_letter(
 
 /// `enriched` → `dead_lettered`, as [`claim_dead_letter`]: the key's stored result can
 /// never be written to the results topic (the producer refuses it as too large), so it
-/// would otherwise be emitted again on every delivery. The result stays stored.
+/// would otherwise be emitted again on every delivery. The result stays stored. A key the
+/// publisher has bound to a results record (an earlier copy that fitted) is left alone:
+/// that copy publishes it (None).
 pub async fn claim_stored_dead_letter(
     pool: &PgPool,
     who: Owner<'_>,
     dead: &Envelope,
     trace: &TraceContext,
 ) -> sqlx::Result<Option<(i64, i32)>> {
-    claim(pool, who, dead, trace, "state = 'enriched'").await
+    claim(pool, who, dead, trace, "state = 'enriched' AND publish_offset IS NULL").await
 }
 
 async fn claim(
