@@ -129,7 +129,8 @@ pub async fn run(
                 apply(consumer, &delays, &scheduler, actions);
             }
             Some((epoch, partitions)) = revoked.recv() => {
-                scheduler.revoke_at(&partitions, epoch);
+                let actions = scheduler.revoke_at(&partitions, epoch);
+                apply(consumer, &delays, &scheduler, actions);
                 delays.revoke_where(&partitions, |(read_at, _)| *read_at < epoch);
                 enricher.metrics.retries_waiting.set(delays.len() as i64);
             }

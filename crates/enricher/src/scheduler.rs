@@ -212,9 +212,11 @@ impl Scheduler {
             }
         }
         let mut actions = Vec::new();
-        let Some(tracker) = self.trackers.get_mut(&job_chain.partition) else { return actions };
+        let Some(tracker) = self.trackers.get_mut(&job_chain.partition) else { return self.resume_drained() };
         if tracker.generation != generation || !finished {
-            return actions;
+            // A stale or abandoned job frees no bytes of its own, but the budget may have
+            // drained meanwhile (a revocation dropped a tracker).
+            return self.resume_drained();
         }
         if let Some(size) = tracker.unfinished.remove(&offset) {
             tracker.bytes -= size;
@@ -224,9 +226,14 @@ impl Scheduler {
             tracker.stored = Some(position);
             actions.push(Action::Store(job_chain.partition.clone(), position));
         }
-        // Drained to half of the byte budget: every partition paused and drained to half
-        // its count resumes (one paused by the bytes of others has nothing of its own to
-        // finish).
+        actions.extend(self.resume_drained());
+        actions
+    }
+
+    /// Drained to half of the byte budget: every partition paused and drained to half its
+    /// count resumes (one paused by the bytes of others has nothing of its own to finish).
+    fn resume_drained(&mut self) -> Vec<Action> {
+        let mut actions = Vec::new();
         if self.buffered_bytes() <= self.limits.max_buffered_bytes / 2 {
             let half = self.limits.max_buffered_per_partition / 2;
             for (p, t) in &mut self.trackers {
@@ -245,18 +252,20 @@ impl Scheduler {
     }
 
     /// The partitions are no longer ours.
-    pub fn revoke(&mut self, partitions: &[PartitionId]) {
-        self.revoke_at(partitions, u64::MAX);
+    pub fn revoke(&mut self, partitions: &[PartitionId]) -> Vec<Action> {
+        self.revoke_at(partitions, u64::MAX)
     }
 
     /// The partitions were revoked at rebalance `epoch`: trackers from before it end;
-    /// one made since (the partition came back) stays.
-    pub fn revoke_at(&mut self, partitions: &[PartitionId], epoch: u64) {
+    /// one made since (the partition came back) stays. The bytes they held go with them:
+    /// the partitions those bytes paused may resume.
+    pub fn revoke_at(&mut self, partitions: &[PartitionId], epoch: u64) -> Vec<Action> {
         for p in partitions {
             if self.trackers.get(p).is_some_and(|t| t.epoch < epoch) {
                 self.trackers.remove(p);
             }
         }
+        self.resume_drained()
     }
 }
 
@@ -403,6 +412,38 @@ mod tests {
         assert!(resumed.iter().all(|a| !matches!(a, Action::Resume(_))), "2 MB left: more than half: {resumed:?}");
         let resumed = done(&mut s, 2);
         assert!(resumed.contains(&Action::Resume(p0)) && resumed.contains(&Action::Resume(p1)), "{resumed:?}");
+    }
+
+    #[test]
+    fn a_revocation_that_frees_the_bytes_resumes_the_partitions_they_paused() {
+        let record = |p: i32, o: i64, size: usize| {
+            OwnedMessage::new(Some(vec![b'x'; size]), None, "t".into(), Timestamp::NotAvailable, p, o, None)
+        };
+        let mut s = Scheduler::new(Limits {
+            max_in_flight: 100,
+            max_buffered_per_partition: 1000,
+            max_buffered_bytes: 10 << 20,
+            ordering: Ordering::Key,
+        });
+        let (p0, p1): (PartitionId, PartitionId) = (("t".into(), 0), ("t".into(), 1));
+        // Partition 0 holds 12 MB of a 10 MB budget; partition 1 reads a small record and
+        // pauses for the bytes of partition 0.
+        s.admit(record(0, 0, 6 << 20));
+        s.admit(record(0, 1, 6 << 20));
+        assert_eq!(s.admit(record(1, 0, 1024)), vec![Action::Pause(p1.clone())]);
+        let jobs = drain(&mut s);
+        let small = jobs.iter().find(|j| j.chain.partition == p1).expect("the small record runs");
+        let done = s.complete(&small.chain, small.generation, small.message.offset(), true);
+        assert!(!done.contains(&Action::Resume(p1.clone())), "12 MB still buffered: {done:?}");
+        // Partition 0 is revoked: its 12 MB are gone, and partition 1 must not stay paused.
+        let actions = s.revoke(std::slice::from_ref(&p0));
+        assert!(actions.contains(&Action::Resume(p1.clone())), "{actions:?}");
+        assert!(!s.is_paused(&p1));
+        // Its jobs still running end as stale, with nothing more to resume.
+        for j in jobs.iter().filter(|j| j.chain.partition == p0) {
+            s.complete(&j.chain, j.generation, j.message.offset(), true);
+        }
+        assert_eq!(s.buffered_bytes(), 0);
     }
 
     #[test]
