@@ -233,3 +233,49 @@ async fn a_forged_results_record_publishes_the_stored_result() -> anyhow::Result
     env.teardown().await;
     Ok(())
 }
+
+/// An envelope of this pipeline on `enrich.results` with a 600 KB idempotency key and no
+/// result: its dead letter would repeat the key as a header and not fit the producer's
+/// limit. It is taken for a foreign record (its key hashed) and dead-lettered once; the
+/// publisher goes on with the tickets behind it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn an_envelope_with_a_huge_key_on_the_results_topic_is_dead_lettered_and_holds_nothing_up() -> anyhow::Result<()>
+{
+    use enrich_common::envelope::Envelope;
+    use rdkafka::producer::{FutureProducer, FutureRecord};
+    const N: usize = 10;
+    let env = TestEnv::new(llm_sim::Latency::default(), &[]).await?;
+    let results = env.settings.topics.results.clone();
+    enrich_common::kafka::ensure_topics(&env.settings, &[&results]).await?;
+    let rogue = Envelope {
+        schema: enrich_common::envelope::SCHEMA.into(),
+        pipeline: env.settings.pipeline.name.clone(),
+        idempotency_key: "k".repeat(600 * 1024),
+        ..Default::default()
+    };
+    let producer: FutureProducer = enrich_common::kafka::producer(&env.settings, "test")?;
+    producer
+        .send(FutureRecord::to(&results).key("rogue").payload(&rogue.encode_to_bytes()), Duration::from_secs(30))
+        .await
+        .map_err(|(e, _)| e)?;
+    let records = workload::marked_tickets(&env.id, N, &[]);
+    let produced = produce_all(&env.settings, env.source_topic(), &records, |_| false, |_| {}).await?;
+    let stages = [StageKind::Ingest, StageKind::Enricher, StageKind::Publisher].map(|k| env.spawn(k));
+    env.wait_accounted(&produced, DEADLINE).await?;
+    let dead = wait_for("the rogue envelope in the DLQ", DEADLINE, || async {
+        let dead = read_to_end(&env.settings, &env.settings.topics.dlq, Duration::from_secs(30))?;
+        Ok((!dead.is_empty()).then_some(dead))
+    })
+    .await?;
+    assert_eq!(dead.len(), 1, "one dead letter");
+    assert_eq!(header(&dead[0], headers::DLQ_REASON).as_deref(), Some("invalid_envelope"));
+    assert_eq!(header(&dead[0], headers::DLQ_STAGE).as_deref(), Some("publisher"));
+    let output = read_to_end(&env.settings, &env.settings.topics.output, Duration::from_secs(30))?;
+    assert_eq!(output.len(), N, "every ticket published once");
+    for s in stages {
+        assert!(!s.has_exited(), "the {:?} stage is still running", s.kind);
+        s.stop().await?;
+    }
+    env.teardown().await;
+    Ok(())
+}

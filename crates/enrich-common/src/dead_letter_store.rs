@@ -25,6 +25,27 @@ pub async fn record_pending<'e>(
     insert(db, &rows, "pending").await
 }
 
+/// Drops the publisher's pending dead letters at these results records (partition,
+/// offset): left by an earlier round of the same records whose Kafka transaction aborted,
+/// they are void; the round binding them again records its own. (A round that committed
+/// moved the offsets past its records, which are never bound again.)
+pub async fn drop_pending_at<'e>(db: impl PgExecutor<'e>, pipeline: &str, at: &[(i32, i64)]) -> sqlx::Result<()> {
+    if at.is_empty() {
+        return Ok(());
+    }
+    let (partitions, offsets): (Vec<i32>, Vec<i64>) = at.iter().copied().unzip();
+    sqlx::query(
+        "DELETE FROM dead_letters d USING UNNEST($2::int[], $3::bigint[]) AS r(p, o)
+          WHERE d.pipeline = $1 AND d.status = 'pending' AND d.publish_partition = r.p AND d.publish_offset = r.o",
+    )
+    .bind(pipeline)
+    .bind(&partitions)
+    .bind(&offsets)
+    .execute(db)
+    .await?;
+    Ok(())
+}
+
 /// Records one dead letter as `pending` before its DLQ record is written (the enricher
 /// does, in the transaction that marks the key `dead_lettered`): a record handled again
 /// after a failure finds it and writes its DLQ record, instead of making a second dead

@@ -33,6 +33,11 @@ fn default_header() -> String {
     crate::headers::IDEMPOTENCY_KEY.to_string()
 }
 
+/// The longest idempotency key accepted (PostgreSQL indexes the keys; a btree entry must
+/// stay well under a page). Ingest refuses longer ones; the internal topics treat an
+/// envelope with a longer one as foreign.
+pub const MAX_KEY_BYTES: usize = 512;
+
 /// The key that identifies one logical event within a pipeline.
 #[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct IdempotencyKey(String);

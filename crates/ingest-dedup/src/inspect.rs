@@ -42,9 +42,7 @@ impl Inspected {
     }
 }
 
-/// The longest idempotency key accepted (PostgreSQL indexes the keys; a btree entry must
-/// stay well under a page).
-pub const MAX_KEY_BYTES: usize = 512;
+pub use enrich_common::idempotency::MAX_KEY_BYTES;
 
 /// `headers` are the message's, collected once by the caller (it reads the trace
 /// context from them too). `budget` bounds the record's weight (see [`budget`]).

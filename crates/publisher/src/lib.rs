@@ -50,7 +50,7 @@ struct Publisher {
     /// Records of the results topic whose output the producer or the broker refused as
     /// too large (`MSG_SIZE_TOO_LARGE`; of a refused batch, its largest output): the batch
     /// is aborted, and read again they are dead-lettered `too_large` instead of being sent
-    /// again for ever.
+    /// again for ever; forgotten once the batch that dead-letters them has committed.
     refused: std::sync::Mutex<HashSet<(i32, i64)>>,
 }
 
@@ -58,6 +58,16 @@ impl Publisher {
     fn refuse(&self, at: (i32, i64)) {
         if let Ok(mut refused) = self.refused.lock() {
             refused.insert(at);
+        }
+    }
+
+    fn forget_refused(&self, committed: &[(i32, i64)]) {
+        if let Ok(mut refused) = self.refused.lock()
+            && !refused.is_empty()
+        {
+            for at in committed {
+                refused.remove(at);
+            }
         }
     }
 
@@ -558,11 +568,23 @@ async fn publish_batch(
         ));
     }
     // Per candidate, the output of the record bound to its key (None: not bound).
-    let outputs: Vec<Option<Result<Vec<u8>, RecordError>>> = async {
+    // (Err: the DLQ limit holds the batch, for this reason.)
+    let outputs: Result<Vec<Output>, String> = async {
         let mut tx = publisher.runtime.pool.begin().await?;
         let mut bound = binding::bind(&mut tx, pipeline, &claims).await?;
-        let outputs: Vec<Option<Result<Vec<u8>, RecordError>>> =
+        let outputs: Vec<Output> =
             candidates.iter().map(|c| bound.remove(&c.at()).map(|stored| output_of(publisher, c, stored))).collect();
+        // The dead letters known only now (outputs that cannot be built or do not fit)
+        // pass the DLQ limit like the others: past it the binding is rolled back and the
+        // batch held (a bad deploy of `message.max.bytes` must not dead-letter a topic).
+        let late = outputs.iter().filter(|o| matches!(o, Some(Err(_)))).count();
+        if late > 0 {
+            let good = outputs.iter().filter(|o| matches!(o, Some(Ok(_)))).count();
+            if let Err(why) = publisher.dead_letters.check(rejects.len() + late, good) {
+                tx.rollback().await?;
+                return anyhow::Ok(Err(why));
+            }
+        }
         // An output that cannot be built from the stored result (or does not fit) is known
         // only now: its key is bound to be dead-lettered, in this same transaction.
         let unbuildable: Vec<binding::Bound> = candidates
@@ -590,11 +612,18 @@ async fn publish_batch(
         }
         let contexts: Vec<TraceContext> = sends.iter().map(|s| s.ids().clone()).collect();
         let pending: Vec<_> = dead.iter().zip(&contexts).map(|((letter, _, _, at), ctx)| (letter, ctx, *at)).collect();
+        let coordinates: Vec<(i32, i64)> = candidates
+            .iter()
+            .map(|c| (c.partition, c.offset))
+            .chain(rejects.iter().map(|r| (r.partition, r.offset)))
+            .collect();
+        enrich_common::dead_letter_store::drop_pending_at(&mut *tx, pipeline, &coordinates).await?;
         enrich_common::dead_letter_store::record_pending(&mut *tx, &pending).await?;
         tx.commit().await?;
-        anyhow::Ok(outputs)
+        anyhow::Ok(Ok(outputs))
     }
     .await?;
+    let outputs = outputs.map_err(Failed::Held)?;
     let mine: Vec<bool> = outputs.iter().map(Option::is_some).collect();
     let bound_keys: HashSet<&str> =
         candidates.iter().zip(&mine).filter(|(_, m)| **m).map(|(c, _)| c.env.idempotency_key.as_str()).collect();
@@ -688,6 +717,8 @@ async fn publish_batch(
         return Err(Failed::Retry(e));
     }
     failpoints::pass(pipeline, failpoints::Instant::AfterKafkaCommit).await;
+    // The refused outputs of this batch are dead-lettered and committed: never read again.
+    publisher.forget_refused(&records_at(batch));
     publisher.runtime.metrics.produced(&topics.output, published.len() as u64);
     publisher.runtime.metrics.produced(&topics.dlq, dead.len() as u64);
 
@@ -754,6 +785,15 @@ fn output_of(publisher: &Publisher, c: &Candidate, stored: binding::StoredResult
     merge_output(source, json).and_then(|v| publisher.fitting(&c.env, (c.partition, c.offset), tracestate, v))
 }
 
+/// Per candidate, the output of the record bound to its key (None: not bound), or why
+/// it cannot be built.
+type Output = Option<Result<Vec<u8>, RecordError>>;
+
+/// The (partition, offset) of each record of a batch.
+fn records_at(batch: &[OwnedMessage]) -> Vec<(i32, i64)> {
+    batch.iter().map(|m| (m.partition(), m.offset())).collect()
+}
+
 /// Where an output comes from (its results record) and its size.
 type OutputAt = ((i32, i64), usize);
 
@@ -796,6 +836,12 @@ fn decode(publisher: &Publisher, batch: &[OwnedMessage]) -> (Vec<Candidate>, Vec
                 let topic = env.source.as_ref().map(|s| s.topic.as_str()).unwrap_or_default();
                 if env.pipeline != *pipeline {
                     Err(format!("the envelope is of pipeline {:?}, not {pipeline:?}", env.pipeline))
+                } else if env.idempotency_key.len() > enrich_common::idempotency::MAX_KEY_BYTES {
+                    Err(format!(
+                        "the envelope's idempotency key is {} bytes; at most {} are accepted",
+                        env.idempotency_key.len(),
+                        enrich_common::idempotency::MAX_KEY_BYTES
+                    ))
                 } else if env.idempotency_key.contains('\0') || topic.contains('\0') {
                     Err("the envelope's idempotency key or source topic contains a NUL character".to_string())
                 } else {
