@@ -248,6 +248,67 @@ async fn a_record_the_endpoint_always_refuses_spends_its_429s_and_reaches_the_dl
     Ok(())
 }
 
+/// A record whose first answer is invalid and whose repair call the endpoint always
+/// refuses with 429 while it answers others: the repair does not wait for ever; past
+/// `llm.max_rate_limited` charged 429s the record is dead-lettered with its validation
+/// error (its first call was paid: no new attempt pays again), and the others flow.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_repair_the_endpoint_always_refuses_is_dead_lettered_with_its_validation_error() -> anyhow::Result<()> {
+    const FIRST: usize = 50;
+    const CHUNK: usize = 20;
+    const MOST: usize = 4000;
+    const BAD: usize = 3;
+    let overrides =
+        [("ENRICH_ENRICHER__MAX_IN_FLIGHT", "16".to_string()), ("ENRICH_LLM__MAX_RATE_LIMITED", "2".into())];
+    let env = TestEnv::new(llm_sim::Latency::Fixed(Duration::from_millis(50)), &overrides).await?;
+    let records = std::sync::Arc::new(marked_tickets(&env.id, MOST, &[(BAD, "429-on-repair")]));
+    let mut produced = produce_all(&env.settings, env.source_topic(), &records[..FIRST], |_| false, |_| {}).await?;
+    let stages = [StageKind::Ingest, StageKind::Enricher, StageKind::Publisher].map(|k| env.spawn(k));
+    // Good tickets keep coming while the repair is refused (its 429s are charged only
+    // while the endpoint answers others).
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let feeder = tokio::spawn({
+        let (settings, topic, records, stop) =
+            (env.settings.clone(), env.source_topic().to_string(), records.clone(), stop.clone());
+        async move {
+            let (mut produced, mut next) = (Vec::new(), FIRST);
+            while !stop.load(std::sync::atomic::Ordering::SeqCst) && next + CHUNK <= MOST {
+                produced.extend(produce_all(&settings, &topic, &records[next..next + CHUNK], |_| false, |_| {}).await?);
+                next += CHUNK;
+                tokio::time::sleep(Duration::from_millis(500)).await; // the pace, not a wait for an event
+            }
+            anyhow::Ok(produced)
+        }
+    });
+    let pipeline = env.settings.pipeline.name.clone();
+    let dead = wait_for("the record whose repair is refused to be dead-lettered", Duration::from_secs(120), || async {
+        let (n,): (i64,) = sqlx::query_as("SELECT count(*) FROM dead_letters WHERE pipeline = $1 AND status = 'dead'")
+            .bind(&pipeline)
+            .fetch_one(&env.pool)
+            .await?;
+        Ok((n > 0).then_some(()))
+    })
+    .await;
+    stop.store(true, std::sync::atomic::Ordering::SeqCst);
+    produced.extend(feeder.await??);
+    dead?;
+    let acct = env.wait_accounted(&produced, DEADLINE).await?;
+    for s in stages {
+        s.stop().await?;
+    }
+    let n = produced.len();
+    assert_eq!((acct.published, acct.dead_lettered_at_enricher), ((n - 1) as i64, 1), "{acct:?}");
+    let dlq = read_to_end(&env.settings, &env.settings.topics.dlq, Duration::from_secs(30))?;
+    assert_eq!(dlq.len(), 1);
+    let h = |name: &str| header(&dlq[0], name).unwrap_or_else(|| panic!("DLQ header {name}"));
+    assert_eq!(h(headers::DLQ_REASON), "invalid_json");
+    assert!(h(headers::DLQ_ERROR).contains("repair call was refused (429)"), "{}", h(headers::DLQ_ERROR));
+    assert_eq!(h(headers::DLQ_ATTEMPTS), "1", "the paid first call was not paid again");
+    assert!(h(headers::IDEMPOTENCY_KEY).ends_with(&records[BAD].ticket.as_ref().unwrap().id));
+    env.teardown().await;
+    Ok(())
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn an_unavailable_model_falls_back_to_the_next_at_its_own_price() -> anyhow::Result<()> {
     const N: usize = 20;

@@ -10,6 +10,7 @@
 //! | `[[sim:invalid-json]]` | the answer is not JSON, also on a repair request |
 //! | `[[sim:invalid-json-once]]` | the answer is not JSON; a repair request gets a valid one |
 //! | `[[sim:schema-violation]]` | valid JSON that breaks the schema, also on repair |
+//! | `[[sim:429-on-repair]]` | the answer is not JSON; every repair request answers 429 |
 //! | `[[sim:answer-bytes:N]]` | a valid answer of at least N bytes (its `tags` padded) |
 //!
 //! Markers and rates can be switched off at runtime (`POST /admin/faults`), so a test
@@ -59,6 +60,13 @@ pub fn decide(faults: &Faults, text: &str, first_time: bool, repair: bool, roll:
         let has = |m: &str| text.contains(&format!("[[sim:{m}]]"));
         if has("always-500") || (has("500-once") && first_time) {
             return Decision::Status { code: 500, retry_after_ms: None };
+        }
+        if has("429-on-repair") {
+            return if repair {
+                Decision::Status { code: 429, retry_after_ms: Some(1000) }
+            } else {
+                Decision::InvalidJson
+            };
         }
         if has("always-429") {
             return Decision::Status { code: 429, retry_after_ms: Some(1000) };

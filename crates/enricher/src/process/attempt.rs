@@ -3,6 +3,7 @@
 //! repair, then the result stored; the database writes of a paid call are retried
 //! rather than dropped.
 
+use enrich_common::ErrorClass;
 use enrich_common::envelope::Envelope;
 use enrich_common::error::Reason;
 use enrich_common::error::RecordError;
@@ -87,6 +88,10 @@ impl Enricher {
             (value, model)
         } else {
             let mut backoff = Duration::from_millis(200);
+            // The repair's 429s charged to this record (see `policy::charged`), and the
+            // validation error it was to repair: past `llm.max_rate_limited` of them the
+            // record is dead-lettered with that error instead of waiting for ever.
+            let (mut repair_charged, mut last_429, mut invalid) = (0u32, None, None::<RecordError>);
             loop {
                 let repairing = prompt.repair.is_some();
                 let step_name = if repairing { "llm_repair" } else { "llm_call" };
@@ -96,6 +101,29 @@ impl Enricher {
                     // than ending the attempt.
                     Err(AttemptError::Budget(wait)) if repairing => Err(wait),
                     Ok(Err(e)) if repairing && (e.error.reason == Reason::RateLimited || e.endpoint_down()) => {
+                        if e.error.reason == Reason::RateLimited {
+                            let now = self.flow.tally();
+                            if let Some(before) = last_429.replace(now) {
+                                let answered = now.answered.saturating_sub(before.answered);
+                                let refused = now.refused.saturating_sub(before.refused).saturating_sub(1);
+                                repair_charged += u32::from(crate::policy::charged(answered, refused));
+                            }
+                            if repair_charged > self.retry.max_rate_limited
+                                && let Some(invalid) = invalid.take()
+                            {
+                                let done: &[Step] = steps;
+                                self.until_written("store the steps of a refused repair", key, || {
+                                    self.store.record_steps(key, done)
+                                })
+                                .await?;
+                                let message = format!(
+                                    "{}; its repair call was refused (429) {repair_charged} times while the endpoint answered other calls",
+                                    invalid.message
+                                );
+                                let error = RecordError::new(ErrorClass::Permanent, invalid.reason, message);
+                                return Err(AttemptError::Llm(LlmError { error, retry_after: None }));
+                            }
+                        }
                         let wait = e.retry_after.unwrap_or_else(|| jitter(backoff));
                         backoff = (backoff * 2).min(Duration::from_secs(10));
                         Err(wait)
@@ -140,7 +168,8 @@ impl Enricher {
                             return Err(AttemptError::Llm(LlmError { error, retry_after: None }));
                         }
                         tracing::info!(idempotency_key = %key, reason = %error.reason, "invalid output; one repair call");
-                        prompt.repair = Some(Repair { previous: completion.content, error: error.message });
+                        prompt.repair = Some(Repair { previous: completion.content, error: error.message.clone() });
+                        invalid = Some(error);
                     }
                 }
             }
