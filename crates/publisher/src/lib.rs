@@ -52,6 +52,10 @@ struct Publisher {
     /// is aborted, and read again they are dead-lettered `too_large` instead of being sent
     /// again for ever; forgotten once the batch that dead-letters them has committed.
     refused: std::sync::Mutex<HashSet<(i32, i64)>>,
+    /// Records of the results topic whose pending dead letters this process recorded, until
+    /// the transaction carrying them commits: read again after an abort, their rows are
+    /// dropped and recorded anew (the new round may decide otherwise).
+    pending: std::sync::Mutex<HashSet<(i32, i64)>>,
 }
 
 impl Publisher {
@@ -61,13 +65,31 @@ impl Publisher {
         }
     }
 
-    fn forget_refused(&self, committed: &[(i32, i64)]) {
-        if let Ok(mut refused) = self.refused.lock()
-            && !refused.is_empty()
-        {
-            for at in committed {
-                refused.remove(at);
+    fn forget_committed(&self, committed: &[(i32, i64)]) {
+        for set in [&self.refused, &self.pending] {
+            if let Ok(mut set) = set.lock()
+                && !set.is_empty()
+            {
+                for at in committed {
+                    set.remove(at);
+                }
             }
+        }
+    }
+
+    /// The records (partition, offset) whose pending dead letters this process recorded.
+    fn pending_recorded(&self, at: impl Iterator<Item = (i32, i64)>) {
+        if let Ok(mut pending) = self.pending.lock() {
+            pending.extend(at);
+        }
+    }
+
+    /// Of `at`, the records whose pending dead letters this process recorded in a round
+    /// that has not committed.
+    fn uncommitted_pending(&self, at: impl Iterator<Item = (i32, i64)>) -> Vec<(i32, i64)> {
+        match self.pending.lock() {
+            Ok(pending) if !pending.is_empty() => at.filter(|a| pending.contains(a)).collect(),
+            _ => Vec::new(),
         }
     }
 
@@ -163,6 +185,7 @@ pub async fn run(settings: Settings, shutdown: CancellationToken) -> anyhow::Res
         call_timeout,
         dead_letters,
         refused: Default::default(),
+        pending: Default::default(),
     };
     let consumed = consume(&publisher, &consumer, &shutdown).await;
     publisher.runtime.finish(&shutdown).await;
@@ -568,23 +591,11 @@ async fn publish_batch(
         ));
     }
     // Per candidate, the output of the record bound to its key (None: not bound).
-    // (Err: the DLQ limit holds the batch, for this reason.)
-    let outputs: Result<Vec<Output>, String> = async {
+    let outputs: Vec<Output> = async {
         let mut tx = publisher.runtime.pool.begin().await?;
         let mut bound = binding::bind(&mut tx, pipeline, &claims).await?;
         let outputs: Vec<Output> =
             candidates.iter().map(|c| bound.remove(&c.at()).map(|stored| output_of(publisher, c, stored))).collect();
-        // The dead letters known only now (outputs that cannot be built or do not fit)
-        // pass the DLQ limit like the others: past it the binding is rolled back and the
-        // batch held (a bad deploy of `message.max.bytes` must not dead-letter a topic).
-        let late = outputs.iter().filter(|o| matches!(o, Some(Err(_)))).count();
-        if late > 0 {
-            let good = outputs.iter().filter(|o| matches!(o, Some(Ok(_)))).count();
-            if let Err(why) = publisher.dead_letters.check(rejects.len() + late, good) {
-                tx.rollback().await?;
-                return anyhow::Ok(Err(why));
-            }
-        }
         // An output that cannot be built from the stored result (or does not fit) is known
         // only now: its key is bound to be dead-lettered, in this same transaction.
         let unbuildable: Vec<binding::Bound> = candidates
@@ -612,18 +623,19 @@ async fn publish_batch(
         }
         let contexts: Vec<TraceContext> = sends.iter().map(|s| s.ids().clone()).collect();
         let pending: Vec<_> = dead.iter().zip(&contexts).map(|((letter, _, _, at), ctx)| (letter, ctx, *at)).collect();
-        let coordinates: Vec<(i32, i64)> = candidates
-            .iter()
-            .map(|c| (c.partition, c.offset))
-            .chain(rejects.iter().map(|r| (r.partition, r.offset)))
-            .collect();
-        enrich_common::dead_letter_store::drop_pending_at(&mut *tx, pipeline, &coordinates).await?;
+        // Pending dead letters this process recorded for these records in a round that
+        // did not commit are void: the round binding them again records its own. (Rows
+        // another publisher recorded are never touched.)
+        let void: Vec<(i32, i64)> = publisher.uncommitted_pending(
+            candidates.iter().map(|c| (c.partition, c.offset)).chain(rejects.iter().map(|r| (r.partition, r.offset))),
+        );
+        enrich_common::dead_letter_store::drop_pending_at(&mut *tx, pipeline, &void).await?;
         enrich_common::dead_letter_store::record_pending(&mut *tx, &pending).await?;
         tx.commit().await?;
-        anyhow::Ok(Ok(outputs))
+        publisher.pending_recorded(dead.iter().map(|(_, _, _, at)| *at));
+        anyhow::Ok(outputs)
     }
     .await?;
-    let outputs = outputs.map_err(Failed::Held)?;
     let mine: Vec<bool> = outputs.iter().map(Option::is_some).collect();
     let bound_keys: HashSet<&str> =
         candidates.iter().zip(&mine).filter(|(_, m)| **m).map(|(c, _)| c.env.idempotency_key.as_str()).collect();
@@ -717,8 +729,9 @@ async fn publish_batch(
         return Err(Failed::Retry(e));
     }
     failpoints::pass(pipeline, failpoints::Instant::AfterKafkaCommit).await;
-    // The refused outputs of this batch are dead-lettered and committed: never read again.
-    publisher.forget_refused(&records_at(batch));
+    // The refused outputs and pending dead letters of this batch are committed: never
+    // read again.
+    publisher.forget_committed(&records_at(batch));
     publisher.runtime.metrics.produced(&topics.output, published.len() as u64);
     publisher.runtime.metrics.produced(&topics.dlq, dead.len() as u64);
 
