@@ -35,6 +35,24 @@ impl Envelope {
         Ok(envelope)
     }
 
+    /// Decodes an envelope read from an internal topic, which trusts nothing: beside the
+    /// schema, its idempotency key and source topic must be text PostgreSQL can hold (no
+    /// NUL) and a key no longer than [`crate::idempotency::MAX_KEY_BYTES`], or every
+    /// batch the record joins, and its dead letter, would fail. Err: why, for the DLQ.
+    pub fn decode_internal(bytes: &[u8]) -> Result<Self, String> {
+        let envelope = Self::decode_from(bytes).map_err(|e| e.to_string())?;
+        let key = &envelope.idempotency_key;
+        let topic = envelope.source.as_ref().map(|s| s.topic.as_str()).unwrap_or_default();
+        let max = crate::idempotency::MAX_KEY_BYTES;
+        if key.len() > max {
+            Err(format!("the envelope's idempotency key is {} bytes; at most {max} are accepted", key.len()))
+        } else if key.contains('\0') || topic.contains('\0') {
+            Err("the envelope's idempotency key or source topic holds a NUL character".to_string())
+        } else {
+            Ok(envelope)
+        }
+    }
+
     pub fn result(&self) -> Option<&EnrichmentResult> {
         match &self.outcome {
             Some(Outcome::Result(r)) => Some(r),

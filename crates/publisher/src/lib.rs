@@ -844,23 +844,13 @@ fn decode(publisher: &Publisher, batch: &[OwnedMessage]) -> (Vec<Candidate>, Vec
         let incoming = TraceContext::extract(&hdrs);
         let trace = RecordSpan::consume(STAGE.as_str(), &publisher.group, m, incoming.as_ref());
         let (partition, offset) = (m.partition(), m.offset());
-        let decoded =
-            Envelope::decode_from(m.payload().unwrap_or_default()).map_err(|e| e.to_string()).and_then(|env| {
-                let topic = env.source.as_ref().map(|s| s.topic.as_str()).unwrap_or_default();
-                if env.pipeline != *pipeline {
-                    Err(format!("the envelope is of pipeline {:?}, not {pipeline:?}", env.pipeline))
-                } else if env.idempotency_key.len() > enrich_common::idempotency::MAX_KEY_BYTES {
-                    Err(format!(
-                        "the envelope's idempotency key is {} bytes; at most {} are accepted",
-                        env.idempotency_key.len(),
-                        enrich_common::idempotency::MAX_KEY_BYTES
-                    ))
-                } else if env.idempotency_key.contains('\0') || topic.contains('\0') {
-                    Err("the envelope's idempotency key or source topic contains a NUL character".to_string())
-                } else {
-                    Ok(env)
-                }
-            });
+        let decoded = Envelope::decode_internal(m.payload().unwrap_or_default()).and_then(|env| {
+            if env.pipeline == *pipeline {
+                Ok(env)
+            } else {
+                Err(format!("the envelope is of pipeline {:?}, not {pipeline:?}", env.pipeline))
+            }
+        });
         match decoded {
             Ok(env) if env.result().is_some() => {
                 trace.set([KeyValue::new(attr::IDEMPOTENCY_KEY, env.idempotency_key.clone())]);

@@ -188,22 +188,7 @@ impl Enricher {
         let incoming = TraceContext::extract(&headers);
         let span = RecordSpan::consume(STAGE, &self.group, message, incoming.as_ref());
         let record_key = message.key().map(<[u8]>::to_vec);
-        let decoded =
-            Envelope::decode_from(message.payload().unwrap_or_default()).map_err(|e| e.to_string()).and_then(|e| {
-                // Text PostgreSQL cannot hold would fail every batch the record joins.
-                let topic = e.source.as_ref().map(|s| s.topic.as_str()).unwrap_or_default();
-                if e.idempotency_key.len() > enrich_common::idempotency::MAX_KEY_BYTES {
-                    Err(format!(
-                        "the envelope's idempotency key is {} bytes; at most {} are accepted",
-                        e.idempotency_key.len(),
-                        enrich_common::idempotency::MAX_KEY_BYTES
-                    ))
-                } else if e.idempotency_key.contains('\0') || topic.contains('\0') {
-                    Err("the envelope's idempotency key or source topic holds a NUL character".to_string())
-                } else {
-                    Ok(e)
-                }
-            });
+        let decoded = Envelope::decode_internal(message.payload().unwrap_or_default());
         let envelope = match decoded {
             Ok(e) => e,
             Err(e) => {
