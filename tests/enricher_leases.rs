@@ -110,9 +110,12 @@ async fn a_settlement_failing_after_a_paid_call_is_retried_and_not_paid_again() 
     Ok(())
 }
 
-/// One call slot and 2 s calls: while one call runs, the next record holds its lease
-/// and waits for the slot. The operator pauses enrichment: once the pause has returned,
-/// no call may start, not even the one that was already waiting for its turn.
+/// One call slot, and the first call held in flight by llm-sim until the test lets it
+/// answer: while it runs, the next record holds its lease and waits for the slot. The
+/// operator pauses enrichment: once the pause has returned, no call may start, not even
+/// the one that was already waiting for its turn. (Held rather than slow: with a fixed
+/// 2 s latency the "one running, one waiting" instant could pass between two polls, or
+/// never come when the records reached the enricher more than one call apart.)
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_pause_holds_the_calls_already_waiting_for_their_turn() -> anyhow::Result<()> {
     const N: usize = 4;
@@ -124,8 +127,12 @@ async fn a_pause_holds_the_calls_already_waiting_for_their_turn() -> anyhow::Res
         ("ENRICH_DLQ_REPLAYER__ADMIN_TOKEN", token.clone()),
         ("ENRICH_ENRICHER__MAX_IN_FLIGHT", "1".to_string()),
         ("ENRICH_ENRICHER__HTTP_PORT", enricher_port.to_string()),
+        // The held call must not time out while the test waits for the second record
+        // (llm-sim's own server ends a request after 60 s).
+        ("ENRICH_LLM__REQUEST_TIMEOUT_MS", "50000".to_string()),
     ];
-    let env = TestEnv::new(llm_sim::Latency::Fixed(Duration::from_secs(2)), &overrides).await?;
+    let env = TestEnv::new(llm_sim::Latency::Fixed(Duration::from_millis(200)), &overrides).await?;
+    env.sim.hold(true);
     let records = workload::marked_tickets(&env.id, N, &[]);
     let produced = produce_all(&env.settings, env.source_topic(), &records, |_| false, |_| {}).await?;
     let stages =
@@ -145,6 +152,7 @@ async fn a_pause_holds_the_calls_already_waiting_for_their_turn() -> anyhow::Res
     client.set_paused(true, Some("provider incident")).await?;
     let calls_at_pause = env.sim.requests().len();
     // The call in flight ends; the record waiting for the slot gets it and reaches its call.
+    env.sim.hold(false);
     let held = wait_for("the waiting record to reach its call", DEADLINE, || async {
         let metrics = scrape_metrics(enricher_port).await?;
         let held = metrics.get("enrich_llm_flow_waits_total{cause=\"paused\"}").copied().unwrap_or(0.0);

@@ -77,7 +77,18 @@ async fn a_database_session_lost_right_after_the_kafka_commit_publishes_nothing_
         counts.len(),
         twice.first()
     );
-    assert_eq!(counts.len(), N, "every ticket published");
+    if counts.len() != N {
+        // Which keys are missing, and where PostgreSQL says their outputs were bound.
+        let rows: Vec<(String, String, Option<i32>, Option<i64>)> = sqlx::query_as(
+            "SELECT idempotency_key, state, publish_partition, publish_offset FROM enrich_state
+              WHERE pipeline = $1 AND NOT (idempotency_key = ANY($2)) ORDER BY 3, 4 LIMIT 10",
+        )
+        .bind(&env.settings.pipeline.name)
+        .bind(counts.keys().cloned().collect::<Vec<_>>())
+        .fetch_all(&env.pool)
+        .await?;
+        panic!("{} of {N} tickets on the output topic; missing, with their bindings: {rows:?}", counts.len());
+    }
     assert_eq!(enrich_e2e::count_in_states(&env, &["published"]).await?, N as i64, "every key marked published");
     for s in stages {
         s.stop().await?;

@@ -71,6 +71,9 @@ struct AppState {
     rng: AtomicU64,
     /// The latest requests (path, headers, body), for `GET /admin/requests`.
     requests: std::sync::Mutex<std::collections::VecDeque<Value>>,
+    /// While true, every completion that has been received waits before it answers
+    /// (see [`RunningSim::hold`]).
+    held: tokio::sync::watch::Sender<bool>,
 }
 
 /// A running simulator.
@@ -134,6 +137,14 @@ impl RunningSim {
         }
     }
 
+    /// Holds (true) or releases (false) the answers: while held, every completion is
+    /// received (and listed in [`requests`](Self::requests)) but answers only once
+    /// released, after its latency. Tests use it to keep a call in flight for as long
+    /// as they need, instead of racing a fixed latency.
+    pub fn hold(&self, held: bool) {
+        self.state.held.send_replace(held);
+    }
+
     /// Stops serving, as a process that exits would: the listener closes, requests in
     /// flight finish, idle connections are closed, new connections are refused.
     pub async fn stop(&mut self) {
@@ -173,6 +184,7 @@ pub async fn start(
         seen: std::sync::Mutex::new(std::collections::HashSet::new()),
         rng: AtomicU64::new(0x2545_F491_4F6C_DD1D),
         requests: std::sync::Mutex::new(std::collections::VecDeque::new()),
+        held: tokio::sync::watch::Sender::new(false),
     });
     let router = Router::new()
         .route("/v1/chat/completions", post(chat_completions))
@@ -427,6 +439,8 @@ async fn answer(state: &AppState, api: Api, headers: &axum::http::HeaderMap, bod
     if !latency.is_zero() {
         tokio::time::sleep(latency).await;
     }
+    // Released (or never held): answers at once; the sender lives as long as the state.
+    let _ = state.held.subscribe().wait_for(|held| !held).await;
 
     let mut answer = rules::enrich(&text);
     // Honour the schema asked for (OpenAI's response format, or the forced tool's input

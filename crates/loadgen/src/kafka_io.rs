@@ -127,32 +127,48 @@ pub fn read_to_end_with(
         .set("enable.partition.eof", "false");
     kafka::override_from(&mut config, settings);
     let consumer: BaseConsumer = config.create()?;
-    let metadata = consumer.fetch_metadata(Some(topic), Duration::from_secs(10))?;
-    let partitions: Vec<i32> = metadata.topics().iter().flat_map(|t| t.partitions().iter().map(|p| p.id())).collect();
-    let mut ends = Vec::new();
+    let mut ends = watermarks(&consumer, topic)?;
     let mut tpl = TopicPartitionList::new();
-    for &p in &partitions {
-        let (_low, high) = consumer.fetch_watermarks(topic, p, Duration::from_secs(10))?;
-        ends.push((p, high));
+    for &(p, _) in &ends {
         tpl.add_partition_offset(topic, p, Offset::Beginning)?;
     }
     consumer.assign(&tpl)?;
     let started = Instant::now();
     let mut out = Vec::new();
     loop {
-        let done = ends.iter().all(|&(p, high)| {
-            high == 0
-                || consumer
-                    .position()
-                    .ok()
-                    .and_then(|pos| pos.find_partition(topic, p).map(|e| e.offset()))
-                    .is_some_and(|o| matches!(o, Offset::Offset(x) if x >= high))
-        });
-        if done {
-            return Ok(out);
+        let position = consumer.position()?;
+        let at = |p: i32| match position.find_partition(topic, p).map(|e| e.offset()) {
+            Some(Offset::Offset(x)) => x,
+            _ => 0,
+        };
+        if ends.iter().all(|&(p, high)| high == 0 || at(p) >= high) {
+            // Concluded from the watermarks read at the start: read them again, so a
+            // partition whose first answer was stale (or one added since) is read too.
+            let now = watermarks(&consumer, topic)?;
+            if now.iter().all(|&(p, high)| high == 0 || at(p) >= high) {
+                return Ok(out);
+            }
+            let new: Vec<i32> = now.iter().map(|e| e.0).filter(|p| !ends.iter().any(|e| e.0 == *p)).collect();
+            if !new.is_empty() {
+                let mut added = TopicPartitionList::new();
+                for p in new {
+                    added.add_partition_offset(topic, p, Offset::Beginning)?;
+                }
+                consumer.incremental_assign(&added)?;
+            }
+            ends = now;
         }
         if started.elapsed() > deadline {
-            anyhow::bail!("did not reach the end of {topic} within {deadline:?} (read {} records)", out.len());
+            let behind: Vec<String> = ends
+                .iter()
+                .filter(|&&(p, high)| at(p) < high)
+                .map(|&(p, high)| format!("{p}: {}/{high}", at(p)))
+                .collect();
+            anyhow::bail!(
+                "did not reach the end of {topic} within {deadline:?} (read {} records; partition: position/end {})",
+                out.len(),
+                behind.join(", ")
+            );
         }
         match consumer.poll(Duration::from_millis(200)) {
             Some(Ok(m)) => out.push(m.detach()),
@@ -160,6 +176,18 @@ pub fn read_to_end_with(
             None => {}
         }
     }
+}
+
+/// The high watermark of every partition of `topic`, as the broker answers now.
+fn watermarks(consumer: &BaseConsumer, topic: &str) -> anyhow::Result<Vec<(i32, i64)>> {
+    let metadata = consumer.fetch_metadata(Some(topic), Duration::from_secs(10))?;
+    let partitions: Vec<i32> = metadata.topics().iter().flat_map(|t| t.partitions().iter().map(|p| p.id())).collect();
+    let mut ends = Vec::with_capacity(partitions.len());
+    for p in partitions {
+        let (_low, high) = consumer.fetch_watermarks(topic, p, Duration::from_secs(10))?;
+        ends.push((p, high));
+    }
+    Ok(ends)
 }
 
 /// Whether `group` has committed offsets up to the end of every partition of `topic`.
