@@ -164,6 +164,19 @@ pg_up() {
     say "creating the PostgreSQL cluster $pg_version/main"
     pg_createcluster -p "$pg_port" "$pg_version" main >"$logs/pg-create.log" 2>&1
   fi
+  # pg_stat_statements (statements, rows and WAL per statement and role: `make bench`
+  # reports them per stage) must be loaded at server start.
+  local conf=/etc/postgresql/$pg_version/main/conf.d/enrich.conf
+  if ! grep -qs pg_stat_statements "$conf"; then
+    mkdir -p "$(dirname "$conf")"
+    printf "# written by deploy/local/stack.sh\nshared_preload_libraries = 'pg_stat_statements'\n" >"$conf"
+    chown postgres:postgres "$conf" 2>/dev/null || true
+  fi
+  if pg_ready && [ "$(su postgres -c "psql -At -p $pg_port -c 'SHOW shared_preload_libraries'")" != "pg_stat_statements" ]; then
+    say "restarting PostgreSQL to load pg_stat_statements"
+    pg_ctlcluster "$pg_version" main restart -m fast || die "PostgreSQL did not restart"
+    wait_for "PostgreSQL on 127.0.0.1:$pg_port" 60 pg_ready || die "PostgreSQL is not accepting connections"
+  fi
   if pg_ready; then
     say "PostgreSQL already running on 127.0.0.1:$pg_port"
   else
@@ -179,6 +192,18 @@ DO $$ BEGIN
   END IF;
 END $$;
 SELECT 'CREATE DATABASE enrich OWNER enrich' WHERE NOT EXISTS (SELECT FROM pg_database WHERE datname = 'enrich')\gexec
+-- `make bench` runs each stage as its own role, so pg_stat_statements tells the stages
+-- apart; the bench grants them the tables of its scratch databases.
+DO $$ DECLARE r text; BEGIN
+  FOREACH r IN ARRAY ARRAY['enrich_bench_ingest', 'enrich_bench_enricher', 'enrich_bench_publisher'] LOOP
+    IF NOT EXISTS (SELECT FROM pg_roles WHERE rolname = r) THEN
+      EXECUTE format('CREATE ROLE %I LOGIN PASSWORD %L', r, 'enrich');
+    END IF;
+  END LOOP;
+END $$;
+GRANT pg_read_all_stats TO enrich;
+\c enrich
+CREATE EXTENSION IF NOT EXISTS pg_stat_statements;
 SQL
 }
 

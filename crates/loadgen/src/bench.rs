@@ -14,6 +14,7 @@ use std::time::{Duration, Instant};
 
 use crate::accounting::account;
 use crate::kafka_io::{Pace, header, produce_paced, read_to_end};
+use crate::measure::{self, MachineCpu};
 use crate::procs::{free_port, sim_completions, stop, wait_up};
 use crate::workload::{Spec, build};
 
@@ -80,12 +81,28 @@ impl Bench {
         let mut admin = PgConnection::connect(&admin_url).await?;
         sqlx::query(sqlx::AssertSqlSafe(format!("CREATE DATABASE {db_name}"))).execute(&mut admin).await?;
         let db_url = format!("{}/{db_name}", &admin_url[..admin_url.rfind('/').unwrap_or(admin_url.len())]);
+        // Migrated here by the database's owner; each stage then connects as its own
+        // role (when the stack made them), so pg_stat_statements tells the stages apart.
+        let mut db = PgConnection::connect(&db_url).await?;
+        enrich_common::db::MIGRATOR.run(&mut db).await?;
+        let per_stage_roles = measure::prepare(&mut admin, &mut db).await?;
+        db.close().await?;
+        let stage_env = |name: &str| -> Vec<(String, String)> {
+            let role = measure::STAGE_ROLES.iter().find(|(stage, _)| *stage == name).map(|(_, role)| *role);
+            match role.filter(|_| per_stage_roles).and_then(|role| measure::with_user(&db_url, role)) {
+                Some(url) => vec![
+                    ("ENRICH_DATABASE__URL".into(), url),
+                    ("ENRICH_DATABASE__MIGRATE_ON_START".into(), "false".into()),
+                ],
+                None => Vec::new(),
+            }
+        };
 
         let sim_port = free_port()?;
         let mut env: Vec<(String, String)> = crate::isolated_pipeline_env(&p);
         env.extend([
             ("ENRICH_KAFKA__PARTITIONS".into(), scenario.partitions.to_string()),
-            ("ENRICH_DATABASE__URL".into(), db_url),
+            ("ENRICH_DATABASE__URL".into(), db_url.clone()),
             ("ENRICH_DATABASE__MAX_CONNECTIONS".into(), "24".into()),
             ("ENRICH_LLM__BASE_URL".into(), format!("http://127.0.0.1:{sim_port}/v1")),
             ("ENRICH_ENRICHER__MAX_IN_FLIGHT".into(), scenario.in_flight.to_string()),
@@ -125,6 +142,7 @@ impl Bench {
             Command::new(self.bin_dir.join(name))
                 .args(args)
                 .envs(env.iter().cloned())
+                .envs(stage_env(name))
                 .stdout(log.try_clone()?)
                 .stderr(log)
                 .stdin(Stdio::null())
@@ -139,6 +157,10 @@ impl Bench {
         } else {
             Vec::new()
         };
+        // The machine's CPU and the server's WAL from here, before the stages start.
+        let cpu_at_start = MachineCpu::now();
+        let commands_at_start = measure::cpu_by_command();
+        let wal_at_start = measure::wal_lsn(&mut admin).await?;
         let mut sim =
             spawn("llm-sim", &["--port".into(), sim_port.to_string(), "--latency".into(), scenario.latency.clone()])?;
         wait_up(sim_port, "/healthz", &mut sim, "llm-sim", READY).await?;
@@ -179,7 +201,27 @@ impl Bench {
             }
             tokio::time::sleep(Duration::from_millis(500)).await;
         }
+        let (machine_cpu_seconds, machine_busy) = match (MachineCpu::now(), cpu_at_start) {
+            (Some(end), Some(start)) => (Some(end.busy_seconds_since(&start)), Some(end.busy_share_since(&start))),
+            _ => (None, None),
+        };
+        let wal_bytes = measure::wal_bytes_between(&mut admin, &wal_at_start).await?;
+        let by_command: Vec<Value> = measure::cpu_seconds_between(&commands_at_start, &measure::cpu_by_command())
+            .into_iter()
+            .take(8)
+            .map(|(command, seconds)| json!({"command": command, "cpu_ms_per_record": seconds * 1000.0 / scenario.records.max(1) as f64}))
+            .collect();
         let acct = account(&pool, &p, &source, &produced).await?;
+        // The calls' own time per key, to take out of the end-to-end latency.
+        let call_ms: HashMap<String, f64> = sqlx::query_as::<_, (String, f64)>(
+            "SELECT idempotency_key, sum(duration_ms)::float8 FROM step_outcomes
+              WHERE pipeline = $1 AND step = 'llm_call' AND duration_ms IS NOT NULL GROUP BY 1",
+        )
+        .bind(&p)
+        .fetch_all(&pool)
+        .await?
+        .into_iter()
+        .collect();
 
         // Steady-state window: first record ingested to last record published (database clock).
         let (window,): (f64,) = sqlx::query_as(
@@ -209,14 +251,29 @@ impl Bench {
             }
         }
         let output = read_to_end(&settings, &settings.topics.output, Duration::from_secs(120))?;
-        let mut latencies: Vec<i64> = output
+        let (mut latencies, mut added): (Vec<i64>, Vec<i64>) = output
             .iter()
             .filter_map(|m| {
                 let key = header(m, headers::IDEMPOTENCY_KEY)?;
-                Some(m.timestamp().to_millis()? - produced_at.get(&key)?)
+                let end_to_end = m.timestamp().to_millis()? - produced_at.get(&key)?;
+                let calls = call_ms.get(&key).copied().unwrap_or(0.0).round() as i64;
+                Some((end_to_end, end_to_end - calls))
             })
-            .collect();
+            .unzip();
         latencies.sort_unstable();
+        added.sort_unstable();
+        // How many of the key rows' updates stayed on their page (HOT: no index entry).
+        let (updates, hot): (i64, i64) = sqlx::query_as(
+            "SELECT coalesce(sum(n_tup_upd), 0)::int8, coalesce(sum(n_tup_hot_upd), 0)::int8
+               FROM pg_stat_user_tables WHERE relname = 'enrich_state'",
+        )
+        .fetch_one(&pool)
+        .await?;
+        let database = if per_stage_roles {
+            measure::statements(&mut admin, &db_name, scenario.records).await?
+        } else {
+            Value::Null
+        };
         pool.close().await;
         let _ = sqlx::query(sqlx::AssertSqlSafe(format!("DROP DATABASE IF EXISTS {db_name} WITH (FORCE)")))
             .execute(&mut admin)
@@ -227,6 +284,7 @@ impl Bench {
         let bound = if mean_ms > 0.0 { scenario.in_flight as f64 / (mean_ms / 1000.0) } else { f64::INFINITY };
         let throughput = scenario.records as f64 / window.max(1e-3);
         let unique_rate = unique as f64 / window.max(1e-3);
+        let per_record = |x: f64| x / scenario.records.max(1) as f64;
         Ok(json!({
             "scenario": scenario.name,
             "records": scenario.records,
@@ -243,6 +301,15 @@ impl Bench {
             "efficiency": if bound.is_finite() { Some(throughput / bound) } else { None },
             "llm_utilisation": if bound.is_finite() { Some(unique_rate / bound) } else { None },
             "latency_ms": {"p50": percentile(&latencies, 0.5), "p95": percentile(&latencies, 0.95), "p99": percentile(&latencies, 0.99)},
+            // End to end minus the key's own LLM call time: what the pipeline adds.
+            "added_latency_ms": {"p50": percentile(&added, 0.5), "p95": percentile(&added, 0.95), "p99": percentile(&added, 0.99)},
+            "machine_cpu_ms_per_record": machine_cpu_seconds.map(|s| per_record(s * 1000.0)),
+            "machine_busy_share": machine_busy,
+            "machine_cpu_by_command": by_command,
+            "key_row_updates_per_record": per_record(updates as f64),
+            "key_row_hot_share": if updates > 0 { Some(hot as f64 / updates as f64) } else { None },
+            "wal_bytes_per_record": per_record(wal_bytes),
+            "database_by_stage": database,
             "outputs": output.len(),
             "published": acct.published,
             "llm_calls_audit": acct.llm_calls,
@@ -288,6 +355,36 @@ pub fn markdown(results: &[Value]) -> String {
             stage("ingest-dedup", "peak_rss_mb"),
             stage("enricher", "peak_rss_mb"),
             stage("publisher", "peak_rss_mb"),
+        ));
+    }
+    out.push_str(
+        "\n| scenario | unique calls/s | LLM-slot utilisation | added latency p50 / p95 / p99 ms | machine CPU ms per record | machine busy | PostgreSQL statements per record (ingest / enricher / publisher) | rows per record | WAL bytes per record |\n\
+         |---|---:|---:|---|---:|---:|---|---|---|\n",
+    );
+    for r in results {
+        let db = |field: &str| {
+            let values: Vec<String> = r["database_by_stage"]
+                .as_array()
+                .map(|a| a.iter().map(|s| s[field].as_f64().map_or("–".into(), |x| format!("{x:.1}"))).collect())
+                .unwrap_or_default();
+            if values.is_empty() { "–".to_string() } else { values.join(" / ") }
+        };
+        let unique_rate = r["unique"].as_f64().unwrap_or(0.0) / r["elapsed_seconds"].as_f64().unwrap_or(1.0).max(1e-3);
+        let opt = |v: &Value, digits: usize| v.as_f64().map_or("–".to_string(), |x| format!("{x:.digits$}"));
+        out.push_str(&format!(
+            "| {} | {:.0} | {} | {} / {} / {} | {} | {} | {} | {} | {} (server {:.0}) |\n",
+            r["scenario"].as_str().unwrap_or(""),
+            unique_rate,
+            opt(&r["llm_utilisation"], 2),
+            r["added_latency_ms"]["p50"],
+            r["added_latency_ms"]["p95"],
+            r["added_latency_ms"]["p99"],
+            opt(&r["machine_cpu_ms_per_record"], 2),
+            opt(&r["machine_busy_share"], 2),
+            db("statements_per_record"),
+            db("rows_per_record"),
+            db("wal_bytes_per_record"),
+            r["wal_bytes_per_record"].as_f64().unwrap_or(f64::NAN),
         ));
     }
     out

@@ -6,6 +6,7 @@ pub mod accounting;
 pub mod bench;
 pub mod chaos;
 pub mod kafka_io;
+pub mod measure;
 pub mod procs;
 pub mod tickets;
 pub mod traces;
