@@ -134,7 +134,8 @@ pub struct Settled {
 }
 
 /// The transaction that carried `bound` keys and the records at `records` (partition,
-/// offset) has committed: each bound key takes its outcome (with its audit row) and the
+/// offset) has committed: each bound key takes its outcome (with its audit row; its
+/// binding is cleared, so the partial index of unsettled bindings stays small) and the
 /// pending dead letters written by those records are listed. One statement, and
 /// idempotent: run again, it finds nothing left to do.
 pub async fn settle(pool: &PgPool, pipeline: &str, bound: &[Bound], records: &[(i32, i64)]) -> sqlx::Result<Settled> {
@@ -144,7 +145,8 @@ pub async fn settle(pool: &PgPool, pipeline: &str, bound: &[Bound], records: &[(
     let (record_partitions, record_offsets): (Vec<i32>, Vec<i64>) = records.iter().copied().unzip();
     let (keys, dead_letters): (i64, i64) = sqlx::query_as(
         "WITH marked AS (
-             UPDATE enrich_state s SET state = s.publish_outcome, updated_at = now()
+             UPDATE enrich_state s SET state = s.publish_outcome, publish_partition = NULL, publish_offset = NULL,
+                                       updated_at = now()
                FROM UNNEST($2::text[], $3::int[], $4::bigint[]) AS b(k, p, o)
               WHERE s.pipeline = $1 AND s.idempotency_key = b.k AND s.state = 'enriched'
                 AND s.publish_partition = b.p AND s.publish_offset = b.o
