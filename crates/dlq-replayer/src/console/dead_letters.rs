@@ -264,16 +264,6 @@ pub async fn show(State(console): State<Arc<Console>>, headers: HeaderMap, Path(
             .await
             .unwrap_or(None);
     let envelope = envelope.and_then(|(b,)| enrich_common::envelope::Envelope::decode_from(&b).ok());
-    let log: Vec<(String, Option<String>, String)> = sqlx::query_as(
-        "SELECT outcome, note, to_char(recorded_at AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS.MS\"Z\"')
-         FROM replay_log WHERE pipeline = $1 AND dead_letter_id = $2 ORDER BY id",
-    )
-    .bind(console.pipeline())
-    .bind(id)
-    .fetch_all(console.pool())
-    .await
-    .unwrap_or_default();
-
     let d = &shown.dead_letter;
     let mut out = format!("<h1>Dead letter {}</h1><dl class=\"fields\">", d.id);
     let coords = format!(
@@ -326,15 +316,9 @@ pub async fn show(State(console): State<Arc<Console>>, headers: HeaderMap, Path(
         }
         None => out.push_str("<p class=\"muted\">Withheld: no token is configured.</p>"),
     }
-    if !log.is_empty() {
-        out.push_str("<h2>Replay log</h2><ul>");
-        for (outcome, note, at) in &log {
-            let _ = write!(out, "<li>{} {} {}</li>", e(at), e(outcome), e(note.as_deref().unwrap_or("")));
-        }
-        out.push_str("</ul>");
-    }
     out.push_str("<h2>The key's history</h2>");
-    out.push_str(&super::events::timeline(&shown.runs, &shown.steps));
+    let replays = super::events::replays_of(console.pool(), console.pipeline(), &d.idempotency_key).await;
+    out.push_str(&super::events::timeline(&shown.runs, &shown.steps, &replays));
     if session.role.may_act() && d.status == "dead" {
         let _ = write!(
             out,

@@ -205,7 +205,8 @@ pub async fn event(
         }
     }
     out.push_str("</dd></div></dl><h2>Timeline</h2>");
-    out.push_str(&timeline(&history.runs, &history.steps));
+    let replays = replays_of(console.pool(), console.pipeline(), &key).await;
+    out.push_str(&timeline(&history.runs, &history.steps, &replays));
     if history.next_runs_after.is_some() || history.next_steps_after.is_some() {
         out.push_str("<p class=\"muted\">The first 1,000 runs and steps are shown; the CLI's <code>history</code> follows every page.</p>");
     }
@@ -235,10 +236,35 @@ pub async fn event(
     render(&headers, &session, "Event", Nav::Events, None, &out)
 }
 
-/// One entry of a timeline: a stage's run or one of its steps.
+/// A dead letter replayed, refused a replay or discarded (the replay log).
+#[derive(Debug, Clone, sqlx::FromRow)]
+pub struct ReplayEntry {
+    pub id: i64,
+    pub dead_letter_id: i64,
+    pub outcome: String,
+    pub note: Option<String>,
+    pub at: String,
+}
+
+/// The replay log of a key, oldest first.
+pub async fn replays_of(pool: &sqlx::PgPool, pipeline: &str, key: &str) -> Vec<ReplayEntry> {
+    sqlx::query_as(
+        "SELECT id, dead_letter_id, outcome, note,
+                to_char(recorded_at AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS.MS\"Z\"') AS at
+         FROM replay_log WHERE pipeline = $1 AND idempotency_key = $2 ORDER BY id LIMIT 1000",
+    )
+    .bind(pipeline)
+    .bind(key)
+    .fetch_all(pool)
+    .await
+    .unwrap_or_default()
+}
+
+/// One entry of a timeline: a stage's run, one of its steps, or an operator's replay.
 enum Entry<'a> {
     Run(&'a RunEntry),
     Step(&'a StepEntry),
+    Replay(&'a ReplayEntry),
 }
 
 impl Entry<'_> {
@@ -248,13 +274,19 @@ impl Entry<'_> {
         match self {
             Entry::Step(s) => (&s.at, 0, s.id),
             Entry::Run(r) => (&r.at, 1, r.id),
+            Entry::Replay(r) => (&r.at, 2, r.id),
         }
     }
 }
 
-/// Runs and steps merged into one ordered list.
-pub fn timeline(runs: &[RunEntry], steps: &[StepEntry]) -> String {
-    let mut entries: Vec<Entry<'_>> = runs.iter().map(Entry::Run).chain(steps.iter().map(Entry::Step)).collect();
+/// Runs, steps and replays merged into one ordered list.
+pub fn timeline(runs: &[RunEntry], steps: &[StepEntry], replays: &[ReplayEntry]) -> String {
+    let mut entries: Vec<Entry<'_>> = runs
+        .iter()
+        .map(Entry::Run)
+        .chain(steps.iter().map(Entry::Step))
+        .chain(replays.iter().map(Entry::Replay))
+        .collect();
     entries.sort_by(|a, b| a.order().cmp(&b.order()));
     if entries.is_empty() {
         return "<p class=\"muted\">No run is recorded.</p>".into();
@@ -266,6 +298,20 @@ pub fn timeline(runs: &[RunEntry], steps: &[StepEntry]) -> String {
     );
     for entry in entries {
         match entry {
+            Entry::Replay(r) => {
+                let _ = write!(
+                    out,
+                    "<tr data-entry=\"run\" data-stage=\"dlq-replayer\" data-status=\"{}\"><td>{}</td><td>dlq-replayer</td><td></td>\
+                     <td>operator</td><td><strong>{}</strong></td><td>dead letter <a href=\"/ui/dead-letters/{}\">{}</a>{}{}</td></tr>",
+                    e(&r.outcome),
+                    e(&r.at),
+                    e(&r.outcome),
+                    r.dead_letter_id,
+                    r.dead_letter_id,
+                    if r.note.is_some() { ", note: " } else { "" },
+                    e(r.note.as_deref().unwrap_or("")),
+                );
+            }
             Entry::Run(r) => {
                 let _ = write!(
                     out,
