@@ -106,7 +106,7 @@ fn selected(v: &Option<String>, option: &str) -> &'static str {
 pub async fn list(State(console): State<Arc<Console>>, headers: HeaderMap, Query(query): Query<ListQuery>) -> Response {
     let session = match look(&console, &headers) {
         Ok(s) => s,
-        Err(r) => return r,
+        Err(r) => return *r,
     };
     let filter = query.filter();
     let status = query.status();
@@ -240,7 +240,7 @@ pub async fn list(State(console): State<Arc<Console>>, headers: HeaderMap, Query
 pub async fn show(State(console): State<Arc<Console>>, headers: HeaderMap, Path(id): Path<i64>) -> Response {
     let session = match look(&console, &headers) {
         Ok(s) => s,
-        Err(r) => return r,
+        Err(r) => return *r,
     };
     let with_payload = session.role.sees_payloads();
     let page = Page { limit: Page::MAX, ..Page::default() };
@@ -421,7 +421,7 @@ pub async fn preview(State(console): State<Arc<Console>>, headers: HeaderMap, bo
     let form = Form::parse(&body);
     let session = match act(&console, &headers, &form) {
         Ok(s) => s,
-        Err(r) => return r,
+        Err(r) => return *r,
     };
     let filter = if form.get("scope") == Some("filter") {
         ListQuery::from_form(&form).filter()
@@ -500,7 +500,7 @@ pub async fn replay(State(console): State<Arc<Console>>, headers: HeaderMap, bod
     let form = Form::parse(&body);
     let session = match act(&console, &headers, &form) {
         Ok(s) => s,
-        Err(r) => return r,
+        Err(r) => return *r,
     };
     let Some(ids) = form.get("preview").and_then(|p| p.parse().ok()).and_then(|p| console.jobs.take_preview(p)) else {
         return problem(
@@ -546,7 +546,7 @@ pub async fn replay(State(console): State<Arc<Console>>, headers: HeaderMap, bod
 pub async fn job(State(console): State<Arc<Console>>, headers: HeaderMap, Path(id): Path<u64>) -> Response {
     let session = match look(&console, &headers) {
         Ok(s) => s,
-        Err(r) => return r,
+        Err(r) => return *r,
     };
     let Some(job) = console.jobs.get(id) else {
         return problem(
@@ -606,7 +606,7 @@ pub async fn discard(
     let form = Form::parse(&body);
     let session: Session = match act(&console, &headers, &form) {
         Ok(s) => s,
-        Err(r) => return r,
+        Err(r) => return *r,
     };
     let note = form.text("note");
     match console.api.replayer.discard(id, note.as_deref()).await {

@@ -109,7 +109,7 @@ pub async fn search(
 ) -> Response {
     let session = match look(&console, &headers) {
         Ok(s) => s,
-        Err(r) => return r,
+        Err(r) => return *r,
     };
     let text = query.q.as_deref().map(str::trim).unwrap_or("");
     let mut out = format!("<h1>Find an event</h1>{}", search_form(text));
@@ -149,7 +149,7 @@ pub async fn event(
 ) -> Response {
     let session = match look(&console, &headers) {
         Ok(s) => s,
-        Err(r) => return r,
+        Err(r) => return *r,
     };
     let key = query.key;
     let page = Page { limit: Page::MAX, ..Page::default() };

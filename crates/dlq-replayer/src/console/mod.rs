@@ -139,11 +139,11 @@ fn internal(session: &Session, err: impl std::fmt::Display) -> Response {
 }
 
 /// The viewer of a page, or the answer that sends them to the login.
-fn look(console: &Console, headers: &HeaderMap) -> Result<Session, Response> {
+fn look(console: &Console, headers: &HeaderMap) -> Result<Session, Box<Response>> {
     match console.sessions.get(headers) {
         Some(s) => Ok(s),
-        None if wants_fragment(headers) => Err(secure(StatusCode::UNAUTHORIZED.into_response())),
-        None => Err(redirect("/ui/login")),
+        None if wants_fragment(headers) => Err(Box::new(secure(StatusCode::UNAUTHORIZED.into_response()))),
+        None => Err(Box::new(redirect("/ui/login"))),
     }
 }
 
@@ -171,8 +171,8 @@ impl Form {
 
 /// An action's session: refused (403) without a session, without the admin token's, from
 /// another origin or without the session's form token.
-fn act(console: &Console, headers: &HeaderMap, form: &Form) -> Result<Session, Response> {
-    let refused = |why: &str| problem(None, StatusCode::FORBIDDEN, "Refused", why);
+fn act(console: &Console, headers: &HeaderMap, form: &Form) -> Result<Session, Box<Response>> {
+    let refused = |why: &str| Box::new(problem(None, StatusCode::FORBIDDEN, "Refused", why));
     if !session::same_origin(headers) {
         return Err(refused("the request did not come from the console's own pages"));
     }
@@ -180,20 +180,12 @@ fn act(console: &Console, headers: &HeaderMap, form: &Form) -> Result<Session, R
         return Err(refused("log in with the admin token to act"));
     };
     if !session::csrf_ok(&s, form.get("csrf")) {
-        return Err(problem(
-            Some(&s),
-            StatusCode::FORBIDDEN,
-            "Refused",
-            "the form is stale or forged: reload the page",
-        ));
+        let why = "the form is stale or forged: reload the page";
+        return Err(Box::new(problem(Some(&s), StatusCode::FORBIDDEN, "Refused", why)));
     }
     if !s.role.may_act() {
-        return Err(problem(
-            Some(&s),
-            StatusCode::FORBIDDEN,
-            "Refused",
-            "the read token may look; acting needs the admin token",
-        ));
+        let why = "the read token may look; acting needs the admin token";
+        return Err(Box::new(problem(Some(&s), StatusCode::FORBIDDEN, "Refused", why)));
     }
     Ok(s)
 }
@@ -276,6 +268,6 @@ async fn logout(State(console): State<Arc<Console>>, headers: HeaderMap, body: B
 async fn not_found(State(console): State<Arc<Console>>, headers: HeaderMap) -> Response {
     match look(&console, &headers) {
         Ok(s) => problem(Some(&s), StatusCode::NOT_FOUND, "Not found", "There is no such page."),
-        Err(r) => r,
+        Err(r) => *r,
     }
 }

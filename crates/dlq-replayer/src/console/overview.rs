@@ -20,7 +20,7 @@ const REFRESH_SECS: u64 = 3;
 pub async fn page(State(console): State<Arc<Console>>, headers: HeaderMap) -> Response {
     let session = match look(&console, &headers) {
         Ok(s) => s,
-        Err(r) => return r,
+        Err(r) => return *r,
     };
     match body(&console, &session).await {
         Ok(main) => render(&headers, &session, "Overview", Nav::Overview, Some(REFRESH_SECS), &main),
@@ -245,7 +245,7 @@ pub async fn kill_switch(State(console): State<Arc<Console>>, headers: HeaderMap
     let form = Form::parse(&body);
     let session = match act(&console, &headers, &form) {
         Ok(s) => s,
-        Err(r) => return r,
+        Err(r) => return *r,
     };
     let paused = match form.get("action") {
         Some("pause") => true,

@@ -37,7 +37,7 @@ fn parse_line(line: &str) -> Option<Sample> {
             let close = line.rfind('}')?;
             (&line[..close + 1], &line[close + 1..])
         }
-        None => line.split_once(' ').map(|(s, r)| (s, r))?,
+        None => line.split_once(' ')?,
     };
     let value: f64 = rest.split_whitespace().next()?.parse().ok()?;
     let (name, labels) = match series.split_once('{') {

@@ -60,7 +60,7 @@ fn table(out: &mut String, title: &str, first: &str, rows: &[Row]) {
 pub async fn page(State(console): State<Arc<Console>>, headers: HeaderMap) -> Response {
     let session = match look(&console, &headers) {
         Ok(s) => s,
-        Err(r) => return r,
+        Err(r) => return *r,
     };
     match body(&console).await {
         Ok(main) => render(&headers, &session, "Spend", Nav::Spend, None, &main),
