@@ -165,6 +165,8 @@ impl Sampler {
     pub fn new(settings: &Settings) -> Self {
         let interval = Duration::from_millis(settings.ui.sample_interval_ms);
         let timeout = interval.min(Duration::from_millis(1500));
+        // reqwest is built without a bundled TLS provider (a stage's URL may be https).
+        let _ = rustls::crypto::ring::default_provider().install_default();
         let http = reqwest::Client::builder().timeout(timeout).connect_timeout(timeout).build().unwrap_or_default();
         Self {
             targets: targets(settings),
