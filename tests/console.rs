@@ -78,6 +78,8 @@ async fn the_console_shows_pauses_replays_and_tells_an_event_s_story() -> anyhow
         // Prices, for the spend page and the dry run's estimate.
         ("ENRICH_LLM__INPUT_USD_PER_MTOK", "0.15".to_string()),
         ("ENRICH_LLM__OUTPUT_USD_PER_MTOK", "0.60".to_string()),
+        // A budget far above the run's spend: the overview shows its window.
+        ("ENRICH_LLM__BUDGETS", "[{usd = 5.0, window_secs = 86400}]".to_string()),
         ("ENRICH_UI__TRACE_URL_TEMPLATE", "http://127.0.0.1:16686/trace/{trace_id}".to_string()),
     ];
     // 200 calls of 150 ms, 4 at a time: a run of several seconds, long enough to pause in.

@@ -108,6 +108,9 @@ const phases = {
     for (const stage of ["ingest-dedup", "enricher", "publisher"]) {
       await page.locator(`tr[data-stage="${stage}"][data-ready="true"]`).waitFor({ timeout: TIMEOUT });
     }
+    // The budget's window has this run's calls (at least the published ones).
+    const calls = Number(await page.locator('tr[data-budget-window="86400"]').getAttribute("data-calls"));
+    need(calls >= Number(process.env.EXPECT_PUBLISHED), `the budget window counts the run's calls (${calls})`);
     // The charts have points of this run.
     need((await page.locator("figure.chart polyline").count()) >= 2, "the overview draws its throughput and spend");
     await shot(page, "overview");
@@ -140,6 +143,8 @@ const phases = {
     await timing(page, "dry-run");
     need((await summary.getAttribute("data-dry-run-replayable")) === String(want), `the dry run says ${await summary.textContent()}`);
     need((await summary.textContent()).includes(`${want} matched: ${want} to replay, 0 refused`), await summary.textContent());
+    const estimate = (await page.locator("[data-estimate]").textContent()).trim();
+    need(/^\$0\.0*[1-9]/.test(estimate), `a priced estimate for ${want} calls: ${estimate}`);
     await page.getByLabel("note (kept in the replay log)").fill("console test: sim fixed");
     await page.getByLabel(/records per second/).fill("20");
     await shot(page, "replay-dry-run");

@@ -128,7 +128,7 @@ pub fn line_chart(title: &str, unit: &str, series: &[(&str, &str, Vec<f64>)]) ->
     let _ = write!(
         out,
         "<figure class=\"chart\"><figcaption>{} <span class=\"muted\">(max {} {}; now {})</span></figcaption>\
-         <svg viewBox=\"0 0 {W} {H}\" role=\"img\" aria-label=\"{}\" preserveAspectRatio=\"none\">\
+         <svg viewBox=\"0 0 {W} {H}\" role=\"img\" aria-label=\"{}\">\
          <line x1=\"{PAD}\" y1=\"{}\" x2=\"{W}\" y2=\"{}\" stroke=\"#888\" stroke-width=\"1\"/>\
          <text x=\"2\" y=\"12\" font-size=\"10\" fill=\"#333\">{}</text><text x=\"2\" y=\"{}\" font-size=\"10\" fill=\"#333\">0</text>",
         e(title),
@@ -177,6 +177,49 @@ pub fn line_chart(title: &str, unit: &str, series: &[(&str, &str, Vec<f64>)]) ->
     out
 }
 
+/// A bar chart of labelled values (oldest first), as inline SVG; each bar's label and
+/// value are its tooltip, and the figure's caption names the largest.
+pub fn bar_chart(title: &str, unit: &str, bars: &[(String, f64)]) -> String {
+    const W: f64 = 560.0;
+    const H: f64 = 140.0;
+    const PAD: f64 = 28.0;
+    let max = bars.iter().map(|b| b.1).fold(0.0_f64, f64::max);
+    let top = if max > 0.0 { max * 1.1 } else { 1.0 };
+    let busiest = bars.iter().filter(|b| b.1 > 0.0).max_by(|a, b| a.1.total_cmp(&b.1));
+    let peak = busiest.map_or("none".to_string(), |(label, v)| format!("{} {unit} at {label}", fmt_num(*v)));
+    let mut out = String::new();
+    let _ = write!(
+        out,
+        "<figure class=\"chart\"><figcaption>{} <span class=\"muted\">(highest: {})</span></figcaption>\
+         <svg viewBox=\"0 0 {W} {H}\" role=\"img\" aria-label=\"{}\">\
+         <line x1=\"{PAD}\" y1=\"{}\" x2=\"{W}\" y2=\"{}\" stroke=\"#888\" stroke-width=\"1\"/>\
+         <text x=\"2\" y=\"12\" font-size=\"10\" fill=\"#333\">{}</text><text x=\"2\" y=\"{}\" font-size=\"10\" fill=\"#333\">0</text>",
+        e(title),
+        e(&peak),
+        e(format!("{title}: highest {peak}")),
+        H - PAD / 2.0,
+        H - PAD / 2.0,
+        e(fmt_num(top)),
+        H - PAD / 2.0,
+    );
+    let slot = if bars.is_empty() { 0.0 } else { (W - PAD) / bars.len() as f64 };
+    for (i, (label, v)) in bars.iter().enumerate() {
+        let h = (v / top) * (H - PAD);
+        let _ = write!(
+            out,
+            "<rect x=\"{:.1}\" y=\"{:.1}\" width=\"{:.1}\" height=\"{h:.1}\" fill=\"#2e7d32\"><title>{}: {} {}</title></rect>",
+            PAD + i as f64 * slot + slot * 0.1,
+            (H - PAD / 2.0) - h,
+            (slot * 0.8).max(1.0),
+            e(label),
+            e(fmt_num(*v)),
+            e(unit)
+        );
+    }
+    out.push_str("</svg></figure>");
+    out
+}
+
 /// A number as a person reads it: whole numbers without decimals, others with up to 4
 /// significant decimals.
 pub fn fmt_num(x: f64) -> String {
@@ -208,6 +251,13 @@ mod tests {
         assert_eq!(q("p:T 1/&x"), "p%3AT%201%2F%26x");
         let page = page("<t>", Nav::None, None, None, "");
         assert!(page.contains("&lt;t&gt; ·") && !page.contains("<t>"));
+    }
+
+    #[test]
+    fn a_bar_chart_has_a_bar_per_value() {
+        let svg = bar_chart("cost", "USD", &[("10:00".into(), 0.0), ("11:00".into(), 2.5)]);
+        assert_eq!(svg.matches("<rect").count(), 2);
+        assert!(svg.contains("highest: 2.500 USD at 11:00"), "{svg}");
     }
 
     #[test]

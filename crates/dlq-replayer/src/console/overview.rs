@@ -198,7 +198,7 @@ async fn body(console: &Console, session: &super::Session) -> anyhow::Result<Str
             let row: Option<(f64, f64, i64)> = sqlx::query_as(
                 "SELECT spent_usd, reserved_usd, calls FROM budget_windows
                  WHERE pipeline = $1 AND window_secs = $2
-                   AND window_start = to_timestamp(floor(extract(epoch FROM now()) / $2) * $2)",
+                   AND window_start = to_timestamp((floor(extract(epoch FROM now()) / $2) * $2)::float8)",
             )
             .bind(pipeline)
             .bind(b.window_secs as i64)
@@ -208,8 +208,9 @@ async fn body(console: &Console, session: &super::Session) -> anyhow::Result<Str
             let share = ((spent + reserved) / b.usd * 100.0).clamp(0.0, 100.0);
             let _ = write!(
                 out,
-                "<tr><th scope=\"row\">{} s</th><td>{}</td><td>{}</td><td>{}</td><td>{calls}</td>\
+                "<tr data-budget-window=\"{}\" data-calls=\"{calls}\"><th scope=\"row\">{} s</th><td>{}</td><td>{}</td><td>{}</td><td>{calls}</td>\
                  <td><meter min=\"0\" max=\"100\" value=\"{share:.0}\" aria-label=\"share of the window's budget used\">{share:.0}%</meter> {share:.0}%</td></tr>",
+                b.window_secs,
                 b.window_secs,
                 usd(spent),
                 usd(reserved),

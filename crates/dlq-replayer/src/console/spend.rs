@@ -8,7 +8,7 @@ use axum::response::Response;
 use std::fmt::Write;
 use std::sync::Arc;
 
-use super::html::{Nav, e, line_chart, usd};
+use super::html::{Nav, bar_chart, e, usd};
 use super::{Console, internal, look, render};
 
 /// A group's calls, tokens and cost.
@@ -118,9 +118,18 @@ async fn body(console: &Console) -> sqlx::Result<String> {
         e(usd(reused as f64 * per_call)),
         e(usd(cache_hits as f64 * per_call)),
     );
-    let mut by_hour: Vec<f64> = hourly.iter().map(|r| r.5).collect();
-    by_hour.reverse();
-    out.push_str(&line_chart("Cost per hour, the last 48 hours with calls", "USD", &[("cost", "#2e7d32", by_hour)]));
+    // Every hour of the last 48, those without calls included.
+    let by_hour: Vec<(String, f64)> = sqlx::query_as(sqlx::AssertSqlSafe(format!(
+        "SELECT to_char(h AT TIME ZONE 'UTC', 'YYYY-MM-DD HH24:00'), coalesce(sum(o.cost_usd), 0)::float8
+         FROM generate_series(date_trunc('hour', now()) - interval '47 hours', date_trunc('hour', now()), interval '1 hour') h
+         LEFT JOIN step_outcomes o ON o.pipeline = $1 AND o.{PAID}
+              AND o.recorded_at >= h AND o.recorded_at < h + interval '1 hour'
+         GROUP BY h ORDER BY h"
+    )))
+    .bind(pipeline)
+    .fetch_all(pool)
+    .await?;
+    out.push_str(&bar_chart("Cost per hour (UTC), the last 48 hours", "USD", &by_hour));
     table(&mut out, "Per hour (UTC), the last 48 hours", "hour", &hourly);
     table(&mut out, "Per day (UTC), the last 30 days", "day", &daily);
     table(&mut out, "Per model, the last 30 days", "model", &models);
