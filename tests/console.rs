@@ -88,6 +88,10 @@ async fn the_console_shows_pauses_replays_and_tells_an_event_s_story() -> anyhow
     let poison: Vec<(usize, &str)> = POISON.iter().map(|&i| (i, "always-500")).collect();
     let records = marked_tickets(&env.id, N, &poison);
     let produced = produce_all(&env.settings, env.source_topic(), &records, |_| false, |_| {}).await?;
+    // llm-sim holds its answers while the browser logs in, so the run cannot end before
+    // the pause however slow the browser starts (a held call stays well within
+    // llm.request_timeout_ms).
+    env.sim.hold(true);
     let stages =
         [StageKind::Ingest, StageKind::Enricher, StageKind::Publisher, StageKind::DlqReplayer].map(|k| env.spawn(k));
     let base = format!("http://127.0.0.1:{admin}");
@@ -104,12 +108,19 @@ async fn the_console_shows_pauses_replays_and_tells_an_event_s_story() -> anyhow
     // Log in; the three stages ready.
     keep(browser("login", &base, &state, &[]).await?);
 
-    // Pause mid-run: the enricher says so and no new call starts.
+    // Pause mid-run: some calls answered, the next ones held in flight while the browser
+    // pauses; once the enricher says it is paused they are answered, and no new call starts.
+    env.sim.hold(false);
     wait_for("enrichment under way", DEADLINE, || async { Ok((env.sim.completions() >= 10).then_some(())) }).await?;
+    env.sim.hold(true);
     keep(browser("pause", &base, &state, &[]).await?);
-    wait_for("the enricher to pause", DEADLINE, || async {
-        let m = scrape_metrics(enricher).await?;
-        Ok((metric(&m, "enrich_paused") == 1.0 && metric(&m, "enrich_in_flight") == 0.0).then_some(()))
+    wait_for("the enricher to say it is paused", DEADLINE, || async {
+        Ok((metric(&scrape_metrics(enricher).await?, "enrich_paused") == 1.0).then_some(()))
+    })
+    .await?;
+    env.sim.hold(false);
+    wait_for("the calls in flight to finish", DEADLINE, || async {
+        Ok((metric(&scrape_metrics(enricher).await?, "enrich_in_flight") == 0.0).then_some(()))
     })
     .await?;
     let calls_at_pause = env.sim.requests().len();
