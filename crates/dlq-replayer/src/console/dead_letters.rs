@@ -8,19 +8,17 @@ use axum::extract::{Path, Query, State};
 use axum::http::{HeaderMap, StatusCode};
 use axum::response::Response;
 use serde::Deserialize;
-use std::collections::HashMap;
 use std::fmt::Write;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
 use super::html::{Nav, e, q, usd};
+use super::jobs::Job;
 use super::{Console, Form, Session, act, csrf_field, internal, look, problem, redirect, render};
-use crate::replay::{self, Filter, Page, ReplayOutcome};
+use crate::replay::{self, Filter, Page};
 
 const PAGE_SIZE: i64 = 50;
-/// Dry runs and replay jobs remembered at most.
-const KEEP: usize = 100;
 
 #[derive(Deserialize, Default)]
 pub struct ListQuery {
@@ -336,70 +334,6 @@ pub async fn show(State(console): State<Arc<Console>>, headers: HeaderMap, Path(
         );
     }
     render(&headers, &session, &format!("Dead letter {id}"), Nav::DeadLetters, None, &out)
-}
-
-/// What a dry run found, kept for the replay that follows it.
-struct Preview {
-    ids: Vec<i64>,
-    created: Instant,
-}
-
-/// A replay under way or done.
-pub struct Job {
-    total: usize,
-    progress: Arc<AtomicUsize>,
-    outcome: Mutex<Option<Result<ReplayOutcome, String>>>,
-    note: Option<String>,
-    rate: u32,
-    started: Instant,
-    finished: Mutex<Option<Instant>>,
-}
-
-#[derive(Default)]
-pub struct Jobs {
-    next: AtomicU64,
-    previews: Mutex<HashMap<u64, Preview>>,
-    jobs: Mutex<HashMap<u64, Arc<Job>>>,
-}
-
-impl Jobs {
-    fn id(&self) -> u64 {
-        self.next.fetch_add(1, Ordering::Relaxed) + 1
-    }
-
-    fn keep_preview(&self, ids: Vec<i64>) -> u64 {
-        let id = self.id();
-        if let Ok(mut p) = self.previews.lock() {
-            if p.len() >= KEEP
-                && let Some(oldest) = p.iter().min_by_key(|(_, v)| v.created).map(|(k, _)| *k)
-            {
-                p.remove(&oldest);
-            }
-            p.insert(id, Preview { ids, created: Instant::now() });
-        }
-        id
-    }
-
-    fn take_preview(&self, id: u64) -> Option<Vec<i64>> {
-        self.previews.lock().ok()?.remove(&id).map(|p| p.ids)
-    }
-
-    fn add(&self, job: Arc<Job>) -> u64 {
-        let id = self.id();
-        if let Ok(mut j) = self.jobs.lock() {
-            if j.len() >= KEEP
-                && let Some(oldest) = j.iter().min_by_key(|(_, v)| v.started).map(|(k, _)| *k)
-            {
-                j.remove(&oldest);
-            }
-            j.insert(id, job);
-        }
-        id
-    }
-
-    fn get(&self, id: u64) -> Option<Arc<Job>> {
-        self.jobs.lock().ok()?.get(&id).cloned()
-    }
 }
 
 /// The average cost of a paid call over the pipeline's latest 1,000, for estimates.

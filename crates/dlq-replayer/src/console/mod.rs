@@ -7,6 +7,7 @@
 mod dead_letters;
 mod events;
 pub mod html;
+mod jobs;
 mod overview;
 pub mod sampler;
 pub mod session;
@@ -30,7 +31,7 @@ pub struct Console {
     pub api: Arc<Api>,
     pub sessions: Sessions,
     pub sampler: Arc<sampler::Sampler>,
-    pub jobs: dead_letters::Jobs,
+    pub jobs: jobs::Jobs,
 }
 
 impl Console {
@@ -39,7 +40,7 @@ impl Console {
         Self {
             sessions: Sessions::new(Duration::from_secs(settings.ui.session_ttl_secs)),
             sampler: Arc::new(sampler::Sampler::new(settings)),
-            jobs: dead_letters::Jobs::default(),
+            jobs: jobs::Jobs::default(),
             api,
         }
     }
