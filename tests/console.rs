@@ -1,15 +1,16 @@
 //! The operator's console in a real browser: the stages run against the real broker and
-//! PostgreSQL, 200 tickets (5 of them poison) go through, and a Playwright script
+//! PostgreSQL, 200 tickets (5 of them poison) and one record that is no ticket go through, and a Playwright script
 //! (tests/console/console.js: playwright-core driving Debian's Chromium headless) logs
-//! in, pauses and resumes enrichment, dry-runs and replays the dead letters, reads one
-//! event's history and checks that nothing works without a session. Each outcome is also
+//! in, pauses and resumes enrichment, discards one dead letter, dry-runs and replays the
+//! others, finds one event by key, source coordinates and trace id and reads its
+//! history, and checks that nothing works without a session. Each outcome is also
 //! checked from outside the console: the enricher's metrics and llm-sim's counters for the
 //! pause, the output topic for the replay. Screenshots of every page go to docs/console/.
 
 #![allow(clippy::expect_used, clippy::unwrap_used)] // a failed expectation is the test failing
 
 use enrich_e2e::loadgen::kafka_io::produce_all;
-use enrich_e2e::loadgen::workload::marked_tickets;
+use enrich_e2e::loadgen::workload::{Kind, Record, marked_tickets};
 use enrich_e2e::{StageKind, TestEnv, output_counts, scrape_metrics, wait_for};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -86,7 +87,14 @@ async fn the_console_shows_pauses_replays_and_tells_an_event_s_story() -> anyhow
     let env = TestEnv::new(llm_sim::Latency::Fixed(Duration::from_millis(150)), &overrides).await?;
     let pipeline = env.settings.pipeline.name.clone();
     let poison: Vec<(usize, &str)> = POISON.iter().map(|&i| (i, "always-500")).collect();
-    let records = marked_tickets(&env.id, N, &poison);
+    let mut records = marked_tickets(&env.id, N, &poison);
+    // And one record that is no ticket at all: ingest dead-letters it, the operator discards it.
+    records.push(Record {
+        kind: Kind::Malformed { reason: "invalid_json" },
+        key: Some(b"bad-console".to_vec()),
+        value: Some(b"{\"id\": \"bad-console\", oops".to_vec()),
+        ticket: None,
+    });
     let produced = produce_all(&env.settings, env.source_topic(), &records, |_| false, |_| {}).await?;
     // llm-sim holds its answers while the browser logs in, so the run cannot end before
     // the pause however slow the browser starts (a held call stays well within
@@ -136,15 +144,19 @@ async fn the_console_shows_pauses_replays_and_tells_an_event_s_story() -> anyhow
     // Resume: the run finishes.
     keep(browser("resume", &base, &state, &[]).await?);
     let acct = env.wait_accounted(&produced, DEADLINE).await?;
-    assert_eq!((acct.published, acct.dead_lettered_at_enricher), ((N - POISON.len()) as i64, POISON.len() as i64));
+    assert_eq!(
+        (acct.published, acct.dead_lettered_at_enricher, acct.dead_lettered_at_ingest),
+        ((N - POISON.len()) as i64, POISON.len() as i64, 1)
+    );
     let m = scrape_metrics(enricher).await?;
     assert_eq!(metric(&m, "enrich_paused"), 0.0, "the enricher runs again");
 
     // The overview's counts of the run.
     let counts = [
-        ("EXPECT_IN", N.to_string()),
+        ("EXPECT_IN", (N + 1).to_string()),
         ("EXPECT_PUBLISHED", (N - POISON.len()).to_string()),
         ("EXPECT_DEAD", POISON.len().to_string()),
+        ("EXPECT_WAITING", (POISON.len() + 1).to_string()),
     ];
     keep(browser("counts", &base, &state, &counts).await?);
 
@@ -168,6 +180,14 @@ async fn the_console_shows_pauses_replays_and_tells_an_event_s_story() -> anyhow
             .fetch_one(&env.pool)
             .await?;
     assert_eq!(replayed, POISON.len() as i64);
+    let discarded: Vec<(String, Option<String>)> = sqlx::query_as(
+        "SELECT d.stage, l.note FROM dead_letters d JOIN replay_log l ON l.dead_letter_id = d.id AND l.outcome = 'discarded'
+         WHERE d.pipeline = $1 AND d.status = 'discarded'",
+    )
+    .bind(&pipeline)
+    .fetch_all(&env.pool)
+    .await?;
+    assert_eq!(discarded, vec![("ingest-dedup".to_string(), Some("console test: not a ticket".to_string()))]);
     let group = env.settings.group_id(enrich_common::config::Stage::Publisher);
     wait_for("the publisher to catch up", DEADLINE, || async {
         Ok(enrich_e2e::loadgen::kafka_io::group_caught_up(&env.settings, &group, &env.settings.topics.results)?

@@ -6,7 +6,7 @@
 //
 // Environment: CONSOLE_URL, ADMIN_TOKEN, READ_TOKEN, STATE_FILE (the session kept between
 // phases), SHOTS (where screenshots go), and per phase EXPECT_IN, EXPECT_PUBLISHED,
-// EXPECT_DEAD, POISON_KEY, PLAIN_KEY. Prints "timing PAGE MS" lines and "ok PHASE".
+// EXPECT_DEAD, EXPECT_WAITING, POISON_KEY, PLAIN_KEY. Prints "timing PAGE MS" lines and "ok PHASE".
 "use strict";
 const { chromium } = require("playwright-core");
 const fs = require("fs");
@@ -103,8 +103,7 @@ const phases = {
     };
     await expect('tr[data-stage="ingest-dedup"] [data-count="in"]', process.env.EXPECT_IN);
     await expect('[data-count="published"]', process.env.EXPECT_PUBLISHED);
-    await expect('[data-count="dead_lettered"]', process.env.EXPECT_DEAD);
-    await expect('[data-count="dlq-waiting"]', process.env.EXPECT_DEAD);
+    await expect('[data-count="dlq-waiting"]', process.env.EXPECT_WAITING);
     for (const stage of ["ingest-dedup", "enricher", "publisher"]) {
       await page.locator(`tr[data-stage="${stage}"][data-ready="true"]`).waitFor({ timeout: TIMEOUT });
     }
@@ -119,9 +118,23 @@ const phases = {
   async "dead-letters"(browser, context, page) {
     await confirmDialogs(page);
     const want = Number(process.env.EXPECT_DEAD);
+    const rows = (n) => page.waitForFunction((n) => document.querySelectorAll("tr[data-dead-letter]").length === n, n, { timeout: TIMEOUT });
     await goto(page, "/ui/dead-letters", "dead-letters");
-    await page.waitForFunction((n) => document.querySelectorAll("tr[data-dead-letter]").length === n, want, { timeout: TIMEOUT });
+    await rows(Number(process.env.EXPECT_WAITING));
     await shot(page, "dead-letters");
+    // The one ingest dead-lettered: found by its stage, discarded with a note.
+    await page.getByLabel("stage").selectOption("ingest-dedup");
+    await page.getByRole("button", { name: "Filter", exact: true }).click();
+    await page.waitForURL(/stage=ingest-dedup/);
+    await rows(1);
+    await page.locator("tr[data-dead-letter] a").first().click();
+    await page.locator("[data-payload]").waitFor();
+    need((await page.locator("[data-payload]").textContent()).includes("oops"), "the malformed payload is shown");
+    await page.getByLabel("Note").fill("console test: not a ticket");
+    await page.getByRole("button", { name: "Discard" }).click();
+    await page.getByText("discarded", { exact: true }).first().waitFor();
+    await goto(page, "/ui/dead-letters", null);
+    await rows(want);
     // One dead letter's page: the error, the payload with its marker, the key's history.
     await page.locator("tr[data-dead-letter] a").first().click();
     await page.locator("[data-payload]").waitFor();
@@ -166,7 +179,7 @@ const phases = {
       await page.getByLabel(/idempotency key/).fill(key);
       await page.getByRole("button", { name: "Find" }).click();
       await page.waitForURL(/\/ui\/event\?key=/);
-      await timing(page, name);
+      if (name) await timing(page, name);
       const runs = await page.locator('tr[data-entry="run"]').evaluateAll((rows) =>
         rows.map((r) => `${r.dataset.stage}:${r.dataset.status}`));
       console.log(`runs ${key} ${runs.join(" ")}`);
@@ -179,7 +192,16 @@ const phases = {
       need(runs[0] === wanted[0] && runs[runs.length - 1] === wanted[wanted.length - 1], `${key}: starts and ends as ${wanted}`);
       return runs;
     };
-    await check(process.env.PLAIN_KEY, ["ingest-dedup:forwarded", "enricher:enriched", "publisher:published"], "event-plain");
+    const plain = ["ingest-dedup:forwarded", "enricher:enriched", "publisher:published"];
+    await check(process.env.PLAIN_KEY, plain, "event-plain");
+    const eventUrl = page.url();
+    // The same event found by its source record and by its trace id.
+    const coordinates = (await page.locator('[data-field="source record"]').textContent()).trim();
+    const trace = (await page.locator("a[data-trace]").first().textContent()).trim();
+    for (const q of [coordinates, trace]) {
+      await check(q, plain, null);
+      need(page.url() === eventUrl, `${q} found ${page.url()}, not ${eventUrl}`);
+    }
     need((await page.locator('tr[data-entry="step"][data-step="llm_call"]').count()) === 1, "one LLM call for a plain key");
     need((await page.locator("[data-result]").textContent()).includes("category"), "the published result is shown");
     await check(
