@@ -9,7 +9,7 @@ help: ## List the targets
 	@awk 'BEGIN {FS = ":.*## "} /^[a-zA-Z_-]+:.*## / {printf "  %-12s %s\n", $$1, $$2}' $(MAKEFILE_LIST)
 
 .PHONY: deps
-deps: ## Install what a fresh machine lacks (protoc; checks Java, Maven, cargo)
+deps: ## Install what a fresh machine lacks (protoc, kcat, Chromium, playwright-core; checks Java, Maven, cargo)
 	@deploy/local/deps.sh
 
 .PHONY: stack-up
@@ -33,9 +33,15 @@ down: ## Stop llm-sim and the stages (graceful drain)
 	@deploy/local/services.sh down
 
 .PHONY: demo
-demo: stack-up build ## From a fresh clone: stack, stages, ~1,000 sample tickets, a summary
-	@deploy/local/services.sh up
-	@status=0; ./target/debug/loadgen demo --config config/pipeline.toml || status=$$?; \
+demo: stack-up build ## From a fresh clone: stack, stages, ~1,000 sample tickets, a summary, the console's address
+	@token_file=$${ENRICH_STACK_DIR:-.stack}/console-admin-token; mkdir -p "$$(dirname "$$token_file")"; \
+	  [ -s "$$token_file" ] || (umask 077; od -An -tx1 -N16 /dev/urandom | tr -d ' \n' >"$$token_file"); \
+	  export ENRICH_DLQ_REPLAYER__ADMIN_TOKEN="$$(cat "$$token_file")"; \
+	  deploy/local/services.sh up || exit $$?; \
+	  echo "[demo] console: http://127.0.0.1:9104/ui (log in with the admin token in $$token_file)"; \
+	  status=0; ./target/debug/loadgen demo --config config/pipeline.toml || status=$$?; \
+	  echo "[demo] console: http://127.0.0.1:9104/ui (log in with the admin token in $$token_file)"; \
+	  if [ -t 0 ]; then read -r -p "[demo] the stages keep running for the console; press Enter to stop them " _; fi; \
 	  deploy/local/services.sh down; exit $$status
 
 .PHONY: test

@@ -29,6 +29,7 @@ struct ListQuery {
     key: Option<String>,
     from: Option<String>,
     to: Option<String>,
+    text: Option<String>,
     #[serde(default)]
     after_id: i64,
     #[serde(default = "default_limit")]
@@ -89,7 +90,8 @@ async fn list(State(api): State<Arc<Api>>, headers: HeaderMap, Query(q): Query<L
     if let Err(r) = reader(&api, &headers) {
         return *r;
     }
-    let filter = Filter { ids: None, reason: q.reason, stage: q.stage, key: q.key, from: q.from, to: q.to };
+    let filter =
+        Filter { ids: None, reason: q.reason, stage: q.stage, key: q.key, from: q.from, to: q.to, text: q.text };
     let pipeline = &api.replayer.settings.pipeline.name;
     match replay::list(&api.replayer.pool, pipeline, &q.status, &filter, q.after_id, q.limit.clamp(1, 1000)).await {
         Ok(items) => {
@@ -190,7 +192,7 @@ async fn replay(State(api): State<Arc<Api>>, headers: HeaderMap, Json(body): Jso
     };
     let f = &filter;
     if f.is_empty() {
-        return error(StatusCode::BAD_REQUEST, "give ids or a filter (reason, stage, key, from, to)");
+        return error(StatusCode::BAD_REQUEST, "give ids or a filter (reason, stage, key, from, to, text)");
     }
     // In a task of its own: a client that stops waiting (or the request timeout) never
     // cuts a replay between producing a record and marking it replayed.

@@ -57,6 +57,7 @@ impl Client {
                 ("key", &filter.key),
                 ("from", &filter.from),
                 ("to", &filter.to),
+                ("text", &filter.text),
             ] {
                 if let Some(v) = v {
                     query.push((k, v.clone()));

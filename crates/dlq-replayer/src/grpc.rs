@@ -52,6 +52,7 @@ fn filter(f: Option<pb::Filter>) -> Filter {
         key: f.idempotency_key,
         from: f.from,
         to: f.to,
+        text: None,
     }
 }
 

@@ -2,11 +2,13 @@
 //! the key's history, replay by id or filter with a dry run, discard; bearer tokens for
 //! reads and mutating calls) served beside `/healthz`, `/readyz` and `/metrics`; a CLI that talks to
 //! it (`dlq-replayer list|show|replay|discard`); and `dlq-replayer setup`, which prepares
-//! a deployment (migrations, topics) and exits.
+//! a deployment (migrations, topics) and exits. The operator's console (`console`) is
+//! served under `/ui` on the same port.
 
 pub mod access;
 pub mod api;
 pub mod cli;
+pub mod console;
 pub mod grpc;
 pub mod incoming;
 pub mod replay;
@@ -34,12 +36,16 @@ pub async fn run(settings: Settings, shutdown: Shutdown) -> anyhow::Result<()> {
     let port = settings.dlq_replayer.http_port;
     let grpc_port = settings.dlq_replayer.grpc_port;
     let http_limits = settings.http;
+    let api_console_enabled = settings.ui.enabled;
     let api = Arc::new(api::Api { replayer: Arc::new(replay::Replayer { settings, pool, producer }), access });
     let grpc_listener = tokio::net::TcpListener::bind(("0.0.0.0", grpc_port))
         .await
         .map_err(|e| anyhow::anyhow!("cannot listen on 0.0.0.0:{grpc_port} (dlq_replayer.grpc_port): {e}"))?;
     let grpc_addr = grpc_listener.local_addr()?;
-    let router = http::router(state.clone()).merge(api::routes(api.clone()));
+    let mut router = http::router(state.clone()).merge(api::routes(api.clone()));
+    if api.replayer.settings.ui.enabled {
+        router = router.merge(console::routes(api.clone(), shutdown.clone()));
+    }
     let (addr, task) = http::serve("0.0.0.0", port, router, http_limits, shutdown.clone()).await?;
     let connections = incoming::incoming(grpc_listener, http_limits, shutdown.clone());
     let grpc = tonic::transport::Server::builder()
@@ -49,6 +55,9 @@ pub async fn run(settings: Settings, shutdown: Shutdown) -> anyhow::Result<()> {
         .add_service(grpc::service(api))
         .serve_with_incoming_shutdown(connections, async move { shutdown.cancelled().await });
     tracing::info!(%addr, %grpc_addr, "admin API (HTTP and gRPC) and health endpoints listening");
+    if api_console_enabled {
+        tracing::info!(console = %format!("http://{addr}/ui"), "operator's console listening");
+    }
     state.set_ready();
     let (served, grpc_served) = tokio::join!(task, grpc);
     served?;

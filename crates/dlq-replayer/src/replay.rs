@@ -9,6 +9,7 @@ use rdkafka::message::{Header as KafkaHeader, OwnedHeaders};
 use rdkafka::producer::{FutureProducer, FutureRecord};
 use serde::{Deserialize, Serialize};
 use sqlx::PgPool;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 #[derive(Debug, Clone, Default, Deserialize, Serialize)]
@@ -26,6 +27,9 @@ pub struct Filter {
     pub from: Option<String>,
     #[serde(default)]
     pub to: Option<String>,
+    /// Text the idempotency key or the error holds (case-insensitive).
+    #[serde(default)]
+    pub text: Option<String>,
 }
 
 impl Filter {
@@ -37,6 +41,7 @@ impl Filter {
             && self.key.is_none()
             && self.from.is_none()
             && self.to.is_none()
+            && self.text.as_deref().is_none_or(str::is_empty)
     }
 }
 
@@ -95,6 +100,8 @@ pub async fn list(
            AND ($7::text IS NULL OR idempotency_key = $7)
            AND ($8::timestamptz IS NULL OR created_at >= $8::timestamptz)
            AND ($9::timestamptz IS NULL OR created_at < $9::timestamptz)
+           AND ($11::text IS NULL OR strpos(lower(idempotency_key), lower($11)) > 0
+                OR strpos(lower(error), lower($11)) > 0)
          ORDER BY id LIMIT $10"
     )))
     .bind(pipeline)
@@ -107,6 +114,7 @@ pub async fn list(
     .bind(filter.from.as_deref().map(|s| s.to_string()))
     .bind(filter.to.as_deref().map(|s| s.to_string()))
     .bind(limit)
+    .bind(filter.text.as_deref().filter(|t| !t.is_empty()))
     .fetch_all(pool)
     .await
 }
@@ -417,9 +425,29 @@ impl Replayer {
     /// Replays the dead letters the filter selects (dry run: says what would happen and
     /// changes nothing). A key replayed `max_replays_per_key` times already is refused.
     pub async fn replay(&self, filter: &Filter, dry_run: bool, note: Option<&str>) -> anyhow::Result<ReplayOutcome> {
+        self.replay_paced(filter, dry_run, note, self.settings.dlq_replayer.replay_rate_per_sec, None).await
+    }
+
+    /// [`Self::replay`] at most `rate_per_sec` records a second (never faster than
+    /// `dlq_replayer.replay_rate_per_sec`), adding one to `progress` for each dead letter
+    /// replayed or refused.
+    pub async fn replay_paced(
+        &self,
+        filter: &Filter,
+        dry_run: bool,
+        note: Option<&str>,
+        rate_per_sec: u32,
+        progress: Option<&AtomicUsize>,
+    ) -> anyhow::Result<ReplayOutcome> {
         let pipeline = &self.settings.pipeline.name;
         let mut outcome = ReplayOutcome { dry_run, ..Default::default() };
-        let interval = Duration::from_secs_f64(1.0 / f64::from(self.settings.dlq_replayer.replay_rate_per_sec));
+        let rate = rate_per_sec.clamp(1, self.settings.dlq_replayer.replay_rate_per_sec);
+        let step = || {
+            if let Some(p) = progress {
+                p.fetch_add(1, Ordering::Relaxed);
+            }
+        };
+        let interval = Duration::from_secs_f64(1.0 / f64::from(rate));
         let mut ticker = tokio::time::interval(interval);
         let mut after = 0;
         loop {
@@ -442,6 +470,7 @@ impl Replayer {
                         self.log(dead.id, &dead.idempotency_key, "refused", Some(&why)).await?;
                     }
                     outcome.refused.push(Refused { id: dead.id, idempotency_key: dead.idempotency_key, why });
+                    step();
                     continue;
                 }
                 if let Some(why) = self.not_replayable(&dead).await? {
@@ -449,6 +478,7 @@ impl Replayer {
                         self.log(dead.id, &dead.idempotency_key, "refused", Some(&why)).await?;
                     }
                     outcome.refused.push(Refused { id: dead.id, idempotency_key: dead.idempotency_key, why });
+                    step();
                     continue;
                 }
                 if !dry_run {
@@ -457,6 +487,7 @@ impl Replayer {
                     self.log(dead.id, &dead.idempotency_key, "replayed", note).await?;
                 }
                 outcome.replayed.push(dead.id);
+                step();
             }
         }
         // Ids asked for by name that are not waiting in the DLQ are refused, with why.
@@ -477,6 +508,7 @@ impl Replayer {
                     None => (String::new(), "no such dead letter".to_string()),
                 };
                 outcome.refused.push(Refused { id, idempotency_key: key, why });
+                step();
             }
         }
         Ok(outcome)

@@ -12,6 +12,9 @@ use std::path::Path;
 
 use crate::idempotency::KeyStrategy;
 
+mod ui;
+pub use ui::UiSettings;
+
 /// A configuration error, naming the field.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[error("invalid configuration: `{field}`: {message}")]
@@ -129,6 +132,8 @@ pub struct Settings {
     pub audit: AuditSettings,
     #[serde(default)]
     pub http: HttpSettings,
+    #[serde(default)]
+    pub ui: UiSettings,
 }
 
 /// What every HTTP server of the product (health, metrics, the admin API) allows a client.
@@ -1025,6 +1030,7 @@ impl Settings {
         if self.publisher.transaction_timeout_ms < 1_000 {
             return Err(ConfigError::new("publisher.transaction_timeout_ms", "must be at least 1000"));
         }
+        self.ui.validate()?;
         Ok(())
     }
 }
