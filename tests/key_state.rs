@@ -184,3 +184,59 @@ async fn a_lease_taken_over_fences_the_old_owners_transitions() -> anyhow::Resul
     env.teardown().await;
     Ok(())
 }
+
+/// Ingest forwards two records while another session holds the first key's row locked
+/// (as the enricher's lease statement does when the request reached it before ingest
+/// marked the key `requested`). Ingest must finish its batch without waiting for the
+/// lock: the mark skips the locked row (its holder moves the key on from `received`).
+/// Before, the mark waited for every such lock, and each ingest batch queued behind
+/// the enricher's statements on the same keys.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn ingest_finishes_its_batch_while_the_enricher_holds_a_key_s_row() -> anyhow::Result<()> {
+    use enrich_e2e::loadgen::kafka_io::produce_all;
+    use enrich_e2e::loadgen::workload;
+    use enrich_e2e::{StageKind, wait_for};
+
+    let env = TestEnv::new(llm_sim::Latency::default(), &[]).await?;
+    let pipeline = env.settings.pipeline.name.clone();
+    let records = workload::marked_tickets(&env.id, 2, &[]);
+    let produced = produce_all(&env.settings, env.source_topic(), &records, |_| false, |_| {}).await?;
+    let key = |i: usize| format!("{pipeline}:{}", records[i].ticket.as_ref().unwrap().id);
+    // The first key's row as ingest's claim leaves it (received, owned by its record)...
+    sqlx::query(
+        "INSERT INTO enrich_state (pipeline, idempotency_key, state, source_topic, source_partition, source_offset)
+         VALUES ($1, $2, 'received', $3, $4, $5)",
+    )
+    .bind(&pipeline)
+    .bind(key(0))
+    .bind(env.source_topic())
+    .bind(produced[0].partition)
+    .bind(produced[0].offset)
+    .execute(&env.pool)
+    .await?;
+    // ...locked by a session whose transaction stays open.
+    let mut holder = env.pool.begin().await?;
+    sqlx::query("SELECT 1 FROM enrich_state WHERE pipeline = $1 AND idempotency_key = $2 FOR UPDATE")
+        .bind(&pipeline)
+        .bind(key(0))
+        .execute(&mut *holder)
+        .await?;
+
+    let ingest = env.spawn(StageKind::Ingest);
+    wait_for("ingest to record both records as forwarded while the row is locked", Duration::from_secs(60), || async {
+        let (n,): (i64,) = sqlx::query_as(
+            "SELECT count(*) FROM run_history WHERE pipeline = $1 AND stage = 'ingest-dedup' AND status = 'forwarded'",
+        )
+        .bind(&pipeline)
+        .fetch_one(&env.pool)
+        .await?;
+        Ok((n == 2).then_some(()))
+    })
+    .await?;
+    assert_eq!(row(&env, &key(1)).await?.0, "requested", "the key nobody holds is marked requested");
+    assert_eq!(row(&env, &key(0)).await?.0, "received", "the locked key is left to its holder");
+    holder.rollback().await?;
+    ingest.stop().await?;
+    env.teardown().await;
+    Ok(())
+}

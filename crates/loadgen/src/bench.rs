@@ -239,6 +239,11 @@ impl Bench {
                 json!({"stage": proc_.name, "cpu_seconds": cpu, "peak_rss_mb": rss})
             })
             .collect();
+        let publisher_port = processes.iter().find(|p| p.name == "publisher").map(|p| p.port);
+        let phases = match publisher_port {
+            Some(port) => measure::publisher_phases(port).await,
+            None => Value::Null,
+        };
         let sim_calls = sim_completions(&format!("http://127.0.0.1:{}", processes[0].port)).await.unwrap_or(0);
         stop(processes.into_iter().map(|p| p.child).collect());
 
@@ -251,6 +256,45 @@ impl Bench {
             }
         }
         let output = read_to_end(&settings, &settings.topics.output, Duration::from_secs(120))?;
+        // Where the added latency goes: each stage's run-history row (written when the
+        // stage is done with the key) against the one before; the enricher's without
+        // its calls.
+        let marks: Vec<(String, String, f64)> = sqlx::query_as(
+            "SELECT idempotency_key, stage, (EXTRACT(EPOCH FROM min(recorded_at)) * 1000)::float8 FROM run_history
+              WHERE pipeline = $1 AND status IN ('forwarded', 'enriched', 'published') GROUP BY 1, 2",
+        )
+        .bind(&p)
+        .fetch_all(&pool)
+        .await?;
+        let mut at: HashMap<String, [Option<f64>; 3]> = HashMap::new();
+        for (key, stage, ms) in marks {
+            let i = match stage.as_str() {
+                "ingest-dedup" => 0,
+                "enricher" => 1,
+                _ => 2,
+            };
+            at.entry(key).or_default()[i] = Some(ms);
+        }
+        let mut segments: [Vec<i64>; 3] = Default::default();
+        for (key, [ingest, enricher, publisher]) in &at {
+            let (Some(source), Some(ingest), Some(enricher), Some(publisher)) =
+                (produced_at.get(key), ingest, enricher, publisher)
+            else {
+                continue;
+            };
+            let calls = call_ms.get(key).copied().unwrap_or(0.0);
+            segments[0].push((ingest - *source as f64).round() as i64);
+            segments[1].push((enricher - ingest - calls).round() as i64);
+            segments[2].push((publisher - enricher).round() as i64);
+        }
+        let by_stage: Vec<Value> = ["ingest-dedup", "enricher (without its calls)", "publisher"]
+            .iter()
+            .zip(segments.iter_mut())
+            .map(|(stage, v)| {
+                v.sort_unstable();
+                json!({"stage": stage, "p50": percentile(v, 0.5), "p99": percentile(v, 0.99)})
+            })
+            .collect();
         let (mut latencies, mut added): (Vec<i64>, Vec<i64>) = output
             .iter()
             .filter_map(|m| {
@@ -303,6 +347,8 @@ impl Bench {
             "latency_ms": {"p50": percentile(&latencies, 0.5), "p95": percentile(&latencies, 0.95), "p99": percentile(&latencies, 0.99)},
             // End to end minus the key's own LLM call time: what the pipeline adds.
             "added_latency_ms": {"p50": percentile(&added, 0.5), "p95": percentile(&added, 0.95), "p99": percentile(&added, 0.99)},
+            "added_latency_by_stage_ms": by_stage,
+            "publisher_batch_phases": phases,
             "machine_cpu_ms_per_record": machine_cpu_seconds.map(|s| per_record(s * 1000.0)),
             "machine_busy_share": machine_busy,
             "machine_cpu_by_command": by_command,

@@ -93,6 +93,35 @@ fn parse_process_stat(stat: &str) -> Option<(String, u64)> {
     Some((command, ticks))
 }
 
+/// Mean milliseconds per publisher batch phase, from its `/metrics`
+/// (`enrich_publisher_batch_phase_seconds{phase=...}` sums and counts).
+pub async fn publisher_phases(port: u16) -> Value {
+    let Ok(response) = reqwest::get(format!("http://127.0.0.1:{port}/metrics")).await else { return Value::Null };
+    let Ok(text) = response.text().await else { return Value::Null };
+    phases_of(&text)
+}
+
+fn phases_of(metrics: &str) -> Value {
+    let mut sums: std::collections::BTreeMap<String, (f64, f64)> = std::collections::BTreeMap::new();
+    for line in metrics.lines() {
+        let Some(rest) = line.strip_prefix("enrich_publisher_batch_phase_seconds_") else { continue };
+        let (kind, rest) = rest.split_once('{').unwrap_or(("", rest));
+        let Some(phase) = rest.split("phase=\"").nth(1).and_then(|r| r.split('"').next()) else { continue };
+        let Some(value) = rest.rsplit(' ').next().and_then(|v| v.parse::<f64>().ok()) else { continue };
+        let e = sums.entry(phase.to_string()).or_default();
+        match kind {
+            "sum" => e.0 += value,
+            "count" => e.1 += value,
+            _ => {}
+        }
+    }
+    let batches = sums.get("bind").map_or(0.0, |e| e.1);
+    json!({
+        "batches": batches,
+        "mean_ms": sums.iter().filter(|(_, (_, n))| *n > 0.0).map(|(p, (s, n))| (p.clone(), json!(s / n * 1000.0))).collect::<serde_json::Map<_, _>>(),
+    })
+}
+
 /// The role each stage connects as during a bench run (created by deploy/local/stack.sh).
 pub const STAGE_ROLES: [(&str, &str); 3] = [
     ("ingest-dedup", "enrich_bench_ingest"),
@@ -214,6 +243,19 @@ mod tests {
         let before = std::collections::HashMap::from([("java".to_string(), 100)]);
         let after = std::collections::HashMap::from([("java".to_string(), 350), ("postgres".to_string(), 500)]);
         assert_eq!(cpu_seconds_between(&before, &after), vec![("postgres".into(), 5.0), ("java".into(), 2.5)]);
+    }
+
+    #[test]
+    fn publisher_phases_are_read_from_the_metrics_text() {
+        let text = "enrich_publisher_batch_phase_seconds_sum{phase=\"bind\"} 0.5\n\
+                    enrich_publisher_batch_phase_seconds_count{phase=\"bind\"} 10\n\
+                    enrich_publisher_batch_phase_seconds_bucket{le=\"0.001\",phase=\"bind\"} 1\n\
+                    enrich_publisher_batch_phase_seconds_sum{phase=\"commit\"} 0.2\n\
+                    enrich_publisher_batch_phase_seconds_count{phase=\"commit\"} 10\n";
+        let v = phases_of(text);
+        assert_eq!(v["batches"], 10.0);
+        assert!((v["mean_ms"]["bind"].as_f64().unwrap() - 50.0).abs() < 1e-9);
+        assert!((v["mean_ms"]["commit"].as_f64().unwrap() - 20.0).abs() < 1e-9);
     }
 
     #[test]

@@ -590,6 +590,7 @@ async fn publish_batch(
             None,
         ));
     }
+    let mut clock = std::time::Instant::now();
     // Per candidate, the output of the record bound to its key (None: not bound).
     let outputs: Vec<Output> = async {
         let mut tx = publisher.runtime.pool.begin().await?;
@@ -639,6 +640,8 @@ async fn publish_batch(
     let mine: Vec<bool> = outputs.iter().map(Option::is_some).collect();
     let bound_keys: HashSet<&str> =
         candidates.iter().zip(&mine).filter(|(_, m)| **m).map(|(c, _)| c.env.idempotency_key.as_str()).collect();
+
+    publisher.metrics.phase("bind", &mut clock);
 
     // 2. The Kafka transaction.
     tokio::task::block_in_place(|| publisher.producer.begin_transaction()).map_err(|e| match e {
@@ -704,6 +707,7 @@ async fn publish_batch(
             }
             return Err(e);
         }
+        publisher.metrics.phase("produce", &mut clock);
         let mut offsets = TopicPartitionList::new();
         for ((topic, partition), next) in kafka::next_offsets(batch) {
             offsets.add_partition_offset(&topic, partition, Offset::Offset(next))?;
@@ -712,6 +716,7 @@ async fn publish_batch(
         tokio::task::block_in_place(|| {
             publisher.producer.send_offsets_to_transaction(&offsets, &group, publisher.call_timeout)
         })?;
+        publisher.metrics.phase("offsets", &mut clock);
         anyhow::Ok(())
     };
     let committed = match in_transaction.await {
@@ -728,6 +733,7 @@ async fn publish_batch(
         abort(publisher, shutdown).await.map_err(|abort| abort.context(format!("aborting after: {e:#}")))?;
         return Err(Failed::Retry(e));
     }
+    publisher.metrics.phase("commit", &mut clock);
     failpoints::pass(pipeline, failpoints::Instant::AfterKafkaCommit).await;
     // The refused outputs and pending dead letters of this batch are committed: never
     // read again.
@@ -747,6 +753,7 @@ async fn publish_batch(
             Ok(())
         })
         .await;
+    publisher.metrics.phase("settle", &mut clock);
     if !settled {
         tracing::info!("shutting down before the batch was settled; the next publisher settles it");
     }
