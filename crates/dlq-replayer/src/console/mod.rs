@@ -236,6 +236,8 @@ async fn login(State(console): State<Arc<Console>>, headers: HeaderMap, body: By
     let token = form.get("token").unwrap_or("").trim();
     match session::role_of(&console.api.access, token) {
         Some(role) => {
+            // A session the browser held before this login ends with it.
+            console.sessions.close(&headers);
             let (id, _) = console.sessions.open(role);
             tracing::info!(role = role.label(), "console login");
             let mut r = redirect("/ui");
