@@ -1,12 +1,13 @@
 //! The console's protections over real HTTP, against the real dlq-replayer (the broker and
 //! PostgreSQL of the stack): without a session no route answers anything but the login,
 //! malformed paths and queries included, and every answer carries the security headers;
-//! two replays of the same dead letters started at once replay each of them once.
+//! two replays of the same dead letters started at once replay each of them once; with no
+//! token configured the published result is withheld like the payload it is made from.
 
 #![allow(clippy::expect_used, clippy::unwrap_used)] // a failed expectation is the test failing
 
 use enrich_e2e::loadgen::kafka_io::produce_all;
-use enrich_e2e::loadgen::workload::{Kind, Record};
+use enrich_e2e::loadgen::workload::{self, Kind, Record};
 use enrich_e2e::{StageKind, TestEnv, wait_for};
 use reqwest::StatusCode;
 use reqwest::header::{CONTENT_SECURITY_POLICY, COOKIE, LOCATION, SET_COOKIE, X_FRAME_OPTIONS};
@@ -19,7 +20,6 @@ const READ: &str = "console-read-token-0123456789";
 fn client() -> reqwest::Client {
     reqwest::Client::builder().redirect(reqwest::redirect::Policy::none()).build().unwrap()
 }
-
 
 /// Logs in with `token`: the session cookie (`name=value`).
 async fn login(base: &str, token: &str) -> anyhow::Result<String> {
@@ -174,6 +174,37 @@ async fn two_replays_of_the_same_dead_letters_at_once_replay_each_once() -> anyh
     .await?;
     println!("two replays of the same 4 dead letters at once: {replayed} replays");
     assert_eq!(replayed, 4, "each dead letter replayed once");
+
+    for s in stages {
+        s.stop().await?;
+    }
+    env.teardown().await;
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn with_no_token_configured_the_published_result_is_withheld() -> anyhow::Result<()> {
+    let (env, base) = serve(&[]).await?;
+    let records = workload::marked_tickets(&env.id, 1, &[]);
+    let produced = produce_all(&env.settings, env.source_topic(), &records, |_| false, |_| {}).await?;
+    let stages =
+        [StageKind::Ingest, StageKind::Enricher, StageKind::Publisher, StageKind::DlqReplayer].map(|k| env.spawn(k));
+    env.wait_accounted(&produced, DEADLINE).await?;
+    console_up(&base).await?;
+    let (key,): (String,) =
+        sqlx::query_as("SELECT idempotency_key FROM enrich_state WHERE pipeline = $1 AND result IS NOT NULL")
+            .bind(&env.settings.pipeline.name)
+            .fetch_one(&env.pool)
+            .await?;
+    let anonymous = login(&base, "").await?;
+    let q: String = key
+        .bytes()
+        .map(|b| if b.is_ascii_alphanumeric() { (b as char).to_string() } else { format!("%{b:02X}") })
+        .collect();
+    let page = get(&base, &format!("/ui/event?key={q}"), Some(&anonymous)).await?.text().await?;
+    let shown = page.contains("data-result>");
+    println!("the event's page for a session without a token: result shown = {shown}");
+    assert!(!shown && page.contains("data-result-withheld"), "the result is withheld");
 
     for s in stages {
         s.stop().await?;
