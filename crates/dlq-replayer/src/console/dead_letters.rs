@@ -9,7 +9,7 @@ use axum::http::{HeaderMap, StatusCode};
 use axum::response::Response;
 use serde::Deserialize;
 use std::fmt::Write;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
@@ -448,6 +448,7 @@ pub async fn replay(State(console): State<Arc<Console>>, headers: HeaderMap, bod
     let note = form.text("note");
     let job = Arc::new(Job {
         total: ids.len(),
+        waiting: AtomicBool::new(true),
         progress: Arc::new(AtomicUsize::new(0)),
         outcome: Mutex::new(None),
         note: note.clone(),
@@ -458,7 +459,10 @@ pub async fn replay(State(console): State<Arc<Console>>, headers: HeaderMap, bod
     let id = console.jobs.add(job.clone());
     let replayer = console.api.replayer.clone();
     tracing::info!(records = ids.len(), rate, note = ?note, "replay started from the console");
+    let turn = console.jobs.turn.clone();
     tokio::spawn(async move {
+        let _turn = turn.lock().await;
+        job.waiting.store(false, Ordering::Relaxed);
         let filter = Filter { ids: Some(ids), ..Filter::default() };
         let done = replayer.replay_paced(&filter, false, note.as_deref(), rate, Some(&job.progress)).await;
         match &done {
@@ -504,6 +508,9 @@ pub async fn job(State(console): State<Arc<Console>>, headers: HeaderMap, Path(i
         e(job.note.as_deref().unwrap_or("(none)"))
     );
     match outcome {
+        None if job.waiting.load(Ordering::Relaxed) => {
+            out.push_str("<p data-job=\"waiting\">Waiting for the replay under way to end…</p>")
+        }
         None => out.push_str("<p data-job=\"running\">Running…</p>"),
         Some(Ok(o)) => {
             let _ = write!(

@@ -228,6 +228,10 @@ pub async fn event(
     }
     out.push_str("<h2>The result as published</h2>");
     match result {
+        // The result is made from the payload: withheld where the payload is (no token configured).
+        Some(_) if !session.role.sees_payloads() => {
+            out.push_str("<p class=\"muted\" data-result-withheld>Withheld: no token is configured.</p>");
+        }
         Some(r) => {
             let _ = write!(out, "<pre class=\"wrap\" data-result>{}</pre>", e(r));
         }

@@ -20,6 +20,8 @@ struct Preview {
 /// A replay under way or done.
 pub struct Job {
     pub total: usize,
+    /// Waiting for the replay before it to end (the console runs one at a time).
+    pub waiting: std::sync::atomic::AtomicBool,
     pub progress: Arc<AtomicUsize>,
     pub outcome: Mutex<Option<Result<ReplayOutcome, String>>>,
     pub note: Option<String>,
@@ -30,6 +32,10 @@ pub struct Job {
 
 #[derive(Default)]
 pub struct Jobs {
+    /// Held by the replay under way: two replays of the same dead letters at once would
+    /// both find them waiting and both produce them (a second replay), so the next one
+    /// starts when this one has marked its dead letters replayed, and finds them so.
+    pub turn: Arc<tokio::sync::Mutex<()>>,
     next: AtomicU64,
     previews: Mutex<HashMap<u64, Preview>>,
     jobs: Mutex<HashMap<u64, Arc<Job>>>,

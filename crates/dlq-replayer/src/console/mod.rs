@@ -76,7 +76,40 @@ pub fn routes(api: Arc<Api>, shutdown: Shutdown) -> Router {
         .route("/ui/assets/console.css", get(|| async { asset("text/css", include_str!("assets/console.css")) }))
         .route("/ui/assets/console.js", get(|| async { asset("text/javascript", include_str!("assets/console.js")) }))
         .route("/ui/{*rest}", get(not_found))
+        .layer(axum::middleware::from_fn_with_state(console.clone(), gate))
         .with_state(console)
+}
+
+/// Whether a path is open without a session: the login form and the static assets.
+fn is_public(path: &str) -> bool {
+    path == "/ui/login" || path.starts_with("/ui/assets/")
+}
+
+/// Before any handler (and so before its extractors can answer a malformed path or query
+/// on their own): a request without a session reaches only the login and the assets; a
+/// page goes to the login, an action is refused. After it: every answer, the extractors'
+/// rejections included, carries the console's security headers.
+async fn gate(
+    State(console): State<Arc<Console>>,
+    request: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> Response {
+    let path = request.uri().path().to_string();
+    if !is_public(&path) && console.sessions.get(request.headers()).is_none() {
+        return match *request.method() {
+            axum::http::Method::GET | axum::http::Method::HEAD if wants_fragment(request.headers()) => {
+                secure(StatusCode::UNAUTHORIZED.into_response())
+            }
+            axum::http::Method::GET | axum::http::Method::HEAD => redirect("/ui/login"),
+            _ => problem(None, StatusCode::FORBIDDEN, "Refused", "log in with the admin token to act"),
+        };
+    }
+    let response = next.run(request).await;
+    if response.headers().contains_key(header::CONTENT_SECURITY_POLICY) || path.starts_with("/ui/assets/") {
+        response
+    } else {
+        secure(response)
+    }
 }
 
 const CSP: &str = "default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self'; connect-src 'self'; \
@@ -236,6 +269,8 @@ async fn login(State(console): State<Arc<Console>>, headers: HeaderMap, body: By
     let token = form.get("token").unwrap_or("").trim();
     match session::role_of(&console.api.access, token) {
         Some(role) => {
+            // A session the browser held before this login ends with it.
+            console.sessions.close(&headers);
             let (id, _) = console.sessions.open(role);
             tracing::info!(role = role.label(), "console login");
             let mut r = redirect("/ui");

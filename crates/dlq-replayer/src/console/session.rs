@@ -14,7 +14,9 @@ use crate::access::{Access, Reader};
 /// The session cookie's name.
 pub const COOKIE: &str = "enrich_console";
 
-/// Sessions kept at most; past that the oldest one is forgotten.
+/// Sessions kept at most; past that the oldest one of the new session's role is forgotten
+/// (of any role only when that role holds none), so logins with the read token can never
+/// push the admin's sessions out.
 const MAX_SESSIONS: usize = 10_000;
 
 /// What a session may do.
@@ -57,6 +59,7 @@ pub struct Session {
 
 pub struct Sessions {
     ttl: Duration,
+    max: usize,
     map: Mutex<HashMap<String, Session>>,
 }
 
@@ -85,7 +88,12 @@ pub fn role_of(access: &Access, token: &str) -> Option<Role> {
 
 impl Sessions {
     pub fn new(ttl: Duration) -> Self {
-        Self { ttl, map: Mutex::new(HashMap::new()) }
+        Self::with_limit(ttl, MAX_SESSIONS)
+    }
+
+    /// At most `max` sessions at once.
+    pub fn with_limit(ttl: Duration, max: usize) -> Self {
+        Self { ttl, max: max.max(1), map: Mutex::new(HashMap::new()) }
     }
 
     /// A new session for `role`: its id (for the cookie) and the session.
@@ -95,10 +103,16 @@ impl Sessions {
         let id = random_hex();
         if let Ok(mut map) = self.map.lock() {
             map.retain(|_, s| s.expires > now);
-            if map.len() >= MAX_SESSIONS
-                && let Some(oldest) = map.iter().min_by_key(|(_, s)| s.created).map(|(k, _)| k.clone())
-            {
-                map.remove(&oldest);
+            if map.len() >= self.max {
+                let oldest = |same_role: bool| {
+                    map.iter()
+                        .filter(|(_, s)| !same_role || s.role == role)
+                        .min_by_key(|(_, s)| s.created)
+                        .map(|(k, _)| k.clone())
+                };
+                if let Some(oldest) = oldest(true).or_else(|| oldest(false)) {
+                    map.remove(&oldest);
+                }
             }
             map.insert(id.clone(), session.clone());
         }
@@ -187,6 +201,28 @@ mod tests {
         let (id, _) = gone.open(Role::Admin);
         headers.insert("cookie", HeaderValue::from_str(&format!("{COOKIE}={id}")).unwrap());
         assert!(gone.get(&headers).is_none(), "expired");
+    }
+
+    #[test]
+    fn logins_with_the_read_token_never_push_out_the_admin_s_session() {
+        let sessions = Sessions::with_limit(Duration::from_secs(60), 10);
+        let (admin, _) = sessions.open(Role::Admin);
+        let mut headers = HeaderMap::new();
+        headers.insert("cookie", HeaderValue::from_str(&format!("{COOKIE}={admin}")).unwrap());
+        for _ in 0..100 {
+            sessions.open(Role::Read);
+        }
+        assert_eq!(
+            sessions.get(&headers).map(|s| s.role),
+            Some(Role::Admin),
+            "100 logins with the read token pushed the admin's session out"
+        );
+        assert!(sessions.map.lock().unwrap().len() <= 10, "the store stays bounded");
+        // Past the limit, an admin login still gets in (pushing out the oldest read session).
+        let (again, _) = sessions.open(Role::Admin);
+        headers.insert("cookie", HeaderValue::from_str(&format!("{COOKIE}={again}")).unwrap());
+        assert_eq!(sessions.get(&headers).map(|s| s.role), Some(Role::Admin));
+        assert!(sessions.map.lock().unwrap().len() <= 10);
     }
 
     #[test]
