@@ -237,6 +237,40 @@ async fn ingest_finishes_its_batch_while_the_enricher_holds_a_key_s_row() -> any
     assert_eq!(row(&env, &key(0)).await?.0, "received", "the locked key is left to its holder");
     holder.rollback().await?;
     ingest.stop().await?;
+
+/// A publisher of an earlier release settles a key and keeps its binding (a rolling
+/// upgrade, after the migration cleared the old ones): the next look for unsettled
+/// bindings (on a partition's assignment) clears it, so the partial index of bindings
+/// waiting to be settled does not keep every key such a publisher settled. A bound key
+/// still `enriched` keeps its binding and is listed.
+#[tokio::test]
+async fn a_binding_an_earlier_publisher_kept_on_a_settled_key_is_cleared() -> anyhow::Result<()> {
+    let env = TestEnv::new(llm_sim::Latency::Fixed(Duration::ZERO), &[]).await?;
+    let pipeline = &env.settings.pipeline.name;
+    for (key, state) in
+        [("old-settled", State::Published), ("old-dead", State::DeadLettered), ("waiting", State::Enriched)]
+    {
+        insert(&env, key, state, None, 1).await?;
+        sqlx::query(
+            "UPDATE enrich_state SET publish_partition = 1, publish_offset = 40, publish_outcome = $3
+              WHERE pipeline = $1 AND idempotency_key = $2",
+        )
+        .bind(pipeline)
+        .bind(key)
+        .bind(if state == State::DeadLettered { "dead_lettered" } else { "published" })
+        .execute(&env.pool)
+        .await?;
+    }
+    let (bound, _) = enrich_common::key_state::publish::unsettled(&env.pool, pipeline).await?;
+    assert_eq!(bound.iter().map(|b| b.key.as_str()).collect::<Vec<_>>(), ["waiting"]);
+    let left: Vec<(String, Option<String>)> = sqlx::query_as(
+        "SELECT idempotency_key, publish_outcome FROM enrich_state
+          WHERE pipeline = $1 AND publish_offset IS NOT NULL ORDER BY idempotency_key",
+    )
+    .bind(pipeline)
+    .fetch_all(&env.pool)
+    .await?;
+    assert_eq!(left, [("waiting".to_string(), Some("published".to_string()))], "bindings left after the look");
     env.teardown().await;
     Ok(())
 }
