@@ -237,9 +237,12 @@ async fn ingest_finishes_its_batch_while_the_enricher_holds_a_key_s_row() -> any
     assert_eq!(row(&env, &key(0)).await?.0, "received", "the locked key is left to its holder");
     holder.rollback().await?;
     ingest.stop().await?;
+    env.teardown().await;
+    Ok(())
+}
 
-/// A publisher of an earlier release settles a key and keeps its binding (a rolling
-/// upgrade, after the migration cleared the old ones): the next look for unsettled
+/// Keys settled by a publisher of an earlier release keep their binding (settled before
+/// the upgrade, or during a rolling one): the next look for unsettled
 /// bindings (on a partition's assignment) clears it, so the partial index of bindings
 /// waiting to be settled does not keep every key such a publisher settled. A bound key
 /// still `enriched` keeps its binding and is listed.

@@ -186,7 +186,7 @@ pub async fn settle(pool: &PgPool, pipeline: &str, bound: &[Bound], records: &[(
     Ok(Settled { keys, dead_letters })
 }
 
-/// How many stale bindings (of ended keys) one look for unsettled ones clears.
+/// How many stale bindings (of ended keys) one statement clears.
 const STALE_BINDINGS_CLEARED: i64 = 10_000;
 
 /// Bindings and pending dead letters still waiting to be settled: the keys (with their
@@ -195,20 +195,27 @@ const STALE_BINDINGS_CLEARED: i64 = 10_000;
 /// during a rolling upgrade) have it cleared first: the partial index read here holds
 /// only bindings waiting to be settled, not every key such a publisher ever settled.
 pub async fn unsettled(pool: &PgPool, pipeline: &str) -> sqlx::Result<(Vec<Bound>, Vec<(i32, i64)>)> {
-    // At most STALE_BINDINGS_CLEARED a time: one statement on a partition's assignment
-    // stays short (a rollout that lasted long left many; the next assignments clear the rest).
-    sqlx::query(
-        "UPDATE enrich_state s SET publish_partition = NULL, publish_offset = NULL
-           FROM (SELECT idempotency_key FROM enrich_state
-                  WHERE pipeline = $1 AND publish_offset IS NOT NULL AND state IN ('published', 'dead_lettered')
-                  LIMIT $2) AS e
-          WHERE s.pipeline = $1 AND s.idempotency_key = e.idempotency_key
-            AND s.publish_offset IS NOT NULL AND s.state IN ('published', 'dead_lettered')",
-    )
-    .bind(pipeline)
-    .bind(STALE_BINDINGS_CLEARED)
-    .execute(pool)
-    .await?;
+    // In statements of at most STALE_BINDINGS_CLEARED rows each, each one short (no
+    // long lock on a large table), until none is left: the first reconciliation after an
+    // upgrade clears what the earlier release left, the later ones what its publishers
+    // still running beside this one settled meanwhile.
+    loop {
+        let cleared = sqlx::query(
+            "UPDATE enrich_state s SET publish_partition = NULL, publish_offset = NULL
+               FROM (SELECT idempotency_key FROM enrich_state
+                      WHERE pipeline = $1 AND publish_offset IS NOT NULL AND state IN ('published', 'dead_lettered')
+                      LIMIT $2) AS e
+              WHERE s.pipeline = $1 AND s.idempotency_key = e.idempotency_key
+                AND s.publish_offset IS NOT NULL AND s.state IN ('published', 'dead_lettered')",
+        )
+        .bind(pipeline)
+        .bind(STALE_BINDINGS_CLEARED)
+        .execute(pool)
+        .await?;
+        if cleared.rows_affected() < STALE_BINDINGS_CLEARED as u64 {
+            break;
+        }
+    }
     let bound: Vec<(String, i32, i64)> = sqlx::query_as(
         "SELECT idempotency_key, publish_partition, publish_offset FROM enrich_state
           WHERE pipeline = $1 AND state = 'enriched' AND publish_offset IS NOT NULL",
