@@ -310,3 +310,66 @@ async fn llm_sims_admin_endpoint_never_returns_request_headers() -> anyhow::Resu
     shutdown.cancel();
     Ok(())
 }
+
+/// Two replays of the same dead letters at once, as two dlq-replayer replicas (or two
+/// API requests, or an API request beside a console job) run them: each dead letter is
+/// replayed once. Each replay holds the dead letter's row from its check that it still
+/// waits to its mark as replayed; before, both read "waiting" and both replayed it (the
+/// loop guard counts only finished replays).
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn two_replays_of_the_same_dead_letters_at_once_replay_each_once() -> anyhow::Result<()> {
+    const N: usize = 4;
+    let overrides = [
+        // Paced, so the two replays overlap; the loop guard above two, so it is not what
+        // stops the second.
+        ("ENRICH_DLQ_REPLAYER__REPLAY_RATE_PER_SEC", "4".to_string()),
+        ("ENRICH_DLQ_REPLAYER__MAX_REPLAYS_PER_KEY", "5".to_string()),
+    ];
+    let env = TestEnv::new(llm_sim::Latency::default(), &overrides).await?;
+    let pipeline = env.settings.pipeline.name.clone();
+    let records: Vec<Record> = (0..N)
+        .map(|i| Record {
+            kind: Kind::Malformed { reason: "invalid_json" },
+            ticket: None,
+            key: Some(format!("twice-{i}").into_bytes()),
+            value: Some(format!("{{\"id\": \"twice-{i}\", oops").into_bytes()),
+        })
+        .collect();
+    produce_all(&env.settings, env.source_topic(), &records, |_| false, |_| {}).await?;
+    let ingest = env.spawn(StageKind::Ingest);
+    wait_for("the dead letters", DEADLINE, || async {
+        let (n,): (i64,) = sqlx::query_as("SELECT count(*) FROM dead_letters WHERE pipeline = $1 AND status = 'dead'")
+            .bind(&pipeline)
+            .fetch_one(&env.pool)
+            .await?;
+        Ok((n == N as i64).then_some(()))
+    })
+    .await?;
+    ingest.stop().await?;
+
+    let replayer = || -> anyhow::Result<dlq_replayer::replay::Replayer> {
+        Ok(dlq_replayer::replay::Replayer {
+            settings: env.settings.clone(),
+            pool: env.pool.clone(),
+            producer: enrich_common::kafka::producer(&env.settings, "dlq-replayer")?,
+        })
+    };
+    let (a, b) = (replayer()?, replayer()?);
+    let filter = dlq_replayer::replay::Filter::default();
+    let (first, second) = tokio::join!(a.replay(&filter, false, None), b.replay(&filter, false, None));
+    let (first, second) = (first?, second?);
+    let (replayed,): (i64,) =
+        sqlx::query_as("SELECT count(*) FROM replay_log WHERE pipeline = $1 AND outcome = 'replayed'")
+            .bind(&pipeline)
+            .fetch_one(&env.pool)
+            .await?;
+    println!(
+        "two replays at once: {} + {} replayed, {replayed} in the replay log",
+        first.replayed.len(),
+        second.replayed.len()
+    );
+    assert_eq!(replayed, N as i64, "each dead letter replayed once");
+    assert_eq!(first.replayed.len() + second.replayed.len(), N, "the replays' own counts agree");
+    env.teardown().await;
+    Ok(())
+}

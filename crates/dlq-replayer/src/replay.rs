@@ -483,7 +483,13 @@ impl Replayer {
                 }
                 if !dry_run {
                     ticker.tick().await;
-                    self.replay_one(&dead).await?;
+                    if let Some(status) = self.replay_one(&dead).await? {
+                        // Another replay (another request, job or replica) took it first.
+                        let why = format!("already {status}");
+                        outcome.refused.push(Refused { id: dead.id, idempotency_key: dead.idempotency_key, why });
+                        step();
+                        continue;
+                    }
                     self.log(dead.id, &dead.idempotency_key, "replayed", note).await?;
                 }
                 outcome.replayed.push(dead.id);
@@ -533,11 +539,22 @@ impl Replayer {
         }))
     }
 
-    async fn replay_one(&self, dead: &DeadLetter) -> anyhow::Result<()> {
-        let (bytes,): (Vec<u8>,) = sqlx::query_as("SELECT envelope FROM dead_letters WHERE id = $1")
-            .bind(dead.id)
-            .fetch_one(&self.pool)
-            .await?;
+    /// Replays one dead letter, holding its row locked from the check that it is still
+    /// waiting to its mark as replayed: a replay running beside this one (another API
+    /// request, a console job, another replica) waits for the lock, then finds it
+    /// replayed. Returns the status that stopped it (None: replayed here). A crash between
+    /// the record's produce and the mark leaves it waiting, to be replayed again.
+    async fn replay_one(&self, dead: &DeadLetter) -> anyhow::Result<Option<String>> {
+        let mut claim = self.pool.begin().await?;
+        let (status, bytes): (String, Vec<u8>) =
+            sqlx::query_as("SELECT status, envelope FROM dead_letters WHERE id = $1 FOR UPDATE")
+                .bind(dead.id)
+                .fetch_one(&mut *claim)
+                .await?;
+        if status != "dead" {
+            claim.rollback().await?;
+            return Ok(Some(status));
+        }
         let mut envelope = Envelope::decode_from(&bytes)?;
         envelope.outcome = None;
         envelope.attempt = 0;
@@ -590,9 +607,10 @@ impl Replayer {
         }
         sqlx::query("UPDATE dead_letters SET status = 'replayed', updated_at = now() WHERE id = $1")
             .bind(dead.id)
-            .execute(&self.pool)
+            .execute(&mut *claim)
             .await?;
-        Ok(())
+        claim.commit().await?;
+        Ok(None)
     }
 
     /// Marks a dead letter discarded (nothing is produced).
