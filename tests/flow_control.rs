@@ -111,8 +111,14 @@ async fn the_concurrency_limit_falls_after_429s_and_recovers() -> anyhow::Result
         Ok((refused > 0.0 && limit < MAX).then_some((limit, refused)))
     })
     .await?;
-    // While the endpoint stays limited, calls in flight stay low (two calls a second of
-    // 100 ms: well under one on average).
+    // The calls let in before the limit fell end within a round (a 429 answers at once);
+    // from then on, while the endpoint stays limited, calls in flight stay low (two calls
+    // a second of 100 ms: well under one on average).
+    wait_for("the calls let in before the fall to end", DEADLINE, || async {
+        let m = scrape_metrics(port).await?;
+        Ok((metric(&m, "enrich_in_flight") <= 4.0).then_some(()))
+    })
+    .await?;
     let mut most_in_flight = 0f64;
     for _ in 0..20 {
         let m = scrape_metrics(port).await?;
