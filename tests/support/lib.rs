@@ -166,20 +166,13 @@ impl TestEnv {
         .await
     }
 
-    /// Drops the test's database and deletes its topics (best effort: a broker that
-    /// keeps every test's topics runs out of file descriptors after a few runs of the
-    /// suite), and stops llm-sim.
+    /// Drops the test's database and deletes its topics (best effort), and stops llm-sim.
     pub async fn teardown(self) {
         self.sim_shutdown.cancel();
         self.pool.close().await;
         let t = &self.settings.topics;
         let topics = [self.source_topic(), &t.requests, &t.retry, &t.results, &t.output, &t.dlq];
-        let admin: Result<rdkafka::admin::AdminClient<rdkafka::client::DefaultClientContext>, _> =
-            enrich_common::kafka::base_config(&self.settings).create();
-        if let Ok(admin) = admin {
-            let opts = rdkafka::admin::AdminOptions::new().operation_timeout(Some(Duration::from_secs(10)));
-            let _ = admin.delete_topics(&topics, &opts).await;
-        }
+        loadgen::kafka_io::delete_topics(&self.settings, &topics).await;
         if let Ok(mut admin) = PgConnection::connect(&admin_database_url()).await {
             let _ = sqlx::query(sqlx::AssertSqlSafe(format!("DROP DATABASE IF EXISTS {} WITH (FORCE)", self.db_name)))
                 .execute(&mut admin)

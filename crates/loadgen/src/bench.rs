@@ -322,16 +322,12 @@ impl Bench {
         let _ = sqlx::query(sqlx::AssertSqlSafe(format!("DROP DATABASE IF EXISTS {db_name} WITH (FORCE)")))
             .execute(&mut admin)
             .await;
-        // The scenario's topics go too (a broker keeping every run's partitions runs out
-        // of file descriptors).
         let t = &settings.topics;
-        let topics = [source.as_str(), &t.requests, &t.retry, &t.results, &t.output, &t.dlq];
-        let kafka_admin: Result<rdkafka::admin::AdminClient<rdkafka::client::DefaultClientContext>, _> =
-            kafka::base_config(&settings).create();
-        if let Ok(kafka_admin) = kafka_admin {
-            let opts = rdkafka::admin::AdminOptions::new().operation_timeout(Some(Duration::from_secs(10)));
-            let _ = kafka_admin.delete_topics(&topics, &opts).await;
-        }
+        crate::kafka_io::delete_topics(
+            &settings,
+            &[source.as_str(), &t.requests, &t.retry, &t.results, &t.output, &t.dlq],
+        )
+        .await;
 
         let mean_ms =
             llm_sim::Latency::parse(&scenario.latency).map_err(anyhow::Error::msg)?.mean().as_secs_f64() * 1000.0;

@@ -190,6 +190,18 @@ fn watermarks(consumer: &BaseConsumer, topic: &str) -> anyhow::Result<Vec<(i32, 
     Ok(ends)
 }
 
+/// Deletes `topics` (best effort: a topic already gone, or a broker that does not answer
+/// within 10 s, is left). A broker that keeps every run's topics runs out of file
+/// descriptors after a few runs of the test suite or the bench.
+pub async fn delete_topics(settings: &Settings, topics: &[&str]) {
+    let admin: Result<rdkafka::admin::AdminClient<rdkafka::client::DefaultClientContext>, _> =
+        kafka::base_config(settings).create();
+    if let Ok(admin) = admin {
+        let opts = rdkafka::admin::AdminOptions::new().operation_timeout(Some(Duration::from_secs(10)));
+        let _ = admin.delete_topics(topics, &opts).await;
+    }
+}
+
 /// Whether `group` has committed offsets up to the end of every partition of `topic`.
 pub fn group_caught_up(settings: &Settings, group: &str, topic: &str) -> anyhow::Result<bool> {
     let mut config = kafka::base_config(settings);
