@@ -279,3 +279,63 @@ async fn an_envelope_with_a_huge_key_on_the_results_topic_is_dead_lettered_and_h
     env.teardown().await;
     Ok(())
 }
+
+/// A provider's 400 whose message quotes the request, and a refusal that quotes the
+/// ticket (both seen in the field): neither the DLQ record's error, nor the listed dead
+/// letter, nor the audit carries the ticket's text; the error still says what happened
+/// (the status and the provider's error type, or that the model refused).
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_provider_error_or_refusal_quoting_the_ticket_is_dead_lettered_without_its_text() -> anyhow::Result<()> {
+    const N: usize = 20;
+    const SECRET: &str = "card 4111-1111-1111-1111 of Jane Roe";
+    let env = TestEnv::new(llm_sim::Latency::default(), &[]).await?;
+    let mut records = workload::marked_tickets(&env.id, N, &[]);
+    for (i, marker) in ["[[sim:400-echo]]", "[[sim:refuse]]"].iter().enumerate() {
+        let mut t = enrich_e2e::loadgen::tickets::ticket(&env.id, N + i);
+        t.body = format!("Please charge my {SECRET} again {marker}");
+        records.push(workload::Record::of_ticket(t));
+    }
+    let produced = produce_all(&env.settings, env.source_topic(), &records, |_| false, |_| {}).await?;
+    let stages = [StageKind::Ingest, StageKind::Enricher, StageKind::Publisher].map(|k| env.spawn(k));
+    env.wait_accounted(&produced, DEADLINE).await?;
+
+    let dead = read_to_end(&env.settings, &env.settings.topics.dlq, Duration::from_secs(60))?;
+    let mut reasons: Vec<(String, String)> = dead
+        .iter()
+        .map(|d| {
+            (header(d, headers::DLQ_REASON).unwrap_or_default(), header(d, headers::DLQ_ERROR).unwrap_or_default())
+        })
+        .collect();
+    reasons.sort();
+    assert_eq!(reasons.len(), 2, "two dead letters: {reasons:?}");
+    assert_eq!(reasons[0].0, "bad_request", "{reasons:?}");
+    assert!(reasons[0].1.contains("HTTP 400") && reasons[0].1.contains("invalid_request_error"), "{reasons:?}");
+    assert_eq!(reasons[1].0, "refusal", "{reasons:?}");
+    assert!(reasons[1].1.contains("refused"), "{reasons:?}");
+    for (_, error) in &reasons {
+        assert!(!error.contains("4111"), "the DLQ record's error quotes the ticket: {error}");
+    }
+    let listed: Vec<(String,)> = sqlx::query_as("SELECT error FROM dead_letters WHERE pipeline = $1")
+        .bind(&env.settings.pipeline.name)
+        .fetch_all(&env.pool)
+        .await?;
+    assert_eq!(listed.len(), 2, "both listed");
+    let audited: Vec<(String,)> = sqlx::query_as(
+        "SELECT error FROM step_outcomes WHERE pipeline = $1 AND error IS NOT NULL
+         UNION ALL SELECT detail FROM run_history WHERE pipeline = $1 AND detail IS NOT NULL",
+    )
+    .bind(&env.settings.pipeline.name)
+    .fetch_all(&env.pool)
+    .await?;
+    for (error,) in listed.iter().chain(audited.iter()) {
+        assert!(!error.contains("4111"), "a listed dead letter or an audited step quotes the ticket: {error}");
+    }
+    let counts = enrich_e2e::output_counts(&env)?;
+    assert_eq!(counts.len(), N, "every other ticket published");
+    for s in stages {
+        assert!(!s.has_exited(), "the {:?} stage is still running", s.kind);
+        s.stop().await?;
+    }
+    env.teardown().await;
+    Ok(())
+}

@@ -341,7 +341,8 @@ impl ChatApi for Anthropic {
 
     fn parse(&self, text: &str, latency: Duration) -> Result<Completion, LlmError> {
         let bad = |m: String| LlmError::new(ErrorClass::Transient, Reason::BadResponse, m);
-        let response: Value = serde_json::from_str(text).map_err(|e| bad(format!("not a Messages answer: {e}")))?;
+        let response: Value =
+            serde_json::from_str(text).map_err(|e| bad(format!("not a Messages answer: {}", json_error(&e))))?;
         let usage = |k: &str| response.pointer(&format!("/usage/{k}")).and_then(Value::as_u64).unwrap_or(0) as u32;
         if response.get("stop_reason").and_then(Value::as_str) == Some("max_tokens") {
             return Err(LlmError::new(
@@ -381,6 +382,8 @@ impl ChatApi for Anthropic {
 }
 
 fn classify_transport(e: reqwest::Error) -> LlmError {
+    // The URL can carry a key in its query (Azure's `api-version` beside a gateway's key).
+    let e = e.without_url();
     let message = enrich_common::error::chain(&e);
     if e.is_timeout() {
         LlmError::new(ErrorClass::Transient, Reason::Timeout, message)
@@ -391,10 +394,41 @@ fn classify_transport(e: reqwest::Error) -> LlmError {
     }
 }
 
+/// What an error body says that cannot be the request's own text: the provider's error
+/// type, code and parameter (OpenAI's `error.{type,code,param}`, Anthropic's
+/// `error.type`), each a short identifier. The error's message is left out: providers
+/// quote the request in it, and a dead letter's error is shown in listings.
+fn error_identifiers(body: &str) -> String {
+    let Ok(value) = serde_json::from_str::<Value>(body) else {
+        return format!("a body of {} bytes, not recorded", body.len());
+    };
+    let ident = |v: &Value| {
+        v.as_str()
+            .filter(|s| s.len() <= 64 && s.chars().all(|c| c.is_ascii_alphanumeric() || "_.-[]".contains(c)))
+            .map(str::to_string)
+    };
+    let fields: Vec<String> = ["type", "code", "param"]
+        .iter()
+        .filter_map(|k| value.pointer(&format!("/error/{k}")).and_then(ident).map(|v| format!("{k} {v}")))
+        .collect();
+    if fields.is_empty() { "no error type given".to_string() } else { fields.join(", ") }
+}
+
+/// A JSON error of a provider's answer without its text (serde's message can quote the
+/// value it refused).
+fn json_error(e: &serde_json::Error) -> String {
+    format!("{:?} error at line {} column {}", e.classify(), e.line(), e.column())
+}
+
 /// Maps an HTTP error status (and the body's error code) to a class.
 pub fn classify_status(status: StatusCode, body: &str) -> LlmError {
-    let detail: String = body.chars().take(500).collect();
-    let message = format!("HTTP {}: {detail}", status.as_u16());
+    let message = format!("HTTP {} ({})", status.as_u16(), error_identifiers(body));
+    if status.is_client_error() && status.as_u16() != 429 {
+        // The provider's own words, for the operator who asked for them: they can quote
+        // the record, so never at the default level and never in a dead letter.
+        let said: String = body.chars().take(500).collect();
+        tracing::debug!(status = status.as_u16(), body = %said, "the provider refused the request");
+    }
     match status.as_u16() {
         // A spent quota is not cured by waiting a few seconds.
         429 if body.contains("insufficient_quota") => LlmError::new(ErrorClass::Outage, Reason::QuotaExceeded, message),
@@ -516,7 +550,7 @@ struct Usage {
 
 fn parse_completion(text: &str, latency: Duration) -> Result<Completion, LlmError> {
     let response: ChatResponse = serde_json::from_str(text).map_err(|e| {
-        LlmError::new(ErrorClass::Transient, Reason::BadResponse, format!("not a chat completion: {e}"))
+        LlmError::new(ErrorClass::Transient, Reason::BadResponse, format!("not a chat completion: {}", json_error(&e)))
     })?;
     let choice = response
         .choices
@@ -524,7 +558,9 @@ fn parse_completion(text: &str, latency: Duration) -> Result<Completion, LlmErro
         .next()
         .ok_or_else(|| LlmError::new(ErrorClass::Transient, Reason::BadResponse, "the answer has no choices"))?;
     if let Some(refusal) = choice.message.refusal.filter(|r| !r.is_empty()) {
-        return Err(LlmError::new(ErrorClass::Permanent, Reason::Refusal, refusal));
+        // Its text can quote the record: the dead letter says only that it came.
+        let said = format!("the model refused (a refusal of {} characters, not recorded)", refusal.chars().count());
+        return Err(LlmError::new(ErrorClass::Permanent, Reason::Refusal, said));
     }
     if choice.finish_reason.as_deref() == Some("length") {
         return Err(LlmError::new(
@@ -574,6 +610,13 @@ mod tests {
             class(429, r#"{"error":{"code":"insufficient_quota"}}"#),
             (ErrorClass::Outage, Reason::QuotaExceeded)
         );
+        let quoted = r#"{"error":{"message":"Invalid content: 'my card 4111'","type":"invalid_request_error","param":"messages[1].content","code":null}}"#;
+        let e = classify_status(StatusCode::BAD_REQUEST, quoted).error;
+        assert_eq!(e.message, "HTTP 400 (type invalid_request_error, param messages[1].content)");
+        let e = classify_status(StatusCode::BAD_GATEWAY, "<html>my card 4111</html>").error;
+        assert_eq!(e.message, "HTTP 502 (a body of 25 bytes, not recorded)");
+        let odd = r#"{"error":{"type":"my card 4111 and more words"}}"#;
+        assert_eq!(classify_status(StatusCode::BAD_REQUEST, odd).error.message, "HTTP 400 (no error type given)");
         let e = classify_status(StatusCode::SERVICE_UNAVAILABLE, "");
         assert!(e.try_fallback() && e.endpoint_down());
         let e = classify_status(StatusCode::TOO_MANY_REQUESTS, "");
@@ -661,7 +704,15 @@ mod tests {
         let c = parse_completion(ok, Duration::ZERO).unwrap();
         assert_eq!((c.content.as_str(), c.model.as_str(), c.input_tokens, c.output_tokens), ("{\"a\":1}", "m1", 12, 3));
         let refused = r#"{"choices":[{"message":{"content":null,"refusal":"I can't"}}]}"#;
-        assert_eq!(parse_completion(refused, Duration::ZERO).unwrap_err().error.reason, Reason::Refusal);
+        let e = parse_completion(refused, Duration::ZERO).unwrap_err().error;
+        assert_eq!(
+            (e.reason, e.message.as_str()),
+            (Reason::Refusal, "the model refused (a refusal of 7 characters, not recorded)")
+        );
+        // serde's message would quote the string it refused.
+        let odd = r#"{"choices":[{"message":{"content":"x"}}],"usage":{"prompt_tokens":"my card 4111"}}"#;
+        let e = parse_completion(odd, Duration::ZERO).unwrap_err().error;
+        assert!(!e.message.contains("4111") && e.message.contains("Data error"), "{}", e.message);
         let cut = r#"{"choices":[{"message":{"content":"{\"a\":"},"finish_reason":"length"}]}"#;
         assert_eq!(parse_completion(cut, Duration::ZERO).unwrap_err().error.reason, Reason::OutputTruncated);
         assert_eq!(parse_completion("<html>", Duration::ZERO).unwrap_err().error.class, ErrorClass::Transient);

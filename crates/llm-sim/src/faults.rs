@@ -12,6 +12,8 @@
 //! | `[[sim:schema-violation]]` | valid JSON that breaks the schema, also on repair |
 //! | `[[sim:429-on-repair]]` | the answer is not JSON; every repair request answers 429 |
 //! | `[[sim:answer-bytes:N]]` | a valid answer of at least N bytes (its `tags` padded) |
+//! | `[[sim:400-echo]]` | every call answers 400 with an error message that quotes the user text (as some providers do) |
+//! | `[[sim:refuse]]` | the model refuses, its refusal quoting the user text |
 //!
 //! Markers and rates can be switched off at runtime (`POST /admin/faults`), so a test
 //! can fix the cause and then replay.
@@ -46,10 +48,17 @@ pub const RATE_429_WAIT_MS: u64 = 200;
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Decision {
     Answer,
-    Status { code: u16, retry_after_ms: Option<u64> },
+    Status {
+        code: u16,
+        retry_after_ms: Option<u64>,
+    },
     Hang,
     InvalidJson,
     SchemaViolation,
+    /// 400, the error's message quoting the request's text.
+    EchoBadRequest,
+    /// A refusal that quotes the request's text.
+    Refuse,
 }
 
 /// What to do with one request. `first_time`: no earlier request had this text.
@@ -67,6 +76,12 @@ pub fn decide(faults: &Faults, text: &str, first_time: bool, repair: bool, roll:
             } else {
                 Decision::InvalidJson
             };
+        }
+        if has("400-echo") {
+            return Decision::EchoBadRequest;
+        }
+        if has("refuse") {
+            return Decision::Refuse;
         }
         if has("always-429") {
             return Decision::Status { code: 429, retry_after_ms: Some(1000) };
@@ -123,6 +138,8 @@ mod tests {
         assert_eq!(decide(&f, "[[sim:invalid-json-once]]", false, true, 0.9), Decision::Answer);
         assert_eq!(decide(&f, "[[sim:invalid-json]]", false, true, 0.9), Decision::InvalidJson);
         assert_eq!(decide(&f, "[[sim:hang]]", true, false, 0.9), Decision::Hang);
+        assert_eq!(decide(&f, "x [[sim:400-echo]]", false, true, 0.9), Decision::EchoBadRequest);
+        assert_eq!(decide(&f, "x [[sim:refuse]]", false, false, 0.9), Decision::Refuse);
         assert_eq!(decide(&f, "plain", true, false, 0.9), Decision::Answer);
     }
 

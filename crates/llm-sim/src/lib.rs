@@ -429,6 +429,14 @@ async fn answer(state: &AppState, api: Api, headers: &axum::http::HeaderMap, bod
             }
             return response;
         }
+        faults::Decision::EchoBadRequest => {
+            state.counters.failed.fetch_add(1, Ordering::SeqCst);
+            return api.error(
+                StatusCode::BAD_REQUEST,
+                "invalid_request_error",
+                format!("Invalid 'messages[1].content': could not process {text:?}"),
+            );
+        }
         faults::Decision::Hang => {
             tokio::time::sleep(std::time::Duration::from_secs(3600)).await;
             return api.error(StatusCode::GATEWAY_TIMEOUT, "server_error", "hung");
@@ -459,7 +467,9 @@ async fn answer(state: &AppState, api: Api, headers: &axum::http::HeaderMap, bod
     if let Some(n) = faults::answer_bytes(&faults, &text) {
         pad_tags(&mut answer, n);
     }
+    let refusal = (decision == faults::Decision::Refuse).then(|| format!("I can't help with {text:?}."));
     let content = match decision {
+        faults::Decision::Refuse => String::new(),
         faults::Decision::InvalidJson => format!("Sure! Here is the enrichment: {answer}"),
         faults::Decision::SchemaViolation => json!({"category": "spaceship", "mood": "?"}).to_string(),
         _ => answer.to_string(),
@@ -479,7 +489,10 @@ async fn answer(state: &AppState, api: Api, headers: &axum::http::HeaderMap, bod
                 "model": model,
                 "choices": [{
                     "index": 0,
-                    "message": {"role": "assistant", "content": content, "refusal": Value::Null},
+                    "message": match &refusal {
+                        Some(r) => json!({"role": "assistant", "content": Value::Null, "refusal": r}),
+                        None => json!({"role": "assistant", "content": content, "refusal": Value::Null}),
+                    },
                     "finish_reason": "stop"
                 }],
                 "usage": {
@@ -495,6 +508,7 @@ async fn answer(state: &AppState, api: Api, headers: &axum::http::HeaderMap, bod
             // back as a text block (a model that ignored the tool).
             let tool = request.pointer("/tools/0/name").and_then(Value::as_str).unwrap_or("enrichment");
             let block = match serde_json::from_str::<Value>(&content) {
+                _ if refusal.is_some() => json!({"type": "text", "text": refusal.clone().unwrap_or_default()}),
                 Ok(input) if input.is_object() => {
                     json!({"type": "tool_use", "id": format!("toolu_sim_{n}"), "name": tool, "input": input})
                 }
@@ -506,7 +520,7 @@ async fn answer(state: &AppState, api: Api, headers: &axum::http::HeaderMap, bod
                 "role": "assistant",
                 "model": model,
                 "content": [block],
-                "stop_reason": "tool_use",
+                "stop_reason": if refusal.is_some() { "refusal" } else { "tool_use" },
                 "usage": {"input_tokens": prompt_tokens, "output_tokens": completion_tokens}
             }))
             .into_response()
