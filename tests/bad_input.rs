@@ -72,6 +72,7 @@ async fn a_corpus_of_bad_input_is_dead_lettered_or_enriched_and_nothing_else_suf
     // Fewer than the 100,000 headers librdkafka parses at most (a record with more
     // reaches the consumer without any).
     let empty_headers: Vec<(String, Vec<u8>)> = (0..90_000).map(|_| (String::new(), Vec::new())).collect();
+    let too_many_headers: Vec<(String, Vec<u8>)> = (0..100_001).map(|_| ("h".to_string(), Vec::new())).collect();
     let corpus = vec![
         good(0),
         Case {
@@ -143,6 +144,13 @@ async fn a_corpus_of_bad_input_is_dead_lettered_or_enriched_and_nothing_else_suf
             value: Some(ticket(&env.id, 904).to_json()),
             headers: empty_headers,
             reason: Some("too_large"),
+        },
+        Case {
+            name: "100,001 headers (more than librdkafka reads: the consumer sees none)",
+            key: Some(b"w".to_vec()),
+            value: Some(ticket(&env.id, 906).to_json()),
+            headers: too_many_headers,
+            reason: Some("unreadable_headers"),
         },
         Case {
             name: "600 KB header within the budget",

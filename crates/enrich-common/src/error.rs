@@ -55,6 +55,9 @@ pub enum Reason {
     KeyTooLong,
     /// A header name is not UTF-8.
     InvalidHeaderName,
+    /// The record's headers cannot be read (more than librdkafka's 100,000, or
+    /// malformed).
+    UnreadableHeaders,
     /// The record's topic is not a configured source.
     UnknownSource,
     /// The record has no value.
@@ -114,12 +117,13 @@ pub enum Reason {
 }
 
 impl Reason {
-    pub const ALL: [Reason; 33] = [
+    pub const ALL: [Reason; 34] = [
         Reason::InvalidJson,
         Reason::MissingKeyField,
         Reason::InvalidKey,
         Reason::KeyTooLong,
         Reason::InvalidHeaderName,
+        Reason::UnreadableHeaders,
         Reason::UnknownSource,
         Reason::EmptyValue,
         Reason::InvalidUtf8,
@@ -157,6 +161,7 @@ impl Reason {
             Reason::InvalidKey => "invalid_key",
             Reason::KeyTooLong => "key_too_long",
             Reason::InvalidHeaderName => "invalid_header_name",
+            Reason::UnreadableHeaders => "unreadable_headers",
             Reason::UnknownSource => "unknown_source",
             Reason::EmptyValue => "empty_value",
             Reason::InvalidUtf8 => "invalid_utf8",

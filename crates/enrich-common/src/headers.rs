@@ -33,6 +33,8 @@ pub struct Collected {
     /// Headers whose name is not UTF-8 (left out of `pairs`: Kafka allows any bytes,
     /// the product's headers and envelopes hold text).
     pub invalid_names: usize,
+    /// librdkafka could not read the record's headers (see [`crate::kafka::detach`]).
+    pub unreadable: bool,
 }
 
 /// Copies Kafka headers into owned pairs, leaving out (and counting) any whose name is
@@ -44,6 +46,7 @@ pub fn collect_checked<H: Headers>(headers: Option<&H>) -> Collected {
     let Some(headers) = headers else {
         return collected;
     };
+    collected.unreadable = headers.count() == 0;
     for idx in 0..headers.count() {
         match quietly(|| headers.try_get(idx).map(|h| (h.key.to_string(), h.value.map(<[u8]>::to_vec)))) {
             Some(Some(pair)) => collected.pairs.push(pair),
@@ -127,6 +130,13 @@ mod tests {
         assert_eq!(find(&pairs, IDEMPOTENCY_KEY), Some("p:1"));
         assert_eq!(find(&pairs, DLQ_REASON), Some("too_large"));
         assert_eq!(find(&pairs, "absent"), None);
+    }
+
+    #[test]
+    fn an_empty_header_list_is_unreadable_headers_and_none_is_no_headers() {
+        assert!(collect_checked(Some(&owned(&[]))).unreadable, "kafka::detach's mark of headers librdkafka refused");
+        assert!(!collect_checked(None::<&OwnedHeaders>).unreadable);
+        assert!(!collect_checked(Some(&owned(&[("a", "b")]))).unreadable);
     }
 
     #[test]

@@ -175,7 +175,7 @@ pub async fn next_batch<C: rdkafka::consumer::ConsumerContext + 'static>(
         match received {
             Ok(m) => {
                 bytes += weight(&m);
-                batch.push(m.detach());
+                batch.push(detach(&m));
                 break;
             }
             Err(e) => {
@@ -188,13 +188,38 @@ pub async fn next_batch<C: rdkafka::consumer::ConsumerContext + 'static>(
         match tokio::time::timeout_at(deadline, consumer.recv()).await {
             Ok(Ok(m)) => {
                 bytes += weight(&m);
-                batch.push(m.detach());
+                batch.push(detach(&m));
             }
             Ok(Err(e)) => tracing::warn!(error = %e, "kafka consumer error"),
             Err(_) => break,
         }
     }
     batch
+}
+
+/// The record, owned. A record whose headers librdkafka cannot read (more than 100,000 of
+/// them, or malformed: `rd_kafka_message_headers` answers `BAD_MSG`) has no headers in
+/// rdkafka's API, like a record without any; it is detached with an *empty* header list
+/// instead, which no readable record has (librdkafka gives none for zero headers), so
+/// [`crate::headers::collect_checked`] can say so and the record is not forwarded
+/// without its headers as if it had none.
+pub fn detach(m: &rdkafka::message::BorrowedMessage<'_>) -> OwnedMessage {
+    let owned = m.detach();
+    if owned.headers().is_some() || !headers_unreadable(m) {
+        return owned;
+    }
+    owned.replace_headers(Some(rdkafka::message::OwnedHeaders::new()))
+}
+
+/// Whether librdkafka refuses to parse the record's headers. rdkafka answers `None`
+/// for that and for no headers alike, so the one call that tells them apart is made here.
+#[allow(unsafe_code)]
+fn headers_unreadable(m: &rdkafka::message::BorrowedMessage<'_>) -> bool {
+    let mut native = std::ptr::null_mut();
+    // SAFETY: `m.ptr()` is the live message `m` borrows; librdkafka only reads it and
+    // writes the headers' pointer, which is not kept.
+    let err = unsafe { rdkafka::bindings::rd_kafka_message_headers(m.ptr(), &mut native) };
+    err == rdkafka::bindings::rd_kafka_resp_err_t::RD_KAFKA_RESP_ERR__BAD_MSG
 }
 
 /// What a record weighs in a batch: its value, key and headers (a header name that is

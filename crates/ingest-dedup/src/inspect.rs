@@ -73,6 +73,13 @@ pub fn inspect(
     };
 
     let parsed = validate_payload(budget, value).and_then(|json| {
+        if collected.unreadable {
+            return Err(RecordError::invalid(
+                Reason::UnreadableHeaders,
+                "the record's headers cannot be read (more than the 100,000 librdkafka reads, or malformed); \
+                 the original record is at its coordinates",
+            ));
+        }
         if collected.invalid_names > 0 {
             return Err(RecordError::invalid(
                 Reason::InvalidHeaderName,
