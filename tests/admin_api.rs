@@ -373,3 +373,84 @@ async fn two_replays_of_the_same_dead_letters_at_once_replay_each_once() -> anyh
     env.teardown().await;
     Ok(())
 }
+
+/// A replay whose key is dead-lettered again (its cause not fixed: every call answers
+/// 400) before the replay has marked the first dead letter replayed. The new dead
+/// letter's listing must not take the first, still marked `dead` in the replay's open
+/// transaction, for the key's listed one and drop itself: the key would be dead-lettered
+/// with nothing listed, never to be replayed. The test holds the replay's mark (a trigger
+/// waits on an advisory lock it holds) until the enricher has written the second DLQ
+/// record and its listing either finished or waits for the replay.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_key_dead_lettered_again_while_its_replay_finishes_keeps_a_listed_dead_letter() -> anyhow::Result<()> {
+    let env = TestEnv::new(llm_sim::Latency::default(), &[]).await?;
+    let pipeline = env.settings.pipeline.name.clone();
+    let mut ticket = enrich_e2e::loadgen::tickets::ticket(&env.id, 0);
+    ticket.body = "Always refused by the provider [[sim:400-echo]]".into();
+    produce_all(&env.settings, env.source_topic(), &[Record::of_ticket(ticket)], |_| false, |_| {}).await?;
+    let stages = [StageKind::Ingest, StageKind::Enricher, StageKind::Publisher].map(|k| env.spawn(k));
+    let count = |status: &'static str| {
+        let (pool, pipeline) = (env.pool.clone(), pipeline.clone());
+        async move {
+            let (n,): (i64,) = sqlx::query_as("SELECT count(*) FROM dead_letters WHERE pipeline = $1 AND status = $2")
+                .bind(&pipeline)
+                .bind(status)
+                .fetch_one(&pool)
+                .await?;
+            anyhow::Ok(n)
+        }
+    };
+    wait_for("the first dead letter listed", DEADLINE, || async { Ok((count("dead").await? == 1).then_some(())) })
+        .await?;
+
+    sqlx::raw_sql(
+        "CREATE FUNCTION test_hold_replay_mark() RETURNS trigger LANGUAGE plpgsql AS $$
+         BEGIN PERFORM pg_advisory_lock(4242); PERFORM pg_advisory_unlock(4242); RETURN NEW; END $$;
+         CREATE TRIGGER test_hold_replay_mark BEFORE UPDATE ON dead_letters FOR EACH ROW
+           WHEN (NEW.status = 'replayed') EXECUTE FUNCTION test_hold_replay_mark();",
+    )
+    .execute(&env.pool)
+    .await?;
+    let mut holder = env.pool.acquire().await?;
+    sqlx::query("SELECT pg_advisory_lock(4242)").execute(&mut *holder).await?;
+    let replayer = dlq_replayer::replay::Replayer {
+        settings: env.settings.clone(),
+        pool: env.pool.clone(),
+        producer: enrich_common::kafka::producer(&env.settings, "dlq-replayer")?,
+    };
+    let replay =
+        tokio::spawn(async move { replayer.replay(&dlq_replayer::replay::Filter::default(), false, None).await });
+    let dlq_topic = env.settings.topics.dlq.clone();
+    wait_for("the key dead-lettered again, its listing done or waiting for the replay", DEADLINE, || async {
+        let dlq = tokio::task::block_in_place(|| {
+            enrich_e2e::loadgen::kafka_io::read_to_end(&env.settings, &dlq_topic, Duration::from_secs(30))
+        })?;
+        let (waiting,): (i64,) = sqlx::query_as(
+            "SELECT count(*) FROM pg_stat_activity
+              WHERE datname = current_database() AND wait_event_type = 'Lock' AND query LIKE '%listed AS%'",
+        )
+        .fetch_one(&env.pool)
+        .await?;
+        Ok((dlq.len() == 2 && (count("pending").await? == 0 || waiting > 0)).then_some(()))
+    })
+    .await?;
+    sqlx::query("SELECT pg_advisory_unlock(4242)").execute(&mut *holder).await?;
+    drop(holder);
+    let report = replay.await??;
+    assert_eq!(report.replayed.len(), 1, "the first dead letter replayed");
+    wait_for("no dead letter left pending", DEADLINE, || async { Ok((count("pending").await? == 0).then_some(())) })
+        .await?;
+    let (state,): (String,) = sqlx::query_as("SELECT state FROM enrich_state WHERE pipeline = $1")
+        .bind(&pipeline)
+        .fetch_one(&env.pool)
+        .await?;
+    let listed = count("dead").await?;
+    println!("after the replay: key {state}, {listed} listed dead letter(s)");
+    assert_eq!(state, "dead_lettered");
+    assert_eq!(listed, 1, "the dead-lettered key has its dead letter listed (replayable)");
+    for s in stages {
+        s.stop().await?;
+    }
+    env.teardown().await;
+    Ok(())
+}

@@ -449,12 +449,22 @@ impl Replayer {
         };
         let interval = Duration::from_secs_f64(1.0 / f64::from(rate));
         let mut ticker = tokio::time::interval(interval);
+        // What was in the DLQ when the run started, as its dry run counted: a dead letter
+        // listed meanwhile (a replayed record failing again at once) waits for the next run.
+        let (upto,): (Option<i64>,) = sqlx::query_as("SELECT max(id) FROM dead_letters WHERE pipeline = $1")
+            .bind(pipeline)
+            .fetch_one(&self.pool)
+            .await?;
+        let upto = upto.unwrap_or(0);
         let mut after = 0;
-        loop {
+        'pages: loop {
             let page = list(&self.pool, pipeline, "dead", filter, after, 500).await?;
             let Some(last) = page.last() else { break };
             after = last.id;
             for dead in page {
+                if dead.id > upto {
+                    break 'pages;
+                }
                 outcome.matched += 1;
                 let (replays,): (i64,) = sqlx::query_as(
                     "SELECT count(*) FROM replay_log WHERE pipeline = $1 AND idempotency_key = $2 AND outcome = 'replayed'",

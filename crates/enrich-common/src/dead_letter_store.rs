@@ -105,6 +105,12 @@ pub async fn pending_of(
 /// The DLQ record of pending dead letter `id` is written: it is listed (`dead`), unless
 /// its key has one listed already (then it is dropped; its DLQ record stays).
 /// Idempotent.
+///
+/// The key's listed dead letter is read `FOR SHARE`: a replay holds the one it replays
+/// locked until it marks it replayed, and the key can be dead-lettered again before that
+/// (the replayed request failing at once). Read without the lock, the replay's dead
+/// letter still looks listed, this one is dropped, and the key is left dead-lettered with
+/// nothing listed; with it, this waits for the replay's mark and is listed.
 pub async fn list_pending(pool: &PgPool, id: i64) -> sqlx::Result<()> {
     sqlx::query(
         "WITH listed AS (
@@ -112,7 +118,8 @@ pub async fn list_pending(pool: &PgPool, id: i64) -> sqlx::Result<()> {
               WHERE d.id = $1 AND d.status = 'pending'
                 AND NOT EXISTS (SELECT 1 FROM dead_letters w
                                  WHERE w.pipeline = d.pipeline AND w.idempotency_key = d.idempotency_key
-                                   AND w.status = 'dead' AND w.stage <> 'ingest-dedup')
+                                   AND w.status = 'dead' AND w.stage <> 'ingest-dedup'
+                                   FOR SHARE)
              RETURNING 1)
          DELETE FROM dead_letters d WHERE d.id = $1 AND d.status = 'pending' AND NOT EXISTS (SELECT 1 FROM listed)",
     )

@@ -155,7 +155,9 @@ pub async fn settle(pool: &PgPool, pipeline: &str, bound: &[Bound], records: &[(
              INSERT INTO run_history (pipeline, idempotency_key, stage, attempt, status, trace_id)
              SELECT $1, idempotency_key, 'publisher', 0, state, publish_trace FROM marked),
          -- A key waits in the DLQ once: of its pending dead letters one is listed, unless
-         -- one is listed already; the others are dropped (their DLQ records stay).
+         -- one is listed already; the others are dropped (their DLQ records stay). The
+         -- listed one is read FOR SHARE, to wait for a replay that holds it until its mark
+         -- (dead_letter_store::list_pending says why).
          pending AS (
              SELECT d.id, d.idempotency_key FROM dead_letters d
                JOIN UNNEST($5::int[], $6::bigint[]) AS r(p, o) ON d.publish_partition = r.p AND d.publish_offset = r.o
@@ -164,7 +166,8 @@ pub async fn settle(pool: &PgPool, pipeline: &str, bound: &[Bound], records: &[(
              SELECT DISTINCT ON (idempotency_key) id FROM pending n
               WHERE NOT EXISTS (SELECT 1 FROM dead_letters w
                                  WHERE w.pipeline = $1 AND w.idempotency_key = n.idempotency_key
-                                   AND w.status = 'dead' AND w.stage <> 'ingest-dedup')
+                                   AND w.status = 'dead' AND w.stage <> 'ingest-dedup'
+                                   FOR SHARE)
               ORDER BY idempotency_key, id),
          listed AS (
              UPDATE dead_letters d SET status = 'dead', updated_at = now()
