@@ -124,7 +124,8 @@ async fn an_output_the_broker_refuses_as_too_large_is_dead_lettered_once() -> an
     let mut value: serde_json::Value = serde_json::from_slice(&big.to_json())?;
     // Text that does not compress (the producer compresses; the broker checks the
     // compressed batch).
-    value["attachment"] = serde_json::Value::String(incompressible(300 * 1024));
+    // Under the 256 KiB a dead letter keeps, so it can be replayed whole.
+    value["attachment"] = serde_json::Value::String(incompressible(200 * 1024));
     let big_id = big.id.clone();
     records.insert(
         7,
@@ -158,6 +159,36 @@ async fn an_output_the_broker_refuses_as_too_large_is_dead_lettered_once() -> an
             .fetch_one(&env.pool)
             .await?;
     assert_eq!(state.0, "dead_lettered");
+
+    // The operator raises the topic's limit and replays the dead letter: the key's stored
+    // result is published, not paid for again.
+    let calls = env.sim.completions();
+    let raise = AlterConfig::new(ResourceSpecifier::Topic(&output)).set("max.message.bytes", "1000000");
+    for r in admin.alter_configs(&[raise], &AdminOptions::new()).await? {
+        r.map_err(|(_, e)| anyhow::anyhow!("cannot raise max.message.bytes: {e}"))?;
+    }
+    let replayer = dlq_replayer::replay::Replayer {
+        settings: env.settings.clone(),
+        pool: env.pool.clone(),
+        producer: enrich_common::kafka::producer(&env.settings, "dlq-replayer")?,
+    };
+    let replayed = replayer.replay(&dlq_replayer::replay::Filter::default(), false, None).await?;
+    assert_eq!(replayed.replayed.len(), 1, "the dead letter replayed: {:?}", replayed.refused);
+    let stages = [StageKind::Enricher, StageKind::Publisher].map(|k| env.spawn(k));
+    let output_topic = env.settings.topics.output.clone();
+    enrich_e2e::wait_for("the replayed key published", DEADLINE, || async {
+        let out = tokio::task::block_in_place(|| read_to_end(&env.settings, &output_topic, Duration::from_secs(30)))?;
+        Ok((out.len() > N).then_some(out))
+    })
+    .await?;
+    let out = read_to_end(&env.settings, &output_topic, Duration::from_secs(30))?;
+    let big_out = out.iter().filter(|m| header(m, headers::IDEMPOTENCY_KEY).unwrap_or_default().ends_with(&big_id));
+    assert_eq!(big_out.count(), 1, "the replayed key published once");
+    println!("LLM calls: {calls} before the replay, {} after", env.sim.completions());
+    assert_eq!(env.sim.completions(), calls, "the replay publishes the stored result, paid once");
+    for s in stages {
+        s.stop().await?;
+    }
     env.teardown().await;
     Ok(())
 }

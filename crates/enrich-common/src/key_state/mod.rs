@@ -20,7 +20,7 @@
 //! | pending dead letter     | [`lease::take_dead_lettered`], [`lease::dead_letter_listed`] | dead_lettered (same state: its lease) |
 //! | bound to its record     | [`publish::bind`] (returns the stored result it publishes) | enriched (same state)   |
 //! | settled                 | [`publish::settle`]              | enriched → published, dead_lettered         |
-//! | replayed                | [`replay::reset`]                | dead_lettered → requested                   |
+//! | replayed                | [`replay::reset`]                | dead_lettered → requested (enriched: its result stored) |
 //!
 //! Every transition made on behalf of a lease is fenced by the lease's owner and the
 //! attempt it counted (the fencing token): a replica whose lease was taken over gets
@@ -99,7 +99,8 @@ impl State {
             }
             Enriched => matches!(to, Published | DeadLettered),
             Published => false,
-            DeadLettered => to == Requested,
+            // A replay: back to the enricher, or, with its result stored, to be published.
+            DeadLettered => matches!(to, Requested | Enriched),
         }
     }
 }
@@ -131,7 +132,11 @@ mod tests {
         use State::*;
         for to in State::ALL {
             assert_eq!(Published.may_become(to), to == Published, "published -> {to}");
-            assert_eq!(DeadLettered.may_become(to), matches!(to, DeadLettered | Requested), "dead_lettered -> {to}");
+            assert_eq!(
+                DeadLettered.may_become(to),
+                matches!(to, DeadLettered | Requested | Enriched),
+                "dead_lettered -> {to}"
+            );
         }
         assert!(!Enriched.may_become(Enriching));
         assert!(!Enriched.may_become(RetryScheduled));
