@@ -277,3 +277,68 @@ async fn a_binding_an_earlier_publisher_kept_on_a_settled_key_is_cleared() -> an
     env.teardown().await;
     Ok(())
 }
+
+/// A publisher frozen past its session (a zombie) wakes up holding a record of a
+/// partition that a new owner has taken, read past and committed: it binds nothing of it.
+/// Bound, the key would be taken by the new owner's reconciliation (a binding behind the
+/// group's committed offset) for one published by a committed transaction, and marked
+/// `published` with no output (the record the new owner read was refused, the key being
+/// bound to the zombie's). The new owner binds the same key under its own epoch, and a
+/// new owner taking a partition waits for a bind in flight under the old epoch.
+#[tokio::test]
+async fn a_publisher_whose_partition_was_taken_binds_none_of_its_records() -> anyhow::Result<()> {
+    use enrich_common::key_state::publish::{self, Claim, Outcome};
+    let env = TestEnv::new(llm_sim::Latency::Fixed(Duration::ZERO), &[]).await?;
+    let pipeline = env.settings.pipeline.name.clone();
+    insert(&env, "k", State::Enriched, None, 1).await?;
+    let claim = |offset: i64, epoch: i64| Claim {
+        key: "k",
+        partition: 3,
+        offset,
+        outcome: Outcome::Published,
+        trace_id: "00".repeat(16),
+        epoch,
+    };
+    let zombie = publish::take_partitions(&env.pool, &pipeline, "zombie", &[3]).await?[&3];
+    // A bind in flight under the zombie's epoch holds the new owner's take until it ends.
+    let mut tx = env.pool.begin().await?;
+    let held = publish::bind(&mut tx, &pipeline, &[claim(10, zombie)]).await?;
+    assert_eq!(held.len(), 1, "the zombie still owned the partition when it bound");
+    let taking = {
+        let (pool, pipeline) = (env.pool.clone(), pipeline.clone());
+        tokio::spawn(async move { publish::take_partitions(&pool, &pipeline, "new-owner", &[3]).await })
+    };
+    enrich_e2e::wait_for("the new owner's take waiting for the bind", Duration::from_secs(60), || async {
+        let (n,): (i64,) = sqlx::query_as(
+            "SELECT count(*) FROM pg_stat_activity
+              WHERE datname = current_database() AND wait_event_type = 'Lock' AND query LIKE '%INTO publish_partitions%'",
+        )
+        .fetch_one(&env.pool)
+        .await?;
+        Ok((n > 0).then_some(()))
+    })
+    .await?;
+    assert!(!taking.is_finished(), "the take waits for the bind's transaction");
+    tx.rollback().await?; // the zombie's round failed (its transaction never committed)
+    let new_owner = taking.await??[&3];
+    assert!(new_owner > zombie);
+
+    // The zombie wakes with the record and binds again under its old epoch: refused.
+    let mut tx = env.pool.begin().await?;
+    let bound = publish::bind(&mut tx, &pipeline, &[claim(10, zombie)]).await?;
+    tx.commit().await?;
+    println!("the zombie's bind after the new owner took the partition: {} bound", bound.len());
+    assert!(bound.is_empty(), "a zombie bound a record of a partition it lost");
+    let (offset,): (Option<i64>,) =
+        sqlx::query_as("SELECT publish_offset FROM enrich_state WHERE pipeline = $1 AND idempotency_key = 'k'")
+            .bind(&pipeline)
+            .fetch_one(&env.pool)
+            .await?;
+    assert_eq!(offset, None, "the key is bound to nothing");
+    let mut tx = env.pool.begin().await?;
+    let bound = publish::bind(&mut tx, &pipeline, &[claim(12, new_owner)]).await?;
+    tx.commit().await?;
+    assert_eq!(bound.keys().map(|b| (b.partition, b.offset)).collect::<Vec<_>>(), [(3, 12)], "the new owner binds it");
+    env.teardown().await;
+    Ok(())
+}

@@ -52,6 +52,11 @@ struct Publisher {
     /// is aborted, and read again they are dead-lettered `too_large` instead of being sent
     /// again for ever; forgotten once the batch that dead-letters them has committed.
     refused: std::sync::Mutex<HashSet<(i32, i64)>>,
+    /// This process's name in `publish_partitions` (its transactional id).
+    owner: String,
+    /// The epoch under which this publisher took each partition it was assigned
+    /// (`key_state::publish::take_partitions`): it binds records under it.
+    epochs: std::sync::Mutex<HashMap<i32, i64>>,
     /// Records of the results topic whose pending dead letters this process recorded, until
     /// the transaction carrying them commits: read again after an abort, their rows are
     /// dropped and recorded anew (the new round may decide otherwise).
@@ -185,6 +190,8 @@ pub async fn run(settings: Settings, shutdown: CancellationToken) -> anyhow::Res
         call_timeout,
         dead_letters,
         refused: Default::default(),
+        owner: transactional_id.clone(),
+        epochs: Default::default(),
         pending: Default::default(),
     };
     let consumed = consume(&publisher, &consumer, &shutdown).await;
@@ -247,7 +254,8 @@ fn hostname() -> String {
 #[derive(Default)]
 struct Rebalances {
     revoked: std::sync::Mutex<HashSet<(String, i32)>>,
-    assigned: std::sync::atomic::AtomicBool,
+    /// Partitions assigned since the last look (to be taken in `publish_partitions`).
+    assigned: std::sync::Mutex<std::collections::BTreeSet<i32>>,
 }
 
 impl Rebalances {
@@ -255,8 +263,8 @@ impl Rebalances {
         self.revoked.lock().map(|mut r| std::mem::take(&mut *r)).unwrap_or_default()
     }
 
-    fn take_assigned(&self) -> bool {
-        self.assigned.swap(false, std::sync::atomic::Ordering::SeqCst)
+    fn take_assigned(&self) -> Vec<i32> {
+        self.assigned.lock().map(|mut a| std::mem::take(&mut *a).into_iter().collect()).unwrap_or_default()
     }
 }
 
@@ -274,8 +282,10 @@ impl ConsumerContext for Rebalances {
     }
 
     fn post_rebalance(&self, _consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
-        if let Rebalance::Assign(_) = rebalance {
-            self.assigned.store(true, std::sync::atomic::Ordering::SeqCst);
+        if let Rebalance::Assign(list) = rebalance
+            && let Ok(mut assigned) = self.assigned.lock()
+        {
+            assigned.extend(list.elements().iter().map(|e| e.partition()));
         }
     }
 }
@@ -319,8 +329,9 @@ async fn consume(
     let runtime = &publisher.runtime;
     let mut backoff = Duration::from_millis(200);
     loop {
-        if consumer.context().take_assigned()
-            && !runtime.until_done(shutdown, MAX_BACKOFF, || reconcile(publisher, consumer)).await
+        let assigned = consumer.context().take_assigned();
+        if !assigned.is_empty()
+            && !runtime.until_done(shutdown, MAX_BACKOFF, || take_and_reconcile(publisher, consumer, &assigned)).await
         {
             return Ok(());
         }
@@ -349,6 +360,26 @@ async fn consume(
                 batch.into_iter().partition(|m| revoked.contains(&(m.topic().to_string(), m.partition())));
             tracing::info!(dropped = dropped.len(), ?revoked, "records of revoked partitions left the batch");
             rewind(consumer, &dropped)?;
+            batch = kept;
+            if batch.is_empty() {
+                continue;
+            }
+        }
+        // Partitions assigned while the batch was read are taken before their records
+        // are bound; a record of a partition this publisher never took (none should be
+        // left) is read again rather than skipped: skipped, its offset would be committed.
+        let assigned = consumer.context().take_assigned();
+        if !assigned.is_empty()
+            && !runtime.until_done(shutdown, MAX_BACKOFF, || take_and_reconcile(publisher, consumer, &assigned)).await
+        {
+            return Ok(());
+        }
+        let epochs = publisher.epochs.lock().map(|e| e.clone()).unwrap_or_default();
+        if batch.iter().any(|m| !epochs.contains_key(&m.partition())) {
+            let (untaken, kept): (Vec<_>, Vec<_>) =
+                batch.into_iter().partition(|m| !epochs.contains_key(&m.partition()));
+            tracing::warn!(records = untaken.len(), "records of partitions not taken yet are read again");
+            rewind(consumer, &untaken)?;
             batch = kept;
             if batch.is_empty() {
                 continue;
@@ -422,6 +453,17 @@ async fn stalled(consumer: &ResultsConsumer) -> i64 {
             Err(_) => seen_waiting = false,
         }
     }
+}
+
+/// Takes the partitions just assigned (their epochs move on: an earlier owner binds none
+/// of their records any more), then settles what earlier owners left.
+async fn take_and_reconcile(publisher: &Publisher, consumer: &ResultsConsumer, assigned: &[i32]) -> anyhow::Result<()> {
+    let pipeline = &publisher.settings.pipeline.name;
+    let taken = binding::take_partitions(&publisher.runtime.pool, pipeline, &publisher.owner, assigned).await?;
+    if let Ok(mut epochs) = publisher.epochs.lock() {
+        epochs.extend(taken);
+    }
+    reconcile(publisher, consumer).await
 }
 
 /// Settles what any publisher bound and committed but did not settle (it stopped, or lost
@@ -563,10 +605,13 @@ async fn publish_batch(
         }
     };
 
-    // 1. Bind. A key bound to another record (or no longer `enriched`) is not ours.
+    // 1. Bind. A key bound to another record (or no longer `enriched`) is not ours, nor
+    // is a record of a partition another publisher took since this one did.
+    let epochs = publisher.epochs.lock().map(|e| e.clone()).unwrap_or_default();
     let claims: Vec<binding::Claim> = candidates
         .iter()
         .map(|c| binding::Claim {
+            epoch: epochs.get(&c.partition).copied().unwrap_or(-1),
             key: &c.env.idempotency_key,
             partition: c.partition,
             offset: c.offset,

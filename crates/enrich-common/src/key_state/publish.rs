@@ -37,6 +37,34 @@ pub struct Claim<'a> {
     pub offset: i64,
     pub outcome: Outcome,
     pub trace_id: String,
+    /// The epoch under which this publisher took the record's partition
+    /// ([`take_partitions`]).
+    pub epoch: i64,
+}
+
+/// Takes `partitions` of the results topic for `owner`, as it is assigned them and before
+/// it reads from them: each one's epoch moves on. Returns the epochs, under which
+/// [`bind`] binds the partitions' records; a publisher that took a partition earlier (a
+/// zombie whose session expired while it was frozen) binds none of its records any more.
+pub async fn take_partitions(
+    pool: &PgPool,
+    pipeline: &str,
+    owner: &str,
+    partitions: &[i32],
+) -> sqlx::Result<std::collections::HashMap<i32, i64>> {
+    let taken: Vec<(i32, i64)> = sqlx::query_as(
+        "INSERT INTO publish_partitions (pipeline, partition, epoch, owner)
+         SELECT $1, p, 1, $3 FROM UNNEST($2::int[]) AS p
+         ON CONFLICT (pipeline, partition)
+            DO UPDATE SET epoch = publish_partitions.epoch + 1, owner = EXCLUDED.owner, taken_at = now()
+         RETURNING partition, epoch",
+    )
+    .bind(pipeline)
+    .bind(partitions)
+    .bind(owner)
+    .fetch_all(pool)
+    .await?;
+    Ok(taken.into_iter().collect())
 }
 
 /// What a bound key publishes: the result the enricher stored for it (every copy it
@@ -59,11 +87,37 @@ type BoundRow = (String, i32, i64, Option<serde_json::Value>, Option<String>);
 /// record read again after an aborted transaction gets its binding back), else the first
 /// by partition and offset. Returns, per key bound, the record it is bound to and the
 /// result stored for the key (a key without one is bound to be dead-lettered).
+///
+/// Only records of partitions the caller still holds under the epoch it took them with
+/// are bound: those rows of `publish_partitions` are read `FOR SHARE`, so a new owner
+/// taking one waits for this transaction, and a publisher whose partition was taken
+/// meanwhile binds nothing of it.
 pub async fn bind(
     tx: &mut sqlx::PgConnection,
     pipeline: &str,
     claims: &[Claim<'_>],
 ) -> sqlx::Result<std::collections::HashMap<Bound, StoredResult>> {
+    let mut asked: Vec<(i32, i64)> = claims.iter().map(|c| (c.partition, c.epoch)).collect();
+    asked.sort_unstable();
+    asked.dedup();
+    let (asked_p, asked_e): (Vec<i32>, Vec<i64>) = asked.into_iter().unzip();
+    let held: Vec<(i32,)> = sqlx::query_as(
+        "SELECT o.partition FROM publish_partitions o
+           JOIN UNNEST($2::int[], $3::bigint[]) AS q(p, epoch) ON o.partition = q.p AND o.epoch = q.epoch
+          WHERE o.pipeline = $1
+          ORDER BY o.partition
+          FOR SHARE OF o",
+    )
+    .bind(pipeline)
+    .bind(&asked_p)
+    .bind(&asked_e)
+    .fetch_all(&mut *tx)
+    .await?;
+    let held: std::collections::HashSet<i32> = held.into_iter().map(|(p,)| p).collect();
+    let claims: Vec<&Claim<'_>> = claims.iter().filter(|c| held.contains(&c.partition)).collect();
+    if claims.is_empty() {
+        return Ok(std::collections::HashMap::new());
+    }
     let keys: Vec<&str> = claims.iter().map(|c| c.key).collect();
     let partitions: Vec<i32> = claims.iter().map(|c| c.partition).collect();
     let offsets: Vec<i64> = claims.iter().map(|c| c.offset).collect();
