@@ -175,3 +175,46 @@ async fn a_pause_holds_the_calls_already_waiting_for_their_turn() -> anyhow::Res
     env.teardown().await;
     Ok(())
 }
+
+/// During an LLM outage (the breaker open after one failure), the first attempt's
+/// lease and attempt are given back while the record waits; the database refuses that
+/// write once. The give-back is retried: the record keeps its attempt and is published
+/// when the endpoint answers again, with `llm.max_attempts = 1` not dead-lettered.
+/// Before, the refused write failed the record's handling, which found its own lease
+/// left on the key, took it for an attempt that died with its process, and, its one
+/// attempt spent, dead-lettered a healthy record during an outage.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_give_back_the_database_refuses_during_an_outage_spends_no_attempt() -> anyhow::Result<()> {
+    let env = TestEnv::new(llm_sim::Latency::default(), &[]).await?;
+    let records = workload::marked_tickets(&env.id, 1, &[]);
+    let produced = produce_all(&env.settings, env.source_topic(), &records, |_| false, |_| {}).await?;
+    env.sim.set_outage(Some(503));
+    let hook = enrich_e2e::fail_once_hook(env.pool.clone(), "give_back_fault", "enrich_state", "UPDATE");
+    failpoints::set(&env.settings.pipeline.name, Instant::BeforeGiveBack, hook);
+    let stages = [
+        env.spawn(StageKind::Ingest),
+        env.spawn_with(StageKind::Enricher, |s| {
+            s.llm.max_attempts = 1;
+            s.llm.quick_retries = 0;
+            s.llm.breaker_failures = 1;
+            s.llm.breaker_open_ms = 500;
+        }),
+        env.spawn(StageKind::Publisher),
+    ];
+    wait_for("the give-back refused once and tried again", DEADLINE, || async {
+        let n = enrich_e2e::fail_once_count(&env.pool, "give_back_fault").await.unwrap_or(0);
+        Ok((n >= 2).then_some(()))
+    })
+    .await?;
+    env.sim.set_outage(None);
+    let acct = env.wait_accounted(&produced, DEADLINE).await?;
+    println!("after a refused give-back during the outage: {acct:?}");
+    assert_eq!(acct.published, 1, "the ticket is published, not dead-lettered: {acct:?}");
+    let counts = output_counts(&env)?;
+    assert_eq!(counts.values().copied().collect::<Vec<_>>(), vec![1], "published once: {counts:?}");
+    for s in stages {
+        s.stop().await?;
+    }
+    env.teardown().await;
+    Ok(())
+}

@@ -10,6 +10,9 @@ pub enum Instant {
     /// Right after a dead letter's DLQ record is written, before the dead letter is
     /// listed and its run recorded.
     AfterDeadLetterProduced,
+    /// Right before a failed attempt gives its lease (and, unpaid, its attempt) back to
+    /// wait for the endpoint.
+    BeforeGiveBack,
 }
 
 impl enrich_common::failpoints::Point for Instant {
@@ -17,6 +20,7 @@ impl enrich_common::failpoints::Point for Instant {
         match self {
             Instant::AfterPaidCall => "enricher.after_paid_call",
             Instant::AfterDeadLetterProduced => "enricher.after_dead_letter_produced",
+            Instant::BeforeGiveBack => "enricher.before_give_back",
         }
     }
 }

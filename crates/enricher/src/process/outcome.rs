@@ -86,7 +86,7 @@ impl Enricher {
                     );
                     return Ok(Some(self.give_up(envelope.clone(), record_key, &err, attempt, span).await?));
                 }
-                let _ = self.store.release(key, attempt, true).await;
+                let _ = self.give_back(key, attempt, true).await;
                 return Err(e);
             }
             Err(AttemptError::Superseded) => {
@@ -100,7 +100,7 @@ impl Enricher {
                 // back, so the record runs normally after the restart (not as a suspect,
                 // in isolation).
                 self.breaker.unused(admission);
-                self.store.release(key, attempt, !paid).await?;
+                self.give_back(key, attempt, !paid).await?;
                 anyhow::bail!("shutting down while {key} waited for its LLM call");
             }
             Err(AttemptError::Budget(wait)) => {
@@ -108,7 +108,7 @@ impl Enricher {
                 // it was paid) and wait for the next window (the record keeps its place;
                 // nothing is dead-lettered).
                 self.breaker.unused(admission);
-                self.store.release(key, attempt, !paid).await?;
+                self.give_back(key, attempt, !paid).await?;
                 if !paid {
                     run.tries = run.tries.saturating_sub(1);
                 }
@@ -159,7 +159,8 @@ impl Enricher {
             Next::WaitForEndpoint => {
                 // Give the attempt back (unless a call of it was paid) and wait for the
                 // endpoint (the breaker, or the 429's Retry-After).
-                self.store.release(key, attempt, !paid).await?;
+                crate::failpoints::pass(&self.store.pipeline, crate::failpoints::Instant::BeforeGiveBack).await;
+                self.give_back(key, attempt, !paid).await?;
                 if !paid {
                     run.tries = run.tries.saturating_sub(1);
                 }
@@ -183,7 +184,7 @@ impl Enricher {
                 tracing::warn!(idempotency_key = %key, attempt, error = %e, wait_ms = wait.as_millis() as u64, "transient LLM failure; retrying");
                 // Give the lease back (the attempt stays spent): a lease left set marks an
                 // attempt that died with its process.
-                self.store.release(key, attempt, false).await?;
+                self.give_back(key, attempt, false).await?;
                 tokio::select! {
                     _ = self.shutdown.cancelled() => anyhow::bail!("shutting down during the backoff of {key}"),
                     _ = tokio::time::sleep(wait) => {}
@@ -194,6 +195,17 @@ impl Enricher {
                 Ok(Some(self.give_up(envelope.clone(), record_key, &error, attempt, span).await?))
             }
         }
+    }
+
+    /// Gives the lease back (and the attempt, with `refund`), retried like a paid
+    /// answer's writes: a release lost to a database error would leave this process's own
+    /// lease on the key, and the record handled again would take it for one that died
+    /// with its process and spend another attempt (during an LLM outage, a healthy record
+    /// could reach the DLQ that way).
+    async fn give_back(&self, key: &str, attempt: i32, refund: bool) -> anyhow::Result<()> {
+        self.until_written("give the lease back", key, || self.store.release(key, attempt, refund))
+            .await
+            .map_err(|_| anyhow::anyhow!("the lease of {key} could not be given back"))
     }
 
     /// Writes the stored result to the results topic. A result the producer refuses as
