@@ -206,3 +206,32 @@ fn incompressible(len: usize) -> String {
         })
         .collect()
 }
+
+/// A topic the stage writes to that takes smaller records than the producer sends: the
+/// stage refuses to start and names the topic and the setting (before, ingest started and
+/// retried for ever a forward the broker refused; the enricher dead-lettered every result
+/// of a refused batch).
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_stage_whose_topic_takes_smaller_records_than_its_producer_refuses_to_start() -> anyhow::Result<()> {
+    let env = TestEnv::new(llm_sim::Latency::default(), &[]).await?;
+    let requests = env.settings.topics.requests.clone();
+    enrich_common::kafka::ensure_topics(&env.settings, &[&requests]).await?;
+    let admin: AdminClient<DefaultClientContext> = enrich_common::kafka::base_config(&env.settings).create()?;
+    let alter = AlterConfig::new(ResourceSpecifier::Topic(&requests)).set("max.message.bytes", "500000");
+    for r in admin.alter_configs(&[alter], &AdminOptions::new()).await? {
+        r.map_err(|(_, e)| anyhow::anyhow!("cannot lower max.message.bytes: {e}"))?;
+    }
+    let started = tokio::time::timeout(
+        DEADLINE,
+        ingest_dedup::run(env.settings.clone(), tokio_util::sync::CancellationToken::new()),
+    )
+    .await?;
+    let error = format!("{:#}", started.expect_err("ingest started on a topic smaller than its producer's records"));
+    println!("ingest: {error}");
+    assert!(
+        error.contains(&requests) && error.contains("max.message.bytes") && error.contains("500000"),
+        "the error names the topic and the setting: {error}"
+    );
+    env.teardown().await;
+    Ok(())
+}

@@ -197,6 +197,56 @@ pub async fn next_batch<C: rdkafka::consumer::ConsumerContext + 'static>(
     batch
 }
 
+/// How a topic whose records are smaller than the producer's must be met: refused at
+/// start, or only warned of (the publisher's output topic: an output the broker refuses
+/// there is dead-lettered `too_large`, one at a time).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TopicLimit {
+    Refuse,
+    Warn,
+}
+
+/// Checks that each topic this stage writes to takes records as large as its producer
+/// sends (`max.message.bytes` of the topic, as the broker reports it, at least the
+/// producer's `message.max.bytes`). The broker refuses a whole produce batch over the
+/// topic's limit, and the byte budget knows only the producer's: below it, ingest would
+/// retry a refused forward for ever and the enricher dead-letter every result of a
+/// refused batch. A topic the broker does not describe (no rights to) is let through.
+pub async fn check_topic_limits(settings: &Settings, topics: &[(&str, TopicLimit)]) -> anyhow::Result<()> {
+    use rdkafka::admin::ResourceSpecifier;
+    let producer = settings.kafka.message_max_bytes();
+    let admin: AdminClient<DefaultClientContext> = base_config(settings).create()?;
+    let specs: Vec<ResourceSpecifier<'_>> = topics.iter().map(|(t, _)| ResourceSpecifier::Topic(t)).collect();
+    let opts = AdminOptions::new().request_timeout(Some(Duration::from_secs(30)));
+    let described = match admin.describe_configs(&specs, &opts).await {
+        Ok(d) => d,
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot read the topics' max.message.bytes; not checked");
+            return Ok(());
+        }
+    };
+    for ((topic, limit), result) in topics.iter().zip(described) {
+        let Ok(resource) = result else { continue };
+        let Some(takes) = resource.get("max.message.bytes").and_then(|e| e.value.as_deref()?.parse::<usize>().ok())
+        else {
+            continue;
+        };
+        if takes >= producer {
+            continue;
+        }
+        let why = format!(
+            "topic {topic} takes records of at most {takes} bytes (its max.message.bytes), less than the producer sends \
+             (kafka.client.message.max.bytes = {producer}): raise the topic's max.message.bytes or lower \
+             kafka.client.message.max.bytes"
+        );
+        match limit {
+            TopicLimit::Refuse => anyhow::bail!("invalid configuration: {why}"),
+            TopicLimit::Warn => tracing::warn!("{why}; larger outputs are dead-lettered too_large"),
+        }
+    }
+    Ok(())
+}
+
 /// The record, owned. A record whose headers librdkafka cannot read (more than 100,000 of
 /// them, or malformed: `rd_kafka_message_headers` answers `BAD_MSG`) has no headers in
 /// rdkafka's API, like a record without any; it is detached with an *empty* header list

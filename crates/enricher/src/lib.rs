@@ -56,6 +56,10 @@ pub async fn run(settings: Settings, shutdown: CancellationToken) -> anyhow::Res
         EnricherMetrics::register,
     )
     .await?;
+    let refuse = kafka::TopicLimit::Refuse;
+    let written =
+        [(settings.topics.results.as_str(), refuse), (&settings.topics.retry, refuse), (&settings.topics.dlq, refuse)];
+    kafka::check_topic_limits(&settings, &written).await?;
     // The stage-wide counters are the ones registered by the runtime.
     metrics.stage = runtime.metrics.clone();
     let producer = kafka::producer(&settings, STAGE.as_str())?;

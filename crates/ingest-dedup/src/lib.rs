@@ -48,6 +48,9 @@ pub async fn run(settings: Settings, shutdown: CancellationToken) -> anyhow::Res
     let (runtime, metrics) =
         StageRuntime::start(&settings, STAGE, settings.ingest.http_port, &topics, &shutdown, IngestMetrics::register)
             .await?;
+    let refuse = kafka::TopicLimit::Refuse;
+    kafka::check_topic_limits(&settings, &[(&settings.topics.requests, refuse), (&settings.topics.dlq, refuse)])
+        .await?;
     let producer = kafka::producer(&settings, STAGE.as_str())?;
     let group = settings.group_id(STAGE);
     let consumer =

@@ -155,6 +155,9 @@ pub async fn run(settings: Settings, shutdown: CancellationToken) -> anyhow::Res
         PublisherMetrics::register,
     )
     .await?;
+    let written =
+        [(settings.topics.output.as_str(), kafka::TopicLimit::Warn), (&settings.topics.dlq, kafka::TopicLimit::Refuse)];
+    kafka::check_topic_limits(&settings, &written).await?;
     let transactional_id = settings
         .publisher
         .transactional_id
