@@ -218,3 +218,30 @@ async fn a_give_back_the_database_refuses_during_an_outage_spends_no_attempt() -
     env.teardown().await;
     Ok(())
 }
+
+/// Storing the result of a paid call fails once (the database refuses the key's row
+/// update, as a failover or a dropped session would): the answer is stored on retry and
+/// the call is not paid again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn storing_a_paid_answer_failing_once_is_retried_and_not_paid_again() -> anyhow::Result<()> {
+    let env = TestEnv::new(llm_sim::Latency::Fixed(Duration::from_millis(50)), &[]).await?;
+    let records = workload::marked_tickets(&env.id, 1, &[]);
+    let produced = produce_all(&env.settings, env.source_topic(), &records, |_| false, |_| {}).await?;
+    // Right after the paid call, the next update of the key's row (storing the result)
+    // fails once.
+    let hook = enrich_e2e::fail_once_hook(env.pool.clone(), "store_fault", "enrich_state", "UPDATE");
+    failpoints::set(&env.settings.pipeline.name, Instant::AfterPaidCall, hook);
+    let stages = [StageKind::Ingest, StageKind::Enricher, StageKind::Publisher].map(|k| env.spawn(k));
+    let acct = env.wait_accounted(&produced, DEADLINE).await?;
+    assert_eq!(acct.published, 1, "the ticket is published: {acct:?}");
+    let fault_fired = enrich_e2e::fail_once_count(&env.pool, "store_fault").await?;
+    assert!(fault_fired >= 2, "the store failed once and was tried again (sequence at {fault_fired})");
+    assert_eq!(env.sim.completions(), 1, "the call was paid once");
+    let counts = output_counts(&env)?;
+    assert_eq!(counts.values().copied().collect::<Vec<_>>(), vec![1], "published once: {counts:?}");
+    for s in stages {
+        s.stop().await?;
+    }
+    env.teardown().await;
+    Ok(())
+}

@@ -245,3 +245,27 @@ async fn a_publisher_about_to_dead_letter_a_flood_holds_instead() -> anyhow::Res
     env.teardown().await;
     Ok(())
 }
+
+/// Two publishers on one host with the default transactional id (bare processes often
+/// have no `HOSTNAME`): each has its own (the port of its health endpoint is part of
+/// it), so neither fences the other, both stay up, and every key is published once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn two_publishers_on_one_host_do_not_fence_each_other() -> anyhow::Result<()> {
+    const N: usize = 60;
+    let env = TestEnv::new(llm_sim::Latency::default(), &[]).await?;
+    assert!(env.settings.publisher.transactional_id.is_none(), "the default id is under test");
+    let records = workload::marked_tickets(&env.id, N, &[]);
+    let produced = produce_all(&env.settings, env.source_topic(), &records, |_| false, |_| {}).await?;
+    let stages =
+        [StageKind::Ingest, StageKind::Enricher, StageKind::Publisher, StageKind::Publisher].map(|k| env.spawn(k));
+    wait_published(&env, &produced).await?;
+    let counts = enrich_e2e::output_counts(&env)?;
+    assert_eq!(counts.len(), N, "every key published");
+    assert!(counts.values().all(|c| *c == 1), "each once: {counts:?}");
+    for s in stages {
+        assert!(!s.has_exited(), "the {:?} stage is still running (not fenced)", s.kind);
+        s.stop().await?;
+    }
+    env.teardown().await;
+    Ok(())
+}
