@@ -303,7 +303,7 @@ async fn a_publisher_whose_partition_was_taken_binds_none_of_its_records() -> an
     // A bind in flight under the zombie's epoch holds the new owner's take until it ends.
     let mut tx = env.pool.begin().await?;
     let held = publish::bind(&mut tx, &pipeline, &[claim(10, zombie)]).await?;
-    assert_eq!(held.len(), 1, "the zombie still owned the partition when it bound");
+    assert_eq!(held.bound.len(), 1, "the zombie still owned the partition when it bound");
     let taking = {
         let (pool, pipeline) = (env.pool.clone(), pipeline.clone());
         tokio::spawn(async move { publish::take_partitions(&pool, &pipeline, "new-owner", &[3]).await })
@@ -327,8 +327,9 @@ async fn a_publisher_whose_partition_was_taken_binds_none_of_its_records() -> an
     let mut tx = env.pool.begin().await?;
     let bound = publish::bind(&mut tx, &pipeline, &[claim(10, zombie)]).await?;
     tx.commit().await?;
-    println!("the zombie's bind after the new owner took the partition: {} bound", bound.len());
-    assert!(bound.is_empty(), "a zombie bound a record of a partition it lost");
+    println!("the zombie's bind after the new owner took the partition: {} bound", bound.bound.len());
+    assert!(bound.bound.is_empty(), "a zombie bound a record of a partition it lost");
+    assert_eq!(bound.unheld, [3], "and it is told the partition is no longer its own");
     let (offset,): (Option<i64>,) =
         sqlx::query_as("SELECT publish_offset FROM enrich_state WHERE pipeline = $1 AND idempotency_key = 'k'")
             .bind(&pipeline)
@@ -338,7 +339,12 @@ async fn a_publisher_whose_partition_was_taken_binds_none_of_its_records() -> an
     let mut tx = env.pool.begin().await?;
     let bound = publish::bind(&mut tx, &pipeline, &[claim(12, new_owner)]).await?;
     tx.commit().await?;
-    assert_eq!(bound.keys().map(|b| (b.partition, b.offset)).collect::<Vec<_>>(), [(3, 12)], "the new owner binds it");
+    assert_eq!(
+        bound.bound.keys().map(|b| (b.partition, b.offset)).collect::<Vec<_>>(),
+        [(3, 12)],
+        "the new owner binds it"
+    );
+    assert!(bound.unheld.is_empty());
     env.teardown().await;
     Ok(())
 }

@@ -269,3 +269,33 @@ async fn two_publishers_on_one_host_do_not_fence_each_other() -> anyhow::Result<
     env.teardown().await;
     Ok(())
 }
+
+/// Another publisher takes every partition in PostgreSQL while this one still has them
+/// assigned (what a zombie that wakes and takes again does, or a take that outlived a
+/// rebalance): this publisher's binds are refused for those partitions, and it must not
+/// skip their records (and commit past them) as if their keys were bound elsewhere; it
+/// takes the partitions again and publishes every key once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_publisher_whose_partitions_were_taken_from_under_it_skips_nothing() -> anyhow::Result<()> {
+    const N: usize = 20;
+    let env = TestEnv::new(llm_sim::Latency::default(), &[]).await?;
+    let pipeline = env.settings.pipeline.name.clone();
+    let first = workload::marked_tickets(&env.id, N, &[]);
+    let produced = produce_all(&env.settings, env.source_topic(), &first, |_| false, |_| {}).await?;
+    let stages = [StageKind::Ingest, StageKind::Enricher, StageKind::Publisher].map(|k| env.spawn(k));
+    wait_published(&env, &produced).await?;
+    let partitions: Vec<i32> = (0..env.settings.kafka.partitions).collect();
+    enrich_common::key_state::publish::take_partitions(&env.pool, &pipeline, "another-publisher", &partitions).await?;
+    let second: Vec<_> = workload::marked_tickets(&env.id, 2 * N, &[]).into_iter().skip(N).collect();
+    let produced = produce_all(&env.settings, env.source_topic(), &second, |_| false, |_| {}).await?;
+    wait_published(&env, &produced).await?;
+    let counts = enrich_e2e::output_counts(&env)?;
+    println!("published after the partitions were taken from under the publisher: {} keys", counts.len());
+    assert_eq!(counts.len(), 2 * N, "every key published");
+    assert!(counts.values().all(|c| *c == 1), "each once: {counts:?}");
+    for s in stages {
+        s.stop().await?;
+    }
+    env.teardown().await;
+    Ok(())
+}

@@ -202,6 +202,18 @@ pub async fn run(settings: Settings, shutdown: CancellationToken) -> anyhow::Res
     consumed
 }
 
+impl Publisher {
+    /// Partitions revoked: their epochs are no longer this publisher's to bind under.
+    fn forget(&self, revoked: &HashSet<(String, i32)>) {
+        if revoked.is_empty() {
+            return;
+        }
+        if let Ok(mut epochs) = self.epochs.lock() {
+            epochs.retain(|p, _| !revoked.iter().any(|(t, r)| *r == *p && *t == self.settings.topics.results));
+        }
+    }
+}
+
 /// The transactional producer cannot go on (fenced, or a fatal error): the stage stops
 /// with an error and its supervisor starts a new one, which fences this one for good.
 #[derive(Debug, thiserror::Error)]
@@ -269,6 +281,14 @@ impl Rebalances {
     fn take_assigned(&self) -> Vec<i32> {
         self.assigned.lock().map(|mut a| std::mem::take(&mut *a).into_iter().collect()).unwrap_or_default()
     }
+
+    /// Partitions to take again (their epoch was taken by another publisher while this
+    /// consumer still has them assigned).
+    fn take_again(&self, partitions: &[i32]) {
+        if let Ok(mut assigned) = self.assigned.lock() {
+            assigned.extend(partitions);
+        }
+    }
 }
 
 impl ClientContext for Rebalances {}
@@ -276,10 +296,12 @@ impl ClientContext for Rebalances {}
 impl ConsumerContext for Rebalances {
     fn pre_rebalance(&self, _consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
         if let Rebalance::Revoke(list) = rebalance
-            && let Ok(mut revoked) = self.revoked.lock()
+            && let (Ok(mut revoked), Ok(mut assigned)) = (self.revoked.lock(), self.assigned.lock())
         {
             for e in list.elements() {
                 revoked.insert((e.topic().to_string(), e.partition()));
+                // Assigned and revoked again before it was taken: not this consumer's to take.
+                assigned.remove(&e.partition());
             }
         }
     }
@@ -333,12 +355,10 @@ async fn consume(
     let mut backoff = Duration::from_millis(200);
     loop {
         let assigned = consumer.context().take_assigned();
-        if !assigned.is_empty()
-            && !runtime.until_done(shutdown, MAX_BACKOFF, || take_and_reconcile(publisher, consumer, &assigned)).await
-        {
+        if !assigned.is_empty() && !take_and_reconcile(publisher, consumer, &assigned, shutdown).await {
             return Ok(());
         }
-        consumer.context().take_revoked();
+        publisher.forget(&consumer.context().take_revoked());
         let mut batch = tokio::select! {
             batch = kafka::next_batch(consumer, tuning, shutdown) => batch,
             waiting = stalled(consumer) => {
@@ -358,6 +378,7 @@ async fn consume(
         // leave the batch (their offsets are not committed here). Where the partition came
         // back to this consumer, it is read again from them.
         let revoked = consumer.context().take_revoked();
+        publisher.forget(&revoked);
         if !revoked.is_empty() {
             let (dropped, kept): (Vec<_>, Vec<_>) =
                 batch.into_iter().partition(|m| revoked.contains(&(m.topic().to_string(), m.partition())));
@@ -372,9 +393,7 @@ async fn consume(
         // are bound; a record of a partition this publisher never took (none should be
         // left) is read again rather than skipped: skipped, its offset would be committed.
         let assigned = consumer.context().take_assigned();
-        if !assigned.is_empty()
-            && !runtime.until_done(shutdown, MAX_BACKOFF, || take_and_reconcile(publisher, consumer, &assigned)).await
-        {
+        if !assigned.is_empty() && !take_and_reconcile(publisher, consumer, &assigned, shutdown).await {
             return Ok(());
         }
         let epochs = publisher.epochs.lock().map(|e| e.clone()).unwrap_or_default();
@@ -458,15 +477,34 @@ async fn stalled(consumer: &ResultsConsumer) -> i64 {
     }
 }
 
-/// Takes the partitions just assigned (their epochs move on: an earlier owner binds none
-/// of their records any more), then settles what earlier owners left.
-async fn take_and_reconcile(publisher: &Publisher, consumer: &ResultsConsumer, assigned: &[i32]) -> anyhow::Result<()> {
+/// Takes the partitions just assigned that the consumer still has (their epochs move on:
+/// an earlier owner binds none of their records any more), once, then settles what
+/// earlier owners left (retried on its own: a retried take could take a partition this
+/// consumer lost meanwhile). False on shutdown.
+async fn take_and_reconcile(
+    publisher: &Publisher,
+    consumer: &ResultsConsumer,
+    assigned: &[i32],
+    shutdown: &CancellationToken,
+) -> bool {
+    let runtime = &publisher.runtime;
     let pipeline = &publisher.settings.pipeline.name;
-    let taken = binding::take_partitions(&publisher.runtime.pool, pipeline, &publisher.owner, assigned).await?;
-    if let Ok(mut epochs) = publisher.epochs.lock() {
-        epochs.extend(taken);
-    }
-    reconcile(publisher, consumer).await
+    let results = &publisher.settings.topics.results;
+    let take = || async {
+        let current = consumer.assignment()?;
+        let still: Vec<i32> =
+            assigned.iter().copied().filter(|p| current.find_partition(results, *p).is_some()).collect();
+        if still.is_empty() {
+            return Ok(());
+        }
+        let taken = binding::take_partitions(&runtime.pool, pipeline, &publisher.owner, &still).await?;
+        if let Ok(mut epochs) = publisher.epochs.lock() {
+            epochs.extend(taken);
+        }
+        anyhow::Ok(())
+    };
+    runtime.until_done(shutdown, MAX_BACKOFF, take).await
+        && runtime.until_done(shutdown, MAX_BACKOFF, || reconcile(publisher, consumer)).await
 }
 
 /// Settles what any publisher bound and committed but did not settle (it stopped, or lost
@@ -642,7 +680,18 @@ async fn publish_batch(
     // Per candidate, the output of the record bound to its key (None: not bound).
     let outputs: Vec<Output> = async {
         let mut tx = publisher.runtime.pool.begin().await?;
-        let mut bound = binding::bind(&mut tx, pipeline, &claims).await?;
+        let binding::Binding { mut bound, unheld } = binding::bind(&mut tx, pipeline, &claims).await?;
+        if !unheld.is_empty() {
+            // Another publisher took these partitions since this one did (it lost them and
+            // was given them back, or it is a zombie still holding them): nothing of the
+            // batch is skipped or committed; the partitions still assigned are taken again
+            // and the batch read again.
+            if let Ok(mut epochs) = publisher.epochs.lock() {
+                epochs.retain(|p, _| !unheld.contains(p));
+            }
+            consumer.context().take_again(&unheld);
+            anyhow::bail!("partitions {unheld:?} were taken by another publisher since this one took them");
+        }
         let outputs: Vec<Output> =
             candidates.iter().map(|c| bound.remove(&c.at()).map(|stored| output_of(publisher, c, stored))).collect();
         // An output that cannot be built from the stored result (or does not fit) is known
@@ -973,4 +1022,35 @@ fn send(
     producer
         .send_result(record)
         .map_err(|(e, _)| anyhow::Error::new(e).context(format!("cannot enqueue a record for {topic}")))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use rdkafka::ClientConfig;
+
+    /// A partition assigned and revoked again before the loop took it (two rebalances
+    /// while one batch was read) is not taken: taken, it would move the epoch of a
+    /// partition another publisher now holds, whose records that one would then fail to
+    /// bind.
+    #[test]
+    fn a_partition_revoked_before_it_was_taken_is_not_taken() {
+        let consumer: BaseConsumer<Rebalances> = ClientConfig::new()
+            .set("group.id", "unit")
+            .set("bootstrap.servers", "127.0.0.1:1")
+            .create_with_context(Rebalances::default())
+            .expect("a consumer that connects to nothing");
+        let mut list = TopicPartitionList::new();
+        list.add_partition("results", 3);
+        list.add_partition("results", 4);
+        let ctx = consumer.context();
+        ctx.post_rebalance(&consumer, &Rebalance::Assign(&list));
+        let mut gone = TopicPartitionList::new();
+        gone.add_partition("results", 3);
+        ctx.pre_rebalance(&consumer, &Rebalance::Revoke(&gone));
+        assert_eq!(ctx.take_assigned(), vec![4]);
+        assert!(ctx.take_revoked().contains(&("results".to_string(), 3)));
+        ctx.take_again(&[4]);
+        assert_eq!(ctx.take_assigned(), vec![4], "a partition taken from under the publisher is taken again");
+    }
 }

@@ -91,12 +91,10 @@ type BoundRow = (String, i32, i64, Option<serde_json::Value>, Option<String>);
 /// Only records of partitions the caller still holds under the epoch it took them with
 /// are bound: those rows of `publish_partitions` are read `FOR SHARE`, so a new owner
 /// taking one waits for this transaction, and a publisher whose partition was taken
-/// meanwhile binds nothing of it.
-pub async fn bind(
-    tx: &mut sqlx::PgConnection,
-    pipeline: &str,
-    claims: &[Claim<'_>],
-) -> sqlx::Result<std::collections::HashMap<Bound, StoredResult>> {
+/// meanwhile binds nothing of it. [`Binding::unheld`] names those partitions: their
+/// records are not the caller's to skip (and commit past); it must read them again or
+/// leave them to the partition's owner.
+pub async fn bind(tx: &mut sqlx::PgConnection, pipeline: &str, claims: &[Claim<'_>]) -> sqlx::Result<Binding> {
     let mut asked: Vec<(i32, i64)> = claims.iter().map(|c| (c.partition, c.epoch)).collect();
     asked.sort_unstable();
     asked.dedup();
@@ -114,9 +112,11 @@ pub async fn bind(
     .fetch_all(&mut *tx)
     .await?;
     let held: std::collections::HashSet<i32> = held.into_iter().map(|(p,)| p).collect();
+    let mut unheld: Vec<i32> = asked_p.iter().copied().filter(|p| !held.contains(p)).collect();
+    unheld.dedup();
     let claims: Vec<&Claim<'_>> = claims.iter().filter(|c| held.contains(&c.partition)).collect();
     if claims.is_empty() {
-        return Ok(std::collections::HashMap::new());
+        return Ok(Binding { bound: std::collections::HashMap::new(), unheld });
     }
     let keys: Vec<&str> = claims.iter().map(|c| c.key).collect();
     let partitions: Vec<i32> = claims.iter().map(|c| c.partition).collect();
@@ -147,12 +147,22 @@ pub async fn bind(
     .bind(&traces)
     .fetch_all(tx)
     .await?;
-    Ok(bound
+    let bound = bound
         .into_iter()
         .map(|(key, partition, offset, json, result_hash)| {
             (Bound { key, partition, offset }, StoredResult { json, result_hash })
         })
-        .collect())
+        .collect();
+    Ok(Binding { bound, unheld })
+}
+
+/// What [`bind`] did: per key bound, the record it is bound to and the result stored for
+/// it; and the partitions of the claims that the caller no longer holds under the epoch
+/// it gave (taken by another publisher since).
+#[derive(Debug, Default)]
+pub struct Binding {
+    pub bound: std::collections::HashMap<Bound, StoredResult>,
+    pub unheld: Vec<i32>,
 }
 
 /// Keys bound to be published whose output turned out impossible to build (too large
