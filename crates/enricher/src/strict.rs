@@ -141,16 +141,19 @@ impl Blocks {
         Ok(released)
     }
 
-    /// Blocked keys that need a hand: the blocker was enriched or discarded (the release
+    /// Blocked keys that need a hand: the blocker was published or discarded (the release
     /// after it did not happen here, e.g. the discard came from the dlq-replayer), or a
     /// released record has been the blocker for longer than `stale` without finishing
-    /// (its process died). Each is claimed for `stale` so replicas share the work.
+    /// (its process died). Each is claimed for `stale` so replicas share the work. An
+    /// `enriched` blocker is not enough: a replay puts a dead-lettered key whose result is
+    /// stored back to `enriched` before its request is even produced, and released then,
+    /// the records parked behind it would be published before it.
     pub async fn stalled(&self, stale: Duration) -> anyhow::Result<Vec<Stalled>> {
         let rows: Vec<(Vec<u8>, String, bool)> = sqlx::query_as(
             "WITH candidates AS (
                SELECT b.kafka_key, b.blocker_key,
                       (EXISTS (SELECT 1 FROM enrich_state s WHERE s.pipeline = b.pipeline AND s.idempotency_key = b.blocker_key
-                                AND s.state IN ('enriched', 'published'))
+                                AND s.state = 'published')
                        OR (EXISTS (SELECT 1 FROM dead_letters d WHERE d.pipeline = b.pipeline AND d.idempotency_key = b.blocker_key
                                    AND d.status = 'discarded')
                            AND NOT EXISTS (SELECT 1 FROM dead_letters d WHERE d.pipeline = b.pipeline AND d.idempotency_key = b.blocker_key
