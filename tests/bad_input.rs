@@ -266,6 +266,19 @@ async fn a_corpus_of_bad_input_is_dead_lettered_or_enriched_and_nothing_else_suf
         })
         .collect();
     assert!(ids.contains(&injection.id) && ids.contains(&null_key.id));
+
+    // The record whose headers could not be read is not replayed: the DLQ holds none of
+    // its headers, and replayed it would go on without them.
+    let replayer = dlq_replayer::replay::Replayer {
+        settings: env.settings.clone(),
+        pool: env.pool.clone(),
+        producer: kafka::producer(&env.settings, "dlq-replayer")?,
+    };
+    let filter = dlq_replayer::replay::Filter { reason: Some("unreadable_headers".into()), ..Default::default() };
+    let outcome = replayer.replay(&filter, false, None).await?;
+    assert!(outcome.replayed.is_empty(), "{outcome:?}");
+    assert_eq!(outcome.refused.len(), 1, "{outcome:?}");
+    assert!(outcome.refused[0].why.contains("headers could not be read"), "{outcome:?}");
     env.teardown().await;
     Ok(())
 }

@@ -269,7 +269,10 @@ fn headers_unreadable(m: &rdkafka::message::BorrowedMessage<'_>) -> bool {
     // SAFETY: `m.ptr()` is the live message `m` borrows; librdkafka only reads it and
     // writes the headers' pointer, which is not kept.
     let err = unsafe { rdkafka::bindings::rd_kafka_message_headers(m.ptr(), &mut native) };
-    err == rdkafka::bindings::rd_kafka_resp_err_t::RD_KAFKA_RESP_ERR__BAD_MSG
+    use rdkafka::bindings::rd_kafka_resp_err_t::{RD_KAFKA_RESP_ERR__NOENT, RD_KAFKA_RESP_ERR_NO_ERROR};
+    // NOENT: no headers. Anything else (BAD_MSG past 100,000, UNDERFLOW for a cut header
+    // block) is headers that exist and cannot be read.
+    err != RD_KAFKA_RESP_ERR_NO_ERROR && err != RD_KAFKA_RESP_ERR__NOENT
 }
 
 /// What a record weighs in a batch: its value, key and headers (a header name that is
