@@ -509,13 +509,13 @@ pub async fn job(State(console): State<Arc<Console>>, headers: HeaderMap, Path(i
     );
     match outcome {
         None if job.waiting.load(Ordering::Relaxed) => {
-            out.push_str("<p data-job=\"waiting\">Waiting for the replay under way to end…</p>")
+            out.push_str("<p data-announce data-job=\"waiting\">Waiting for the replay under way to end…</p>")
         }
-        None => out.push_str("<p data-job=\"running\">Running…</p>"),
+        None => out.push_str("<p data-announce data-job=\"running\">Running…</p>"),
         Some(Ok(o)) => {
             let _ = write!(
                 out,
-                "<p data-job=\"done\" data-replayed=\"{}\" data-refused=\"{}\"><strong>Done: {} replayed, {} refused.</strong></p>",
+                "<p data-announce data-job=\"done\" data-replayed=\"{}\" data-refused=\"{}\"><strong>Done: {} replayed, {} refused.</strong></p>",
                 o.replayed.len(),
                 o.refused.len(),
                 o.replayed.len(),
@@ -530,7 +530,11 @@ pub async fn job(State(console): State<Arc<Console>>, headers: HeaderMap, Path(i
             }
         }
         Some(Err(err)) => {
-            let _ = write!(out, "<p data-job=\"failed\" class=\"error\" role=\"alert\">Failed: {}</p>", e(err));
+            let _ = write!(
+                out,
+                "<p data-announce data-job=\"failed\" class=\"error\" role=\"alert\">Failed: {}</p>",
+                e(err)
+            );
         }
     }
     out.push_str("<p><a href=\"/ui/dead-letters\">back to the dead letters</a></p>");

@@ -55,12 +55,12 @@ async fn body(console: &Console, session: &super::Session) -> anyhow::Result<Str
     if control.paused {
         let _ = write!(
             out,
-            "<p data-paused=\"true\"><strong class=\"bad\">Enrichment is paused</strong>: {} <span class=\"muted\">since {}</span></p>",
+            "<p data-paused=\"true\" data-announce><strong class=\"bad\">Enrichment is paused</strong>: {} <span class=\"muted\">since {}</span></p>",
             e(control.reason.as_deref().unwrap_or("no reason given")),
             e(control.updated_at.as_deref().unwrap_or("-"))
         );
     } else {
-        out.push_str("<p data-paused=\"false\"><strong class=\"good\">Enrichment is running</strong>: enricher replicas start LLM calls.</p>");
+        out.push_str("<p data-paused=\"false\" data-announce><strong class=\"good\">Enrichment is running</strong>: enricher replicas start LLM calls.</p>");
     }
     if session.role.may_act() {
         let (action, label, confirm) = if control.paused {
@@ -90,7 +90,15 @@ async fn body(console: &Console, session: &super::Session) -> anyhow::Result<Str
         None => out.push_str("<p>Reading the stages…</p>"),
         Some(at) => {
             let ago = std::time::SystemTime::now().duration_since(at).map_or(0.0, |d| d.as_secs_f64());
-            let _ = write!(out, "<p class=\"muted\">read {ago:.1} s ago</p>");
+            // What the status line announces when it changes (the console's script).
+            let ready = readings.iter().filter(|r| r.ready).count();
+            let mut not_ready: Vec<&str> = readings.iter().filter(|r| !r.ready).map(|r| r.target.stage).collect();
+            not_ready.dedup();
+            let _ = write!(out, "<p><span data-announce>{ready} of {} stage replicas ready", readings.len());
+            if !not_ready.is_empty() {
+                let _ = write!(out, "; not ready: {}", e(not_ready.join(", ")));
+            }
+            let _ = write!(out, ".</span> <span class=\"muted\">Read {ago:.1} s ago.</span></p>");
         }
     }
     out.push_str(
