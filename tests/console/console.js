@@ -294,7 +294,7 @@ const phases = {
         visible: el.matches(":focus-visible"),
         outline: style.outlineStyle !== "none" && parseFloat(style.outlineWidth) >= 2 ? `${style.outlineWidth} ${style.outlineStyle} ${style.outlineColor}` : "",
         shadow: style.boxShadow !== "none" ? style.boxShadow : "",
-        raw: `outline ${style.outlineStyle} ${style.outlineWidth} ${style.outlineColor}, box-shadow ${style.boxShadow}`,
+        raw: `outline ${style.outlineStyle} ${style.outlineWidth} ${style.outlineColor}, box-shadow ${style.boxShadow}, :focus ${el.matches(":focus")} :focus-within ${el.matches(":focus-within")} :focus-visible ${el.matches(":focus-visible")}, the page has the focus: ${document.hasFocus()}, value '${el.value}'`,
         contrast: (Math.max(a, b) + 0.05) / (Math.min(a, b) + 0.05),
         onScreen: box.width > 0 && box.height > 0 && box.right > 0 && box.bottom > 0 && box.left < innerWidth && box.top < innerHeight,
       };
@@ -356,8 +356,8 @@ const phases = {
     await page.keyboard.press("Enter");
     await page.waitForURL(base + "/ui/dead-letters");
     await tabTo((f) => f.id === "f-stage", "the filter's stage");
-    // A closed <select> takes its options from the arrow keys.
-    await page.keyboard.press("ArrowDown");
+    // A closed <select> takes an option from its first letter ("i": ingest-dedup).
+    await page.keyboard.press("i");
     await tabTo((f) => f.id === "f-text", "the filter's text");
     await page.keyboard.type("json");
     await tabTo((f) => f.tag === "button" && f.text === "Filter", "the filter's button");
