@@ -46,11 +46,33 @@ async fn body(console: &Console, session: &super::Session) -> anyhow::Result<Str
     let pipeline = console.pipeline();
     let settings = &console.api.replayer.settings;
     let (taken, readings) = console.sampler.latest();
+    // What the database says, read at once (each on its own connection): the kill switch,
+    // the keys by state, the dead letters waiting, the budget's current windows.
+    let windows: Vec<i64> = settings.llm.budgets.iter().map(|b| b.window_secs as i64).collect();
+    let (control, states, (waiting,), spent) = tokio::try_join!(
+        replay::control(pool, pipeline),
+        sqlx::query_as::<_, (String, i64)>(
+            "SELECT state, count(*) FROM enrich_state WHERE pipeline = $1 GROUP BY state ORDER BY state"
+        )
+        .bind(pipeline)
+        .fetch_all(pool),
+        sqlx::query_as::<_, (i64,)>("SELECT count(*) FROM dead_letters WHERE pipeline = $1 AND status = 'dead'")
+            .bind(pipeline)
+            .fetch_one(pool),
+        sqlx::query_as::<_, (i64, f64, f64, i64)>(
+            "SELECT w.secs, b.spent_usd, b.reserved_usd, b.calls
+             FROM unnest($2::int8[]) AS w(secs)
+             JOIN budget_windows b ON b.pipeline = $1 AND b.window_secs = w.secs
+              AND b.window_start = to_timestamp((floor(extract(epoch FROM now()) / w.secs) * w.secs)::float8)",
+        )
+        .bind(pipeline)
+        .bind(&windows)
+        .fetch_all(pool),
+    )?;
     let mut out = String::new();
     let _ = write!(out, "<h1>Overview <span class=\"muted\">pipeline {}</span></h1>", e(pipeline));
 
     // The kill switch first: it is what an operator reaches for.
-    let control = replay::control(pool, pipeline).await?;
     out.push_str("<section aria-labelledby=\"kill\"><h2 id=\"kill\">Kill switch</h2>");
     if control.paused {
         let _ = write!(
@@ -176,16 +198,6 @@ async fn body(console: &Console, session: &super::Session) -> anyhow::Result<Str
     out.push_str("</tbody></table></section>");
 
     // What the database says of the keys.
-    let states: Vec<(String, i64)> =
-        sqlx::query_as("SELECT state, count(*) FROM enrich_state WHERE pipeline = $1 GROUP BY state ORDER BY state")
-            .bind(pipeline)
-            .fetch_all(pool)
-            .await?;
-    let (waiting,): (i64,) =
-        sqlx::query_as("SELECT count(*) FROM dead_letters WHERE pipeline = $1 AND status = 'dead'")
-            .bind(pipeline)
-            .fetch_one(pool)
-            .await?;
     out.push_str("<section aria-labelledby=\"keys\"><h2 id=\"keys\">Keys</h2><dl class=\"counts\">");
     for (state, n) in &states {
         let _ = write!(out, "<div><dt>{}</dt><dd data-count=\"{}\">{n}</dd></div>", e(state), e(state));
@@ -203,16 +215,8 @@ async fn body(console: &Console, session: &super::Session) -> anyhow::Result<Str
     } else {
         out.push_str("<table><thead><tr><th scope=\"col\">window</th><th scope=\"col\">spent</th><th scope=\"col\">reserved</th><th scope=\"col\">limit</th><th scope=\"col\">calls</th><th scope=\"col\">used</th></tr></thead><tbody>");
         for b in budgets {
-            let row: Option<(f64, f64, i64)> = sqlx::query_as(
-                "SELECT spent_usd, reserved_usd, calls FROM budget_windows
-                 WHERE pipeline = $1 AND window_secs = $2
-                   AND window_start = to_timestamp((floor(extract(epoch FROM now()) / $2) * $2)::float8)",
-            )
-            .bind(pipeline)
-            .bind(b.window_secs as i64)
-            .fetch_optional(pool)
-            .await?;
-            let (spent, reserved, calls) = row.unwrap_or((0.0, 0.0, 0));
+            let row = spent.iter().find(|w| w.0 == b.window_secs as i64);
+            let (spent, reserved, calls) = row.map_or((0.0, 0.0, 0), |w| (w.1, w.2, w.3));
             let share = ((spent + reserved) / b.usd * 100.0).clamp(0.0, 100.0);
             let _ = write!(
                 out,

@@ -71,32 +71,45 @@ pub async fn page(State(console): State<Arc<Console>>, headers: HeaderMap) -> Re
 async fn body(console: &Console) -> sqlx::Result<String> {
     let hour = "to_char(date_trunc('hour', o.recorded_at AT TIME ZONE 'UTC'), 'YYYY-MM-DD HH24:00')";
     let day = "to_char(date_trunc('day', o.recorded_at AT TIME ZONE 'UTC'), 'YYYY-MM-DD')";
-    let hourly = grouped(console, hour, "48 hours", false).await?;
-    let daily = grouped(console, day, "30 days", false).await?;
-    let models = grouped(console, "coalesce(o.model, '(none)')", "30 days", false).await?;
-    let prompts = grouped(console, "coalesce(s.prompt_version, '(no result stored)')", "30 days", true).await?;
-
     // What was not paid for, over the same 30 days.
     let (pool, pipeline) = (console.pool(), console.pipeline());
-    let runs: Vec<(String, String, i64)> = sqlx::query_as(
+    let runs = sqlx::query_as::<_, (String, String, i64)>(
         "SELECT stage, status, count(*) FROM run_history
          WHERE pipeline = $1 AND recorded_at > now() - interval '30 days'
            AND ((stage = 'ingest-dedup' AND status = 'duplicate') OR (stage = 'enricher' AND status = 'reused'))
          GROUP BY 1, 2",
     )
     .bind(pipeline)
-    .fetch_all(pool)
-    .await?;
-    let count = |stage: &str, status: &str| runs.iter().find(|r| r.0 == stage && r.1 == status).map_or(0, |r| r.2);
-    let (duplicates, reused) = (count("ingest-dedup", "duplicate"), count("enricher", "reused"));
-    let (cache_hits, per_call): (i64, Option<f64>) = sqlx::query_as(
+    .fetch_all(pool);
+    let cached = sqlx::query_as::<_, (i64, Option<f64>)>(
         "SELECT count(*) FILTER (WHERE step = 'cache_hit')::int8,
                 (avg(cost_usd) FILTER (WHERE step IN ('llm_call', 'llm_repair') AND status = 'ok'))::float8
          FROM step_outcomes WHERE pipeline = $1 AND recorded_at > now() - interval '30 days'",
     )
     .bind(pipeline)
-    .fetch_one(pool)
-    .await?;
+    .fetch_one(pool);
+    // Every hour of the last 48, those without calls included.
+    let by_hour = sqlx::query_as::<_, (String, f64)>(sqlx::AssertSqlSafe(format!(
+        "SELECT to_char(h AT TIME ZONE 'UTC', 'YYYY-MM-DD HH24:00'), coalesce(sum(o.cost_usd), 0)::float8
+         FROM generate_series(date_trunc('hour', now()) - interval '47 hours', date_trunc('hour', now()), interval '1 hour') h
+         LEFT JOIN step_outcomes o ON o.pipeline = $1 AND o.{PAID}
+              AND o.recorded_at >= h AND o.recorded_at < h + interval '1 hour'
+         GROUP BY h ORDER BY h"
+    )))
+    .bind(pipeline)
+    .fetch_all(pool);
+    // The seven reads at once, each on its own connection: the page waits for the slowest.
+    let (hourly, daily, models, prompts, runs, (cache_hits, per_call), by_hour) = tokio::try_join!(
+        grouped(console, hour, "48 hours", false),
+        grouped(console, day, "30 days", false),
+        grouped(console, "coalesce(o.model, '(none)')", "30 days", false),
+        grouped(console, "coalesce(s.prompt_version, '(no result stored)')", "30 days", true),
+        runs,
+        cached,
+        by_hour,
+    )?;
+    let count = |stage: &str, status: &str| runs.iter().find(|r| r.0 == stage && r.1 == status).map_or(0, |r| r.2);
+    let (duplicates, reused) = (count("ingest-dedup", "duplicate"), count("enricher", "reused"));
     let per_call = per_call.unwrap_or(0.0);
 
     let total: f64 = daily.iter().map(|r| r.5).sum();
@@ -118,17 +131,6 @@ async fn body(console: &Console) -> sqlx::Result<String> {
         e(usd(reused as f64 * per_call)),
         e(usd(cache_hits as f64 * per_call)),
     );
-    // Every hour of the last 48, those without calls included.
-    let by_hour: Vec<(String, f64)> = sqlx::query_as(sqlx::AssertSqlSafe(format!(
-        "SELECT to_char(h AT TIME ZONE 'UTC', 'YYYY-MM-DD HH24:00'), coalesce(sum(o.cost_usd), 0)::float8
-         FROM generate_series(date_trunc('hour', now()) - interval '47 hours', date_trunc('hour', now()), interval '1 hour') h
-         LEFT JOIN step_outcomes o ON o.pipeline = $1 AND o.{PAID}
-              AND o.recorded_at >= h AND o.recorded_at < h + interval '1 hour'
-         GROUP BY h ORDER BY h"
-    )))
-    .bind(pipeline)
-    .fetch_all(pool)
-    .await?;
     out.push_str(&bar_chart("Cost per hour (UTC), the last 48 hours", "USD", &by_hour));
     table(&mut out, "Per hour (UTC), the last 48 hours", "hour", &hourly);
     table(&mut out, "Per day (UTC), the last 30 days", "day", &daily);
