@@ -59,11 +59,14 @@ async fn find(console: &Console, search: &Search) -> sqlx::Result<Vec<String>> {
             .await?
         }
         Search::Coordinates { topic, partition, offset } => {
+            // run_history's rows of the ingest, which records every source record it reads
+            // (its partial index run_history_ingest_once answers this).
             sqlx::query_as(
                 "SELECT idempotency_key FROM enrich_state
                    WHERE pipeline = $1 AND source_topic = $2 AND source_partition = $3 AND source_offset = $4
                  UNION SELECT idempotency_key FROM run_history
                    WHERE pipeline = $1 AND source_topic = $2 AND source_partition = $3 AND source_offset = $4
+                     AND stage = 'ingest-dedup'
                  UNION SELECT idempotency_key FROM dead_letters
                    WHERE pipeline = $1 AND source_topic = $2 AND source_partition = $3 AND source_offset = $4
                  LIMIT 50",
