@@ -8,7 +8,9 @@ use axum::http::HeaderMap;
 use axum::response::Response;
 use std::fmt::Write;
 use std::sync::Arc;
+use std::time::Duration;
 
+use super::fresh::Fresh;
 use super::html::{Nav, e, fmt_num, line_chart, usd};
 use super::sampler::Reading;
 use super::{Console, Form, act, csrf_field, internal, look, redirect, render};
@@ -16,6 +18,23 @@ use crate::replay;
 
 /// Seconds between refreshes of the overview in the browser.
 const REFRESH_SECS: u64 = 3;
+
+/// The keys of each state.
+pub type States = Vec<(String, i64)>;
+
+/// How long a count of the keys by state is shown before it is counted again. Counting
+/// them reads every key of the pipeline (nothing indexes the state: see
+/// migrations/20261203000003_hot_updates.sql), so it is done at most this often, by one
+/// task whoever is looking, in the background ([`Fresh`]).
+pub const KEYS_TTL: Duration = Duration::from_secs(5);
+
+/// The keys by state.
+pub async fn count_keys(console: Arc<Console>) -> sqlx::Result<States> {
+    sqlx::query_as("SELECT state, count(*) FROM enrich_state WHERE pipeline = $1 GROUP BY state ORDER BY state")
+        .bind(console.pipeline())
+        .fetch_all(console.pool())
+        .await
+}
 
 pub async fn page(State(console): State<Arc<Console>>, headers: HeaderMap) -> Response {
     let session = match look(&console, &headers) {
@@ -41,7 +60,7 @@ fn flag(r: &Reading, name: &str, on: &str, off: &str) -> String {
     }
 }
 
-async fn body(console: &Console, session: &super::Session) -> anyhow::Result<String> {
+async fn body(console: &Arc<Console>, session: &super::Session) -> anyhow::Result<String> {
     let pool = console.pool();
     let pipeline = console.pipeline();
     let settings = &console.api.replayer.settings;
@@ -49,13 +68,9 @@ async fn body(console: &Console, session: &super::Session) -> anyhow::Result<Str
     // What the database says, read at once (each on its own connection): the kill switch,
     // the keys by state, the dead letters waiting, the budget's current windows.
     let windows: Vec<i64> = settings.llm.budgets.iter().map(|b| b.window_secs as i64).collect();
-    let (control, states, (waiting,), spent) = tokio::try_join!(
+    let (control, (counted_ago, states), (waiting,), spent) = tokio::try_join!(
         replay::control(pool, pipeline),
-        sqlx::query_as::<_, (String, i64)>(
-            "SELECT state, count(*) FROM enrich_state WHERE pipeline = $1 GROUP BY state ORDER BY state"
-        )
-        .bind(pipeline)
-        .fetch_all(pool),
+        Fresh::get(console, |c| &c.keys, count_keys),
         sqlx::query_as::<_, (i64,)>("SELECT count(*) FROM dead_letters WHERE pipeline = $1 AND status = 'dead'")
             .bind(pipeline)
             .fetch_one(pool),
@@ -204,7 +219,10 @@ async fn body(console: &Console, session: &super::Session) -> anyhow::Result<Str
     }
     let _ = write!(
         out,
-        "<div><dt><a href=\"/ui/dead-letters\">dead letters waiting</a></dt><dd data-count=\"dlq-waiting\">{waiting}</dd></div></dl></section>"
+        "<div><dt><a href=\"/ui/dead-letters\">dead letters waiting</a></dt><dd data-count=\"dlq-waiting\">{waiting}</dd></div></dl>\
+         <p class=\"muted\">Keys counted {:.0} s ago (at most every {} s).</p></section>",
+        counted_ago.as_secs_f64(),
+        console.keys.ttl().as_secs()
     );
 
     // The budget's current windows.
