@@ -9,7 +9,7 @@ help: ## List the targets
 	@awk 'BEGIN {FS = ":.*## "} /^[a-zA-Z_-]+:.*## / {printf "  %-12s %s\n", $$1, $$2}' $(MAKEFILE_LIST)
 
 .PHONY: deps
-deps: ## Install what a fresh machine lacks (protoc, kcat, Chromium, playwright-core; checks Java, Maven, cargo)
+deps: ## Install what a fresh machine lacks (protoc, kcat, Chromium, playwright-core, axe-core; checks Java, Maven, cargo)
 	@deploy/local/deps.sh
 
 .PHONY: stack-up

@@ -3,7 +3,10 @@
 //! (tests/console/console.js: playwright-core driving Debian's Chromium headless) logs
 //! in, pauses and resumes enrichment, discards one dead letter, dry-runs and replays the
 //! others, finds one event by key, source coordinates and trace id and reads its
-//! history, and checks that nothing works without a session. Each outcome is also
+//! history, and checks that nothing works without a session. Every page it shows is
+//! audited with axe-core (no serious or critical WCAG A/AA violation, no page wider than
+//! a 1366 × 768 laptop screen), and a keyboard-only pass logs in, reaches the kill switch
+//! and submits the dead-letter filter with visible focus all the way. Each outcome is also
 //! checked from outside the console: the enricher's metrics and llm-sim's counters for the
 //! pause, the output topic for the replay. Screenshots of every page go to docs/console/.
 
@@ -111,7 +114,11 @@ async fn the_console_shows_pauses_replays_and_tells_an_event_s_story() -> anyhow
     std::fs::create_dir_all(&dir)?;
     let state: PathBuf = dir.join("state.json");
     let mut timings = Vec::new();
-    let mut keep = |out: String| timings.extend(out.lines().filter(|l| l.starts_with("timing ")).map(str::to_string));
+    let mut audits = Vec::new();
+    let mut keep = |out: String| {
+        timings.extend(out.lines().filter(|l| l.starts_with("timing ")).map(str::to_string));
+        audits.extend(out.lines().filter(|l| l.starts_with("a11y ") || l.starts_with("keyboard ")).map(str::to_string));
+    };
 
     // Log in; the three stages ready.
     keep(browser("login", &base, &state, &[]).await?);
@@ -159,6 +166,8 @@ async fn the_console_shows_pauses_replays_and_tells_an_event_s_story() -> anyhow
         ("EXPECT_WAITING", (POISON.len() + 1).to_string()),
     ];
     keep(browser("counts", &base, &state, &counts).await?);
+    // The same overview with the keyboard only, and on to the dead letters' filter.
+    keep(browser("keyboard", &base, &state, &[]).await?);
 
     // The cause fixed, the five dead letters: listed, dry run, replayed once.
     env.sim.set_faults(llm_sim::Faults { markers: false, ..Default::default() });
@@ -198,6 +207,8 @@ async fn the_console_shows_pauses_replays_and_tells_an_event_s_story() -> anyhow
     // One event's story, and spend.
     let event = [("POISON_KEY", poison_keys[0].clone()), ("PLAIN_KEY", key(3)), ("EXPECT_IN", N.to_string())];
     keep(browser("event", &base, &state, &event).await?);
+    // Every page once more for the accessibility audit, the read token's overview included.
+    keep(browser("audit", &base, &state, &[]).await?);
 
     // Nothing without a session; no action without the admin token and the form token.
     keep(browser("anonymous", &base, &state, &[]).await?);
@@ -213,6 +224,7 @@ async fn the_console_shows_pauses_replays_and_tells_an_event_s_story() -> anyhow
     assert_eq!(output.len(), N);
     assert!(output.values().all(|&n| n == 1), "still once each after the stages stopped");
     println!("page timings (ms, request start to last byte):\n{}", timings.join("\n"));
+    println!("accessibility:\n{}", audits.join("\n"));
     let _ = std::fs::remove_dir_all(&dir);
     env.teardown().await;
     Ok(())

@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # Installs what a fresh machine lacks to build and test: protoc (for the envelope), kcat,
-# openssl (the local PostgreSQL's TLS certificates), Chromium, Node.js and playwright-core
-# (the console's browser test), and checks for Java, Maven and cargo. PostgreSQL is
-# installed by stack.sh when missing.
+# openssl (the local PostgreSQL's TLS certificates), Chromium, Node.js, playwright-core
+# and axe-core (the console's browser test and its accessibility audit), and checks for
+# Java, Maven and cargo. PostgreSQL is installed by stack.sh when missing.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 say() { printf '[deps] %s\n' "$*"; }
@@ -28,10 +28,10 @@ if [ ${#missing[@]} -gt 0 ]; then
   $sudo_cmd apt-get update -qq
   DEBIAN_FRONTEND=noninteractive $sudo_cmd apt-get install -y -qq "${missing[@]}" >/dev/null
 fi
-# playwright-core, pinned by tests/console/package-lock.json (no browser download: it
-# drives /usr/bin/chromium).
-if [ ! -f tests/console/node_modules/playwright-core/package.json ]; then
-  say "installing playwright-core into tests/console/node_modules"
+# playwright-core and axe-core, pinned by tests/console/package-lock.json (no browser
+# download: playwright-core drives /usr/bin/chromium).
+if [ ! -f tests/console/node_modules/playwright-core/package.json ] || [ ! -f tests/console/node_modules/axe-core/axe.min.js ]; then
+  say "installing playwright-core and axe-core into tests/console/node_modules"
   (cd tests/console && PLAYWRIGHT_SKIP_BROWSER_DOWNLOAD=1 npm ci --no-audit --no-fund --loglevel=error)
 fi
 command -v cargo >/dev/null 2>&1 || { say "error: cargo is missing; install Rust (rustup)"; exit 1; }

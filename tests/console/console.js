@@ -2,15 +2,36 @@
 // order and checks their outcomes from outside: the enricher's metrics, llm-sim's
 // counters, the output topic). playwright-core drives Debian's /usr/bin/chromium.
 //
-//   node console.js PHASE      PHASE: login | pause | resume | counts | dead-letters | event | anonymous
+//   node console.js PHASE      PHASE: login | pause | resume | counts | keyboard | dead-letters | event | audit | anonymous
 //
 // Environment: CONSOLE_URL, ADMIN_TOKEN, READ_TOKEN, STATE_FILE (the session kept between
 // phases), SHOTS (where screenshots go), and per phase EXPECT_IN, EXPECT_PUBLISHED,
-// EXPECT_DEAD, EXPECT_WAITING, POISON_KEY, PLAIN_KEY. Prints "timing PAGE MS" lines and "ok PHASE".
+// EXPECT_DEAD, EXPECT_WAITING, POISON_KEY, PLAIN_KEY. Prints "timing PAGE MS" lines,
+// "a11y PAGE ..." lines and "ok PHASE".
+//
+// Accessibility: every page a phase shows is audited with axe-core (WCAG 2.0/2.1/2.2 A and
+// AA rules and axe's best practices); a violation of impact serious or critical, or of a
+// landmark rule of any impact, fails the phase, as does a page wider than the 1366 × 768
+// viewport (document.scrollWidth > innerWidth). The keyboard phase logs in, reaches the
+// kill switch and submits the dead-letter filter with Tab and Enter only.
+// `node console.js audit` (CONSOLE_URL, ADMIN_TOKEN) audits every page of any console.
 "use strict";
 const { chromium } = require("playwright-core");
 const fs = require("fs");
 const path = require("path");
+
+// A laptop's screen.
+const VIEWPORT = { width: 1366, height: 768 };
+const AXE = fs.readFileSync(require.resolve("axe-core/axe.min.js"), "utf8");
+const AXE_TAGS = ["wcag2a", "wcag2aa", "wcag21a", "wcag21aa", "wcag22aa", "best-practice"];
+// Failed at any impact: the page's landmarks and its way past the navigation.
+const LANDMARK_RULES = new Set([
+  "bypass", "region", "landmark-one-main", "landmark-no-duplicate-main", "landmark-unique",
+  "landmark-banner-is-top-level", "landmark-main-is-top-level", "landmark-no-duplicate-banner",
+  "page-has-heading-one", "skip-link",
+]);
+// The failures of the phase's pages, reported together at its end.
+const a11yFailures = [];
 
 const phase = process.argv[2];
 const base = process.env.CONSOLE_URL;
@@ -23,8 +44,35 @@ function need(cond, message) {
 }
 
 async function shot(page, name) {
+  await audit(page, name);
   fs.mkdirSync(shots, { recursive: true });
   await page.screenshot({ path: path.join(shots, `${name}.png`), fullPage: true });
+}
+
+// axe-core on the page now shown (evaluated through the DevTools protocol, which the
+// page's Content-Security-Policy does not restrict), and its width against the viewport's.
+async function audit(page, name) {
+  if (!(await page.evaluate(() => typeof window.axe === "object"))) await page.evaluate(AXE);
+  const violations = await page.evaluate(async (tags) => {
+    const r = await window.axe.run(document, { runOnly: { type: "tag", values: tags }, resultTypes: ["violations"] });
+    return r.violations.map((v) => ({
+      id: v.id,
+      impact: v.impact,
+      help: v.help,
+      nodes: v.nodes.map((n) => `${n.target.join(" ")}${n.any.concat(n.all, n.none).map((c) => `: ${c.message}`).slice(0, 1).join("")}`),
+    }));
+  }, AXE_TAGS);
+  const width = await page.evaluate(() => ({ scroll: document.documentElement.scrollWidth, inner: window.innerWidth }));
+  const failing = violations.filter((v) => v.impact === "serious" || v.impact === "critical" || LANDMARK_RULES.has(v.id));
+  for (const v of violations) {
+    const verdict = failing.includes(v) ? "FAIL" : "note";
+    console.log(`a11y ${name} ${verdict} ${v.impact} ${v.id} (${v.help}): ${v.nodes.length} node(s)`);
+    for (const n of v.nodes.slice(0, 5)) console.log(`a11y ${name}      ${n}`);
+  }
+  if (width.scroll > width.inner) console.log(`a11y ${name} FAIL overflow: ${width.scroll} px wide in a ${width.inner} px window`);
+  if (failing.length === 0 && width.scroll <= width.inner) console.log(`a11y ${name} ok (${violations.length} minor or moderate)`);
+  for (const v of failing) a11yFailures.push(`${name}: ${v.impact} ${v.id} on ${v.nodes.length} node(s)`);
+  if (width.scroll > width.inner) a11yFailures.push(`${name}: ${width.scroll} px wide in a ${width.inner} px window`);
 }
 
 // How long the server took for the page now shown (request start to the last byte).
@@ -52,7 +100,7 @@ async function confirmDialogs(page) {
 
 const phases = {
   async login(browser) {
-    const context = await browser.newContext({ viewport: { width: 1360, height: 900 } });
+    const context = await browser.newContext({ viewport: VIEWPORT });
     const page = await context.newPage();
     current = page;
     await goto(page, "/ui", null);
@@ -62,6 +110,7 @@ const phases = {
     await page.getByLabel("Token").fill("not-the-token-0123456789");
     await page.getByRole("button", { name: "Log in" }).click();
     await page.getByText("That token is not valid.").waitFor();
+    await audit(page, "login-refused");
     await page.getByLabel("Token").fill(process.env.ADMIN_TOKEN);
     await page.getByRole("button", { name: "Log in" }).click();
     await page.waitForURL(base + "/ui");
@@ -218,6 +267,171 @@ const phases = {
     await shot(page, "spend");
   },
 
+  // With the keyboard only: log in, pass the navigation by the skip link, reach the kill
+  // switch (not pressing it), go to the dead letters and submit their filter; every stop
+  // on the way shows where the focus is.
+  async keyboard(browser) {
+    const context = await browser.newContext({ viewport: VIEWPORT });
+    context.setDefaultTimeout(TIMEOUT);
+    const page = await context.newPage();
+    await goto(page, "/ui/login", null);
+    const focus = () => page.evaluate(() => {
+      const el = document.activeElement;
+      if (!el || el === document.body) return null;
+      const style = getComputedStyle(el);
+      const box = el.getBoundingClientRect();
+      // The indicator's contrast with what is around it (WCAG 1.4.11: at least 3:1): the
+      // outline's colour against the first opaque background behind the element.
+      const rgb = (c) => (c.match(/[\d.]+/g) || []).map(Number);
+      const lum = ([r, g, b]) => [r, g, b].map((v) => { v /= 255; return v <= 0.03928 ? v / 12.92 : ((v + 0.055) / 1.055) ** 2.4; })
+        .reduce((s, v, i) => s + v * [0.2126, 0.7152, 0.0722][i], 0);
+      let behind = el.parentElement;
+      while (behind && (rgb(getComputedStyle(behind).backgroundColor)[3] === 0 || getComputedStyle(behind).backgroundColor === "transparent")) behind = behind.parentElement;
+      const back = rgb(behind ? getComputedStyle(behind).backgroundColor : "rgb(255, 255, 255)");
+      const [a, b] = [lum(rgb(style.outlineColor)), lum(back)];
+      return {
+        tag: el.tagName.toLowerCase(), id: el.id, name: el.getAttribute("name") || "", text: (el.textContent || el.value || "").trim().slice(0, 40),
+        visible: el.matches(":focus-visible"),
+        outline: style.outlineStyle !== "none" && parseFloat(style.outlineWidth) >= 2 ? `${style.outlineWidth} ${style.outlineStyle} ${style.outlineColor}` : "",
+        shadow: style.boxShadow !== "none" ? style.boxShadow : "",
+        raw: `outline ${style.outlineStyle} ${style.outlineWidth} ${style.outlineColor}, box-shadow ${style.boxShadow}, :focus ${el.matches(":focus")} :focus-within ${el.matches(":focus-within")} :focus-visible ${el.matches(":focus-visible")}, the page has the focus: ${document.hasFocus()}, value '${el.value}'`,
+        contrast: (Math.max(a, b) + 0.05) / (Math.min(a, b) + 0.05),
+        onScreen: box.width > 0 && box.height > 0 && box.right > 0 && box.bottom > 0 && box.left < innerWidth && box.top < innerHeight,
+      };
+    });
+    const describe = (f) => (f ? `${f.tag}${f.id ? "#" + f.id : ""} "${f.text}"` : "nothing");
+    // Focus indicators under 3:1 against their background, and the other problems found on
+    // the way, reported together at the end.
+    const weak = [];
+    const problems = [];
+    // Tab (or Shift+Tab) until `wanted` has the focus; each stop must show an indicator.
+    const tabTo = async (wanted, what, key = "Tab") => {
+      const seen = [];
+      for (let i = 0; i < 60; i++) {
+        await page.keyboard.press(key);
+        const f = await focus();
+        seen.push(describe(f));
+        if (f) {
+          need(f.outline || f.shadow, `the focus on ${describe(f)} is not visible (${f.raw})`);
+          need(f.onScreen, `the focused ${describe(f)} is off the screen`);
+          if (f.outline && f.contrast < 3) weak.push(`${describe(f)}: ${f.outline}, ${f.contrast.toFixed(2)}:1 against its background`);
+        }
+        if (f && wanted(f)) {
+          console.log(`keyboard ${what}: ${seen.length} ${key} press(es), focus ${describe(f)} shown by ${f.outline || f.shadow} (${f.contrast.toFixed(1)}:1)`);
+          return f;
+        }
+      }
+      throw new Error(`${what} not reached by ${key}; the focus went ${seen.join(" → ")}`);
+    };
+    // The token field has the focus when the login opens (autofocus).
+    const start = await focus();
+    need(start && start.id === "token", `the login page opens with the focus on the token field, not ${describe(start)}`);
+    await page.keyboard.type(process.env.ADMIN_TOKEN);
+    await page.keyboard.press("Enter");
+    await page.waitForURL(base + "/ui");
+    await timing(page, "overview-keyboard");
+    // The first stop is the skip link, shown on the screen; it leads into <main>.
+    const skip = await tabTo((f) => f.tag === "a", "the skip link");
+    need(skip.text === "Skip to content", `the first stop is the skip link, not ${describe(skip)}`);
+    await page.keyboard.press("Enter");
+    const button = await tabTo((f) => f.id === "kill-switch", "the kill switch");
+    need(button.text === "Pause enrichment", `the kill switch reads ${button.text}`);
+    // The overview refreshes itself: the focus stays where the keyboard put it.
+    const refreshed = await page.evaluate(() => document.querySelector("main").dataset.refreshedAt || "");
+    await page.waitForTimeout(7_000);
+    const after = await focus();
+    const again = await page.evaluate(() => document.querySelector("main").dataset.refreshedAt || "");
+    console.log(`keyboard after 7 s on the overview (refreshed ${again !== refreshed ? "meanwhile" : "not"}): focus on ${describe(after)}`);
+    if (!(after && after.id === "kill-switch")) problems.push(`the focus did not stay on the kill switch while the overview refreshed: it went to ${describe(after)}`);
+    // What a screen reader hears of the refresh: not the whole overview every 3 s, but a
+    // status line that says what changed.
+    const live = await page.evaluate(() => ({
+      main: document.querySelector("main").getAttribute("aria-live"),
+      status: [...document.querySelectorAll('[role="status"], [aria-live]')].filter((el) => !document.querySelector("main").contains(el)).length,
+    }));
+    if (!(live.main === null || live.main === "off")) problems.push(`the overview's <main> is a live region (aria-live="${live.main}"): a screen reader reads all of it at every refresh`);
+    if (live.status < 1) problems.push("the overview has no status line outside the refreshed region to say what changed");
+    // Back up to the navigation, and on to the dead letters.
+    await tabTo((f) => f.tag === "a" && f.text === "Dead letters", "the navigation's dead letters", "Shift+Tab");
+    await page.keyboard.press("Enter");
+    await page.waitForURL(base + "/ui/dead-letters");
+    await tabTo((f) => f.id === "f-stage", "the filter's stage");
+    // A closed <select> takes an option from its first letter ("i": ingest-dedup).
+    await page.keyboard.press("i");
+    await tabTo((f) => f.id === "f-text", "the filter's text");
+    await page.keyboard.type("json");
+    await tabTo((f) => f.tag === "button" && f.text === "Filter", "the filter's button");
+    await page.keyboard.press("Enter");
+    await page.waitForURL(/\/ui\/dead-letters\?.*stage=ingest-dedup.*text=json/);
+    const rows = await page.locator("tr[data-dead-letter]").count();
+    need(rows >= 1, `the filter submitted from the keyboard shows the ingest's dead letters (${rows})`);
+    console.log(`keyboard filter submitted: ${page.url().slice(base.length)}, ${rows} row(s)`);
+    await audit(page, "dead-letters-filtered");
+    for (const w of new Set(weak)) problems.push(`focus indicator under 3:1 (WCAG 1.4.11): ${w}`);
+    need(problems.length === 0, `keyboard: ${problems.length} problem(s):\n  ${problems.join("\n  ")}`);
+    await context.close();
+  },
+
+  // Every page, for the audit: the login, then as the admin the overview, the dead letters
+  // (waiting, replayed, filtered), one dead letter, a dry run, the event search, one event,
+  // spend, a replay's progress when there is one, and a page that does not exist.
+  async audit(browser) {
+    const context = await browser.newContext({ viewport: VIEWPORT });
+    context.setDefaultTimeout(TIMEOUT);
+    const page = await context.newPage();
+    await goto(page, "/ui/login", null);
+    await audit(page, "login");
+    await page.getByLabel("Token").fill(process.env.ADMIN_TOKEN);
+    await page.getByRole("button", { name: "Log in" }).click();
+    await page.waitForURL(base + "/ui");
+    await audit(page, "overview");
+    // After a refresh in place.
+    await page.waitForFunction(() => document.querySelector("main").dataset.refreshedAt, null, { timeout: TIMEOUT });
+    await audit(page, "overview-refreshed");
+    for (const [url, name] of [
+      ["/ui/dead-letters", "dead-letters"],
+      ["/ui/dead-letters?status=replayed", "dead-letters-replayed"],
+      ["/ui/dead-letters?status=dead&stage=ingest-dedup&text=bad", "dead-letters-filtered"],
+      ["/ui/events", "events"],
+      ["/ui/events?q=nothing-is-known-of-this", "events-none"],
+      ["/ui/spend", "spend"],
+      ["/ui/no-such-page", "not-found"],
+    ]) {
+      await goto(page, url, null);
+      await audit(page, name);
+    }
+    await goto(page, "/ui/dead-letters?status=replayed", null);
+    const replayed = await page.locator("tr[data-dead-letter] a").count();
+    await goto(page, "/ui/dead-letters", null);
+    if ((await page.locator("tr[data-dead-letter] a").count()) > 0) {
+      await page.locator("tr[data-dead-letter] a").first().click();
+      await page.locator("[data-error]").waitFor();
+      await audit(page, "dead-letter");
+      await page.getByRole("button", { name: "Dry run a replay" }).click();
+      await page.locator("[data-dry-run-replayable]").waitFor();
+      await audit(page, "dry-run");
+      await goto(page, "/ui/dead-letters", null);
+      await page.locator("tr[data-dead-letter] a[href^='/ui/event']").first().click();
+      await page.waitForURL(/\/ui\/event\?key=/);
+      await audit(page, "event");
+    }
+    if (replayed > 0) {
+      await goto(page, "/ui/dead-letters?status=replayed", null);
+      await page.locator("tr[data-dead-letter] a").first().click();
+      await page.locator("[data-error]").waitFor();
+      await audit(page, "dead-letter-replayed");
+    }
+    // The read token's view.
+    if (process.env.READ_TOKEN) {
+      await goto(page, "/ui/login", null);
+      await page.getByLabel("Token").fill(process.env.READ_TOKEN);
+      await page.getByRole("button", { name: "Log in" }).click();
+      await page.waitForURL(base + "/ui");
+      await audit(page, "overview-read-only");
+    }
+    await context.close();
+  },
+
   async anonymous(browser) {
     // No session: every page goes to the login, every action is refused.
     const context = await browser.newContext();
@@ -285,15 +499,16 @@ const phases = {
   });
   let status = 0;
   try {
-    if (phase === "login" || phase === "anonymous") {
+    if (phase === "login" || phase === "anonymous" || phase === "keyboard" || phase === "audit") {
       await run(browser);
     } else {
-      const context = await browser.newContext({ storageState: stateFile, viewport: { width: 1360, height: 900 } });
+      const context = await browser.newContext({ storageState: stateFile, viewport: VIEWPORT });
       context.setDefaultTimeout(TIMEOUT);
       const page = await context.newPage();
       await run(browser, context, page);
       await context.storageState({ path: stateFile });
     }
+    need(a11yFailures.length === 0, `accessibility: ${a11yFailures.length} failure(s):\n  ${a11yFailures.join("\n  ")}`);
     console.log(`ok ${phase}`);
   } catch (err) {
     console.error(`phase ${phase} failed: ${err && err.stack ? err.stack : err}`);

@@ -207,17 +207,22 @@ pub async fn show(
     .fetch_optional(pool)
     .await?;
     let Some(row) = row else { return Ok(None) };
-    let payload = if with_payload {
+    let payload = async {
+        if !with_payload {
+            return Ok(None);
+        }
         let (bytes,): (Vec<u8>,) =
             sqlx::query_as("SELECT envelope FROM dead_letters WHERE id = $1").bind(id).fetch_one(pool).await?;
-        Some(
+        Ok(Some(
             Envelope::decode_from(&bytes).map(|e| String::from_utf8_lossy(&e.payload).into_owned()).unwrap_or_default(),
-        )
-    } else {
-        None
+        ))
     };
-    let (runs, next_runs_after) = runs_of(pool, pipeline, &row.idempotency_key, page).await?;
-    let (steps, next_steps_after) = steps_of(pool, pipeline, &row.idempotency_key, page).await?;
+    // The three reads at once, each on its own connection.
+    let (payload, (runs, next_runs_after), (steps, next_steps_after)) = tokio::try_join!(
+        payload,
+        runs_of(pool, pipeline, &row.idempotency_key, page),
+        steps_of(pool, pipeline, &row.idempotency_key, page),
+    )?;
     Ok(Some(Shown {
         dead_letter: row,
         payload_withheld: payload.is_none(),
@@ -348,52 +353,56 @@ type StateRow = (String, i32, String, i32, i64);
 
 /// A page of the history of one idempotency key; None when nothing is known of it.
 pub async fn history(pool: &PgPool, pipeline: &str, key: &str, page: Page) -> anyhow::Result<Option<History>> {
-    let state: Option<StateRow> = sqlx::query_as(
+    let state = sqlx::query_as::<_, StateRow>(
         "SELECT state, attempts, source_topic, source_partition, source_offset
          FROM enrich_state WHERE pipeline = $1 AND idempotency_key = $2",
     )
     .bind(pipeline)
     .bind(key)
-    .fetch_optional(pool)
-    .await?;
-    let (runs, next_runs_after) = runs_of(pool, pipeline, key, page).await?;
-    let (steps, next_steps_after) = steps_of(pool, pipeline, key, page).await?;
-    let dead_letters: Vec<DeadLetter> = sqlx::query_as(sqlx::AssertSqlSafe(format!(
+    .fetch_optional(pool);
+    let dead_letters = sqlx::query_as::<_, DeadLetter>(sqlx::AssertSqlSafe(format!(
         "SELECT {COLUMNS} FROM dead_letters WHERE pipeline = $1 AND idempotency_key = $2 ORDER BY id LIMIT $3"
     )))
     .bind(pipeline)
     .bind(key)
     .bind(DEAD_LETTERS_PER_KEY)
-    .fetch_all(pool)
-    .await?;
-    if state.is_none() && runs.is_empty() && dead_letters.is_empty() && page.runs_after == 0 {
-        return Ok(None);
-    }
+    .fetch_all(pool);
     // The key's traces over all its runs (a handful: one, plus one per replay).
-    let traced: Vec<(String,)> = sqlx::query_as(
+    let traced = sqlx::query_as::<_, (String,)>(
         "SELECT trace_id FROM run_history
          WHERE pipeline = $1 AND idempotency_key = $2 AND trace_id IS NOT NULL AND trace_id <> ''
          GROUP BY trace_id ORDER BY min(id) LIMIT 100",
     )
     .bind(pipeline)
     .bind(key)
-    .fetch_all(pool)
-    .await?;
-    let mut trace_ids: Vec<String> = traced.into_iter().map(|(t,)| t).collect();
-    for t in dead_letters.iter().filter_map(|d| d.trace_id.clone()) {
-        if !t.is_empty() && !trace_ids.contains(&t) {
-            trace_ids.push(t);
-        }
-    }
-    let (input, output, cost_usd): (i64, i64, f64) = sqlx::query_as(
+    .fetch_all(pool);
+    let tokens = sqlx::query_as::<_, (i64, i64, f64)>(
         "SELECT coalesce(sum(input_tokens), 0)::int8, coalesce(sum(output_tokens), 0)::int8,
                 coalesce(sum(cost_usd), 0)::float8
          FROM step_outcomes WHERE pipeline = $1 AND idempotency_key = $2",
     )
     .bind(pipeline)
     .bind(key)
-    .fetch_one(pool)
-    .await?;
+    .fetch_one(pool);
+    // Every read at once, each on its own connection: the page waits for the slowest, not the sum.
+    let (state, (runs, next_runs_after), (steps, next_steps_after), dead_letters, traced, (input, output, cost_usd)) =
+        tokio::try_join!(
+            state,
+            runs_of(pool, pipeline, key, page),
+            steps_of(pool, pipeline, key, page),
+            dead_letters,
+            traced,
+            tokens,
+        )?;
+    if state.is_none() && runs.is_empty() && dead_letters.is_empty() && page.runs_after == 0 {
+        return Ok(None);
+    }
+    let mut trace_ids: Vec<String> = traced.into_iter().map(|(t,)| t).collect();
+    for t in dead_letters.iter().filter_map(|d| d.trace_id.clone()) {
+        if !t.is_empty() && !trace_ids.contains(&t) {
+            trace_ids.push(t);
+        }
+    }
     let (state, attempts, topic, partition, offset) = match state {
         Some((s, a, t, p, o)) => (Some(s), Some(a), Some(t), Some(p), Some(o)),
         None => (None, None, None, None, None),
@@ -461,18 +470,19 @@ impl Replayer {
             let page = list(&self.pool, pipeline, "dead", filter, after, 500).await?;
             let Some(last) = page.last() else { break };
             after = last.id;
+            // A dry run changes nothing between one dead letter and the next, so it reads
+            // the whole page's replay counts and envelopes in a few statements; a replay
+            // reads each dead letter's just before it (the previous one may have changed them).
+            let mut checked = if dry_run { Some(self.checks(&page).await?) } else { None };
             for dead in page {
                 if dead.id > upto {
                     break 'pages;
                 }
                 outcome.matched += 1;
-                let (replays,): (i64,) = sqlx::query_as(
-                    "SELECT count(*) FROM replay_log WHERE pipeline = $1 AND idempotency_key = $2 AND outcome = 'replayed'",
-                )
-                .bind(pipeline)
-                .bind(&dead.idempotency_key)
-                .fetch_one(&self.pool)
-                .await?;
+                let replays = match &checked {
+                    Some(c) => c.replays.get(&dead.idempotency_key).copied().unwrap_or(0),
+                    None => self.replays_of(&dead.idempotency_key).await?,
+                };
                 let max = i64::from(self.settings.dlq_replayer.max_replays_per_key);
                 if replays >= max {
                     let why = format!("replayed {replays} times already (dlq_replayer.max_replays_per_key = {max})");
@@ -483,7 +493,11 @@ impl Replayer {
                     step();
                     continue;
                 }
-                if let Some(why) = self.not_replayable(&dead).await? {
+                let not_replayable = match &mut checked {
+                    Some(c) => c.not_replayable.remove(&dead.id).unwrap_or(None),
+                    None => self.not_replayable(&dead).await?,
+                };
+                if let Some(why) = not_replayable {
                     if !dry_run {
                         self.log(dead.id, &dead.idempotency_key, "refused", Some(&why)).await?;
                     }
@@ -530,6 +544,47 @@ impl Replayer {
         Ok(outcome)
     }
 
+    /// How many times a key was replayed.
+    async fn replays_of(&self, key: &str) -> sqlx::Result<i64> {
+        let (replays,): (i64,) = sqlx::query_as(
+            "SELECT count(*) FROM replay_log WHERE pipeline = $1 AND idempotency_key = $2 AND outcome = 'replayed'",
+        )
+        .bind(&self.settings.pipeline.name)
+        .bind(key)
+        .fetch_one(&self.pool)
+        .await?;
+        Ok(replays)
+    }
+
+    /// A page's checks at once: the replay count of each key, and why each dead letter
+    /// cannot be replayed, if it cannot (envelopes read 50 at a time).
+    async fn checks(&self, page: &[DeadLetter]) -> anyhow::Result<Checks> {
+        let keys: Vec<&str> = page.iter().map(|d| d.idempotency_key.as_str()).collect();
+        let counted: Vec<(String, i64)> = sqlx::query_as(
+            "SELECT idempotency_key, count(*) FROM replay_log
+             WHERE pipeline = $1 AND idempotency_key = ANY($2) AND outcome = 'replayed' GROUP BY 1",
+        )
+        .bind(&self.settings.pipeline.name)
+        .bind(&keys)
+        .fetch_all(&self.pool)
+        .await?;
+        let mut not_replayable = std::collections::HashMap::new();
+        for chunk in page.chunks(50) {
+            let ids: Vec<i64> = chunk.iter().map(|d| d.id).collect();
+            let rows: Vec<(i64, Vec<u8>)> = sqlx::query_as("SELECT id, envelope FROM dead_letters WHERE id = ANY($1)")
+                .bind(&ids)
+                .fetch_all(&self.pool)
+                .await?;
+            for dead in chunk {
+                let Some((_, bytes)) = rows.iter().find(|(id, _)| *id == dead.id) else {
+                    anyhow::bail!("dead letter {} is gone", dead.id);
+                };
+                not_replayable.insert(dead.id, why_not_replayable(&Envelope::decode_from(bytes)?, dead));
+            }
+        }
+        Ok(Checks { replays: counted.into_iter().collect(), not_replayable })
+    }
+
     /// Why a dead letter cannot be replayed from the DLQ's copy, if it cannot.
     async fn not_replayable(&self, dead: &DeadLetter) -> anyhow::Result<Option<String>> {
         if dead.reason == enrich_common::error::Reason::UnreadableHeaders.as_str() {
@@ -545,17 +600,7 @@ impl Replayer {
             .bind(dead.id)
             .fetch_one(&self.pool)
             .await?;
-        let envelope = Envelope::decode_from(&bytes)?;
-        let truncated = envelope.failure().map_or(0, |f| f.payload_truncated_from);
-        Ok((truncated > 0).then(|| {
-            format!(
-                "the DLQ holds only the first {} of {truncated} bytes; the whole record is at {}/{}@{}",
-                envelope.payload.len(),
-                dead.source_topic.as_deref().unwrap_or("?"),
-                dead.source_partition.unwrap_or(-1),
-                dead.source_offset.unwrap_or(-1)
-            )
-        }))
+        Ok(why_not_replayable(&Envelope::decode_from(&bytes)?, dead))
     }
 
     /// Replays one dead letter, holding its row locked from the check that it is still
@@ -658,4 +703,24 @@ impl Replayer {
             .await?;
         Ok(())
     }
+}
+
+/// A page's checks, read at once by a dry run.
+struct Checks {
+    replays: std::collections::HashMap<String, i64>,
+    not_replayable: std::collections::HashMap<i64, Option<String>>,
+}
+
+/// Why a dead letter cannot be replayed from the DLQ's copy (its envelope), if it cannot.
+fn why_not_replayable(envelope: &Envelope, dead: &DeadLetter) -> Option<String> {
+    let truncated = envelope.failure().map_or(0, |f| f.payload_truncated_from);
+    (truncated > 0).then(|| {
+        format!(
+            "the DLQ holds only the first {} of {truncated} bytes; the whole record is at {}/{}@{}",
+            envelope.payload.len(),
+            dead.source_topic.as_deref().unwrap_or("?"),
+            dead.source_partition.unwrap_or(-1),
+            dead.source_offset.unwrap_or(-1)
+        )
+    })
 }

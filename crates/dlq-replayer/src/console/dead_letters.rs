@@ -242,7 +242,14 @@ pub async fn show(State(console): State<Arc<Console>>, headers: HeaderMap, Path(
     };
     let with_payload = session.role.sees_payloads();
     let page = Page { limit: Page::MAX, ..Page::default() };
-    let shown = match replay::show(console.pool(), console.pipeline(), id, page, with_payload).await {
+    let envelope = sqlx::query_as::<_, (Vec<u8>,)>("SELECT envelope FROM dead_letters WHERE pipeline = $1 AND id = $2")
+        .bind(console.pipeline())
+        .bind(id)
+        .fetch_optional(console.pool());
+    // The dead letter with its history, and its envelope for the headers, at once.
+    let (shown, envelope) =
+        tokio::join!(replay::show(console.pool(), console.pipeline(), id, page, with_payload), envelope);
+    let shown = match shown {
         Ok(Some(s)) => s,
         Ok(None) => {
             return problem(
@@ -254,14 +261,7 @@ pub async fn show(State(console): State<Arc<Console>>, headers: HeaderMap, Path(
         }
         Err(err) => return internal(&session, format!("{err:#}")),
     };
-    let envelope: Option<(Vec<u8>,)> =
-        sqlx::query_as("SELECT envelope FROM dead_letters WHERE pipeline = $1 AND id = $2")
-            .bind(console.pipeline())
-            .bind(id)
-            .fetch_optional(console.pool())
-            .await
-            .unwrap_or(None);
-    let envelope = envelope.and_then(|(b,)| enrich_common::envelope::Envelope::decode_from(&b).ok());
+    let envelope = envelope.unwrap_or(None).and_then(|(b,)| enrich_common::envelope::Envelope::decode_from(&b).ok());
     let d = &shown.dead_letter;
     let mut out = format!("<h1>Dead letter {}</h1><dl class=\"fields\">", d.id);
     let coords = format!(
@@ -379,11 +379,12 @@ pub async fn preview(State(console): State<Arc<Console>>, headers: HeaderMap, bo
             "Narrow it (reason, stage, time or text) or select rows: a replay of the whole DLQ is refused, as in the API.",
         );
     }
-    let outcome = match console.api.replayer.replay(&filter, true, None).await {
+    // The dry run and the recent price per call at once.
+    let (outcome, per_call) = tokio::join!(console.api.replayer.replay(&filter, true, None), cost_per_call(&console));
+    let outcome = match outcome {
         Ok(o) => o,
         Err(err) => return internal(&session, format!("{err:#}")),
     };
-    let per_call = cost_per_call(&console).await;
     let n = outcome.replayed.len();
     let max_attempts = console.api.replayer.settings.llm.max_attempts;
     let rate = console.api.replayer.settings.dlq_replayer.replay_rate_per_sec;
@@ -509,13 +510,13 @@ pub async fn job(State(console): State<Arc<Console>>, headers: HeaderMap, Path(i
     );
     match outcome {
         None if job.waiting.load(Ordering::Relaxed) => {
-            out.push_str("<p data-job=\"waiting\">Waiting for the replay under way to end…</p>")
+            out.push_str("<p data-announce data-job=\"waiting\">Waiting for the replay under way to end…</p>")
         }
-        None => out.push_str("<p data-job=\"running\">Running…</p>"),
+        None => out.push_str("<p data-announce data-job=\"running\">Running…</p>"),
         Some(Ok(o)) => {
             let _ = write!(
                 out,
-                "<p data-job=\"done\" data-replayed=\"{}\" data-refused=\"{}\"><strong>Done: {} replayed, {} refused.</strong></p>",
+                "<p data-announce data-job=\"done\" data-replayed=\"{}\" data-refused=\"{}\"><strong>Done: {} replayed, {} refused.</strong></p>",
                 o.replayed.len(),
                 o.refused.len(),
                 o.replayed.len(),
@@ -530,7 +531,11 @@ pub async fn job(State(console): State<Arc<Console>>, headers: HeaderMap, Path(i
             }
         }
         Some(Err(err)) => {
-            let _ = write!(out, "<p data-job=\"failed\" class=\"error\" role=\"alert\">Failed: {}</p>", e(err));
+            let _ = write!(
+                out,
+                "<p data-announce data-job=\"failed\" class=\"error\" role=\"alert\">Failed: {}</p>",
+                e(err)
+            );
         }
     }
     out.push_str("<p><a href=\"/ui/dead-letters\">back to the dead letters</a></p>");

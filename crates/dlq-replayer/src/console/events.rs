@@ -59,11 +59,14 @@ async fn find(console: &Console, search: &Search) -> sqlx::Result<Vec<String>> {
             .await?
         }
         Search::Coordinates { topic, partition, offset } => {
+            // run_history's rows of the ingest, which records every source record it reads
+            // (its partial index run_history_ingest_once answers this).
             sqlx::query_as(
                 "SELECT idempotency_key FROM enrich_state
                    WHERE pipeline = $1 AND source_topic = $2 AND source_partition = $3 AND source_offset = $4
                  UNION SELECT idempotency_key FROM run_history
                    WHERE pipeline = $1 AND source_topic = $2 AND source_partition = $3 AND source_offset = $4
+                     AND stage = 'ingest-dedup'
                  UNION SELECT idempotency_key FROM dead_letters
                    WHERE pipeline = $1 AND source_topic = $2 AND source_partition = $3 AND source_offset = $4
                  LIMIT 50",
@@ -153,22 +156,27 @@ pub async fn event(
     };
     let key = query.key;
     let page = Page { limit: Page::MAX, ..Page::default() };
-    let history = match replay::history(console.pool(), console.pipeline(), &key, page).await {
+    let state = sqlx::query_as::<_, StateRow>(
+        "SELECT state, attempts, model, prompt_version, jsonb_pretty(result), publish_outcome
+         FROM enrich_state WHERE pipeline = $1 AND idempotency_key = $2",
+    )
+    .bind(console.pipeline())
+    .bind(&key)
+    .fetch_optional(console.pool());
+    // The history, the stored result and the replay log at once.
+    let (history, state, replays) = tokio::join!(
+        replay::history(console.pool(), console.pipeline(), &key, page),
+        state,
+        replays_of(console.pool(), console.pipeline(), &key),
+    );
+    let history = match history {
         Ok(Some(h)) => h,
         Ok(None) => {
             return problem(Some(&session), StatusCode::NOT_FOUND, "Not found", "Nothing is known of this key.");
         }
         Err(err) => return internal(&session, format!("{err:#}")),
     };
-    let state: Option<StateRow> = sqlx::query_as(
-        "SELECT state, attempts, model, prompt_version, jsonb_pretty(result), publish_outcome
-         FROM enrich_state WHERE pipeline = $1 AND idempotency_key = $2",
-    )
-    .bind(console.pipeline())
-    .bind(&key)
-    .fetch_optional(console.pool())
-    .await
-    .unwrap_or(None);
+    let state = state.unwrap_or(None);
 
     let mut out = format!("<h1>Event <code>{}</code></h1>{}<dl class=\"fields\">", e(&key), search_form(""));
     let coords = match (&history.source_topic, history.source_partition, history.source_offset) {
@@ -205,7 +213,6 @@ pub async fn event(
         }
     }
     out.push_str("</dd></div></dl><h2>Timeline</h2>");
-    let replays = replays_of(console.pool(), console.pipeline(), &key).await;
     out.push_str(&timeline(&history.runs, &history.steps, &replays));
     if history.next_runs_after.is_some() || history.next_steps_after.is_some() {
         out.push_str("<p class=\"muted\">The first 1,000 runs and steps are shown; the CLI's <code>history</code> follows every page.</p>");

@@ -102,14 +102,20 @@ pub fn page(title: &str, nav: Nav, viewer: Option<&Viewer<'_>>, refresh_secs: Op
         );
     }
     out.push_str("</header>");
+    // A page that refreshes itself is no live region as a whole (a screen reader would read
+    // all of it at every refresh): its script copies what changed to the status line.
     match refresh_secs {
         Some(s) => {
-            let _ = write!(out, "<main id=\"main\" data-refresh=\"{s}\" aria-live=\"polite\">");
+            let _ = write!(out, "<main id=\"main\" tabindex=\"-1\" data-refresh=\"{s}\">");
         }
-        None => out.push_str("<main id=\"main\">"),
+        None => out.push_str("<main id=\"main\" tabindex=\"-1\">"),
     }
     out.push_str(main);
-    out.push_str("</main></body></html>");
+    out.push_str("</main>");
+    if refresh_secs.is_some() {
+        out.push_str("<p id=\"live\" class=\"sr\" role=\"status\" aria-live=\"polite\"></p>");
+    }
+    out.push_str("</body></html>");
     out
 }
 

@@ -6,6 +6,7 @@
 
 mod dead_letters;
 mod events;
+mod fresh;
 pub mod html;
 mod jobs;
 mod overview;
@@ -32,6 +33,10 @@ pub struct Console {
     pub sessions: Sessions,
     pub sampler: Arc<sampler::Sampler>,
     pub jobs: jobs::Jobs,
+    /// The keys by state, for the overview.
+    keys: fresh::Fresh<overview::States>,
+    /// The spend page's tables, as HTML.
+    spend: fresh::Fresh<String>,
 }
 
 impl Console {
@@ -41,6 +46,8 @@ impl Console {
             sessions: Sessions::new(Duration::from_secs(settings.ui.session_ttl_secs)),
             sampler: Arc::new(sampler::Sampler::new(settings)),
             jobs: jobs::Jobs::default(),
+            keys: fresh::Fresh::new(overview::KEYS_TTL),
+            spend: fresh::Fresh::new(spend::TTL),
             api,
         }
     }

@@ -8,7 +8,9 @@ use axum::http::HeaderMap;
 use axum::response::Response;
 use std::fmt::Write;
 use std::sync::Arc;
+use std::time::Duration;
 
+use super::fresh::Fresh;
 use super::html::{Nav, e, fmt_num, line_chart, usd};
 use super::sampler::Reading;
 use super::{Console, Form, act, csrf_field, internal, look, redirect, render};
@@ -16,6 +18,23 @@ use crate::replay;
 
 /// Seconds between refreshes of the overview in the browser.
 const REFRESH_SECS: u64 = 3;
+
+/// The keys of each state.
+pub type States = Vec<(String, i64)>;
+
+/// How long a count of the keys by state is shown before it is counted again. Counting
+/// them reads every key of the pipeline (nothing indexes the state: see
+/// migrations/20261203000003_hot_updates.sql), so it is done at most this often, by one
+/// task whoever is looking, in the background ([`Fresh`]).
+pub const KEYS_TTL: Duration = Duration::from_secs(5);
+
+/// The keys by state.
+pub async fn count_keys(console: Arc<Console>) -> sqlx::Result<States> {
+    sqlx::query_as("SELECT state, count(*) FROM enrich_state WHERE pipeline = $1 GROUP BY state ORDER BY state")
+        .bind(console.pipeline())
+        .fetch_all(console.pool())
+        .await
+}
 
 pub async fn page(State(console): State<Arc<Console>>, headers: HeaderMap) -> Response {
     let session = match look(&console, &headers) {
@@ -41,26 +60,44 @@ fn flag(r: &Reading, name: &str, on: &str, off: &str) -> String {
     }
 }
 
-async fn body(console: &Console, session: &super::Session) -> anyhow::Result<String> {
+async fn body(console: &Arc<Console>, session: &super::Session) -> anyhow::Result<String> {
     let pool = console.pool();
     let pipeline = console.pipeline();
     let settings = &console.api.replayer.settings;
     let (taken, readings) = console.sampler.latest();
+    // What the database says, read at once (each on its own connection): the kill switch,
+    // the keys by state, the dead letters waiting, the budget's current windows.
+    let windows: Vec<i64> = settings.llm.budgets.iter().map(|b| b.window_secs as i64).collect();
+    let (control, (counted_ago, states), (waiting,), spent) = tokio::try_join!(
+        replay::control(pool, pipeline),
+        Fresh::get(console, |c| &c.keys, count_keys),
+        sqlx::query_as::<_, (i64,)>("SELECT count(*) FROM dead_letters WHERE pipeline = $1 AND status = 'dead'")
+            .bind(pipeline)
+            .fetch_one(pool),
+        sqlx::query_as::<_, (i64, f64, f64, i64)>(
+            "SELECT w.secs, b.spent_usd, b.reserved_usd, b.calls
+             FROM unnest($2::int8[]) AS w(secs)
+             JOIN budget_windows b ON b.pipeline = $1 AND b.window_secs = w.secs
+              AND b.window_start = to_timestamp((floor(extract(epoch FROM now()) / w.secs) * w.secs)::float8)",
+        )
+        .bind(pipeline)
+        .bind(&windows)
+        .fetch_all(pool),
+    )?;
     let mut out = String::new();
     let _ = write!(out, "<h1>Overview <span class=\"muted\">pipeline {}</span></h1>", e(pipeline));
 
     // The kill switch first: it is what an operator reaches for.
-    let control = replay::control(pool, pipeline).await?;
     out.push_str("<section aria-labelledby=\"kill\"><h2 id=\"kill\">Kill switch</h2>");
     if control.paused {
         let _ = write!(
             out,
-            "<p data-paused=\"true\"><strong class=\"bad\">Enrichment is paused</strong>: {} <span class=\"muted\">since {}</span></p>",
+            "<p data-paused=\"true\" data-announce><strong class=\"bad\">Enrichment is paused</strong>: {} <span class=\"muted\">since {}</span></p>",
             e(control.reason.as_deref().unwrap_or("no reason given")),
             e(control.updated_at.as_deref().unwrap_or("-"))
         );
     } else {
-        out.push_str("<p data-paused=\"false\"><strong class=\"good\">Enrichment is running</strong>: enricher replicas start LLM calls.</p>");
+        out.push_str("<p data-paused=\"false\" data-announce><strong class=\"good\">Enrichment is running</strong>: enricher replicas start LLM calls.</p>");
     }
     if session.role.may_act() {
         let (action, label, confirm) = if control.paused {
@@ -90,7 +127,15 @@ async fn body(console: &Console, session: &super::Session) -> anyhow::Result<Str
         None => out.push_str("<p>Reading the stages…</p>"),
         Some(at) => {
             let ago = std::time::SystemTime::now().duration_since(at).map_or(0.0, |d| d.as_secs_f64());
-            let _ = write!(out, "<p class=\"muted\">read {ago:.1} s ago</p>");
+            // What the status line announces when it changes (the console's script).
+            let ready = readings.iter().filter(|r| r.ready).count();
+            let mut not_ready: Vec<&str> = readings.iter().filter(|r| !r.ready).map(|r| r.target.stage).collect();
+            not_ready.dedup();
+            let _ = write!(out, "<p><span data-announce>{ready} of {} stage replicas ready", readings.len());
+            if !not_ready.is_empty() {
+                let _ = write!(out, "; not ready: {}", e(not_ready.join(", ")));
+            }
+            let _ = write!(out, ".</span> <span class=\"muted\">Read {ago:.1} s ago.</span></p>");
         }
     }
     out.push_str(
@@ -168,23 +213,16 @@ async fn body(console: &Console, session: &super::Session) -> anyhow::Result<Str
     out.push_str("</tbody></table></section>");
 
     // What the database says of the keys.
-    let states: Vec<(String, i64)> =
-        sqlx::query_as("SELECT state, count(*) FROM enrich_state WHERE pipeline = $1 GROUP BY state ORDER BY state")
-            .bind(pipeline)
-            .fetch_all(pool)
-            .await?;
-    let (waiting,): (i64,) =
-        sqlx::query_as("SELECT count(*) FROM dead_letters WHERE pipeline = $1 AND status = 'dead'")
-            .bind(pipeline)
-            .fetch_one(pool)
-            .await?;
     out.push_str("<section aria-labelledby=\"keys\"><h2 id=\"keys\">Keys</h2><dl class=\"counts\">");
     for (state, n) in &states {
         let _ = write!(out, "<div><dt>{}</dt><dd data-count=\"{}\">{n}</dd></div>", e(state), e(state));
     }
     let _ = write!(
         out,
-        "<div><dt><a href=\"/ui/dead-letters\">dead letters waiting</a></dt><dd data-count=\"dlq-waiting\">{waiting}</dd></div></dl></section>"
+        "<div><dt><a href=\"/ui/dead-letters\">dead letters waiting</a></dt><dd data-count=\"dlq-waiting\">{waiting}</dd></div></dl>\
+         <p class=\"muted\">Keys counted {:.0} s ago (at most every {} s).</p></section>",
+        counted_ago.as_secs_f64(),
+        console.keys.ttl().as_secs()
     );
 
     // The budget's current windows.
@@ -195,16 +233,8 @@ async fn body(console: &Console, session: &super::Session) -> anyhow::Result<Str
     } else {
         out.push_str("<table><thead><tr><th scope=\"col\">window</th><th scope=\"col\">spent</th><th scope=\"col\">reserved</th><th scope=\"col\">limit</th><th scope=\"col\">calls</th><th scope=\"col\">used</th></tr></thead><tbody>");
         for b in budgets {
-            let row: Option<(f64, f64, i64)> = sqlx::query_as(
-                "SELECT spent_usd, reserved_usd, calls FROM budget_windows
-                 WHERE pipeline = $1 AND window_secs = $2
-                   AND window_start = to_timestamp((floor(extract(epoch FROM now()) / $2) * $2)::float8)",
-            )
-            .bind(pipeline)
-            .bind(b.window_secs as i64)
-            .fetch_optional(pool)
-            .await?;
-            let (spent, reserved, calls) = row.unwrap_or((0.0, 0.0, 0));
+            let row = spent.iter().find(|w| w.0 == b.window_secs as i64);
+            let (spent, reserved, calls) = row.map_or((0.0, 0.0, 0), |w| (w.1, w.2, w.3));
             let share = ((spent + reserved) / b.usd * 100.0).clamp(0.0, 100.0);
             let _ = write!(
                 out,

@@ -7,7 +7,9 @@ use axum::http::HeaderMap;
 use axum::response::Response;
 use std::fmt::Write;
 use std::sync::Arc;
+use std::time::Duration;
 
+use super::fresh::Fresh;
 use super::html::{Nav, bar_chart, e, usd};
 use super::{Console, internal, look, render};
 
@@ -16,6 +18,8 @@ type Row = (String, i64, i64, i64, i64, f64);
 
 const PAID: &str = "step IN ('llm_call', 'llm_repair')";
 
+/// The paid calls of the last `since` by `group` (an expression over `o`, the audit, and
+/// with `join` `s`, the key's state), largest group first, at most 200.
 async fn grouped(console: &Console, group: &str, since: &str, join: bool) -> sqlx::Result<Vec<Row>> {
     let from = if join {
         "step_outcomes o LEFT JOIN enrich_state s ON s.pipeline = o.pipeline AND s.idempotency_key = o.idempotency_key"
@@ -62,41 +66,71 @@ pub async fn page(State(console): State<Arc<Console>>, headers: HeaderMap) -> Re
         Ok(s) => s,
         Err(r) => return *r,
     };
-    match body(&console).await {
-        Ok(main) => render(&headers, &session, "Spend", Nav::Spend, None, &main),
+    match Fresh::get(&console, |c| &c.spend, |c| async move { body(&c).await }).await {
+        Ok((age, mut main)) => {
+            let _ = write!(
+                main,
+                "<p class=\"muted\">Computed {:.0} s ago from the audit (at most every {} s).</p>",
+                age.as_secs_f64(),
+                TTL.as_secs()
+            );
+            render(&headers, &session, "Spend", Nav::Spend, None, &main)
+        }
         Err(err) => internal(&session, err),
     }
 }
 
-async fn body(console: &Console) -> sqlx::Result<String> {
-    let hour = "to_char(date_trunc('hour', o.recorded_at AT TIME ZONE 'UTC'), 'YYYY-MM-DD HH24:00')";
-    let day = "to_char(date_trunc('day', o.recorded_at AT TIME ZONE 'UTC'), 'YYYY-MM-DD')";
-    let hourly = grouped(console, hour, "48 hours", false).await?;
-    let daily = grouped(console, day, "30 days", false).await?;
-    let models = grouped(console, "coalesce(o.model, '(none)')", "30 days", false).await?;
-    let prompts = grouped(console, "coalesce(s.prompt_version, '(no result stored)')", "30 days", true).await?;
+/// How long the page's figures are shown before they are computed again: they read every
+/// paid call of 30 days (1.5 s at 100 times the demo's data), so at most this often, by one
+/// task whoever is looking, in the background ([`Fresh`]).
+pub const TTL: Duration = Duration::from_secs(30);
 
+async fn body(console: &Console) -> sqlx::Result<String> {
     // What was not paid for, over the same 30 days.
     let (pool, pipeline) = (console.pool(), console.pipeline());
-    let runs: Vec<(String, String, i64)> = sqlx::query_as(
+    let runs = sqlx::query_as::<_, (String, String, i64)>(
         "SELECT stage, status, count(*) FROM run_history
          WHERE pipeline = $1 AND recorded_at > now() - interval '30 days'
            AND ((stage = 'ingest-dedup' AND status = 'duplicate') OR (stage = 'enricher' AND status = 'reused'))
          GROUP BY 1, 2",
     )
     .bind(pipeline)
-    .fetch_all(pool)
-    .await?;
-    let count = |stage: &str, status: &str| runs.iter().find(|r| r.0 == stage && r.1 == status).map_or(0, |r| r.2);
-    let (duplicates, reused) = (count("ingest-dedup", "duplicate"), count("enricher", "reused"));
-    let (cache_hits, per_call): (i64, Option<f64>) = sqlx::query_as(
+    .fetch_all(pool);
+    let cached = sqlx::query_as::<_, (i64, Option<f64>)>(
         "SELECT count(*) FILTER (WHERE step = 'cache_hit')::int8,
                 (avg(cost_usd) FILTER (WHERE step IN ('llm_call', 'llm_repair') AND status = 'ok'))::float8
          FROM step_outcomes WHERE pipeline = $1 AND recorded_at > now() - interval '30 days'",
     )
     .bind(pipeline)
-    .fetch_one(pool)
-    .await?;
+    .fetch_one(pool);
+    // Every hour of the last 48, those without calls included (their cost is the hours' table's).
+    let hours = sqlx::query_as::<_, (String,)>(
+        "SELECT to_char(h AT TIME ZONE 'UTC', 'YYYY-MM-DD HH24:00')
+         FROM generate_series(date_trunc('hour', now()) - interval '47 hours', date_trunc('hour', now()), interval '1 hour') h
+         ORDER BY h",
+    )
+    .fetch_all(pool);
+    // The reads at once, each on its own connection: the page waits for the slowest.
+    let hour = "to_char(date_trunc('hour', o.recorded_at AT TIME ZONE 'UTC'), 'YYYY-MM-DD HH24:00')";
+    let day = "to_char(date_trunc('day', o.recorded_at AT TIME ZONE 'UTC'), 'YYYY-MM-DD')";
+    let (hourly, daily, models, prompts, runs, (cache_hits, per_call), hours) = tokio::try_join!(
+        grouped(console, hour, "48 hours", false),
+        grouped(console, day, "30 days", false),
+        grouped(console, "coalesce(o.model, '(none)')", "30 days", false),
+        grouped(console, "coalesce(s.prompt_version, '(no result stored)')", "30 days", true),
+        runs,
+        cached,
+        hours,
+    )?;
+    let by_hour: Vec<(String, f64)> = hours
+        .into_iter()
+        .map(|(h,)| {
+            let cost = hourly.iter().find(|r| r.0 == h).map_or(0.0, |r| r.5);
+            (h, cost)
+        })
+        .collect();
+    let count = |stage: &str, status: &str| runs.iter().find(|r| r.0 == stage && r.1 == status).map_or(0, |r| r.2);
+    let (duplicates, reused) = (count("ingest-dedup", "duplicate"), count("enricher", "reused"));
     let per_call = per_call.unwrap_or(0.0);
 
     let total: f64 = daily.iter().map(|r| r.5).sum();
@@ -118,17 +152,6 @@ async fn body(console: &Console) -> sqlx::Result<String> {
         e(usd(reused as f64 * per_call)),
         e(usd(cache_hits as f64 * per_call)),
     );
-    // Every hour of the last 48, those without calls included.
-    let by_hour: Vec<(String, f64)> = sqlx::query_as(sqlx::AssertSqlSafe(format!(
-        "SELECT to_char(h AT TIME ZONE 'UTC', 'YYYY-MM-DD HH24:00'), coalesce(sum(o.cost_usd), 0)::float8
-         FROM generate_series(date_trunc('hour', now()) - interval '47 hours', date_trunc('hour', now()), interval '1 hour') h
-         LEFT JOIN step_outcomes o ON o.pipeline = $1 AND o.{PAID}
-              AND o.recorded_at >= h AND o.recorded_at < h + interval '1 hour'
-         GROUP BY h ORDER BY h"
-    )))
-    .bind(pipeline)
-    .fetch_all(pool)
-    .await?;
     out.push_str(&bar_chart("Cost per hour (UTC), the last 48 hours", "USD", &by_hour));
     table(&mut out, "Per hour (UTC), the last 48 hours", "hour", &hourly);
     table(&mut out, "Per day (UTC), the last 30 days", "day", &daily);
