@@ -275,6 +275,8 @@ async fn a_corpus_of_bad_input_is_dead_lettered_or_enriched_and_nothing_else_suf
         producer: kafka::producer(&env.settings, "dlq-replayer")?,
     };
     let filter = dlq_replayer::replay::Filter { reason: Some("unreadable_headers".into()), ..Default::default() };
+    let dry = replayer.replay(&filter, true, None).await?;
+    assert_eq!((dry.replayed.len(), dry.refused.len()), (0, 1), "the dry run says so too: {dry:?}");
     let outcome = replayer.replay(&filter, false, None).await?;
     assert!(outcome.replayed.is_empty(), "{outcome:?}");
     assert_eq!(outcome.refused.len(), 1, "{outcome:?}");

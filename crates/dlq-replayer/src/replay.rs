@@ -587,15 +587,6 @@ impl Replayer {
 
     /// Why a dead letter cannot be replayed from the DLQ's copy, if it cannot.
     async fn not_replayable(&self, dead: &DeadLetter) -> anyhow::Result<Option<String>> {
-        if dead.reason == enrich_common::error::Reason::UnreadableHeaders.as_str() {
-            // The dead letter holds none of them: replayed, the record would go on without.
-            return Ok(Some(format!(
-                "its headers could not be read, and the DLQ holds none of them; the whole record is at {}/{}@{}",
-                dead.source_topic.as_deref().unwrap_or("?"),
-                dead.source_partition.unwrap_or(-1),
-                dead.source_offset.unwrap_or(-1)
-            )));
-        }
         let (bytes,): (Vec<u8>,) = sqlx::query_as("SELECT envelope FROM dead_letters WHERE id = $1")
             .bind(dead.id)
             .fetch_one(&self.pool)
@@ -713,6 +704,15 @@ struct Checks {
 
 /// Why a dead letter cannot be replayed from the DLQ's copy (its envelope), if it cannot.
 fn why_not_replayable(envelope: &Envelope, dead: &DeadLetter) -> Option<String> {
+    if dead.reason == enrich_common::error::Reason::UnreadableHeaders.as_str() {
+        // The dead letter holds none of them: replayed, the record would go on without.
+        return Some(format!(
+            "its headers could not be read, and the DLQ holds none of them; the whole record is at {}/{}@{}",
+            dead.source_topic.as_deref().unwrap_or("?"),
+            dead.source_partition.unwrap_or(-1),
+            dead.source_offset.unwrap_or(-1)
+        ));
+    }
     let truncated = envelope.failure().map_or(0, |f| f.payload_truncated_from);
     (truncated > 0).then(|| {
         format!(
