@@ -410,7 +410,7 @@ async fn consume(
         for m in &batch {
             runtime.metrics.consumed(m.topic());
         }
-        match publish_batch(publisher, consumer, &batch, shutdown).await {
+        match publish_batch(publisher, consumer, &batch, &epochs, shutdown).await {
             Ok(()) => {
                 backoff = Duration::from_millis(200);
                 runtime.state.set_ready();
@@ -595,10 +595,12 @@ struct Reject {
 /// as pending (committed in PostgreSQL); one Kafka transaction with the outputs, the
 /// dead letters and the consumed offsets; then settle the keys and dead letters it
 /// carried, retried until stored.
+/// `epochs`: the epoch under which this publisher took each partition of the batch.
 async fn publish_batch(
     publisher: &Publisher,
     consumer: &ResultsConsumer,
     batch: &[OwnedMessage],
+    epochs: &HashMap<i32, i64>,
     shutdown: &CancellationToken,
 ) -> Result<(), Failed> {
     let pipeline = &publisher.settings.pipeline.name;
@@ -648,7 +650,6 @@ async fn publish_batch(
 
     // 1. Bind. A key bound to another record (or no longer `enriched`) is not ours, nor
     // is a record of a partition another publisher took since this one did.
-    let epochs = publisher.epochs.lock().map(|e| e.clone()).unwrap_or_default();
     let claims: Vec<binding::Claim> = candidates
         .iter()
         .map(|c| binding::Claim {
