@@ -347,14 +347,7 @@ async fn two_replays_of_the_same_dead_letters_at_once_replay_each_once() -> anyh
     .await?;
     ingest.stop().await?;
 
-    let replayer = || -> anyhow::Result<dlq_replayer::replay::Replayer> {
-        Ok(dlq_replayer::replay::Replayer {
-            settings: env.settings.clone(),
-            pool: env.pool.clone(),
-            producer: enrich_common::kafka::producer(&env.settings, "dlq-replayer")?,
-        })
-    };
-    let (a, b) = (replayer()?, replayer()?);
+    let (a, b) = (env.replayer()?, env.replayer()?);
     let filter = dlq_replayer::replay::Filter::default();
     let (first, second) = tokio::join!(a.replay(&filter, false, None), b.replay(&filter, false, None));
     let (first, second) = (first?, second?);
@@ -413,11 +406,7 @@ async fn a_key_dead_lettered_again_while_its_replay_finishes_keeps_a_listed_dead
     .await?;
     let mut holder = env.pool.acquire().await?;
     sqlx::query("SELECT pg_advisory_lock(4242)").execute(&mut *holder).await?;
-    let replayer = dlq_replayer::replay::Replayer {
-        settings: env.settings.clone(),
-        pool: env.pool.clone(),
-        producer: enrich_common::kafka::producer(&env.settings, "dlq-replayer")?,
-    };
+    let replayer = env.replayer()?;
     let replay =
         tokio::spawn(async move { replayer.replay(&dlq_replayer::replay::Filter::default(), false, None).await });
     let dlq_topic = env.settings.topics.dlq.clone();

@@ -269,11 +269,7 @@ async fn a_corpus_of_bad_input_is_dead_lettered_or_enriched_and_nothing_else_suf
 
     // The record whose headers could not be read is not replayed: the DLQ holds none of
     // its headers, and replayed it would go on without them.
-    let replayer = dlq_replayer::replay::Replayer {
-        settings: env.settings.clone(),
-        pool: env.pool.clone(),
-        producer: kafka::producer(&env.settings, "dlq-replayer")?,
-    };
+    let replayer = env.replayer()?;
     let filter = dlq_replayer::replay::Filter { reason: Some("unreadable_headers".into()), ..Default::default() };
     let dry = replayer.replay(&filter, true, None).await?;
     assert_eq!((dry.replayed.len(), dry.refused.len()), (0, 1), "the dry run says so too: {dry:?}");

@@ -167,11 +167,7 @@ async fn an_output_the_broker_refuses_as_too_large_is_dead_lettered_once() -> an
     for r in admin.alter_configs(&[raise], &AdminOptions::new()).await? {
         r.map_err(|(_, e)| anyhow::anyhow!("cannot raise max.message.bytes: {e}"))?;
     }
-    let replayer = dlq_replayer::replay::Replayer {
-        settings: env.settings.clone(),
-        pool: env.pool.clone(),
-        producer: enrich_common::kafka::producer(&env.settings, "dlq-replayer")?,
-    };
+    let replayer = env.replayer()?;
     let replayed = replayer.replay(&dlq_replayer::replay::Filter::default(), false, None).await?;
     assert_eq!(replayed.replayed.len(), 1, "the dead letter replayed: {:?}", replayed.refused);
     let stages = [StageKind::Enricher, StageKind::Publisher].map(|k| env.spawn(k));

@@ -107,6 +107,16 @@ impl TestEnv {
         &self.settings.pipeline.sources[0].topic
     }
 
+    /// A dlq-replayer's replayer on this test's settings, database and broker, as the
+    /// admin API and the CLI use it.
+    pub fn replayer(&self) -> anyhow::Result<dlq_replayer::replay::Replayer> {
+        Ok(dlq_replayer::replay::Replayer {
+            settings: self.settings.clone(),
+            pool: self.pool.clone(),
+            producer: kafka::producer(&self.settings, "dlq-replayer")?,
+        })
+    }
+
     pub fn spawn(&self, kind: StageKind) -> RunningStage {
         self.spawn_with(kind, |_| {})
     }
