@@ -67,6 +67,96 @@ async fn a_lease_outlived_while_waiting_for_a_call_slot_is_paid_once_after_a_sec
     Ok(())
 }
 
+/// The first ticket's first call answers 429 asking for 15 s, six times the 2.5 s
+/// lease; the others arrive during that hold and wait for their turn under their leases.
+/// Meanwhile a second replica joins the group and takes some of the partitions (a real
+/// rebalance): it reads their records while the first replica still holds them. Each key
+/// must be paid for once, in one attempt: the waiting replica keeps its leases alive, so
+/// the new owner waits for the answer and re-emits it instead of taking the key over.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_lease_outlived_by_a_429_hold_then_a_rebalance_is_paid_once() -> anyhow::Result<()> {
+    const N: usize = 16;
+    let overrides = [
+        ("ENRICH_ENRICHER__LEASE_MS", "2500".to_string()),
+        ("ENRICH_LLM__REQUEST_TIMEOUT_MS", "2000".to_string()),
+        ("ENRICH_KAFKA__CLIENT__SESSION.TIMEOUT.MS", "6000".to_string()),
+        ("ENRICH_KAFKA__CLIENT__HEARTBEAT.INTERVAL.MS", "500".to_string()),
+    ];
+    let env = TestEnv::new(llm_sim::Latency::Fixed(Duration::from_millis(50)), &overrides).await?;
+    let records = workload::marked_tickets(&env.id, N, &[(0, "429-once:15000")]);
+    let mut produced = produce_all(&env.settings, env.source_topic(), &records[..1], |_| false, |_| {}).await?;
+    let stages = [StageKind::Ingest, StageKind::Publisher].map(|k| env.spawn(k));
+    let first = env.spawn_with(StageKind::Enricher, |s| s.enricher.instance_id = Some("replica-a".into()));
+    wait_for("the endpoint to answer the 429", DEADLINE, || async { Ok((env.sim.failed() > 0).then_some(())) }).await?;
+    produced.extend(produce_all(&env.settings, env.source_topic(), &records[1..], |_| false, |_| {}).await?);
+    let pipeline = env.settings.pipeline.name.clone();
+    let leased_by_first = || async {
+        let keys: Vec<(String,)> = sqlx::query_as(
+            "SELECT idempotency_key FROM enrich_state WHERE pipeline = $1 AND lease_owner IS NOT NULL AND state = 'enriching'",
+        )
+        .bind(&pipeline)
+        .fetch_all(&env.pool)
+        .await?;
+        anyhow::Ok(keys.into_iter().map(|(k,)| k).collect::<Vec<_>>())
+    };
+    let waiting = wait_for("the other tickets to be leased by the first replica", DEADLINE, || async {
+        let keys = leased_by_first().await?;
+        Ok((keys.len() == N - 1).then_some(keys))
+    })
+    .await?;
+    let port = enrich_e2e::free_port()?;
+    let second = env.spawn_with(StageKind::Enricher, |s| {
+        s.enricher.instance_id = Some("replica-b".into());
+        s.enricher.http_port = port;
+    });
+    wait_for("the second replica to be assigned partitions", DEADLINE, || async {
+        let Ok(m) = scrape_metrics(port).await else { return Ok(None) };
+        Ok(m.keys().any(|k| k.starts_with("enrich_consumer_lag{")).then_some(()))
+    })
+    .await?;
+    // (The first ticket gave its lease back while it waits out its own 429: the second
+    // replica may have taken it and called already.)
+    let still = leased_by_first().await?;
+    assert_eq!(still.len(), waiting.len(), "the rebalance finished while the tickets waited out the 429's hold");
+
+    let acct = env.wait_accounted(&produced, DEADLINE).await?;
+    assert_eq!(acct.published, N as i64, "every ticket published: {acct:?}");
+    let requests = env.settings.topics.requests.clone();
+    let results = env.settings.topics.results.clone();
+    let (group, publisher) = (env.settings.group_id(Stage::Enricher), env.settings.group_id(Stage::Publisher));
+    wait_for("the replicas and the publisher to catch up", DEADLINE, || async {
+        let done =
+            group_caught_up(&env.settings, &group, &requests)? && group_caught_up(&env.settings, &publisher, &results)?;
+        Ok(done.then_some(()))
+    })
+    .await?;
+    first.stop().await?;
+    second.stop().await?;
+    for s in stages {
+        s.stop().await?;
+    }
+
+    let (reread,): (i64,) = sqlx::query_as(
+        "SELECT count(DISTINCT idempotency_key) FROM run_history WHERE pipeline = $1 AND stage = 'enricher' AND worker = 'replica-b'",
+    )
+    .bind(&pipeline)
+    .fetch_one(&env.pool)
+    .await?;
+    assert!(reread > 0, "the rebalance gave the second replica records the first still held");
+    let attempts: Vec<(String, i32)> =
+        sqlx::query_as("SELECT idempotency_key, attempts FROM enrich_state WHERE pipeline = $1 AND attempts <> 1")
+            .bind(&pipeline)
+            .fetch_all(&env.pool)
+            .await?;
+    assert!(attempts.is_empty(), "each key enriched in one attempt, none taken over: {attempts:?}");
+    let counts = output_counts(&env)?;
+    assert_eq!(counts.len(), N, "every key on the output topic: {counts:?}");
+    assert!(counts.values().all(|c| *c == 1), "no key published twice: {counts:?}");
+    assert_eq!(env.sim.completions(), N as u64, "one paid call per key ({N} keys)");
+    env.teardown().await;
+    Ok(())
+}
+
 /// The budget's settlement of a paid call fails once (the database refuses the
 /// statement, as a failover or a dropped session would). The answer must be stored on
 /// retry, the call not paid again, and the window charged once.

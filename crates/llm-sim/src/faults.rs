@@ -6,6 +6,7 @@
 //! | `[[sim:always-500]]` | every call answers 500 |
 //! | `[[sim:500-once]]` | the first call for this text answers 500, later ones succeed |
 //! | `[[sim:always-429]]` | every call answers 429 with `Retry-After: 1` (`retry-after-ms: 1000`) |
+//! | `[[sim:429-once:MS]]` | the first call for this text answers 429 with `retry-after-ms: MS`, later ones succeed |
 //! | `[[sim:hang]]` | no answer until the client gives up |
 //! | `[[sim:invalid-json]]` | the answer is not JSON, also on a repair request |
 //! | `[[sim:invalid-json-once]]` | the answer is not JSON; a repair request gets a valid one |
@@ -83,6 +84,9 @@ pub fn decide(faults: &Faults, text: &str, first_time: bool, repair: bool, roll:
         if has("refuse") {
             return Decision::Refuse;
         }
+        if first_time && let Some(ms) = marker_number(text, "429-once:") {
+            return Decision::Status { code: 429, retry_after_ms: Some(ms) };
+        }
         if has("always-429") {
             return Decision::Status { code: 429, retry_after_ms: Some(1000) };
         }
@@ -110,11 +114,16 @@ pub fn decide(faults: &Faults, text: &str, first_time: bool, repair: bool, roll:
 
 /// The size `[[sim:answer-bytes:N]]` asks the answer to reach, if any.
 pub fn answer_bytes(faults: &Faults, text: &str) -> Option<usize> {
-    const MARKER: &str = "[[sim:answer-bytes:";
     if !faults.markers {
         return None;
     }
-    let rest = &text[text.find(MARKER)? + MARKER.len()..];
+    marker_number(text, "answer-bytes:").and_then(|n| usize::try_from(n).ok())
+}
+
+/// The number N of a `[[sim:NAME:N]]` marker in `text` (`name` ends with its colon).
+fn marker_number(text: &str, name: &str) -> Option<u64> {
+    let marker = format!("[[sim:{name}");
+    let rest = &text[text.find(&marker)? + marker.len()..];
     rest[..rest.find("]]")?].trim().parse().ok()
 }
 
@@ -140,6 +149,11 @@ mod tests {
         assert_eq!(decide(&f, "[[sim:hang]]", true, false, 0.9), Decision::Hang);
         assert_eq!(decide(&f, "x [[sim:400-echo]]", false, true, 0.9), Decision::EchoBadRequest);
         assert_eq!(decide(&f, "x [[sim:refuse]]", false, false, 0.9), Decision::Refuse);
+        assert_eq!(
+            decide(&f, "x [[sim:429-once:8000]]", true, false, 0.9),
+            Decision::Status { code: 429, retry_after_ms: Some(8000) }
+        );
+        assert_eq!(decide(&f, "x [[sim:429-once:8000]]", false, false, 0.9), Decision::Answer);
         assert_eq!(decide(&f, "plain", true, false, 0.9), Decision::Answer);
     }
 
