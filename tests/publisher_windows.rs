@@ -299,3 +299,128 @@ async fn a_publisher_whose_partitions_were_taken_from_under_it_skips_nothing() -
     env.teardown().await;
     Ok(())
 }
+
+/// The partitions of `topic` the stage whose metrics are on `port` reports lag for (its
+/// assignment, refreshed every 5 s); `None` while it does not answer.
+async fn assigned(port: u16, topic: &str) -> Option<Vec<i32>> {
+    let m = enrich_e2e::scrape_metrics(port).await.ok()?;
+    let series = format!("enrich_consumer_lag{{topic=\"{topic}\",partition=\"");
+    let mut partitions: Vec<i32> =
+        m.keys().filter_map(|k| k.strip_prefix(&series)?.split('"').next()?.parse().ok()).collect();
+    partitions.sort_unstable();
+    Some(partitions)
+}
+
+/// Some partitions are revoked from a publisher while it gathers a batch (a second
+/// publisher joins), the second publisher dead-letters their records and commits, then
+/// leaves, and the partitions come back to the first before its batch is complete. The
+/// first publisher must read them again from where the other committed: each foreign
+/// record dead-lettered once (before, it rewound to its own batch's first records, below
+/// the other's commit, and wrote their DLQ records a second time).
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_partition_revoked_and_given_back_while_a_batch_gathers_is_read_from_where_its_other_owner_committed()
+-> anyhow::Result<()> {
+    let overrides = [
+        ("ENRICH_KAFKA__CLIENT__SESSION.TIMEOUT.MS", "6000".to_string()),
+        ("ENRICH_KAFKA__CLIENT__HEARTBEAT.INTERVAL.MS", "500".to_string()),
+        ("ENRICH_DLQ_LIMIT__MAX_SHARE", "1.0".to_string()),
+        ("ENRICH_DLQ_LIMIT__MAX_CONSECUTIVE", "100000".to_string()),
+    ];
+    let env = TestEnv::new(llm_sim::Latency::default(), &overrides).await?;
+    let partitions = env.settings.kafka.partitions;
+    let results = env.settings.topics.results.clone();
+    // The first publisher's batch ends when it holds two records per partition and one
+    // more: the record the test sends once the partitions are back.
+    let per_partition = 2;
+    let batch = (per_partition * partitions + 1) as usize;
+    let (port_a, port_b) = (enrich_e2e::free_port()?, enrich_e2e::free_port()?);
+    let a = env.spawn_with(StageKind::Publisher, |s| {
+        s.publisher.http_port = port_a;
+        s.publisher.batch_size = batch;
+        // Long enough for the second publisher to join, dead-letter and leave.
+        s.publisher.batch_linger_ms = 45_000;
+    });
+    let all = partitions as usize;
+    wait_for("the first publisher to hold every partition", DEADLINE, || async {
+        Ok((assigned(port_a, &results).await.map(|p| p.len()) == Some(all)).then_some(()))
+    })
+    .await?;
+    let producer: FutureProducer = enrich_common::kafka::producer(&env.settings, "test")?;
+    let send = |partition: i32, n: i32| {
+        let (producer, results) = (producer.clone(), results.clone());
+        async move {
+            let value = format!("\u{0}foreign record {n} of partition {partition}");
+            producer
+                .send(
+                    FutureRecord::to(&results).partition(partition).key(&value).payload(&value),
+                    Duration::from_secs(30),
+                )
+                .await
+                .map_err(|(e, _)| e)?;
+            anyhow::Ok(())
+        }
+    };
+    for p in 0..partitions {
+        for n in 0..per_partition {
+            send(p, n).await?;
+        }
+    }
+
+    let b = env.spawn_with(StageKind::Publisher, |s| s.publisher.http_port = port_b);
+    let (kept, taken) = wait_for("the second publisher to take some partitions", DEADLINE, || async {
+        let (pa, pb) = (assigned(port_a, &results).await, assigned(port_b, &results).await);
+        Ok(match (pa, pb) {
+            (Some(pa), Some(pb)) if !pa.is_empty() && !pb.is_empty() && pa.len() + pb.len() == all => {
+                Some((pa, pb.len()))
+            }
+            _ => None,
+        })
+    })
+    .await?;
+    let dlq = env.settings.topics.dlq.clone();
+    wait_for("the second publisher to dead-letter its partitions' records", DEADLINE, || async {
+        let n = read_to_end(&env.settings, &dlq, Duration::from_secs(30))?.len();
+        Ok((n >= taken * per_partition as usize).then_some(()))
+    })
+    .await?;
+    b.stop().await?;
+    wait_for("the partitions to come back to the first publisher", DEADLINE, || async {
+        Ok((assigned(port_a, &results).await.map(|p| p.len()) == Some(all)).then_some(()))
+    })
+    .await?;
+    // Nothing of the first publisher's batch is committed yet: it still gathers.
+    let before = read_to_end(&env.settings, &dlq, Duration::from_secs(30))?.len();
+    assert_eq!(before, taken * per_partition as usize, "only the second publisher's dead letters so far");
+    // The record that completes the batch, on a partition the first publisher kept.
+    send(kept[0], per_partition).await?;
+
+    let group = env.settings.group_id(enrich_common::config::Stage::Publisher);
+    let caught_up = || async { Ok(group_caught_up(&env.settings, &group, &results)?.then_some(())) };
+    wait_for("the first publisher to commit its batch", DEADLINE, caught_up).await?;
+    // One more batch's worth, so whatever the first publisher reads next (the fillers
+    // alone, or records it read again) is published rather than left lingering.
+    for n in 0..batch {
+        send(kept[0], per_partition + 1 + n as i32).await?;
+    }
+    wait_for("the first publisher to consume every record", DEADLINE, caught_up).await?;
+    a.stop().await?;
+    let letters = read_to_end(&env.settings, &dlq, Duration::from_secs(30))?;
+    let mut seen: std::collections::HashMap<(String, String), usize> = std::collections::HashMap::new();
+    for m in &letters {
+        let at = (
+            header(m, headers::DLQ_ORIGINAL_PARTITION).unwrap_or_default(),
+            header(m, headers::DLQ_ORIGINAL_OFFSET).unwrap_or_default(),
+        );
+        *seen.entry(at).or_default() += 1;
+    }
+    println!(
+        "{} DLQ records for {} foreign records ({taken} partitions moved and came back)",
+        letters.len(),
+        2 * batch
+    );
+    let twice: Vec<_> = seen.iter().filter(|(_, n)| **n > 1).collect();
+    assert!(twice.is_empty(), "records dead-lettered more than once: {twice:?}");
+    assert_eq!(seen.len(), 2 * batch, "every foreign record dead-lettered");
+    env.teardown().await;
+    Ok(())
+}

@@ -383,7 +383,9 @@ async fn consume(
             let (dropped, kept): (Vec<_>, Vec<_>) =
                 batch.into_iter().partition(|m| revoked.contains(&(m.topic().to_string(), m.partition())));
             tracing::info!(dropped = dropped.len(), ?revoked, "records of revoked partitions left the batch");
-            rewind(consumer, &dropped)?;
+            // A partition given back meanwhile is read from where its other owner
+            // committed: below that, its records were published or dead-lettered there.
+            tokio::task::block_in_place(|| rewind_to_committed(consumer, &dropped))?;
             batch = kept;
             if batch.is_empty() {
                 continue;
@@ -547,21 +549,57 @@ async fn reconcile(publisher: &Publisher, consumer: &ResultsConsumer) -> anyhow:
 /// commit past records never published: the stage stops instead, and its successor
 /// starts from the committed offsets.
 fn rewind(consumer: &ResultsConsumer, batch: &[OwnedMessage]) -> anyhow::Result<()> {
+    // A partition no longer assigned: its new owner reads it from the committed offset.
+    for ((topic, partition), offset) in first_assigned(consumer, batch)? {
+        consumer.seek(&topic, partition, Offset::Offset(offset), Duration::from_secs(10)).map_err(|e| {
+            anyhow::anyhow!("cannot seek {topic}/{partition} back to {offset} to read an uncommitted batch again: {e}")
+        })?;
+    }
+    Ok(())
+}
+
+/// As [`rewind`], for records of partitions revoked while the batch was read: each
+/// partition assigned again meanwhile is read from the group's committed offset (as a
+/// fresh assignment is), which its other owner may have moved past these records; from
+/// the first of them when nothing is committed. Blocking: asks the group coordinator.
+fn rewind_to_committed(consumer: &ResultsConsumer, dropped: &[OwnedMessage]) -> anyhow::Result<()> {
+    let first = first_assigned(consumer, dropped)?;
+    if first.is_empty() {
+        return Ok(());
+    }
+    let mut partitions = TopicPartitionList::new();
+    for (topic, partition) in first.keys() {
+        partitions.add_partition(topic, *partition);
+    }
+    let committed = consumer
+        .committed_offsets(partitions, Duration::from_secs(10))
+        .map_err(|e| anyhow::anyhow!("cannot read the committed offsets of the partitions given back: {e}"))?;
+    for ((topic, partition), first) in first {
+        let offset = match committed.find_partition(&topic, partition).map(|e| e.offset()) {
+            Some(Offset::Offset(at)) => at,
+            _ => first,
+        };
+        consumer.seek(&topic, partition, Offset::Offset(offset), Duration::from_secs(10)).map_err(|e| {
+            anyhow::anyhow!("cannot seek {topic}/{partition} given back to its committed offset {offset}: {e}")
+        })?;
+    }
+    Ok(())
+}
+
+/// Per partition of `batch` still assigned to this consumer, the offset of its first
+/// record there.
+fn first_assigned(
+    consumer: &ResultsConsumer,
+    batch: &[OwnedMessage],
+) -> anyhow::Result<std::collections::BTreeMap<(String, i32), i64>> {
     let mut first: std::collections::BTreeMap<(String, i32), i64> = std::collections::BTreeMap::new();
     for m in batch {
         let e = first.entry((m.topic().to_string(), m.partition())).or_insert(m.offset());
         *e = (*e).min(m.offset());
     }
     let assigned = consumer.assignment()?;
-    for ((topic, partition), offset) in first {
-        if assigned.find_partition(&topic, partition).is_none() {
-            continue; // its new owner reads it from the committed offset
-        }
-        consumer.seek(&topic, partition, Offset::Offset(offset), Duration::from_secs(10)).map_err(|e| {
-            anyhow::anyhow!("cannot seek {topic}/{partition} back to {offset} to read an uncommitted batch again: {e}")
-        })?;
-    }
-    Ok(())
+    first.retain(|(topic, partition), _| assigned.find_partition(topic, *partition).is_some());
+    Ok(first)
 }
 
 /// One key's result in the batch: a copy of the key, the source object its output is
