@@ -9,7 +9,7 @@ use enrich_common::config::Stage;
 use enrich_common::headers;
 use enrich_e2e::loadgen::kafka_io::{group_caught_up, header, produce_all, read_to_end};
 use enrich_e2e::loadgen::workload;
-use enrich_e2e::{StageKind, TestEnv, wait_for};
+use enrich_e2e::{StageKind, TestEnv, output_counts, wait_for};
 use rdkafka::producer::{FutureProducer, FutureRecord};
 use std::time::Duration;
 
@@ -218,6 +218,63 @@ async fn a_retry_due_far_in_the_future_is_held_no_longer_than_the_longest_delay(
     for s in stages {
         s.stop().await?;
     }
+    env.teardown().await;
+    Ok(())
+}
+
+/// The database refuses, once, to mark the key `retry_scheduled` after its delayed
+/// retry's record is written (a failover, a dropped session). The write is retried, not
+/// the record's handling: handled again at once, the record found its own lease left set,
+/// took it for an attempt that died with its process, and called again without the
+/// delay, leaving no `retry_scheduled` run in the key's history.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn marking_a_delayed_retry_failing_once_is_retried_and_the_retry_waits_its_delay() -> anyhow::Result<()> {
+    let env = TestEnv::new(llm_sim::Latency::default(), &[]).await?;
+    let records = workload::marked_tickets(&env.id, 1, &[(0, "500-once")]);
+    let produced = produce_all(&env.settings, env.source_topic(), &records, |_| false, |_| {}).await?;
+    let pipeline = env.settings.pipeline.name.clone();
+    let hook = enrich_e2e::fail_once_hook(env.pool.clone(), "retry_mark_fault", "enrich_state", "UPDATE");
+    enricher::failpoints::set(&pipeline, enricher::failpoints::Instant::AfterRetryProduced, hook);
+    let stages = [
+        env.spawn(StageKind::Ingest),
+        env.spawn_with(StageKind::Enricher, |s| {
+            s.llm.max_attempts = 3;
+            s.llm.quick_retries = 0;
+            s.llm.retry_delay_ms = 1000;
+        }),
+        env.spawn(StageKind::Publisher),
+    ];
+    let acct = env.wait_accounted(&produced, DEADLINE).await?;
+    assert_eq!(acct.published, 1, "the ticket is published: {acct:?}");
+    let (requests, results) = (env.settings.topics.requests.clone(), env.settings.topics.results.clone());
+    let retry = env.settings.topics.retry.clone();
+    let (enricher, publisher) = (env.settings.group_id(Stage::Enricher), env.settings.group_id(Stage::Publisher));
+    wait_for("the enricher and the publisher to catch up", DEADLINE, || async {
+        let done = group_caught_up(&env.settings, &enricher, &requests)?
+            && group_caught_up(&env.settings, &enricher, &retry)?
+            && group_caught_up(&env.settings, &publisher, &results)?;
+        Ok(done.then_some(()))
+    })
+    .await?;
+    for s in stages {
+        s.stop().await?;
+    }
+    assert!(enrich_e2e::fail_once_count(&env.pool, "retry_mark_fault").await? >= 2, "the fault was landed");
+    let runs: Vec<(String, i32)> = sqlx::query_as(
+        "SELECT status, attempt FROM run_history WHERE pipeline = $1 AND stage = 'enricher' AND status NOT IN ('reused', 'already_published')
+         ORDER BY recorded_at, id",
+    )
+    .bind(&pipeline)
+    .fetch_all(&env.pool)
+    .await?;
+    println!("the key's enricher runs: {runs:?}");
+    assert_eq!(
+        runs,
+        [("retry_scheduled".to_string(), 1), ("enriched".to_string(), 2)],
+        "one delayed retry, then the attempt it was delayed for"
+    );
+    let counts = output_counts(&env)?;
+    assert_eq!(counts.values().copied().collect::<Vec<_>>(), vec![1], "published once: {counts:?}");
     env.teardown().await;
     Ok(())
 }

@@ -13,6 +13,9 @@ pub enum Instant {
     /// Right before a failed attempt gives its lease (and, unpaid, its attempt) back to
     /// wait for the endpoint.
     BeforeGiveBack,
+    /// Right after a delayed retry's record is written to the retry topic, before the
+    /// key is marked `retry_scheduled` and the run recorded.
+    AfterRetryProduced,
 }
 
 impl enrich_common::failpoints::Point for Instant {
@@ -21,6 +24,7 @@ impl enrich_common::failpoints::Point for Instant {
             Instant::AfterPaidCall => "enricher.after_paid_call",
             Instant::AfterDeadLetterProduced => "enricher.after_dead_letter_produced",
             Instant::BeforeGiveBack => "enricher.before_give_back",
+            Instant::AfterRetryProduced => "enricher.after_retry_produced",
         }
     }
 }

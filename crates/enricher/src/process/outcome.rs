@@ -285,13 +285,24 @@ impl Enricher {
             (headers::RETRY_COUNT, &retry.to_string()),
         ]));
         self.produce(&self.retry.topic, record_key, out.encode_to_bytes(), h).await?;
-        if !self.store.schedule_retry(key, attempt).await? {
+        crate::failpoints::pass(&self.store.pipeline, crate::failpoints::Instant::AfterRetryProduced).await;
+        // Retried here, not by handling the record again: handled again, it would find its
+        // own lease left set, take it for an attempt that died with its process and call
+        // at once, without the delay (and the retry record would come back as well).
+        let marked = self.until_written("mark a delayed retry", key, || self.store.schedule_retry(key, attempt)).await;
+        let marked = marked.map_err(|_| anyhow::anyhow!("the delayed retry of {key} could not be recorded"))?;
+        if !marked {
             // The lease was taken over meanwhile (this attempt outlived it): the other
             // replica's attempt decides; the retry record, when it comes back, finds it.
             tracing::warn!(idempotency_key = %key, attempt, "the lease was lost before the retry was recorded");
         }
         let detail = format!("delayed retry {retry} due in {} ms; last error: {}", delay.as_millis(), error.error);
-        self.store.record_run(envelope, attempt, "retry_scheduled", &span.ids().trace_id_hex(), Some(&detail)).await?;
+        let trace_id = span.ids().trace_id_hex();
+        self.until_written("record a delayed retry's run", key, || {
+            self.store.record_run(envelope, attempt, "retry_scheduled", &trace_id, Some(&detail))
+        })
+        .await
+        .map_err(|_| anyhow::anyhow!("the run of the delayed retry of {key} could not be recorded"))?;
         self.metrics.retries_scheduled.inc();
         self.metrics.outcome("retry_scheduled");
         tracing::warn!(idempotency_key = %key, attempt, retry, delay_ms = delay.as_millis() as u64, error = %error, "transient LLM failure; delayed retry scheduled");
