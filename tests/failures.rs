@@ -562,3 +562,74 @@ async fn the_grpc_admin_api_lists_shows_discards_and_replays_with_the_token() ->
     env.teardown().await;
     Ok(())
 }
+
+/// A replay whose request the broker refuses (here: the requests topic lowered below the
+/// record's size): the replay fails, the dead letter stays listed, and the key goes back
+/// to `dead_lettered` with its attempts, not left `requested` for a request that was
+/// never written. Replayed once the broker takes it, the key is published once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_replay_whose_request_cannot_be_written_leaves_the_key_dead_lettered_and_replayable() -> anyhow::Result<()> {
+    use rdkafka::admin::{AdminClient, AdminOptions, AlterConfig, ResourceSpecifier};
+    use rdkafka::client::DefaultClientContext;
+    let env = TestEnv::new(llm_sim::Latency::default(), &[("ENRICH_LLM__MAX_ATTEMPTS", "2".to_string())]).await?;
+    let records = workload::marked_tickets(&env.id, 3, &[(1, "always-500")]);
+    let produced = produce_all(&env.settings, env.source_topic(), &records, |_| false, |_| {}).await?;
+    let stages = [StageKind::Ingest, StageKind::Enricher, StageKind::Publisher].map(|k| env.spawn(k));
+    let acct = env.wait_accounted(&produced, DEADLINE).await?;
+    assert_eq!((acct.published, acct.dead_lettered_at_enricher), (2, 1), "{acct:?}");
+    env.sim.set_faults(llm_sim::Faults { markers: false, ..Default::default() });
+    let pipeline = env.settings.pipeline.name.clone();
+    let state = || async {
+        let row: (String, i32) = sqlx::query_as(
+            "SELECT s.state, s.attempts FROM enrich_state s JOIN dead_letters d
+               ON d.pipeline = s.pipeline AND d.idempotency_key = s.idempotency_key WHERE s.pipeline = $1",
+        )
+        .bind(&pipeline)
+        .fetch_one(&env.pool)
+        .await?;
+        anyhow::Ok(row)
+    };
+    assert_eq!(state().await?, ("dead_lettered".to_string(), 2));
+
+    let requests = env.settings.topics.requests.clone();
+    let admin: AdminClient<DefaultClientContext> = enrich_common::kafka::base_config(&env.settings).create()?;
+    let limit = |bytes: &'static str| {
+        let (admin, requests) = (&admin, requests.clone());
+        async move {
+            let alter = AlterConfig::new(ResourceSpecifier::Topic(&requests)).set("max.message.bytes", bytes);
+            for r in admin.alter_configs(&[alter], &AdminOptions::new()).await? {
+                r.map_err(|(_, e)| anyhow::anyhow!("cannot set max.message.bytes: {e}"))?;
+            }
+            anyhow::Ok(())
+        }
+    };
+    limit("64").await?;
+    let replayer = env.replayer()?;
+    let filter = dlq_replayer::replay::Filter::default();
+    let refused = replayer.replay(&filter, false, None).await;
+    let why = refused.as_ref().err().map(ToString::to_string);
+    println!("the replay with the requests topic at 64 bytes: {why:?}; the key: {:?}", state().await?);
+    assert!(refused.is_err(), "the replay says it failed: {refused:?}");
+    assert_eq!(state().await?, ("dead_lettered".to_string(), 2), "the key is dead-lettered again, with its attempts");
+    let (listed,): (i64,) = sqlx::query_as("SELECT count(*) FROM dead_letters WHERE pipeline = $1 AND status = 'dead'")
+        .bind(&pipeline)
+        .fetch_one(&env.pool)
+        .await?;
+    assert_eq!(listed, 1, "the dead letter is still listed");
+
+    limit("1048588").await?;
+    let replayed = replayer.replay(&filter, false, None).await?;
+    assert_eq!(replayed.replayed.len(), 1, "{replayed:?}");
+    wait_for("the replayed key to be published", DEADLINE, || async {
+        Ok((count_in_states(&env, &["published"]).await? == 3).then_some(()))
+    })
+    .await?;
+    for s in stages {
+        s.stop().await?;
+    }
+    let counts = enrich_e2e::output_counts(&env)?;
+    assert_eq!(counts.len(), 3, "every ticket published: {counts:?}");
+    assert!(counts.values().all(|c| *c == 1), "each once: {counts:?}");
+    env.teardown().await;
+    Ok(())
+}

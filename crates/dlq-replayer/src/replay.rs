@@ -643,8 +643,8 @@ impl Replayer {
         } else {
             // The key gets one fresh attempt budget and goes back to the enricher, bound to
             // no results record (the publisher binds it to the new result).
-            enrich_common::key_state::replay::reset(&self.pool, &self.settings.pipeline.name, &dead.idempotency_key)
-                .await?;
+            let pipeline = &self.settings.pipeline.name;
+            let reset = enrich_common::key_state::replay::reset(&self.pool, pipeline, &dead.idempotency_key).await?;
             let send = span.producer(&self.settings.topics.requests);
             let h = send.ids().inject(headers::owned(&[
                 (headers::IDEMPOTENCY_KEY, &dead.idempotency_key),
@@ -652,13 +652,30 @@ impl Replayer {
             ]));
             let key = src.key.clone().unwrap_or_else(|| dead.idempotency_key.as_bytes().to_vec());
             let payload = envelope.encode_to_bytes();
-            self.producer
+            let sent = self
+                .producer
                 .send(
                     FutureRecord::to(&self.settings.topics.requests).key(&key).payload(&payload).headers(h),
                     Duration::from_secs(30),
                 )
-                .await
-                .map_err(|(e, _)| e)?;
+                .await;
+            if let Err((e, _)) = sent {
+                // The dead letter stays listed (the claim rolls back); the key goes back to
+                // `dead_lettered` with it rather than waiting for a request never written.
+                if let Some(reset) = reset {
+                    let undone = enrich_common::key_state::replay::undo_reset(
+                        &self.pool,
+                        pipeline,
+                        &dead.idempotency_key,
+                        reset,
+                    )
+                    .await;
+                    if let Err(undo) = undone {
+                        tracing::error!(idempotency_key = %dead.idempotency_key, error = %undo, "cannot put a key whose replay failed back to dead_lettered; replay it again");
+                    }
+                }
+                return Err(anyhow::anyhow!("cannot write the replayed request of dead letter {}: {e}", dead.id));
+            }
         }
         sqlx::query("UPDATE dead_letters SET status = 'replayed', updated_at = now() WHERE id = $1")
             .bind(dead.id)
