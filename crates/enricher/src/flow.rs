@@ -10,7 +10,11 @@
 //! `enricher.max_in_flight`:
 //! - a 429 halves it while no rate limit is known, once per round: only a call started
 //!   after the last decrease can decrease it again (the 429s of calls already in flight
-//!   are one congestion event);
+//!   are one congestion event). Scattered 429s (under a tenth of the last five seconds'
+//!   calls, at least twenty answered) are an overloaded server's, not a limit this
+//!   replica reached: the refused call waits its own `Retry-After`, and neither the
+//!   limit nor the other calls change (halving on random refusals, as any AIMD does on
+//!   random loss, held the limit near 1.2/√p: about 5 at 5% of 429s);
 //! - rising latency (the recent average past `llm.latency_tolerance` times the long-run
 //!   one) takes a tenth off, with the same once-per-round rule;
 //! - every answered call while the limit is in use adds `1 / limit` (one per round).
@@ -171,6 +175,11 @@ const MIN_ANSWERS_TO_INFER: usize = 5;
 /// The share of 429s among the answers of the last `RATE_WINDOW` that says a rate limit is
 /// reached (percent).
 const MIN_REFUSED_SHARE_PCT: usize = 30;
+/// A 429 while fewer than this share (percent) of the last `RATE_WINDOW`'s calls were
+/// refused, with at least `MIN_ANSWERS_SCATTERED` answered, is scattered: no hold, no
+/// decrease (while no rate limit is known).
+const SCATTERED_SHARE_PCT: usize = 10;
+const MIN_ANSWERS_SCATTERED: usize = 20;
 /// An inferred requests bucket is dropped after this long without a 429 (if the limit is
 /// still there, the next 429s infer it again).
 const INFERRED_FOR: Duration = Duration::from_secs(10);
@@ -477,13 +486,21 @@ impl Permit<'_> {
         let Ok(mut guard) = flow.state.lock() else { return };
         let s = &mut *guard;
         let now = Instant::now();
-        let until = now + retry_after.unwrap_or(DEFAULT_HOLD).min(MAX_HOLD);
-        s.hold_until = Some(s.hold_until.map_or(until, |u| u.max(until)));
         s.last_429 = Some(now);
         s.refusals += 1;
         s.refused_at.push_back(now);
         trim(&mut s.refused_at, now);
         trim(&mut s.answered_at, now);
+        let (answered, refused) = (s.answered_at.len(), s.refused_at.len());
+        let scattered = s.requests.is_none()
+            && s.tokens.is_none()
+            && answered >= MIN_ANSWERS_SCATTERED
+            && refused * 100 < (answered + refused) * SCATTERED_SHARE_PCT;
+        if scattered && flow.settings.adaptive {
+            return;
+        }
+        let until = now + retry_after.unwrap_or(DEFAULT_HOLD).min(MAX_HOLD);
+        s.hold_until = Some(s.hold_until.map_or(until, |u| u.max(until)));
         // The provider has nothing left: neither have the buckets.
         let factor = s.rate_factor;
         for b in [&mut s.requests, &mut s.tokens].into_iter().flatten() {
@@ -612,6 +629,38 @@ mod tests {
         }
         assert_eq!(flow.limit(), 16);
         assert_eq!(limit.load(Ordering::SeqCst), 16);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn scattered_429s_neither_hold_the_calls_nor_lower_the_limit() {
+        let (flow, _) = new_flow(16, 0, 0);
+        let shutdown = Shutdown::new();
+        warm_up(&flow, &shutdown, 16).await;
+        // One call in twenty refused, over a few seconds: an overloaded server's 429s.
+        for i in 0..400 {
+            let p = flow.admit(0, &shutdown, |_| {}).await.unwrap();
+            if i % 20 == 19 {
+                p.rate_limited(Some(Duration::from_millis(200)));
+            } else {
+                p.answered(Duration::from_millis(50), 10);
+            }
+            tokio::time::advance(Duration::from_millis(10)).await;
+        }
+        assert_eq!(flow.limit(), 16, "the limit stays at its ceiling");
+        let t = Instant::now();
+        drop(flow.admit(0, &shutdown, |_| {}).await.unwrap());
+        assert_eq!(t.elapsed(), Duration::ZERO, "no hold after a scattered 429");
+        // Dense 429s (half the calls) are a limit reached: the limit comes down.
+        for i in 0..150 {
+            let p = flow.admit(0, &shutdown, |_| {}).await.unwrap();
+            if i % 2 == 0 {
+                p.rate_limited(Some(Duration::from_millis(10)));
+            } else {
+                p.answered(Duration::from_millis(50), 10);
+            }
+            tokio::time::advance(Duration::from_millis(20)).await;
+        }
+        assert!(flow.limit() < 16, "limit {}", flow.limit());
     }
 
     async fn futures_join<'a>(flow: &'a Flow, shutdown: &Shutdown, n: usize) -> Vec<Permit<'a>> {
