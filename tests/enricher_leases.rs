@@ -92,7 +92,8 @@ async fn a_lease_outlived_by_a_429_hold_then_a_rebalance_is_paid_once() -> anyho
     let pipeline = env.settings.pipeline.name.clone();
     let leased_by_first = || async {
         let keys: Vec<(String,)> = sqlx::query_as(
-            "SELECT idempotency_key FROM enrich_state WHERE pipeline = $1 AND lease_owner IS NOT NULL AND state = 'enriching'",
+            "SELECT idempotency_key FROM enrich_state
+             WHERE pipeline = $1 AND lease_owner = 'replica-a' AND lease_until > now() AND state = 'enriching'",
         )
         .bind(&pipeline)
         .fetch_all(&env.pool)
@@ -136,10 +137,15 @@ async fn a_lease_outlived_by_a_429_hold_then_a_rebalance_is_paid_once() -> anyho
         s.stop().await?;
     }
 
+    // The second replica read some of the held records and found them answered by the
+    // first (it waited for the live lease), rather than taking them over.
     let (reread,): (i64,) = sqlx::query_as(
-        "SELECT count(DISTINCT idempotency_key) FROM run_history WHERE pipeline = $1 AND stage = 'enricher' AND worker = 'replica-b'",
+        "SELECT count(DISTINCT idempotency_key) FROM run_history
+         WHERE pipeline = $1 AND stage = 'enricher' AND worker = 'replica-b' AND status = 'reused'
+           AND idempotency_key = ANY($2)",
     )
     .bind(&pipeline)
+    .bind(&waiting)
     .fetch_one(&env.pool)
     .await?;
     assert!(reread > 0, "the rebalance gave the second replica records the first still held");

@@ -278,3 +278,47 @@ async fn marking_a_delayed_retry_failing_once_is_retried_and_the_retry_waits_its
     env.teardown().await;
     Ok(())
 }
+
+/// Three keys whose previous attempts died with their process (as a replica killed in
+/// the middle of its calls leaves them: `enriching`, a lease expired, one attempt spent).
+/// Each runs alone, one at a time (so a record that crashes its process is the only one
+/// charged), and none may wait for ever for the isolation permit (in the code the
+/// guarantees issue found, a key judged suspect a second time waited for the permit its
+/// own task held, with no way out but a kill).
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn keys_whose_attempts_died_with_their_process_run_alone_and_all_finish() -> anyhow::Result<()> {
+    const N: usize = 3;
+    let env = TestEnv::new(llm_sim::Latency::Fixed(Duration::from_millis(200)), &[]).await?;
+    let records = workload::marked_tickets(&env.id, N, &[]);
+    let produced = produce_all(&env.settings, env.source_topic(), &records, |_| false, |_| {}).await?;
+    let pipeline = env.settings.pipeline.name.clone();
+    let ingest = env.spawn(StageKind::Ingest);
+    wait_for("every ticket forwarded", DEADLINE, || async {
+        Ok((enrich_e2e::count_in_states(&env, &["requested"]).await? == N as i64).then_some(()))
+    })
+    .await?;
+    // A replica died in the middle of these keys' calls.
+    sqlx::query(
+        "UPDATE enrich_state SET state = 'enriching', attempts = 1, lease_owner = 'a-replica-that-died',
+                lease_until = now() - interval '1 second'
+         WHERE pipeline = $1",
+    )
+    .bind(&pipeline)
+    .execute(&env.pool)
+    .await?;
+    let stages = [env.spawn(StageKind::Enricher), env.spawn(StageKind::Publisher)];
+    let acct = env.wait_accounted(&produced, DEADLINE).await?;
+    assert_eq!(acct.published, N as i64, "every ticket published: {acct:?}");
+    let attempts: Vec<(i32,)> = sqlx::query_as("SELECT attempts FROM enrich_state WHERE pipeline = $1")
+        .bind(&pipeline)
+        .fetch_all(&env.pool)
+        .await?;
+    assert_eq!(attempts, vec![(2,); N], "each charged the attempt that died and one more");
+    ingest.stop().await?;
+    for s in stages {
+        s.stop().await?;
+    }
+    assert_eq!(env.sim.completions(), N as u64, "one paid call per key");
+    env.teardown().await;
+    Ok(())
+}

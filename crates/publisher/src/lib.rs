@@ -575,7 +575,12 @@ fn rewind_to_committed(consumer: &ResultsConsumer, dropped: &[OwnedMessage]) -> 
         .committed_offsets(partitions, Duration::from_secs(10))
         .map_err(|e| anyhow::anyhow!("cannot read the committed offsets of the partitions given back: {e}"))?;
     for ((topic, partition), first) in first {
-        let offset = match committed.find_partition(&topic, partition).map(|e| e.offset()) {
+        let element = committed.find_partition(&topic, partition);
+        if let Some(Err(e)) = element.as_ref().map(|e| e.error()) {
+            anyhow::bail!("cannot read the committed offset of {topic}/{partition}, given back: {e}");
+        }
+        // Nothing committed yet: its records from the first this batch read.
+        let offset = match element.map(|e| e.offset()) {
             Some(Offset::Offset(at)) => at,
             _ => first,
         };

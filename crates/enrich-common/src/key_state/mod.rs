@@ -21,7 +21,7 @@
 //! | bound to its record     | [`publish::bind`] (returns the stored result it publishes) | enriched (same state)   |
 //! | settled                 | [`publish::settle`]              | enriched → published, dead_lettered         |
 //! | replayed                | [`replay::reset`]                | dead_lettered → requested (enriched: its result stored) |
-//! | replay not produced     | [`replay::undo_reset`]           | requested, enriched (untouched since the reset) → dead_lettered |
+//! | replay not produced     | [`replay::undo_reset`]           | requested (untouched since the reset) → dead_lettered |
 //!
 //! Every transition made on behalf of a lease is fenced by the lease's owner and the
 //! attempt it counted (the fencing token): a replica whose lease was taken over gets

@@ -7,6 +7,8 @@ use sqlx::PgExecutor;
 pub struct Reset {
     /// The attempts the key had spent when it was dead-lettered.
     pub attempts: i32,
+    /// Whether the key had a stored result (reset to `enriched`, not `requested`).
+    pub stored: bool,
 }
 
 /// `dead_lettered` → `requested`, with a fresh attempt budget, no lease and no binding
@@ -18,7 +20,7 @@ pub struct Reset {
 /// replay raced with another, or the dead letter is a malformed source record with no
 /// key state).
 pub async fn reset<'e>(db: impl PgExecutor<'e>, pipeline: &str, key: &str) -> sqlx::Result<Option<Reset>> {
-    let before: Option<(i32,)> = sqlx::query_as(
+    let before: Option<(i32, bool)> = sqlx::query_as(
         "WITH before AS (
              SELECT attempts FROM enrich_state
              WHERE pipeline = $1 AND idempotency_key = $2 AND state = 'dead_lettered' FOR UPDATE)
@@ -29,26 +31,32 @@ pub async fn reset<'e>(db: impl PgExecutor<'e>, pipeline: &str, key: &str) -> sq
                                  publish_trace = NULL, updated_at = now()
          FROM before
          WHERE s.pipeline = $1 AND s.idempotency_key = $2 AND s.state = 'dead_lettered'
-         RETURNING before.attempts",
+         RETURNING before.attempts, s.result IS NOT NULL",
     )
     .bind(pipeline)
     .bind(key)
     .fetch_optional(db)
     .await?;
-    Ok(before.map(|(attempts,)| Reset { attempts }))
+    Ok(before.map(|(attempts, stored)| Reset { attempts, stored }))
 }
 
-/// A replay whose request could not be produced: `requested` (or `enriched`) →
-/// `dead_lettered` again, with the attempts it had, so the key is not left waiting for
-/// a request that never came while its dead letter is still listed. Only while nothing
-/// has moved the key since the reset (no lease taken, no result bound): a request the
-/// producer reported failed but the broker kept, already being handled, is left alone.
-/// Returns whether the key was put back.
+/// A replay whose request could not be produced: `requested` → `dead_lettered` again,
+/// with the attempts it had, so the key is not left waiting for a request that never
+/// came while its dead letter is still listed. Only while the key is as the reset left
+/// it (no attempt taken, under the row's lock): a request the producer reported failed
+/// but the broker kept, already taken by the enricher, is left alone. A key reset to its
+/// stored result (`enriched`) is left as it is: nothing in its row tells whether the
+/// enricher already re-emitted that result for the request (and, under `strict-key`,
+/// released the records parked behind it); replayed again, it is published. Returns
+/// whether the key was put back.
 pub async fn undo_reset<'e>(db: impl PgExecutor<'e>, pipeline: &str, key: &str, reset: Reset) -> sqlx::Result<bool> {
+    if reset.stored {
+        return Ok(false);
+    }
     let done = sqlx::query(
         "UPDATE enrich_state SET state = 'dead_lettered', attempts = $3, updated_at = now()
-         WHERE pipeline = $1 AND idempotency_key = $2 AND lease_owner IS NULL AND publish_partition IS NULL
-           AND ((state = 'requested' AND attempts = 0) OR state = 'enriched')",
+         WHERE pipeline = $1 AND idempotency_key = $2 AND state = 'requested' AND attempts = 0
+           AND lease_owner IS NULL AND publish_partition IS NULL",
     )
     .bind(pipeline)
     .bind(key)

@@ -298,11 +298,15 @@ impl Enricher {
         }
         let detail = format!("delayed retry {retry} due in {} ms; last error: {}", delay.as_millis(), error.error);
         let trace_id = span.ids().trace_id_hex();
-        self.until_written("record a delayed retry's run", key, || {
+        // The retry is recorded in the key's state: a run row the database will not take
+        // is only audit lost, not a reason to handle the record again (taken again at
+        // once, without the delay, beside the retry record).
+        let ran = self.until_written("record a delayed retry's run", key, || {
             self.store.record_run(envelope, attempt, "retry_scheduled", &trace_id, Some(&detail))
-        })
-        .await
-        .map_err(|_| anyhow::anyhow!("the run of the delayed retry of {key} could not be recorded"))?;
+        });
+        if ran.await.is_err() {
+            tracing::error!(idempotency_key = %key, attempt, "the run of a delayed retry was not recorded; the retry stands");
+        }
         self.metrics.retries_scheduled.inc();
         self.metrics.outcome("retry_scheduled");
         tracing::warn!(idempotency_key = %key, attempt, retry, delay_ms = delay.as_millis() as u64, error = %error, "transient LLM failure; delayed retry scheduled");
