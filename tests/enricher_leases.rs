@@ -138,10 +138,12 @@ async fn a_lease_outlived_by_a_429_hold_then_a_rebalance_is_paid_once() -> anyho
     }
 
     // The second replica read some of the held records and found them answered by the
-    // first (it waited for the live lease), rather than taking them over.
+    // first (it waited for the live lease; by then the key may be published already),
+    // rather than taking them over.
     let (reread,): (i64,) = sqlx::query_as(
         "SELECT count(DISTINCT idempotency_key) FROM run_history
-         WHERE pipeline = $1 AND stage = 'enricher' AND worker = 'replica-b' AND status = 'reused'
+         WHERE pipeline = $1 AND stage = 'enricher' AND worker = 'replica-b'
+           AND status IN ('reused', 'already_published')
            AND idempotency_key = ANY($2)",
     )
     .bind(&pipeline)
